@@ -1,0 +1,114 @@
+//! One error type for every handler: 4xx say what is wrong, 5xx stay opaque and are logged
+//! once, and all of them are `{"error": "..."}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tracing::{error, warn};
+
+use crate::job::{FieldError, JobId};
+use crate::store::StoreError;
+use crate::worker::WorkerError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed; the message names the field.
+    BadRequest(String),
+    /// 401: a token is configured and the request does not carry it.
+    Unauthorized,
+    /// 404 for a job id that does not exist.
+    JobNotFound(JobId),
+    /// 404 for a path that is no route.
+    NoRoute(String),
+    /// 405.
+    MethodNotAllowed,
+    /// 409.
+    Conflict(String),
+    /// 413.
+    TooLarge(usize),
+    /// 415.
+    UnsupportedMediaType,
+    /// 503: storage refused the write, or the daemon is booting or stopping.
+    Unavailable(&'static str),
+    /// 500: a bug; the detail goes to the log only.
+    Internal(String),
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> ApiError {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> ApiError {
+        match e {
+            WorkerError::NotFound(id) => ApiError::JobNotFound(id),
+            WorkerError::Conflict { .. } | WorkerError::Finished { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            WorkerError::Store(StoreError::Unavailable(detail)) => {
+                warn!(error = %detail, "request refused: storage unavailable");
+                ApiError::Unavailable("storage unavailable: nothing was stored; try again later")
+            }
+            WorkerError::Store(StoreError::Fatal(detail)) => {
+                error!(error = %detail, "request refused: storage failed");
+                ApiError::Unavailable(
+                    "storage failed: nothing was stored; the daemon is restarting",
+                )
+            }
+            WorkerError::Store(StoreError::Closed) | WorkerError::Stopped => {
+                ApiError::Unavailable("the daemon is shutting down")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::BadRequest(msg) => (StatusCode::BAD_REQUEST, json!({"error": msg})),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}),
+            ),
+            ApiError::JobNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("job {id} not found"), "status": "Not Found"}),
+            ),
+            ApiError::NoRoute(path) => (
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("no such route: {path}"), "status": "Not Found"}),
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method not allowed on this route"}),
+            ),
+            ApiError::Conflict(msg) => (StatusCode::CONFLICT, json!({"error": msg})),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": format!("body: larger than the limit of {limit} bytes")}),
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"error": "content-type: must be application/json"}),
+            ),
+            ApiError::Unavailable(msg) => (StatusCode::SERVICE_UNAVAILABLE, json!({"error": msg})),
+            ApiError::Internal(detail) => {
+                error!(error = %detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "internal error"}),
+                )
+            }
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

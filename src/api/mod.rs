@@ -1,0 +1,266 @@
+//! The HTTP API (CONTRACT.md 4): a router over a [`WorkerHandle`], nothing else.
+//!
+//! Handlers parse and check what they are sent, ask the worker, and turn the answer into
+//! JSON. They never touch the store or the executor; the one file they read is a trainer log,
+//! at the path the worker names.
+
+mod error;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::job::{Job, JobId, Status};
+use crate::worker::{Submitted, WorkerHandle};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Set once replay is done and the worker runs; until then `/v1/` answers 503.
+    worker: Arc<OnceLock<WorkerHandle>>,
+    /// Required as `Authorization: Bearer <token>` on `/v1/` when set.
+    api_token: Option<Arc<str>>,
+    max_body_bytes: usize,
+    /// Cancelled when the daemon begins to stop; `/readyz` then answers 503.
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(
+        api_token: Option<String>,
+        max_body_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> AppState {
+        AppState {
+            worker: Arc::new(OnceLock::new()),
+            api_token: api_token.map(Arc::from),
+            max_body_bytes,
+            shutdown,
+        }
+    }
+
+    /// Opens `/v1/` once the worker runs.
+    pub fn set_worker(&self, worker: WorkerHandle) {
+        // Set once by the daemon; a second call would be a bug with no effect.
+        let _ = self.worker.set(worker);
+    }
+
+    fn worker(&self) -> Result<&WorkerHandle, ApiError> {
+        self.worker.get().ok_or(ApiError::Unavailable(
+            "not ready: the data dir is being replayed",
+        ))
+    }
+}
+
+/// The whole API. `state` decides readiness and authentication.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/logs", get(logs))
+        .route("/v1/queue", get(queue))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            ApiError::Internal("a handler panicked".into()).into_response()
+        }))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(expected) = &state.api_token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// Compares without an early exit, so the time taken does not reveal the matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // Requiring JSON also keeps browsers from posting jobs cross-site with a plain form.
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(state.max_body_bytes)
+        } else {
+            ApiError::BadRequest(format!("body: {}", rejection.body_text()))
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
+    let job = Job::from_submission(value, chrono::Utc::now())?;
+    let worker = state.worker()?;
+    let (status, job) = match worker.submit(job).await? {
+        Submitted::Created(job) => (StatusCode::CREATED, job),
+        Submitted::Existing(job) => (StatusCode::OK, job),
+    };
+    let location = format!("/v1/jobs/{}", job.id);
+    Ok((status, [(header::LOCATION, location)], Json(job.to_json())).into_response())
+}
+
+fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
+    let Path(text) = path.map_err(|e| ApiError::BadRequest(format!("id: {}", e.body_text())))?;
+    text.parse()
+        .map_err(|e| ApiError::BadRequest(format!("id: {e}")))
+}
+
+async fn job(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(path)?;
+    match state.worker()?.job(id).await? {
+        Some(job) => Ok(Json(job.to_json())),
+        None => Err(ApiError::JobNotFound(id)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    let status = match params.status.as_deref() {
+        None => None,
+        Some(text) => Some(Status::parse_loose(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "status: unknown status {text:?}; one of Queued, Running, Completed, Failed, Cancelled"
+            ))
+        })?),
+    };
+    let jobs = state.worker()?.list(status, params.limit).await?;
+    Ok(Json(Value::Array(jobs.iter().map(Job::to_json).collect())))
+}
+
+async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let view = state.worker()?.queue().await?;
+    let ids = |ids: Vec<JobId>| ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>();
+    Ok(Json(
+        json!({"running": ids(view.running), "queued": ids(view.queued)}),
+    ))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(path)?;
+    let job = state.worker()?.cancel(id).await?;
+    Ok(Json(job.to_json()))
+}
+
+async fn logs(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(path)?;
+    let Some(path) = state.worker()?.log_path(id).await? else {
+        return Err(ApiError::JobNotFound(id));
+    };
+    let body = match tokio::fs::File::open(&path).await {
+        // Streamed: a trainer's log can be far larger than memory should hold.
+        Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+        // A job that has not started yet has no output yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Body::empty(),
+        Err(e) => {
+            return Err(ApiError::Internal(format!(
+                "cannot open {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "stopping"})),
+        )
+            .into_response();
+    }
+    match state.worker.get() {
+        Some(_) => Json(json!({"status": "ready"})).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "replaying"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_string())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,540 @@
+//! Configuration: loaded and validated once at start, then passed explicitly.
+//!
+//! Layers, later wins: built-in defaults, the TOML file, `TRAINING_WORKER_*` environment
+//! variables, command-line flags. Every problem is a [`ConfigError`] naming the setting, which
+//! the daemon turns into exit code 78.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+/// The prefix of every environment variable the daemon reads.
+pub const ENV_PREFIX: &str = "TRAINING_WORKER_";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the daemon needs to know, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Absolute: trainers get paths inside it, and it must not change with the working dir.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// When set, every `/v1/` call needs `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
+    pub max_body_bytes: usize,
+    /// How long a graceful stop may take in all.
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub worker: WorkerConfig,
+    pub executor: ExecutorConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Trainers running at once; 0 pauses the queue.
+    pub max_concurrent: usize,
+    /// Starts cut by crashes after which a job is failed instead of started again.
+    pub max_attempts: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// The trainer's argv; the program resolved to an absolute path at load time.
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL when a trainer is stopped.
+    pub kill_grace: Duration,
+    /// Names of daemon environment variables a trainer receives.
+    pub pass_env: Vec<String>,
+}
+
+/// A setting that is missing, malformed or inconsistent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> ConfigError {
+        ConfigError(msg.into())
+    }
+}
+
+/// What the command line says; `None` leaves the setting to the lower layers.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// The TOML file as written; every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    api_token: Option<String>,
+    max_body_bytes: Option<usize>,
+    shutdown_grace: Option<String>,
+    log_format: Option<String>,
+    #[serde(default)]
+    worker: FileWorker,
+    #[serde(default)]
+    executor: FileExecutor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWorker {
+    max_concurrent: Option<usize>,
+    max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExecutor {
+    command: Option<Vec<String>>,
+    timeout: Option<String>,
+    kill_grace: Option<String>,
+    pass_env: Option<Vec<String>>,
+}
+
+/// The environment variables read, without the prefix, for error messages and docs.
+pub const ENV_KEYS: &[&str] = &[
+    "CONFIG",
+    "DATA_DIR",
+    "LISTEN",
+    "API_TOKEN",
+    "MAX_BODY_BYTES",
+    "SHUTDOWN_GRACE",
+    "LOG_FORMAT",
+    "WORKER_MAX_CONCURRENT",
+    "WORKER_MAX_ATTEMPTS",
+    "EXECUTOR_COMMAND",
+    "EXECUTOR_TIMEOUT",
+    "EXECUTOR_KILL_GRACE",
+    "EXECUTOR_PASS_ENV",
+];
+
+impl Config {
+    /// Loads the layers. `env` looks a variable up (the real environment in the daemon, a
+    /// map in tests); `cwd` anchors relative paths.
+    pub fn load(
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+        cwd: &Path,
+    ) -> Result<Config, ConfigError> {
+        let var = |key: &str| env(&format!("{ENV_PREFIX}{key}")).filter(|v| !v.is_empty());
+
+        let explicit_file = overrides
+            .config_file
+            .clone()
+            .or_else(|| var("CONFIG").map(PathBuf::from));
+        let file = match explicit_file {
+            Some(path) => read_file(&cwd.join(path))?,
+            None => {
+                let default = cwd.join(DEFAULT_CONFIG_FILE);
+                if default.exists() {
+                    read_file(&default)?
+                } else {
+                    FileConfig::default()
+                }
+            }
+        };
+
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or_else(|| var("DATA_DIR").map(PathBuf::from))
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or_else(|| var("LISTEN"))
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8787".into());
+        let listen = listen_text.parse().map_err(|_| {
+            ConfigError::new(format!(
+                "listen: {listen_text:?} is not an address like 127.0.0.1:8787"
+            ))
+        })?;
+        // An explicitly empty variable clears a token set in the file.
+        let api_token = match env(&format!("{ENV_PREFIX}API_TOKEN")) {
+            Some(token) => Some(token),
+            None => file.api_token,
+        }
+        .filter(|t| !t.is_empty());
+        let max_body_bytes = match var("MAX_BODY_BYTES") {
+            Some(v) => parse_number("max_body_bytes", &v)?,
+            None => file.max_body_bytes.unwrap_or(1024 * 1024),
+        };
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new("max_body_bytes: must be at least 1"));
+        }
+        let shutdown_grace = duration(
+            "shutdown_grace",
+            var("SHUTDOWN_GRACE").or(file.shutdown_grace),
+            "20s",
+        )?;
+        if shutdown_grace.is_zero() {
+            return Err(ConfigError::new("shutdown_grace: must be longer than 0s"));
+        }
+        let log_format_text = overrides
+            .log_format
+            .clone()
+            .or_else(|| var("LOG_FORMAT"))
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let log_format = LogFormat::parse(&log_format_text).ok_or_else(|| {
+            ConfigError::new(format!(
+                "log_format: {log_format_text:?} is not \"text\" or \"json\""
+            ))
+        })?;
+
+        let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
+            Some(v) => parse_number("worker.max_concurrent", &v)?,
+            None => file.worker.max_concurrent.unwrap_or(1),
+        };
+        let max_attempts = match var("WORKER_MAX_ATTEMPTS") {
+            Some(v) => parse_number("worker.max_attempts", &v)?,
+            None => file.worker.max_attempts.unwrap_or(3),
+        };
+        if max_attempts == 0 {
+            return Err(ConfigError::new("worker.max_attempts: must be at least 1"));
+        }
+
+        let command = match var("EXECUTOR_COMMAND") {
+            Some(v) => parse_command(&v)?,
+            None => file
+                .executor
+                .command
+                .unwrap_or_else(|| vec!["config/demo-trainer.sh".into()]),
+        };
+        let command = resolve_command(command, cwd, env("PATH").as_deref())?;
+        let timeout = duration(
+            "executor.timeout",
+            var("EXECUTOR_TIMEOUT").or(file.executor.timeout),
+            "24h",
+        )?;
+        if timeout.is_zero() {
+            return Err(ConfigError::new("executor.timeout: must be longer than 0s"));
+        }
+        let kill_grace = duration(
+            "executor.kill_grace",
+            var("EXECUTOR_KILL_GRACE").or(file.executor.kill_grace),
+            "10s",
+        )?;
+        if kill_grace >= shutdown_grace {
+            return Err(ConfigError::new(format!(
+                "executor.kill_grace ({}) must be shorter than shutdown_grace ({}), so that a graceful stop can stop trainers in time",
+                humantime::format_duration(kill_grace),
+                humantime::format_duration(shutdown_grace)
+            )));
+        }
+        let pass_env = match var("EXECUTOR_PASS_ENV") {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            None => file.executor.pass_env.unwrap_or_default(),
+        };
+        for name in &pass_env {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(ConfigError::new(format!(
+                    "executor.pass_env: {name:?} is not an environment variable name"
+                )));
+            }
+        }
+
+        Ok(Config {
+            data_dir: cwd.join(data_dir),
+            listen,
+            api_token,
+            max_body_bytes,
+            shutdown_grace,
+            log_format,
+            worker: WorkerConfig {
+                max_concurrent,
+                max_attempts,
+            },
+            executor: ExecutorConfig {
+                command,
+                timeout,
+                kill_grace,
+                pass_env,
+            },
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(format!("cannot read config file {}: {e}", path.display()))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message spans several lines with a caret; one line is enough here.
+        let msg = e.message().trim().to_string();
+        // The line itself names the key, which the message may not.
+        let at = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                format!(" (line {line}: {content})")
+            })
+            .unwrap_or_default();
+        ConfigError::new(format!("config file {}{at}: {msg}", path.display()))
+    })
+}
+
+fn parse_number<T: std::str::FromStr>(key: &str, text: &str) -> Result<T, ConfigError> {
+    text.trim()
+        .parse()
+        .map_err(|_| ConfigError::new(format!("{key}: {text:?} is not a whole number")))
+}
+
+fn duration(key: &str, text: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    let text = text.unwrap_or_else(|| default.to_string());
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        ConfigError::new(format!(
+            "{key}: {text:?} is not a duration like \"90s\" or \"13h\" ({e})"
+        ))
+    })
+}
+
+/// The command as a JSON array (`["python3", "train.py"]`) or words split on whitespace.
+fn parse_command(text: &str) -> Result<Vec<String>, ConfigError> {
+    if text.trim_start().starts_with('[') {
+        serde_json::from_str(text).map_err(|e| {
+            ConfigError::new(format!(
+                "executor.command: not a JSON array of strings: {e}"
+            ))
+        })
+    } else {
+        Ok(text.split_whitespace().map(String::from).collect())
+    }
+}
+
+/// Makes the program absolute (relative paths from `cwd`, bare names through `PATH`) and
+/// checks that it can be run, so a typo is a config error at start, not a failed job later.
+fn resolve_command(
+    mut command: Vec<String>,
+    cwd: &Path,
+    path_var: Option<&str>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(program) = command.first() else {
+        return Err(ConfigError::new(
+            "executor.command: must name a program (an argv list)",
+        ));
+    };
+    let resolved = if program.contains('/') {
+        let candidate = cwd.join(program);
+        if !is_executable(&candidate) {
+            return Err(ConfigError::new(format!(
+                "executor.command: {} is not an executable file",
+                candidate.display()
+            )));
+        }
+        candidate
+    } else {
+        path_var
+            .unwrap_or("/usr/local/bin:/usr/bin:/bin")
+            .split(':')
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| Path::new(dir).join(program))
+            .find(|candidate| is_executable(candidate))
+            .ok_or_else(|| {
+                ConfigError::new(format!(
+                    "executor.command: program {program:?} is not on PATH"
+                ))
+            })?
+    };
+    command[0] = resolved.to_string_lossy().into_owned();
+    Ok(command)
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        let trainer = dir.path().join("config/demo-trainer.sh");
+        std::fs::write(&trainer, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&trainer, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    fn load(dir: &Path, env: &[(&str, &str)], overrides: Overrides) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(&overrides, |k| env.get(k).cloned(), dir)
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let dir = setup();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.listen, "127.0.0.1:8787".parse().unwrap());
+        assert_eq!(c.api_token, None);
+        assert_eq!(c.max_body_bytes, 1048576);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!((c.worker.max_concurrent, c.worker.max_attempts), (1, 3));
+        assert_eq!(c.executor.timeout, Duration::from_secs(24 * 3600));
+        assert_eq!(c.executor.kill_grace, Duration::from_secs(10));
+        assert_eq!(
+            c.executor.command,
+            vec![
+                dir.path()
+                    .join("config/demo-trainer.sh")
+                    .to_string_lossy()
+                    .into_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn layers_file_then_env_then_flags() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join(DEFAULT_CONFIG_FILE),
+            "data_dir = \"from-file\"\nlisten = \"127.0.0.1:1\"\napi_token = \"file\"\n[worker]\nmax_concurrent = 4\n[executor]\ntimeout = \"90s\"\npass_env = [\"HF_TOKEN\"]\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("from-file"));
+        assert_eq!(c.api_token.as_deref(), Some("file"));
+        assert_eq!(c.worker.max_concurrent, 4);
+        assert_eq!(c.executor.timeout, Duration::from_secs(90));
+        assert_eq!(c.executor.pass_env, vec!["HF_TOKEN".to_string()]);
+
+        let env = [
+            ("TRAINING_WORKER_DATA_DIR", "from-env"),
+            ("TRAINING_WORKER_LISTEN", "127.0.0.1:2"),
+            ("TRAINING_WORKER_API_TOKEN", "env"),
+            ("TRAINING_WORKER_WORKER_MAX_CONCURRENT", "0"),
+        ];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("from-env"));
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.api_token.as_deref(), Some("env"));
+        assert_eq!(c.worker.max_concurrent, 0);
+
+        let flags = Overrides {
+            data_dir: Some("from-flag".into()),
+            listen: Some("127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let c = load(dir.path(), &env, flags).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("from-flag"));
+        assert_eq!(c.listen.port(), 3);
+
+        let c = load(
+            dir.path(),
+            &[("TRAINING_WORKER_API_TOKEN", "")],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.api_token, None,
+            "an empty variable clears the file's token"
+        );
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let dir = setup();
+        let cases: &[(&str, &str)] = &[
+            ("listen = \"nowhere\"", "listen"),
+            ("shutdown_grace = \"soon\"", "shutdown_grace"),
+            ("colour = \"blue\"", "colour"),
+            ("[worker]\nmax_attempts = 0", "worker.max_attempts"),
+            ("[worker]\nmax_concurrent = -1", "max_concurrent"),
+            ("[executor]\ncommand = []", "executor.command"),
+            (
+                "[executor]\ncommand = [\"./missing.sh\"]",
+                "executor.command",
+            ),
+            (
+                "[executor]\ncommand = [\"no-such-program-xyz\"]",
+                "executor.command",
+            ),
+            ("[executor]\npass_env = [\"A B\"]", "executor.pass_env"),
+            ("max_body_bytes = 0", "max_body_bytes"),
+            ("log_format = \"xml\"", "log_format"),
+            (
+                "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",
+                "executor.kill_grace",
+            ),
+        ];
+        for (text, key) in cases {
+            std::fs::write(dir.path().join(DEFAULT_CONFIG_FILE), text).unwrap();
+            let err = load(dir.path(), &[], Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let missing = Overrides {
+            config_file: Some("nope.toml".into()),
+            ..Overrides::default()
+        };
+        let err = load(dir.path(), &[], missing).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_default_file_loads_and_matches_the_built_in_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let c = load(shipped, &[], Overrides::default()).unwrap();
+        let dir = setup();
+        let builtin = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.listen, builtin.listen);
+        assert_eq!(c.data_dir, shipped.join("data"));
+        assert_eq!(c.max_body_bytes, builtin.max_body_bytes);
+        assert_eq!(c.shutdown_grace, builtin.shutdown_grace);
+        assert_eq!(c.worker.max_concurrent, builtin.worker.max_concurrent);
+        assert_eq!(c.worker.max_attempts, builtin.worker.max_attempts);
+        assert_eq!(c.executor.timeout, builtin.executor.timeout);
+        assert_eq!(c.executor.kill_grace, builtin.executor.kill_grace);
+        assert_eq!(c.api_token, None);
+    }
+}

@@ -1,0 +1,242 @@
+//! The daemon: lock the data dir, replay it, run the store, the worker, the executor and the
+//! API under one shutdown token and one task tracker, and report how it all ended.
+//!
+//! Start order matters. The lock comes first, so that nothing of a live daemon is touched;
+//! then trainers left by a dead one are killed; then the listener is bound, so `/healthz`
+//! answers and `/readyz` says 503 during a long replay; then replay, the boot writes, and
+//! only then does the worker start jobs and `/v1/` accept requests.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::executor::{self, Executor};
+use crate::store::Store;
+use crate::store::lock::{self, LockError};
+use crate::worker::{Boot, Worker};
+
+/// The exit codes a supervisor can branch on (sysexits.h values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A graceful stop: everything flushed.
+    Graceful = 0,
+    /// The stop did not finish within `shutdown_grace`; the next boot replays.
+    Unclean = 1,
+    /// The listen address could not be bound.
+    Unavailable = 69,
+    /// Storage failed (a failed fsync, an unwritable data dir); a restart replays.
+    Storage = 74,
+    /// Another daemon holds the data dir.
+    Locked = 75,
+    /// The configuration is invalid.
+    Config = 78,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// How long boot waits for trainers of a dead daemon to disappear after SIGKILL.
+const LEFTOVER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs the daemon until `stop` (a signal, in production) or a fatal storage error.
+/// Errors are logged here, in one line each; the exit code says what happened.
+pub async fn run(config: Config, stop: impl Future<Output = ()> + Send + 'static) -> Exit {
+    let data_dir = config.data_dir.clone();
+    if let Err(e) = std::fs::create_dir_all(&data_dir) {
+        error!(data_dir = %data_dir.display(), error = %e, "cannot create the data dir");
+        return Exit::Storage;
+    }
+    let _lock = match lock::lock_data_dir(&data_dir) {
+        Ok(lock) => lock,
+        Err(e @ LockError::Held { .. }) => {
+            error!("{e}");
+            return Exit::Locked;
+        }
+        Err(e) => {
+            error!("{e}");
+            return Exit::Storage;
+        }
+    };
+
+    let started = Instant::now();
+    let leftovers = {
+        let data_dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            executor::orphans::kill_leftovers(&data_dir, LEFTOVER_PATIENCE)
+        })
+        .await
+        .unwrap_or(0)
+    };
+    if leftovers > 0 {
+        warn!(
+            killed = leftovers,
+            "killed trainer processes left by a previous daemon"
+        );
+    }
+
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(listen = %config.listen, error = %e, "cannot listen");
+            return Exit::Unavailable;
+        }
+    };
+    let address = listener.local_addr().unwrap_or(config.listen);
+
+    let shutdown = CancellationToken::new();
+    let fatal = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let state = AppState::new(
+        config.api_token.clone(),
+        config.max_body_bytes,
+        shutdown.clone(),
+    );
+    {
+        let router = api::router(state.clone());
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    info!(%address, data_dir = %data_dir.display(), "listening; replaying the data dir");
+
+    // Signals and fatal errors are watched from here on, so that a stop during a long
+    // replay is honoured as soon as replay ends.
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        let fatal = fatal.clone();
+        async move {
+            tokio::select! {
+                _ = stop => info!("stop requested; shutting down"),
+                _ = fatal.cancelled() => {}
+            }
+            shutdown.cancel();
+        }
+    });
+
+    let opened = {
+        let data_dir = data_dir.clone();
+        let fatal = fatal.clone();
+        tokio::task::spawn_blocking(move || Store::open(&data_dir, fatal)).await
+    };
+    let opened = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot open the data dir");
+            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+        }
+        Err(e) => {
+            error!(error = %e, "replay failed");
+            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+        }
+    };
+    let quarantined = opened.recovered.damaged.len();
+    let boot = Boot {
+        jobs: opened.recovered.jobs,
+        order: opened.recovered.order,
+    };
+    let executor_config = config.executor.clone();
+    let executor_tracker = tracker.clone();
+    let exec_data_dir = data_dir.clone();
+    let booted = Worker::boot(
+        config.worker.clone(),
+        opened.handle,
+        move |events| Executor::new(executor_config, exec_data_dir, events, executor_tracker),
+        boot,
+        shutdown.clone(),
+    )
+    .await;
+    let (handle, worker, report) = match booted {
+        Ok(booted) => booted,
+        Err(e) => {
+            error!(error = %e, "cannot write the recovered state");
+            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+        }
+    };
+    tracker.spawn(worker.run());
+    state.set_worker(handle);
+    info!(
+        jobs = report.loaded,
+        requeued = report.requeued,
+        interrupted = report.interrupted,
+        failed_out_of_attempts = report.failed_attempts,
+        quarantined,
+        took_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
+
+    shutdown.cancelled().await;
+    let grace = config.shutdown_grace;
+    let deadline = Instant::now() + grace;
+    // The API's state holds the last worker handle outside the tracker's tasks.
+    drop(state);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        error!(grace = %humantime::format_duration(grace), "shutdown did not finish within shutdown_grace; exiting anyway, the next boot replays");
+        return Exit::Unclean;
+    }
+    // Every store handle is gone with the worker, so the store thread is finishing.
+    let left = deadline.saturating_duration_since(Instant::now());
+    let joined = tokio::time::timeout(
+        left,
+        tokio::task::spawn_blocking(move || opened.thread.join()),
+    )
+    .await;
+    if !matches!(joined, Ok(Ok(Ok(())))) {
+        error!("the store did not finish within shutdown_grace");
+        return Exit::Unclean;
+    }
+    if fatal.is_cancelled() {
+        error!("stopped after a fatal storage error; restart to replay from disk");
+        return Exit::Storage;
+    }
+    info!("stopped");
+    Exit::Graceful
+}
+
+/// Boot failed after the API started: stop it and return `exit`.
+async fn stop_after_failure(shutdown: CancellationToken, tracker: TaskTracker, exit: Exit) -> Exit {
+    shutdown.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    exit
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT. A second signal exits at once:
+/// everything acknowledged is already durable, so nothing is lost by not waiting.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second stop signal; exiting now");
+        std::process::exit(Exit::Unclean as i32);
+    });
+}

@@ -1,0 +1,1029 @@
+//! The job: its id, its status, its fields, the legal status transitions, and its JSON form.
+//!
+//! The JSON object is the same on the wire and on disk (the seed's job file format), so this
+//! module is the one codec for both: [`Job::from_submission`] validates what a client sends,
+//! [`Job::from_stored`] reads a job file, [`Job::to_json`] writes either. Fields the server does
+//! not know are kept verbatim in [`Job::extra`] and written back unchanged, so a newer client or
+//! a newer daemon never loses data through this one.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A job's id: a UUID, always written lowercase and hyphenated.
+///
+/// It is the only thing that ever names a file, and it can only be built by parsing, so no
+/// client-supplied text reaches a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    /// A fresh random (v4) id for a job submitted without one.
+    pub fn new_random() -> JobId {
+        JobId(Uuid::new_v4())
+    }
+
+    pub fn from_uuid(uuid: Uuid) -> JobId {
+        JobId(uuid)
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `Uuid`'s Display is the lowercase hyphenated form.
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Why a text is not a job id.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a UUID (expected the hyphenated form, like 123e4567-e89b-12d3-a456-426614174000)")]
+pub struct InvalidJobId;
+
+impl FromStr for JobId {
+    type Err = InvalidJobId;
+
+    /// Accepts only the 36-character hyphenated form (any case); braces, URNs and the
+    /// 32-digit simple form are refused so that one job has one spelling.
+    fn from_str(s: &str) -> Result<JobId, InvalidJobId> {
+        if s.len() != 36 {
+            return Err(InvalidJobId);
+        }
+        Uuid::try_parse(s).map(JobId).map_err(|_| InvalidJobId)
+    }
+}
+
+/// Where a job is in its life. Set by the server only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Running,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "Queued",
+            Status::Running => "Running",
+            Status::Completed => "Completed",
+            Status::Failed => "Failed",
+            Status::Cancelled => "Cancelled",
+        }
+    }
+
+    /// Completed, Failed and Cancelled are final: nothing moves a job out of them.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    /// Parses a status name; case-insensitive, for query strings typed by people.
+    pub fn parse_loose(s: &str) -> Option<Status> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The file formats a text dataset can come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Csv,
+    Json,
+    Hf,
+    S3,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Csv => "csv",
+            FileFormat::Json => "json",
+            FileFormat::Hf => "hf",
+            FileFormat::S3 => "s3",
+        }
+    }
+
+    fn parse(s: &str) -> Option<FileFormat> {
+        [
+            FileFormat::Csv,
+            FileFormat::Json,
+            FileFormat::Hf,
+            FileFormat::S3,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == s)
+    }
+}
+
+/// The diffusion model families a DiffusionJob can train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelType {
+    Sdxl,
+    Flux,
+}
+
+impl ModelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Sdxl => "sdxl",
+            ModelType::Flux => "flux",
+        }
+    }
+}
+
+/// The four G.O.D dataset shapes, told apart by their distinctive keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatasetShape {
+    Instruct,
+    Dpo,
+    Grpo,
+    ChatTemplate,
+}
+
+impl DatasetShape {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetShape::Instruct => "instruct",
+            DatasetShape::Dpo => "dpo",
+            DatasetShape::Grpo => "grpo",
+            DatasetShape::ChatTemplate => "chat_template",
+        }
+    }
+}
+
+const INSTRUCT_FIELDS: &[&str] = &[
+    "system_prompt",
+    "system_format",
+    "field_system",
+    "field_instruction",
+    "field_input",
+    "field_output",
+    "format",
+    "no_input_format",
+    "field",
+];
+const DPO_FIELDS: &[&str] = &[
+    "field_prompt",
+    "field_system",
+    "field_chosen",
+    "field_rejected",
+    "prompt_format",
+    "chosen_format",
+    "rejected_format",
+];
+const GRPO_TEXT_FIELDS: &[&str] = &["field_prompt", "extra_column"];
+const CHAT_FIELDS: &[&str] = &[
+    "chat_template",
+    "chat_column",
+    "chat_role_field",
+    "chat_content_field",
+    "chat_user_reference",
+    "chat_assistant_reference",
+];
+
+/// A validated `dataset_type` object.
+///
+/// The object is kept as sent, key order and unknown keys included, so it is written back
+/// unchanged; validation only guarantees that its shape's fields have the right types.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatasetType {
+    shape: DatasetShape,
+    object: Map<String, Value>,
+}
+
+impl DatasetType {
+    /// Tells the shape by its distinctive keys, then checks that shape's fields.
+    pub fn parse(value: &Value) -> Result<DatasetType, FieldError> {
+        let Value::Object(object) = value else {
+            return Err(FieldError::new(
+                "dataset_type",
+                "must be an object (instruct, DPO, GRPO or chat template fields)",
+            ));
+        };
+        let has = |key: &str| object.contains_key(key);
+        let shape = if has("reward_functions") {
+            DatasetShape::Grpo
+        } else if has("field_chosen") || has("field_rejected") {
+            DatasetShape::Dpo
+        } else if has("chat_template") || has("chat_column") {
+            DatasetShape::ChatTemplate
+        } else {
+            DatasetShape::Instruct
+        };
+        let text_fields = match shape {
+            DatasetShape::Instruct => INSTRUCT_FIELDS,
+            DatasetShape::Dpo => DPO_FIELDS,
+            DatasetShape::Grpo => GRPO_TEXT_FIELDS,
+            DatasetShape::ChatTemplate => CHAT_FIELDS,
+        };
+        for field in text_fields {
+            match object.get(*field) {
+                None | Some(Value::Null) | Some(Value::String(_)) => {}
+                Some(_) => {
+                    return Err(FieldError::new(
+                        format!("dataset_type.{field}"),
+                        "must be a string or null",
+                    ));
+                }
+            }
+        }
+        if shape == DatasetShape::Grpo {
+            check_reward_functions(object.get("reward_functions"))?;
+        }
+        Ok(DatasetType {
+            shape,
+            object: object.clone(),
+        })
+    }
+
+    pub fn shape(&self) -> DatasetShape {
+        self.shape
+    }
+
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.object.clone())
+    }
+}
+
+fn check_reward_functions(value: Option<&Value>) -> Result<(), FieldError> {
+    let path = "dataset_type.reward_functions";
+    let Some(Value::Array(functions)) = value else {
+        return Err(FieldError::new(
+            path,
+            "must be an array of {reward_func, reward_weight} objects",
+        ));
+    };
+    if functions.is_empty() {
+        return Err(FieldError::new(
+            path,
+            "must name at least one reward function",
+        ));
+    }
+    for (i, function) in functions.iter().enumerate() {
+        let Value::Object(function) = function else {
+            return Err(FieldError::new(format!("{path}[{i}]"), "must be an object"));
+        };
+        match function.get("reward_func") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {}
+            _ => {
+                return Err(FieldError::new(
+                    format!("{path}[{i}].reward_func"),
+                    "must be a non-empty string",
+                ));
+            }
+        }
+        let weight = function.get("reward_weight").and_then(Value::as_f64);
+        match weight {
+            Some(w) if w.is_finite() && w >= 0.0 => {}
+            _ => {
+                return Err(FieldError::new(
+                    format!("{path}[{i}].reward_weight"),
+                    "must be a number >= 0",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What kind of training a job is, with the fields only that kind has.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobKind {
+    Text {
+        dataset: String,
+        dataset_type: DatasetType,
+        file_format: FileFormat,
+    },
+    Diffusion {
+        dataset_zip: String,
+        model_type: ModelType,
+    },
+}
+
+impl JobKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            JobKind::Text { .. } => "TextJob",
+            JobKind::Diffusion { .. } => "DiffusionJob",
+        }
+    }
+}
+
+/// A moment, stored as RFC 3339 UTC with microseconds.
+pub type Timestamp = DateTime<Utc>;
+
+pub fn format_timestamp(t: &Timestamp) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// One training job: the client's request plus what the server records about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub status: Status,
+    /// Why a job is Failed or Cancelled, for people.
+    pub error_message: Option<String>,
+    pub model: String,
+    pub expected_repo_name: Option<String>,
+    pub kind: JobKind,
+    /// Starts that ended or were cut by a crash (a start cut by a graceful stop is taken back).
+    pub attempts: u32,
+    pub created_at: Option<Timestamp>,
+    pub updated_at: Option<Timestamp>,
+    /// The last start. A Queued job with a start time was interrupted and goes first.
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    /// Fields this version does not know, in the order they came, written back unchanged.
+    pub extra: Map<String, Value>,
+}
+
+/// A field that is missing or wrong, named by its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The keys this version understands at the top level; everything else goes to `extra`.
+const KNOWN_TEXT: &[&str] = &["dataset", "dataset_type", "file_format"];
+const KNOWN_DIFFUSION: &[&str] = &["dataset_zip", "model_type"];
+const KNOWN_COMMON: &[&str] = &[
+    "type",
+    "job_id",
+    "model",
+    "status",
+    "error_message",
+    "expected_repo_name",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+];
+
+impl Job {
+    /// Validates a client's submission. Server-owned fields (`status` other than `Queued`,
+    /// `attempts`, timestamps, `error_message`) are not the client's to set: `status` is
+    /// refused, the rest are ignored.
+    pub fn from_submission(value: Value, now: Timestamp) -> Result<Job, FieldError> {
+        let Value::Object(mut object) = value else {
+            return Err(FieldError::new("body", "must be a JSON object (a job)"));
+        };
+        match object.get("status") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "Queued" => {}
+            Some(_) => {
+                return Err(FieldError::new(
+                    "status",
+                    "is set by the server; omit it or send \"Queued\"",
+                ));
+            }
+        }
+        let id = match object.get("job_id") {
+            None | Some(Value::Null) => JobId::new_random(),
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e: InvalidJobId| FieldError::new("job_id", e.to_string()))?,
+            Some(_) => return Err(FieldError::new("job_id", "must be a UUID string")),
+        };
+        for key in [
+            "error_message",
+            "attempts",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "finished_at",
+        ] {
+            object.remove(key);
+        }
+        let mut job = Job::from_fields(id, object)?;
+        job.status = Status::Queued;
+        job.created_at = Some(now);
+        job.updated_at = Some(now);
+        Ok(job)
+    }
+
+    /// Reads a job file. Everything a submission needs must be there and valid, and so must
+    /// the server's fields; the additions are optional so that the seed's files load.
+    pub fn from_stored(value: Value) -> Result<Job, FieldError> {
+        let Value::Object(object) = value else {
+            return Err(FieldError::new("job", "must be a JSON object"));
+        };
+        let id = match object.get("job_id") {
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e: InvalidJobId| FieldError::new("job_id", e.to_string()))?,
+            _ => return Err(FieldError::new("job_id", "required, a UUID string")),
+        };
+        let status = match object.get("status") {
+            Some(Value::String(s)) => Status::ALL
+                .into_iter()
+                .find(|status| status.as_str() == s)
+                .ok_or_else(|| FieldError::new("status", format!("unknown status {s:?}")))?,
+            _ => return Err(FieldError::new("status", "required, a status name")),
+        };
+        let error_message = optional_string(&object, "error_message")?;
+        let attempts = match object.get("attempts") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| FieldError::new("attempts", "must be a whole number"))?,
+        };
+        let created_at = optional_timestamp(&object, "created_at")?;
+        let updated_at = optional_timestamp(&object, "updated_at")?;
+        let started_at = optional_timestamp(&object, "started_at")?;
+        let finished_at = optional_timestamp(&object, "finished_at")?;
+        let mut job = Job::from_fields(id, object)?;
+        job.status = status;
+        job.error_message = error_message;
+        job.attempts = attempts;
+        job.created_at = created_at;
+        job.updated_at = updated_at;
+        job.started_at = started_at;
+        job.finished_at = finished_at;
+        Ok(job)
+    }
+
+    /// The part both readers share: type, model and the kind's fields; unknown keys to `extra`.
+    fn from_fields(id: JobId, mut object: Map<String, Value>) -> Result<Job, FieldError> {
+        let type_name = match object.get("type") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) | None => {
+                return Err(FieldError::new(
+                    "type",
+                    "required, \"TextJob\" or \"DiffusionJob\"",
+                ));
+            }
+        };
+        let kind = match type_name {
+            "TextJob" => {
+                let dataset = required_string(&object, "dataset")?;
+                let dataset_type = match object.get("dataset_type") {
+                    None | Some(Value::Null) => {
+                        return Err(FieldError::new(
+                            "dataset_type",
+                            "required for a TextJob (instruct, DPO, GRPO or chat template fields)",
+                        ));
+                    }
+                    Some(v) => DatasetType::parse(v)?,
+                };
+                let file_format = match object.get("file_format") {
+                    Some(Value::String(s)) => FileFormat::parse(s).ok_or_else(|| {
+                        FieldError::new(
+                            "file_format",
+                            format!("unknown format {s:?}; one of csv, json, hf, s3"),
+                        )
+                    })?,
+                    _ => {
+                        return Err(FieldError::new(
+                            "file_format",
+                            "required for a TextJob, one of csv, json, hf, s3",
+                        ));
+                    }
+                };
+                JobKind::Text {
+                    dataset,
+                    dataset_type,
+                    file_format,
+                }
+            }
+            "DiffusionJob" => {
+                let dataset_zip = required_string(&object, "dataset_zip")?;
+                let model_type = match object.get("model_type") {
+                    None | Some(Value::Null) => ModelType::Sdxl,
+                    Some(Value::String(s)) if s == "sdxl" => ModelType::Sdxl,
+                    Some(Value::String(s)) if s == "flux" => ModelType::Flux,
+                    Some(_) => {
+                        return Err(FieldError::new(
+                            "model_type",
+                            "must be \"sdxl\" (the default) or \"flux\"",
+                        ));
+                    }
+                };
+                JobKind::Diffusion {
+                    dataset_zip,
+                    model_type,
+                }
+            }
+            other => {
+                return Err(FieldError::new(
+                    "type",
+                    format!("unknown job type {other:?}; \"TextJob\" or \"DiffusionJob\""),
+                ));
+            }
+        };
+        let model = required_string(&object, "model")?;
+        let expected_repo_name = optional_string(&object, "expected_repo_name")?;
+        let kind_fields = match kind {
+            JobKind::Text { .. } => KNOWN_TEXT,
+            JobKind::Diffusion { .. } => KNOWN_DIFFUSION,
+        };
+        object.retain(|key, _| {
+            !KNOWN_COMMON.contains(&key.as_str()) && !kind_fields.contains(&key.as_str())
+        });
+        Ok(Job {
+            id,
+            status: Status::Queued,
+            error_message: None,
+            model,
+            expected_repo_name,
+            kind,
+            attempts: 0,
+            created_at: None,
+            updated_at: None,
+            started_at: None,
+            finished_at: None,
+            extra: object,
+        })
+    }
+
+    /// The JSON object, in the seed's key order, then the additions, then unknown fields.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        out.insert("type".into(), self.kind.type_name().into());
+        out.insert("job_id".into(), self.id.to_string().into());
+        out.insert("model".into(), self.model.clone().into());
+        out.insert("status".into(), self.status.as_str().into());
+        out.insert("error_message".into(), opt(&self.error_message));
+        out.insert("expected_repo_name".into(), opt(&self.expected_repo_name));
+        match &self.kind {
+            JobKind::Text {
+                dataset,
+                dataset_type,
+                file_format,
+            } => {
+                out.insert("dataset".into(), dataset.clone().into());
+                out.insert("dataset_type".into(), dataset_type.to_json());
+                out.insert("file_format".into(), file_format.as_str().into());
+            }
+            JobKind::Diffusion {
+                dataset_zip,
+                model_type,
+            } => {
+                out.insert("dataset_zip".into(), dataset_zip.clone().into());
+                out.insert("model_type".into(), model_type.as_str().into());
+            }
+        }
+        out.insert("attempts".into(), self.attempts.into());
+        for (key, t) in [
+            ("created_at", &self.created_at),
+            ("updated_at", &self.updated_at),
+            ("started_at", &self.started_at),
+            ("finished_at", &self.finished_at),
+        ] {
+            out.insert(
+                key.into(),
+                t.as_ref()
+                    .map_or(Value::Null, |t| format_timestamp(t).into()),
+            );
+        }
+        for (key, value) in &self.extra {
+            out.insert(key.clone(), value.clone());
+        }
+        Value::Object(out)
+    }
+
+    /// Whether `other` asks for the same work: everything the client chose is equal. Used to
+    /// tell a safe retry of a submission (same id, same content) from a conflicting one.
+    pub fn same_request(&self, other: &Job) -> bool {
+        self.id == other.id
+            && self.model == other.model
+            && self.expected_repo_name == other.expected_repo_name
+            && self.kind == other.kind
+            && self.extra == other.extra
+    }
+
+    /// Queued -> Running: a new start, counted before the trainer runs.
+    pub fn start(&mut self, now: Timestamp) {
+        debug_assert_eq!(self.status, Status::Queued);
+        self.status = Status::Running;
+        self.attempts = self.attempts.saturating_add(1);
+        self.started_at = Some(now);
+        self.finished_at = None;
+        self.error_message = None;
+        self.updated_at = Some(now);
+    }
+
+    /// Running -> Completed, Failed or Cancelled; Queued -> Cancelled or Failed.
+    pub fn finish(&mut self, status: Status, error_message: Option<String>, now: Timestamp) {
+        debug_assert!(status.is_finished() && !self.status.is_finished());
+        self.status = status;
+        self.error_message = error_message;
+        self.finished_at = Some(now);
+        self.updated_at = Some(now);
+    }
+
+    /// Running -> Queued after an interruption. `counted` says whether the cut start still
+    /// counts as an attempt: a crash's does, a graceful stop's is taken back. The start time
+    /// is kept: it is what puts an interrupted job at the head of the queue.
+    pub fn requeue_interrupted(&mut self, counted: bool, now: Timestamp) {
+        debug_assert_eq!(self.status, Status::Running);
+        self.status = Status::Queued;
+        if !counted {
+            self.attempts = self.attempts.saturating_sub(1);
+        }
+        self.updated_at = Some(now);
+    }
+
+    /// Whether a Queued job was started before and cut short, so it goes first.
+    pub fn was_interrupted(&self) -> bool {
+        self.status == Status::Queued && self.started_at.is_some()
+    }
+
+    /// The pretty JSON a job file holds.
+    pub fn to_file_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(&self.to_json())
+            .expect("a serde_json::Value always serialises");
+        bytes.push(b'\n');
+        bytes
+    }
+}
+
+fn opt(s: &Option<String>) -> Value {
+    s.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+}
+
+fn required_string(object: &Map<String, Value>, key: &str) -> Result<String, FieldError> {
+    match object.get(key) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(FieldError::new(key, "must not be empty")),
+        Some(_) => Err(FieldError::new(key, "must be a string")),
+        None => Err(FieldError::new(key, "required")),
+    }
+}
+
+fn optional_string(object: &Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(FieldError::new(key, "must be a string or null")),
+    }
+}
+
+fn optional_timestamp(
+    object: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<Timestamp>, FieldError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|_| FieldError::new(key, "must be an RFC 3339 time or null")),
+        Some(_) => Err(FieldError::new(key, "must be an RFC 3339 time or null")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The example job file of the seed document, byte for byte.
+    const SEED_EXAMPLE: &str = include_str!("../tests/fixtures/seed-job.json");
+
+    fn now() -> Timestamp {
+        "2026-01-02T03:04:05.123456Z".parse().unwrap()
+    }
+
+    fn text_job(dataset_type: Value) -> Value {
+        json!({
+            "type": "TextJob",
+            "model": "m",
+            "dataset": "d.json",
+            "dataset_type": dataset_type,
+            "file_format": "json",
+        })
+    }
+
+    #[test]
+    fn seed_example_loads_and_keeps_its_fields() {
+        let value: Value = serde_json::from_str(SEED_EXAMPLE).unwrap();
+        let job = Job::from_stored(value.clone()).unwrap();
+        assert_eq!(job.id.to_string(), "123e4567-e89b-12d3-a456-426614174000");
+        assert_eq!(job.status, Status::Running);
+        assert_eq!(job.attempts, 0);
+        assert_eq!(
+            job.expected_repo_name.as_deref(),
+            Some("my-fine-tuned-model")
+        );
+        let JobKind::Text { dataset_type, .. } = &job.kind else {
+            panic!("seed example is a TextJob")
+        };
+        assert_eq!(dataset_type.shape(), DatasetShape::Instruct);
+        // Every field of the seed comes back with the same value.
+        let out = job.to_json();
+        for (key, v) in value.as_object().unwrap() {
+            assert_eq!(&out[key], v, "field {key}");
+        }
+        // And the written form reads back to the same job.
+        let again: Value = serde_json::from_slice(&job.to_file_bytes()).unwrap();
+        assert_eq!(Job::from_stored(again).unwrap(), job);
+    }
+
+    #[test]
+    fn unknown_fields_are_kept_verbatim() {
+        // Parsed from text, so that the numbers keep the spelling the client chose.
+        let submission: Value = serde_json::from_str(
+            r#"{"type": "TextJob", "model": "m", "dataset": "d.json", "file_format": "json",
+                "dataset_type": {"field_instruction": "q", "new_knob": [1, 2.50, "x"]},
+                "hours_to_complete": 3,
+                "future": {"nested": 1.000, "big": 123456789012345678901234567890}}"#,
+        )
+        .unwrap();
+        let job = Job::from_submission(submission.clone(), now()).unwrap();
+        let out = job.to_json();
+        assert_eq!(out["hours_to_complete"], json!(3));
+        assert_eq!(out["future"], submission["future"]);
+        assert_eq!(out["dataset_type"], submission["dataset_type"]);
+        // Numbers keep their spelling through a file round trip.
+        let text = String::from_utf8(job.to_file_bytes()).unwrap();
+        assert!(text.contains("2.50"), "{text}");
+        assert!(text.contains("1.000"), "{text}");
+        assert!(text.contains("123456789012345678901234567890"), "{text}");
+        let back = Job::from_stored(serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(back, job);
+    }
+
+    #[test]
+    fn each_dataset_shape_is_recognised_and_round_trips() {
+        let cases = [
+            (
+                json!({"system_prompt": "s", "field_instruction": "i", "field": null}),
+                DatasetShape::Instruct,
+            ),
+            (
+                json!({"field_prompt": "p", "field_chosen": "c", "field_rejected": "r", "prompt_format": "{prompt}"}),
+                DatasetShape::Dpo,
+            ),
+            (
+                json!({"field_prompt": "p", "reward_functions": [{"reward_func": "def f(x): return 1", "reward_weight": 0.5, "func_hash": "abc"}], "extra_column": null}),
+                DatasetShape::Grpo,
+            ),
+            (
+                json!({"chat_template": "chatml", "chat_column": "conversations", "chat_role_field": "from"}),
+                DatasetShape::ChatTemplate,
+            ),
+            (
+                json!({"chat_column": "messages"}),
+                DatasetShape::ChatTemplate,
+            ),
+        ];
+        for (dataset_type, shape) in cases {
+            let job = Job::from_submission(text_job(dataset_type.clone()), now()).unwrap();
+            let JobKind::Text {
+                dataset_type: dt, ..
+            } = &job.kind
+            else {
+                panic!()
+            };
+            assert_eq!(dt.shape(), shape, "{dataset_type}");
+            let back = Job::from_stored(job.to_json()).unwrap();
+            assert_eq!(back, job);
+            assert_eq!(back.to_json()["dataset_type"], dataset_type);
+        }
+    }
+
+    #[test]
+    fn bad_grpo_is_an_error_never_instruct() {
+        let bad = [
+            (
+                json!({"reward_functions": null}),
+                "dataset_type.reward_functions",
+            ),
+            (
+                json!({"reward_functions": []}),
+                "dataset_type.reward_functions",
+            ),
+            (
+                json!({"reward_functions": [{"reward_weight": 1}]}),
+                "dataset_type.reward_functions[0].reward_func",
+            ),
+            (
+                json!({"reward_functions": [{"reward_func": "f", "reward_weight": -0.1}]}),
+                "dataset_type.reward_functions[0].reward_weight",
+            ),
+            (
+                json!({"reward_functions": [{"reward_func": "f", "reward_weight": "1"}]}),
+                "dataset_type.reward_functions[0].reward_weight",
+            ),
+            (json!({"field_chosen": 3}), "dataset_type.field_chosen"),
+            (
+                json!({"chat_template": ["x"]}),
+                "dataset_type.chat_template",
+            ),
+            (
+                json!({"field_instruction": {}}),
+                "dataset_type.field_instruction",
+            ),
+            (json!("instruct"), "dataset_type"),
+        ];
+        for (dataset_type, field) in bad {
+            let err = Job::from_submission(text_job(dataset_type.clone()), now()).unwrap_err();
+            assert_eq!(err.field, field, "{dataset_type}: {err}");
+        }
+    }
+
+    #[test]
+    fn submissions_are_validated_field_by_field() {
+        let good = text_job(json!({}));
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("type");
+                }),
+                "type",
+            ),
+            (Box::new(|v| v["type"] = json!("AudioJob")), "type"),
+            (Box::new(|v| v["model"] = json!("")), "model"),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("model");
+                }),
+                "model",
+            ),
+            (Box::new(|v| v["model"] = json!(7)), "model"),
+            (
+                Box::new(|v| v["job_id"] = json!("../../etc/passwd")),
+                "job_id",
+            ),
+            (Box::new(|v| v["job_id"] = json!(12)), "job_id"),
+            (Box::new(|v| v["status"] = json!("Completed")), "status"),
+            (
+                Box::new(|v| v["file_format"] = json!("parquet")),
+                "file_format",
+            ),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("dataset");
+                }),
+                "dataset",
+            ),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("dataset_type");
+                }),
+                "dataset_type",
+            ),
+            (
+                Box::new(|v| v["expected_repo_name"] = json!(false)),
+                "expected_repo_name",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut body = good.clone();
+            mutate(&mut body);
+            let err = Job::from_submission(body.clone(), now()).unwrap_err();
+            assert_eq!(err.field, field, "{body}: {err}");
+        }
+        assert_eq!(
+            Job::from_submission(json!([1]), now()).unwrap_err().field,
+            "body"
+        );
+    }
+
+    #[test]
+    fn diffusion_jobs_default_to_sdxl() {
+        let job = Job::from_submission(
+            json!({"type": "DiffusionJob", "model": "stabilityai/sdxl", "dataset_zip": "https://x/y.zip"}),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            job.kind,
+            JobKind::Diffusion {
+                dataset_zip: "https://x/y.zip".into(),
+                model_type: ModelType::Sdxl
+            }
+        );
+        let flux =
+            json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z", "model_type": "flux"});
+        assert!(matches!(
+            Job::from_submission(flux, now()).unwrap().kind,
+            JobKind::Diffusion {
+                model_type: ModelType::Flux,
+                ..
+            }
+        ));
+        let bad =
+            json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z", "model_type": "sd15"});
+        assert_eq!(
+            Job::from_submission(bad, now()).unwrap_err().field,
+            "model_type"
+        );
+        let empty = json!({"type": "DiffusionJob", "model": "m", "dataset_zip": " "});
+        assert_eq!(
+            Job::from_submission(empty, now()).unwrap_err().field,
+            "dataset_zip"
+        );
+    }
+
+    #[test]
+    fn submission_sets_server_fields_and_ignores_client_ones() {
+        let mut body = text_job(json!({}));
+        body["job_id"] = json!("123E4567-E89B-12D3-A456-426614174000");
+        body["attempts"] = json!(9);
+        body["created_at"] = json!("1999-01-01T00:00:00Z");
+        body["error_message"] = json!("x");
+        body["status"] = json!("Queued");
+        let job = Job::from_submission(body, now()).unwrap();
+        assert_eq!(job.id.to_string(), "123e4567-e89b-12d3-a456-426614174000");
+        assert_eq!(job.status, Status::Queued);
+        assert_eq!(job.attempts, 0);
+        assert_eq!(job.created_at, Some(now()));
+        assert_eq!(job.error_message, None);
+        assert!(job.extra.is_empty(), "{:?}", job.extra);
+        let without_id = Job::from_submission(text_job(json!({})), now()).unwrap();
+        assert_eq!(without_id.id.as_uuid().get_version_num(), 4);
+    }
+
+    #[test]
+    fn job_ids_parse_only_the_hyphenated_form() {
+        assert!(
+            "123e4567-e89b-12d3-a456-426614174000"
+                .parse::<JobId>()
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "123e4567e89b12d3a456426614174000",
+            "{123e4567-e89b-12d3-a456-426614174000}",
+            "urn:uuid:123e4567-e89b-12d3-a456-426614174000",
+            "../../../../../../../../etc/passwd",
+            "123e4567-e89b-12d3-a456-42661417400g",
+        ] {
+            assert_eq!(bad.parse::<JobId>(), Err(InvalidJobId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn transitions_record_attempts_and_times() {
+        let mut job = Job::from_submission(text_job(json!({})), now()).unwrap();
+        let later = now() + chrono::Duration::seconds(5);
+        job.start(later);
+        assert_eq!(
+            (job.status, job.attempts, job.started_at),
+            (Status::Running, 1, Some(later))
+        );
+        job.requeue_interrupted(false, later);
+        assert_eq!((job.status, job.attempts), (Status::Queued, 0));
+        assert!(job.was_interrupted());
+        job.start(later);
+        job.requeue_interrupted(true, later);
+        assert_eq!(job.attempts, 1);
+        job.start(later);
+        job.finish(Status::Failed, Some("exit status 1".into()), later);
+        assert_eq!(job.status, Status::Failed);
+        assert!(job.status.is_finished());
+        assert_eq!(job.finished_at, Some(later));
+        assert_eq!(job.attempts, 2);
+    }
+
+    #[test]
+    fn same_request_ignores_server_fields_only() {
+        let a = Job::from_submission(text_job(json!({})), now()).unwrap();
+        let mut b = a.clone();
+        b.start(now());
+        assert!(a.same_request(&b));
+        b.model = "other".into();
+        assert!(!a.same_request(&b));
+        let mut c = a.clone();
+        c.extra.insert("x".into(), json!(1));
+        assert!(!a.same_request(&c));
+    }
+}

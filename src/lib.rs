@@ -1,0 +1,21 @@
+//! training-worker: a daemon that runs ML fine-tuning jobs from a durable on-disk queue.
+//!
+//! A tour in reading order:
+//! - [`job`]: the job, its id and status, the legal transitions, its JSON form (one codec
+//!   for the wire and the job files).
+//! - [`config`]: the settings, loaded and validated once, passed explicitly.
+//! - [`store`]: the only code that writes job state to the data dir: atomic durable writes,
+//!   group commit, replay at boot, the data dir lock.
+//! - [`executor`]: the only code that spawns processes: trainers, their logs, their ends.
+//! - [`worker`]: the actor that owns all job state and the queue order; acts on a change
+//!   only once the store has made it durable.
+//! - [`api`]: the HTTP API over a worker handle.
+//! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod executor;
+pub mod job;
+pub mod store;
+pub mod worker;

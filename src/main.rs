@@ -1,0 +1,98 @@
+//! `training-worker`: parses the command line, sets up logging, hands over to the daemon.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use training_worker::config::{Config, LogFormat, Overrides};
+use training_worker::daemon::{self, Exit};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "training-worker",
+    version,
+    about = "Runs ML fine-tuning jobs from a durable on-disk queue"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run the daemon: replay the data dir, serve the HTTP API, run jobs.
+    Serve {
+        /// Configuration file [default: config/default.toml when it exists]
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+        /// Data directory [default: data]
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+        /// Listen address [default: 127.0.0.1:8787]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Log format: text or json [default: text]
+        #[arg(long, value_name = "FORMAT")]
+        log_format: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Serve {
+            config,
+            data_dir,
+            listen,
+            log_format,
+        } => serve(Overrides {
+            config_file: config,
+            data_dir,
+            listen,
+            log_format,
+        }),
+    }
+}
+
+fn serve(overrides: Overrides) -> ExitCode {
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) => cwd,
+        Err(e) => {
+            eprintln!("error: cannot read the working directory: {e}");
+            return Exit::Config.into();
+        }
+    };
+    let config = match Config::load(&overrides, |key| std::env::var(key).ok(), &cwd) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: bad configuration: {e}");
+            return Exit::Config.into();
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return Exit::Unclean.into();
+        }
+    };
+    let exit = runtime.block_on(daemon::run(config, daemon::termination_signal()));
+    // Anything still running (a hung connection) is abandoned, not waited for.
+    runtime.shutdown_background();
+    exit.into()
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,460 @@
+//! Replay: what a data dir holds, read without changing anything.
+//!
+//! [`replay`] is a pure function from a directory to [`Recovered`]: the readable jobs, the
+//! order in which the unfinished ones run again, and what is damaged or left over. Acting on
+//! it (moving damaged files to `quarantine/`, removing temporary files, rewriting
+//! `queue.json`) is the store's business, so this function can be tested on crafted
+//! directories and run by `check` without touching them.
+//!
+//! The order (CONTRACT.md 6): jobs that were Running first, in the order they had started;
+//! then Queued jobs in `queue.json` order; then Queued jobs missing from `queue.json`, those
+//! that had been started before (interrupted) first by start time, the rest by `created_at`.
+//! Since the daemon writes `queue.json` in exactly that order, the queue rebuilt from the job
+//! files alone is the queue that was lost.
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::fsio;
+use crate::job::{Job, JobId, Status};
+
+pub const JOBS_DIR: &str = "jobs";
+pub const QUEUE_FILE: &str = "queue.json";
+pub const QUARANTINE_DIR: &str = "quarantine";
+pub const LOGS_DIR: &str = "logs";
+
+/// `queue.json`: the ids of the running jobs in start order, then the queued ones in the
+/// order they will start. A cache of what the job files say, kept current.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueFile {
+    pub running: Vec<String>,
+    pub queued: Vec<String>,
+}
+
+/// A file that could not be read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damaged {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Everything replay found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every readable job, finished ones included.
+    pub jobs: Vec<Job>,
+    /// The unfinished jobs (Running and Queued) in the order they run again.
+    pub order: Vec<JobId>,
+    /// Files that could not be read; they go to `quarantine/`.
+    pub damaged: Vec<Damaged>,
+    /// Temporary files left by interrupted writes; they are removed.
+    pub temp_files: Vec<PathBuf>,
+    /// Ids that `queue.json` names but that have no job file; they are dropped.
+    pub missing: Vec<String>,
+    /// Whether `queue.json` was present and readable.
+    pub queue_file_found: bool,
+}
+
+/// Reads the data dir. An I/O error on the directories themselves is returned; a bad file
+/// never is: it is reported in [`Recovered::damaged`].
+pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
+    let mut recovered = Recovered::default();
+    let jobs_dir = data_dir.join(JOBS_DIR);
+
+    for entry in read_dir_if_exists(data_dir)? {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if fsio::is_temp_name(&name) {
+            recovered.temp_files.push(entry.path());
+        }
+    }
+
+    let mut jobs: HashMap<JobId, Job> = HashMap::new();
+    for entry in read_dir_if_exists(&jobs_dir)? {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if fsio::is_temp_name(&name) {
+            recovered.temp_files.push(path);
+            continue;
+        }
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            recovered.damaged.push(Damaged {
+                path,
+                reason: "a directory where only job files belong".into(),
+            });
+            continue;
+        }
+        match read_job_file(&path, &name) {
+            Ok(job) => {
+                jobs.insert(job.id, job);
+            }
+            Err(reason) => recovered.damaged.push(Damaged { path, reason }),
+        }
+    }
+
+    let queue_path = data_dir.join(QUEUE_FILE);
+    let queue_file = match fs::read(&queue_path) {
+        Ok(bytes) => match serde_json::from_slice::<QueueFile>(&bytes) {
+            Ok(q) => {
+                recovered.queue_file_found = true;
+                q
+            }
+            Err(e) => {
+                recovered.damaged.push(Damaged {
+                    path: queue_path,
+                    reason: format!("not a queue file: {e}"),
+                });
+                QueueFile::default()
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => QueueFile::default(),
+        Err(e) => {
+            recovered.damaged.push(Damaged {
+                path: queue_path,
+                reason: format!("unreadable: {e}"),
+            });
+            QueueFile::default()
+        }
+    };
+
+    recovered.order = requeue_order(&jobs, &queue_file, &mut recovered.missing);
+    let mut all: Vec<Job> = jobs.into_values().collect();
+    all.sort_by(by_creation);
+    recovered.jobs = all;
+    recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
+    recovered.temp_files.sort();
+    Ok(recovered)
+}
+
+fn read_dir_if_exists(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads one job file; the error is the reason it goes to quarantine.
+fn read_job_file(path: &Path, name: &str) -> Result<Job, String> {
+    let Some(stem) = name.strip_suffix(".json") else {
+        return Err("not a job file (the name is not <job_id>.json)".into());
+    };
+    let Ok(id) = stem.parse::<JobId>() else {
+        return Err("not a job file (the name is not <job_id>.json)".into());
+    };
+    if id.to_string() != stem {
+        return Err("not a job file (the job id in the name is not lowercase)".into());
+    }
+    let bytes = fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
+    if bytes.is_empty() {
+        return Err("empty file".into());
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+    let job = Job::from_stored(value).map_err(|e| format!("invalid job: {e}"))?;
+    if job.id != id {
+        return Err(format!(
+            "the file is named for job {id} but holds job {}",
+            job.id
+        ));
+    }
+    Ok(job)
+}
+
+/// Oldest first; jobs without a creation time (the seed's files) before the rest.
+fn by_creation(a: &Job, b: &Job) -> Ordering {
+    (a.created_at, a.id).cmp(&(b.created_at, b.id))
+}
+
+fn requeue_order(
+    jobs: &HashMap<JobId, Job>,
+    queue_file: &QueueFile,
+    missing: &mut Vec<String>,
+) -> Vec<JobId> {
+    // Positions in queue.json; the first mention of an id wins.
+    let mut running_pos: HashMap<JobId, usize> = HashMap::new();
+    let mut queued_pos: HashMap<JobId, usize> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for (list, positions) in [
+        (&queue_file.running, &mut running_pos),
+        (&queue_file.queued, &mut queued_pos),
+    ] {
+        for (i, text) in list.iter().enumerate() {
+            let known = text
+                .parse::<JobId>()
+                .ok()
+                .filter(|id| jobs.contains_key(id));
+            match known {
+                Some(id) => {
+                    positions.entry(id).or_insert(i);
+                }
+                None => {
+                    if seen.insert(text.clone()) {
+                        missing.push(text.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    let mut running: Vec<&Job> = jobs
+        .values()
+        .filter(|j| j.status == Status::Running)
+        .collect();
+    running.sort_by_key(|j| {
+        (
+            j.started_at.is_none(),
+            j.started_at,
+            running_pos.get(&j.id).copied().unwrap_or(usize::MAX),
+            j.created_at,
+            j.id,
+        )
+    });
+
+    let queued: Vec<&Job> = jobs
+        .values()
+        .filter(|j| j.status == Status::Queued)
+        .collect();
+    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = queued
+        .into_iter()
+        .partition(|j| queued_pos.contains_key(&j.id));
+    listed.sort_by_key(|j| queued_pos[&j.id]);
+    orphans.sort_by_key(|j| {
+        let interrupted_at = if j.was_interrupted() {
+            j.started_at
+        } else {
+            None
+        };
+        (interrupted_at.is_none(), interrupted_at, j.created_at, j.id)
+    });
+
+    running
+        .into_iter()
+        .chain(listed)
+        .chain(orphans)
+        .map(|j| j.id)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Timestamp;
+    use serde_json::json;
+
+    const SEED_EXAMPLE: &str = include_str!("../../tests/fixtures/seed-job.json");
+
+    struct Dir {
+        root: tempfile::TempDir,
+    }
+
+    impl Dir {
+        fn new() -> Dir {
+            let root = tempfile::tempdir().unwrap();
+            fs::create_dir(root.path().join(JOBS_DIR)).unwrap();
+            Dir { root }
+        }
+
+        fn path(&self) -> &Path {
+            self.root.path()
+        }
+
+        fn job(&self, n: u128, status: &str, created: i64, started: Option<i64>) -> JobId {
+            let id = JobId::from_uuid(uuid::Uuid::from_u128(n));
+            let at = |s: i64| Timestamp::from_timestamp(1_800_000_000 + s, 0).unwrap();
+            let value = json!({
+                "type": "DiffusionJob",
+                "job_id": id.to_string(),
+                "model": "m",
+                "dataset_zip": "z.zip",
+                "status": status,
+                "attempts": if started.is_some() { 1 } else { 0 },
+                "created_at": crate::job::format_timestamp(&at(created)),
+                "started_at": started.map(|s| crate::job::format_timestamp(&at(s))),
+            });
+            self.raw(&format!("{id}.json"), &serde_json::to_vec(&value).unwrap());
+            id
+        }
+
+        fn raw(&self, name: &str, bytes: &[u8]) {
+            fs::write(self.path().join(JOBS_DIR).join(name), bytes).unwrap();
+        }
+
+        fn queue(&self, running: &[JobId], queued: &[JobId]) {
+            let q = QueueFile {
+                running: running.iter().map(|id| id.to_string()).collect(),
+                queued: queued.iter().map(|id| id.to_string()).collect(),
+            };
+            fs::write(
+                self.path().join(QUEUE_FILE),
+                serde_json::to_vec(&q).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn running_first_in_start_order_then_queue_order_then_orphans() {
+        let d = Dir::new();
+        let r_late = d.job(1, "Running", 0, Some(50));
+        let r_early = d.job(2, "Running", 1, Some(40));
+        let q_b = d.job(3, "Queued", 2, None);
+        let q_a = d.job(4, "Queued", 3, None);
+        let orphan_new = d.job(5, "Queued", 9, None);
+        let orphan_old = d.job(6, "Queued", 8, None);
+        let done = d.job(7, "Completed", 0, Some(1));
+        d.queue(&[r_late, r_early], &[q_a, q_b]);
+        let rec = replay(d.path()).unwrap();
+        assert_eq!(
+            rec.order,
+            vec![r_early, r_late, q_a, q_b, orphan_old, orphan_new]
+        );
+        assert_eq!(rec.jobs.len(), 7);
+        assert!(rec.jobs.iter().any(|j| j.id == done));
+        assert!(rec.damaged.is_empty() && rec.missing.is_empty());
+        assert!(rec.queue_file_found);
+    }
+
+    #[test]
+    fn without_queue_file_interrupted_jobs_lead_the_rebuilt_queue() {
+        let d = Dir::new();
+        let fresh = d.job(1, "Queued", 0, None);
+        let interrupted_b = d.job(2, "Queued", 5, Some(30));
+        let interrupted_a = d.job(3, "Queued", 6, Some(20));
+        let running = d.job(4, "Running", 7, Some(40));
+        let rec = replay(d.path()).unwrap();
+        assert!(!rec.queue_file_found);
+        assert_eq!(
+            rec.order,
+            vec![running, interrupted_a, interrupted_b, fresh]
+        );
+    }
+
+    #[test]
+    fn ids_without_job_files_are_reported_missing() {
+        let d = Dir::new();
+        let q = d.job(1, "Queued", 0, None);
+        let ghost = JobId::from_uuid(uuid::Uuid::from_u128(99));
+        d.queue(&[ghost], &[ghost, q]);
+        fs::write(
+            d.path().join(QUEUE_FILE),
+            format!(r#"{{"running":["{ghost}"],"queued":["{ghost}","{q}","not-a-uuid"]}}"#),
+        )
+        .unwrap();
+        let rec = replay(d.path()).unwrap();
+        assert_eq!(rec.order, vec![q]);
+        assert_eq!(
+            rec.missing,
+            vec![ghost.to_string(), "not-a-uuid".to_string()]
+        );
+    }
+
+    #[test]
+    fn damaged_files_are_reported_and_the_rest_loads() {
+        let d = Dir::new();
+        let good = d.job(0xabcdef, "Queued", 0, None);
+        let other = JobId::from_uuid(uuid::Uuid::from_u128(2));
+        d.raw(&format!("{other}.json"), b"");
+        let truncated = JobId::from_uuid(uuid::Uuid::from_u128(3));
+        d.raw(&format!("{truncated}.json"), &SEED_EXAMPLE.as_bytes()[..40]);
+        let wrong_type = JobId::from_uuid(uuid::Uuid::from_u128(4));
+        d.raw(
+            &format!("{wrong_type}.json"),
+            br#"{"type":"DiffusionJob","job_id":"00000000-0000-0000-0000-000000000004","dataset_zip":"z","model":1,"status":"Queued"}"#,
+        );
+        // A file named for one job that holds another: a duplicate of the good one.
+        let impostor = JobId::from_uuid(uuid::Uuid::from_u128(5));
+        let good_bytes = fs::read(d.path().join(JOBS_DIR).join(format!("{good}.json"))).unwrap();
+        d.raw(&format!("{impostor}.json"), &good_bytes);
+        d.raw("notes.txt", b"hello");
+        d.raw(
+            &format!("{}.json", good.to_string().to_uppercase()),
+            &good_bytes,
+        );
+        fs::write(d.path().join(QUEUE_FILE), b"{\"running\": [").unwrap();
+        d.raw(&fsio::temp_name(&format!("{good}.json")), b"{\"half");
+        fs::write(d.path().join(fsio::temp_name(QUEUE_FILE)), b"").unwrap();
+
+        let rec = replay(d.path()).unwrap();
+        assert_eq!(rec.order, vec![good]);
+        assert_eq!(rec.jobs.len(), 1);
+        let damaged: Vec<String> = rec
+            .damaged
+            .iter()
+            .map(|x| x.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(damaged.len(), 7, "{:?}", rec.damaged);
+        for name in [
+            format!("{other}.json"),
+            format!("{truncated}.json"),
+            format!("{wrong_type}.json"),
+            format!("{impostor}.json"),
+            "notes.txt".to_string(),
+            QUEUE_FILE.to_string(),
+        ] {
+            assert!(damaged.contains(&name), "{name} in {damaged:?}");
+        }
+        let reasons: Vec<&str> = rec.damaged.iter().map(|x| x.reason.as_str()).collect();
+        assert!(
+            reasons.iter().any(|r| r.contains("empty file")),
+            "{reasons:?}"
+        );
+        assert!(reasons.iter().any(|r| r.contains("model")), "{reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains("holds job")),
+            "{reasons:?}"
+        );
+        assert_eq!(rec.temp_files.len(), 2);
+        assert!(!rec.queue_file_found);
+    }
+
+    #[test]
+    fn the_seed_example_file_loads_as_a_running_job() {
+        let d = Dir::new();
+        d.raw(
+            "123e4567-e89b-12d3-a456-426614174000.json",
+            SEED_EXAMPLE.as_bytes(),
+        );
+        let rec = replay(d.path()).unwrap();
+        assert!(rec.damaged.is_empty(), "{:?}", rec.damaged);
+        assert_eq!(rec.order.len(), 1);
+        assert_eq!(rec.jobs[0].status, Status::Running);
+    }
+
+    #[test]
+    fn an_empty_or_missing_dir_is_an_empty_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = replay(&dir.path().join("absent")).unwrap();
+        assert!(rec.jobs.is_empty() && rec.order.is_empty() && rec.damaged.is_empty());
+    }
+
+    #[test]
+    fn replay_changes_nothing_on_disk() {
+        let d = Dir::new();
+        d.job(1, "Running", 0, Some(1));
+        d.raw("junk.json", b"{");
+        fs::write(d.path().join(QUEUE_FILE), b"garbage").unwrap();
+        let before = snapshot(d.path());
+        replay(d.path()).unwrap();
+        assert_eq!(snapshot(d.path()), before);
+    }
+
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                out.extend(snapshot(&entry.path()));
+            } else {
+                out.push((entry.path(), fs::read(entry.path()).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+}

@@ -1,0 +1,741 @@
+//! The worker: the actor that owns every job's state and the queue order.
+//!
+//! Everything that changes a job goes through it: the HTTP layer sends [`Command`]s through a
+//! cloneable [`WorkerHandle`], the executor sends [`Event`]s when trainers end. The actor is
+//! the only writer of job state, and it acts on a change only once the store says it is
+//! durable: a client hears 201 after the job file is on disk, a trainer starts after the
+//! Running record is, a cancel is answered after the Cancelled record is.
+//!
+//! It never waits for the store inside its loop: a change is sent off, and its completion
+//! comes back as one more thing the loop selects on. Meanwhile it keeps taking requests, so
+//! many changes reach the store together and are written as one batch. A job with a change
+//! in flight is "busy": commands about it wait until that change has landed, so each job's
+//! changes reach the disk one at a time and in order.
+
+mod queue;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::executor::{Event, Execution, Executor, Outcome};
+use crate::job::{Job, JobId, Status, Timestamp};
+use crate::store::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
+use queue::Queue;
+
+/// How long to wait before retrying a write the store refused (disk full, I/O error).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The capacity of the worker's inbox. Senders wait when it is full, which is how load
+/// reaches the HTTP clients instead of memory.
+const INBOX_CAPACITY: usize = 1024;
+
+/// What a client may ask of the worker.
+enum Command {
+    Submit {
+        job: Box<Job>,
+        respond_to: oneshot::Sender<Result<Submitted, WorkerError>>,
+    },
+    Get {
+        id: JobId,
+        respond_to: oneshot::Sender<Option<Job>>,
+    },
+    List {
+        status: Option<Status>,
+        limit: Option<usize>,
+        respond_to: oneshot::Sender<Vec<Job>>,
+    },
+    Queue {
+        respond_to: oneshot::Sender<QueueView>,
+    },
+    Cancel {
+        id: JobId,
+        respond_to: oneshot::Sender<Result<Job, WorkerError>>,
+    },
+    LogPath {
+        id: JobId,
+        respond_to: oneshot::Sender<Option<PathBuf>>,
+    },
+}
+
+impl Command {
+    /// The job a command is about, when it changes one: such commands wait while the job
+    /// has a change in flight.
+    fn target(&self) -> Option<JobId> {
+        match self {
+            Command::Submit { job, .. } => Some(job.id),
+            Command::Cancel { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// Stored now.
+    Created(Job),
+    /// The same job was submitted before; this is it as it stands.
+    Existing(Job),
+}
+
+/// Why the worker refused a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {id} already exists with different content")]
+    Conflict { id: JobId },
+    #[error("job {id} has already finished ({status})")]
+    Finished { id: JobId, status: Status },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the worker is not running")]
+    Stopped,
+}
+
+/// The queue as `queue.json` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueView {
+    pub running: Vec<JobId>,
+    pub queued: Vec<JobId>,
+}
+
+/// The cloneable way to the worker. The actor runs until shutdown is requested and its
+/// trainers have stopped; afterwards every call answers [`WorkerError::Stopped`].
+#[derive(Clone, Debug)]
+pub struct WorkerHandle {
+    inbox: mpsc::Sender<Command>,
+}
+
+impl WorkerHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, WorkerError> {
+        let (respond_to, answer) = oneshot::channel();
+        self.inbox
+            .send(make(respond_to))
+            .await
+            .map_err(|_| WorkerError::Stopped)?;
+        answer.await.map_err(|_| WorkerError::Stopped)
+    }
+
+    /// Stores a new job; answers once it is durable.
+    pub async fn submit(&self, job: Job) -> Result<Submitted, WorkerError> {
+        self.ask(|respond_to| Command::Submit {
+            job: Box::new(job),
+            respond_to,
+        })
+        .await?
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Option<Job>, WorkerError> {
+        self.ask(|respond_to| Command::Get { id, respond_to }).await
+    }
+
+    /// Jobs with `status` (all when `None`): queued ones in queue order, others newest first.
+    pub async fn list(
+        &self,
+        status: Option<Status>,
+        limit: Option<usize>,
+    ) -> Result<Vec<Job>, WorkerError> {
+        self.ask(|respond_to| Command::List {
+            status,
+            limit,
+            respond_to,
+        })
+        .await
+    }
+
+    pub async fn queue(&self) -> Result<QueueView, WorkerError> {
+        self.ask(|respond_to| Command::Queue { respond_to }).await
+    }
+
+    /// Cancels a job; answers once Cancelled is durable. A running trainer is then stopped.
+    pub async fn cancel(&self, id: JobId) -> Result<Job, WorkerError> {
+        self.ask(|respond_to| Command::Cancel { id, respond_to })
+            .await?
+    }
+
+    /// The trainer log's path, if the job exists.
+    pub async fn log_path(&self, id: JobId) -> Result<Option<PathBuf>, WorkerError> {
+        self.ask(|respond_to| Command::LogPath { id, respond_to })
+            .await
+    }
+}
+
+/// What the worker needs from the boot.
+pub struct Boot {
+    /// Every job replay read.
+    pub jobs: Vec<Job>,
+    /// The unfinished ones in the order they run again.
+    pub order: Vec<JobId>,
+}
+
+/// What boot did, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BootReport {
+    pub loaded: usize,
+    pub requeued: usize,
+    pub interrupted: usize,
+    pub failed_attempts: usize,
+}
+
+/// A change on its way to the store, and what to do once it lands.
+enum Pending {
+    Submit {
+        job: Job,
+        rank: u64,
+        respond_to: oneshot::Sender<Result<Submitted, WorkerError>>,
+    },
+    Start {
+        job: Job,
+        rank: u64,
+    },
+    Finish {
+        job: Job,
+    },
+    Cancel {
+        job: Job,
+        respond_to: oneshot::Sender<Result<Job, WorkerError>>,
+    },
+    Requeue {
+        job: Job,
+    },
+}
+
+impl Pending {
+    fn job_id(&self) -> JobId {
+        match self {
+            Pending::Submit { job, .. }
+            | Pending::Start { job, .. }
+            | Pending::Finish { job }
+            | Pending::Cancel { job, .. }
+            | Pending::Requeue { job } => job.id,
+        }
+    }
+}
+
+type InFlight =
+    Pin<Box<dyn std::future::Future<Output = (Pending, Result<(), StoreError>)> + Send>>;
+
+/// A trainer the worker started, and why it was asked to stop, if it was.
+struct Running {
+    execution: Execution,
+    stop_reason: Option<StopReason>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopReason {
+    Cancel,
+    Shutdown,
+}
+
+/// The actor. Private: the rest of the program holds a [`WorkerHandle`].
+pub struct Worker {
+    config: WorkerConfig,
+    store: StoreHandle,
+    executor: Executor,
+    inbox: mpsc::Receiver<Command>,
+    events: mpsc::Receiver<Event>,
+    shutdown: CancellationToken,
+    /// The durable state of every job.
+    jobs: HashMap<JobId, Job>,
+    queue: Queue,
+    /// Trainers alive now; their number is what `max_concurrent` limits.
+    running: HashMap<JobId, Running>,
+    /// Jobs with a change in flight, and the commands waiting for it to land.
+    busy: HashMap<JobId, VecDeque<Command>>,
+    in_flight: FuturesUnordered<InFlight>,
+    /// Starts whose Running record is in flight; they hold a slot already.
+    starting: usize,
+    /// Trainer outcomes the store refused to record; retried after [`RETRY_AFTER`].
+    unrecorded: HashMap<JobId, Event>,
+    /// When to try again after a refused start or finish.
+    retry_at: Option<Instant>,
+    /// The newest creation time handed out; see [`Worker::now_for_creation`].
+    last_created: Option<Timestamp>,
+}
+
+impl Worker {
+    /// Builds the actor from what replay found, applies the recovery rules (interrupted
+    /// jobs requeued first, jobs out of attempts failed), and makes that durable before it
+    /// returns. The returned future is the actor's loop.
+    pub async fn boot(
+        config: WorkerConfig,
+        store: StoreHandle,
+        executor_for: impl FnOnce(mpsc::Sender<Event>) -> Executor,
+        boot: Boot,
+        shutdown: CancellationToken,
+    ) -> Result<(WorkerHandle, Worker, BootReport), StoreError> {
+        let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let (events_tx, events) = mpsc::channel(INBOX_CAPACITY);
+        let now = chrono::Utc::now();
+        let mut report = BootReport {
+            loaded: boot.jobs.len(),
+            ..BootReport::default()
+        };
+        let mut jobs: HashMap<JobId, Job> = boot.jobs.into_iter().map(|j| (j.id, j)).collect();
+        let last_created = jobs.values().filter_map(|j| j.created_at).max();
+
+        let mut queue = Queue::default();
+        let mut changes = Vec::new();
+        for (i, id) in boot.order.into_iter().enumerate() {
+            // The same rank the store gave this job when it placed the replay order.
+            let rank = FIRST_QUEUED_RANK + i as u64;
+            let Some(job) = jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.status == Status::Running {
+                report.interrupted += 1;
+                if job.attempts >= config.max_attempts {
+                    let reason = format!(
+                        "not started again: started {} times, the last start cut short by a crash (max_attempts = {})",
+                        job.attempts, config.max_attempts
+                    );
+                    warn!(job_id = %id, attempts = job.attempts, "job out of attempts; marked failed");
+                    job.finish(Status::Failed, Some(reason), now);
+                    report.failed_attempts += 1;
+                    changes.push(Change {
+                        job: job.clone(),
+                        placement: Placement::Off,
+                    });
+                    continue;
+                }
+                info!(job_id = %id, attempts = job.attempts, "job was running when the daemon stopped; requeued first");
+                job.requeue_interrupted(true, now);
+                queue.insert_queued(rank, id);
+                changes.push(Change {
+                    job: job.clone(),
+                    placement: Placement::Queued(rank),
+                });
+            } else {
+                queue.insert_queued(rank, id);
+            }
+            report.requeued += 1;
+        }
+        // The store placed every unfinished job by replay order with the same ranks, so only
+        // the rewritten records need a write.
+        store.commit(changes).await?;
+
+        let worker = Worker {
+            executor: executor_for(events_tx),
+            config,
+            store,
+            inbox,
+            events,
+            shutdown,
+            jobs,
+            queue,
+            running: HashMap::new(),
+            busy: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+            starting: 0,
+            unrecorded: HashMap::new(),
+            retry_at: None,
+            last_created,
+        };
+        Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
+    }
+
+    /// The actor's loop. Ends after shutdown was requested, every trainer has stopped and
+    /// every change has landed.
+    pub async fn run(mut self) {
+        self.start_ready_jobs();
+        let mut stopping = false;
+        loop {
+            if stopping && self.running.is_empty() && self.in_flight.is_empty() {
+                break;
+            }
+            let retry = self.retry_at;
+            tokio::select! {
+                _ = self.shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    self.stop_all();
+                }
+                Some(command) = self.inbox.recv() => self.handle(command),
+                Some(event) = self.events.recv() => self.on_exit(event),
+                Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
+                _ = sleep_until(retry), if retry.is_some() => {
+                    self.retry_at = None;
+                    self.retry_unrecorded();
+                }
+            }
+            if !stopping {
+                self.start_ready_jobs();
+            }
+        }
+        info!("worker stopped");
+    }
+
+    fn handle(&mut self, command: Command) {
+        if let Some(waiting) = command.target().and_then(|id| self.busy.get_mut(&id)) {
+            waiting.push_back(command);
+            return;
+        }
+        match command {
+            Command::Submit { job, respond_to } => self.submit(*job, respond_to),
+            Command::Get { id, respond_to } => {
+                let _ = respond_to.send(self.jobs.get(&id).cloned());
+            }
+            Command::List {
+                status,
+                limit,
+                respond_to,
+            } => {
+                let _ = respond_to.send(self.list(status, limit));
+            }
+            Command::Queue { respond_to } => {
+                let _ = respond_to.send(QueueView {
+                    running: self.queue.running(),
+                    queued: self.queue.queued(),
+                });
+            }
+            Command::Cancel { id, respond_to } => self.cancel(id, respond_to),
+            Command::LogPath { id, respond_to } => {
+                let path = self
+                    .jobs
+                    .contains_key(&id)
+                    .then(|| self.executor.log_path(id));
+                let _ = respond_to.send(path);
+            }
+        }
+    }
+
+    fn submit(
+        &mut self,
+        mut job: Job,
+        respond_to: oneshot::Sender<Result<Submitted, WorkerError>>,
+    ) {
+        if let Some(existing) = self.jobs.get(&job.id) {
+            let answer = if existing.same_request(&job) {
+                Ok(Submitted::Existing(existing.clone()))
+            } else {
+                Err(WorkerError::Conflict { id: job.id })
+            };
+            let _ = respond_to.send(answer);
+            return;
+        }
+        let now = self.now_for_creation();
+        job.created_at = Some(now);
+        job.updated_at = Some(now);
+        let rank = self.queue.next_rank();
+        let change = Change {
+            job: job.clone(),
+            placement: Placement::Queued(rank),
+        };
+        self.write(
+            change,
+            Pending::Submit {
+                job,
+                rank,
+                respond_to,
+            },
+        );
+    }
+
+    fn cancel(&mut self, id: JobId, respond_to: oneshot::Sender<Result<Job, WorkerError>>) {
+        let Some(job) = self.jobs.get(&id) else {
+            let _ = respond_to.send(Err(WorkerError::NotFound(id)));
+            return;
+        };
+        if job.status.is_finished() {
+            let _ = respond_to.send(Err(WorkerError::Finished {
+                id,
+                status: job.status,
+            }));
+            return;
+        }
+        let mut job = job.clone();
+        job.finish(
+            Status::Cancelled,
+            Some("cancelled by request".into()),
+            chrono::Utc::now(),
+        );
+        let change = Change {
+            job: job.clone(),
+            placement: Placement::Off,
+        };
+        self.write(change, Pending::Cancel { job, respond_to });
+    }
+
+    fn list(&self, status: Option<Status>, limit: Option<usize>) -> Vec<Job> {
+        let limit = limit.unwrap_or(usize::MAX);
+        if status == Some(Status::Queued) {
+            return self
+                .queue
+                .queued()
+                .into_iter()
+                .filter_map(|id| self.jobs.get(&id).cloned())
+                .take(limit)
+                .collect();
+        }
+        let mut jobs: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|j| status.is_none_or(|s| j.status == s))
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse((j.created_at, j.id)));
+        jobs.into_iter().take(limit).cloned().collect()
+    }
+
+    /// Sends a change to the store and marks its job busy until it lands.
+    fn write(&mut self, change: Change, pending: Pending) {
+        self.busy.entry(pending.job_id()).or_default();
+        let store = self.store.clone();
+        self.in_flight.push(Box::pin(async move {
+            let result = store.commit(vec![change]).await;
+            (pending, result)
+        }));
+    }
+
+    /// A change has landed (or failed): apply it, answer, and let waiting commands run.
+    fn landed(&mut self, pending: Pending, result: Result<(), StoreError>) {
+        let id = pending.job_id();
+        match (pending, result) {
+            (
+                Pending::Submit {
+                    job,
+                    rank,
+                    respond_to,
+                },
+                Ok(()),
+            ) => {
+                info!(job_id = %id, model = %job.model, "job queued");
+                self.queue.insert_queued(rank, id);
+                self.jobs.insert(id, job.clone());
+                let _ = respond_to.send(Ok(Submitted::Created(job)));
+            }
+            (Pending::Submit { respond_to, .. }, Err(e)) => {
+                let _ = respond_to.send(Err(e.into()));
+            }
+            (Pending::Start { mut job, rank }, Ok(())) => {
+                self.starting -= 1;
+                self.queue.start(id, rank);
+                if self.shutdown.is_cancelled() {
+                    // Shutdown came while the start was being written: do not start a
+                    // trainer only to stop it; the start does not count.
+                    self.jobs.insert(id, job.clone());
+                    job.requeue_interrupted(false, chrono::Utc::now());
+                    let change = Change {
+                        job: job.clone(),
+                        placement: Placement::Queued(self.queue.requeue_rank(id)),
+                    };
+                    // The job stays busy: commands waiting for it wait for this write too.
+                    self.write(change, Pending::Requeue { job });
+                    return;
+                }
+                info!(job_id = %id, attempt = job.attempts, "job started");
+                let execution = self.executor.start(&job);
+                self.jobs.insert(id, job);
+                self.running.insert(
+                    id,
+                    Running {
+                        execution,
+                        stop_reason: None,
+                    },
+                );
+            }
+            (Pending::Start { .. }, Err(e)) => {
+                self.starting -= 1;
+                warn!(job_id = %id, error = %e, "cannot record the start; the job stays queued");
+                self.schedule_retry();
+            }
+            (Pending::Finish { job }, Ok(())) => {
+                self.unrecorded.remove(&id);
+                match job.status {
+                    Status::Completed => info!(job_id = %id, "job completed"),
+                    _ => {
+                        warn!(job_id = %id, error = job.error_message.as_deref().unwrap_or(""), "job failed")
+                    }
+                }
+                self.queue.remove(id);
+                self.jobs.insert(id, job);
+            }
+            (Pending::Finish { job }, Err(e)) => {
+                warn!(job_id = %id, status = %job.status, error = %e, "cannot record how the job ended; will retry");
+                self.schedule_retry();
+            }
+            (Pending::Cancel { job, respond_to }, Ok(())) => {
+                info!(job_id = %id, "job cancelled");
+                self.queue.remove(id);
+                self.jobs.insert(id, job.clone());
+                self.unrecorded.remove(&id);
+                if let Some(run) = self.running.get_mut(&id) {
+                    run.stop_reason = Some(StopReason::Cancel);
+                    run.execution.stop();
+                }
+                let _ = respond_to.send(Ok(job));
+            }
+            (Pending::Cancel { respond_to, .. }, Err(e)) => {
+                let _ = respond_to.send(Err(e.into()));
+            }
+            (Pending::Requeue { job }, Ok(())) => {
+                info!(job_id = %id, "interrupted job written back to run first at the next boot");
+                let rank = self.queue.requeue_rank(id);
+                self.queue.insert_queued(rank, id);
+                self.jobs.insert(id, job);
+            }
+            (Pending::Requeue { .. }, Err(e)) => {
+                // The record still says Running, which the next boot treats as a crash.
+                warn!(job_id = %id, error = %e, "cannot write the interrupted job back; the next boot will count this start");
+            }
+        }
+        if let Some(waiting) = self.busy.remove(&id) {
+            for command in waiting {
+                self.handle(command);
+            }
+        }
+    }
+
+    /// Starts queued jobs while slots are free, in queue order.
+    fn start_ready_jobs(&mut self) {
+        while self.running.len() + self.starting < self.config.max_concurrent {
+            let next = self
+                .queue
+                .queued_iter()
+                .find(|id| !self.busy.contains_key(id) && !self.running.contains_key(id));
+            let Some(id) = next else {
+                return;
+            };
+            let Some(job) = self.jobs.get(&id) else {
+                error!(job_id = %id, "queued job has no record; dropped from the queue");
+                self.queue.remove(id);
+                continue;
+            };
+            let mut job = job.clone();
+            job.start(chrono::Utc::now());
+            let rank = self.queue.next_start_rank();
+            self.starting += 1;
+            let change = Change {
+                job: job.clone(),
+                placement: Placement::Running(rank),
+            };
+            self.write(change, Pending::Start { job, rank });
+        }
+    }
+
+    /// A trainer has ended: record how, unless the job's fate was already decided.
+    fn on_exit(&mut self, event: Event) {
+        let id = event.job_id;
+        let stop_reason = self.running.remove(&id).and_then(|r| r.stop_reason);
+        let Some(job) = self.jobs.get(&id) else {
+            error!(job_id = %id, "a trainer ended for a job the worker does not know");
+            return;
+        };
+        if job.status != Status::Running {
+            // Cancelled while running: the record was final before the trainer stopped.
+            return;
+        }
+        if stop_reason == Some(StopReason::Shutdown) && event.outcome == Outcome::Stopped {
+            let mut job = job.clone();
+            job.requeue_interrupted(false, chrono::Utc::now());
+            let change = Change {
+                job: job.clone(),
+                placement: Placement::Queued(self.queue.requeue_rank(id)),
+            };
+            self.write(change, Pending::Requeue { job });
+            return;
+        }
+        self.record_outcome(event);
+    }
+
+    fn record_outcome(&mut self, event: Event) {
+        let id = event.job_id;
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if self.busy.contains_key(&id) {
+            // A cancel is in flight; it decides. Keep the outcome in case it fails.
+            self.unrecorded.insert(id, event);
+            self.schedule_retry();
+            return;
+        }
+        let mut job = job.clone();
+        let message = event.error_message();
+        let status = if message.is_none() {
+            Status::Completed
+        } else {
+            Status::Failed
+        };
+        job.finish(status, message, chrono::Utc::now());
+        let change = Change {
+            job: job.clone(),
+            placement: Placement::Off,
+        };
+        self.write(change, Pending::Finish { job });
+        // Kept until the finish lands, so a failed write can be retried.
+        self.unrecorded.insert(id, event);
+    }
+
+    fn retry_unrecorded(&mut self) {
+        let ids: Vec<JobId> = self.unrecorded.keys().copied().collect();
+        for id in ids {
+            let still_running = self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.status == Status::Running);
+            if !still_running {
+                self.unrecorded.remove(&id);
+                continue;
+            }
+            if self.busy.contains_key(&id) {
+                self.schedule_retry();
+                continue;
+            }
+            if let Some(event) = self.unrecorded.remove(&id) {
+                self.record_outcome(event);
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+    }
+
+    /// Shutdown: stop every trainer; their jobs are written back as they end.
+    fn stop_all(&mut self) {
+        if !self.running.is_empty() {
+            info!(
+                trainers = self.running.len(),
+                "stopping trainers for shutdown"
+            );
+        }
+        for run in self.running.values_mut() {
+            run.stop_reason.get_or_insert(StopReason::Shutdown);
+            run.execution.stop();
+        }
+    }
+
+    /// A creation time later than every one handed out before, so that creation order is
+    /// queue order even when the clock stands still or steps back.
+    fn now_for_creation(&mut self) -> Timestamp {
+        let mut now = chrono::Utc::now();
+        if let Some(last) = self.last_created {
+            let next = last + chrono::Duration::microseconds(1);
+            if now < next {
+                now = next;
+            }
+        }
+        self.last_created = Some(now);
+        now
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
