@@ -49,12 +49,21 @@ const LEFTOVER_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until `stop` (a signal, in production) or a fatal storage error.
 /// Errors are logged here, in one line each; the exit code says what happened.
-pub async fn run(config: Config, stop: impl Future<Output = ()> + Send + 'static) -> Exit {
-    let data_dir = config.data_dir.clone();
-    if let Err(e) = std::fs::create_dir_all(&data_dir) {
-        error!(data_dir = %data_dir.display(), error = %e, "cannot create the data dir");
+pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'static) -> Exit {
+    if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        error!(data_dir = %config.data_dir.display(), error = %e, "cannot create the data dir");
         return Exit::Storage;
     }
+    // One spelling of the data dir for every run: trainers are marked with it, and the next
+    // daemon finds their leftovers by it, whatever path it was started with.
+    match std::fs::canonicalize(&config.data_dir) {
+        Ok(canonical) => config.data_dir = canonical,
+        Err(e) => {
+            error!(data_dir = %config.data_dir.display(), error = %e, "cannot resolve the data dir");
+            return Exit::Storage;
+        }
+    }
+    let data_dir = config.data_dir.clone();
     let _lock = match lock::lock_data_dir(&data_dir) {
         Ok(lock) => lock,
         Err(e @ LockError::Held { .. }) => {

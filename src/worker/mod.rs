@@ -597,8 +597,12 @@ impl Worker {
         }
     }
 
-    /// Starts queued jobs while slots are free, in queue order.
+    /// Starts queued jobs while slots are free, in queue order. Not while a refused write
+    /// waits for its retry: the storage is in trouble, and starting would only hammer it.
     fn start_ready_jobs(&mut self) {
+        if self.retry_at.is_some() {
+            return;
+        }
         while self.running.len() + self.starting < self.config.max_concurrent {
             let next = self
                 .queue
