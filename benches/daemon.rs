@@ -59,10 +59,9 @@ impl Daemon {
     async fn ready(&self, http: &reqwest::Client) -> Duration {
         let started = Instant::now();
         loop {
-            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
-                if r.status() == 200 {
-                    return started.elapsed();
-                }
+            let answer = http.get(format!("{}/readyz", self.base)).send().await;
+            if answer.is_ok_and(|r| r.status() == 200) {
+                return started.elapsed();
             }
             assert!(
                 started.elapsed() < Duration::from_secs(120),
