@@ -11,8 +11,10 @@
 //!   only once the store has made it durable.
 //! - [`api`]: the HTTP API over a worker handle.
 //! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
+//! - [`check`]: the offline validator of a data dir.
 
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod executor;

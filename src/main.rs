@@ -34,6 +34,12 @@ enum Commands {
         #[arg(long, value_name = "FORMAT")]
         log_format: Option<String>,
     },
+    /// Check a data dir offline: report every problem and exit 1 if there is one.
+    Check {
+        /// Data directory [default: $TRAINING_WORKER_DATA_DIR, else data]
+        #[arg(long, value_name = "DIR", env = "TRAINING_WORKER_DATA_DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +56,24 @@ fn main() -> ExitCode {
             listen,
             log_format,
         }),
+        Commands::Check { data_dir } => check(&data_dir.unwrap_or_else(|| "data".into())),
+    }
+}
+
+fn check(data_dir: &std::path::Path) -> ExitCode {
+    match training_worker::check::check(data_dir) {
+        Ok(report) => {
+            print!("{}", report.render(data_dir));
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", data_dir.display());
+            Exit::Storage.into()
+        }
     }
 }
 

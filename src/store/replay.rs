@@ -171,7 +171,9 @@ fn by_creation(a: &Job, b: &Job) -> Ordering {
     (a.created_at, a.id).cmp(&(b.created_at, b.id))
 }
 
-fn requeue_order(
+/// The requeue order from the job files and `queue.json`; with an empty `QueueFile`, the
+/// order the job files alone give.
+pub(crate) fn requeue_order(
     jobs: &HashMap<JobId, Job>,
     queue_file: &QueueFile,
     missing: &mut Vec<String>,
