@@ -428,7 +428,8 @@ impl Job {
             "started_at",
             "finished_at",
         ] {
-            object.remove(key);
+            // shift_remove keeps the order of the remaining (possibly unknown) fields.
+            object.shift_remove(key);
         }
         let mut job = Job::from_fields(id, object)?;
         job.status = Status::Queued;
