@@ -6,11 +6,12 @@
 //! `queue.json`) is the store's business, so this function can be tested on crafted
 //! directories and run by `check` without touching them.
 //!
-//! The order (CONTRACT.md 6): jobs that were Running first, in the order they had started;
-//! then Queued jobs in `queue.json` order; then Queued jobs missing from `queue.json`, those
-//! that had been started before (interrupted) first by start time, the rest by `created_at`.
-//! Since the daemon writes `queue.json` in exactly that order, the queue rebuilt from the job
-//! files alone is the queue that was lost.
+//! The order (CONTRACT.md 6): jobs that were running first, in the order they had started
+//! (status Running, then Queued jobs with a start time, which were running when an earlier
+//! crash or a graceful stop interrupted them); then Queued jobs in `queue.json` order; then
+//! Queued jobs missing from `queue.json`, by `created_at`. Since the daemon writes
+//! `queue.json` in exactly that order, the queue rebuilt from the job files alone is the
+//! queue that was lost.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -218,25 +219,30 @@ pub(crate) fn requeue_order(
         )
     });
 
-    let queued: Vec<&Job> = jobs
+    // A Queued job with a start time was interrupted (by a crash found at an earlier boot,
+    // or by a graceful stop): it was running, so it goes first, whatever queue.json says,
+    // which may predate the write that requeued it.
+    let (mut interrupted, rest): (Vec<&Job>, Vec<&Job>) = jobs
         .values()
         .filter(|j| j.status == Status::Queued)
-        .collect();
-    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = queued
+        .partition(|j| j.was_interrupted());
+    interrupted.sort_by_key(|j| {
+        (
+            j.started_at,
+            queued_pos.get(&j.id).copied().unwrap_or(usize::MAX),
+            j.created_at,
+            j.id,
+        )
+    });
+    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = rest
         .into_iter()
         .partition(|j| queued_pos.contains_key(&j.id));
     listed.sort_by_key(|j| queued_pos[&j.id]);
-    orphans.sort_by_key(|j| {
-        let interrupted_at = if j.was_interrupted() {
-            j.started_at
-        } else {
-            None
-        };
-        (interrupted_at.is_none(), interrupted_at, j.created_at, j.id)
-    });
+    orphans.sort_by_key(|j| (j.created_at, j.id));
 
     running
         .into_iter()
+        .chain(interrupted)
         .chain(listed)
         .chain(orphans)
         .map(|j| j.id)
@@ -335,6 +341,18 @@ mod tests {
             rec.order,
             vec![running, interrupted_a, interrupted_b, fresh]
         );
+    }
+
+    #[test]
+    fn an_interrupted_job_goes_first_even_where_queue_json_is_older() {
+        let d = Dir::new();
+        // queue.json was written while r ran; r was then written back as Queued (a graceful
+        // stop) and the daemon died before queue.json followed.
+        let r = d.job(1, "Queued", 0, Some(10));
+        let b = d.job(2, "Queued", 1, None);
+        let c = d.job(3, "Queued", 2, None);
+        d.queue(&[r], &[b, c]);
+        assert_eq!(replay(d.path()).unwrap().order, vec![r, b, c]);
     }
 
     #[test]
