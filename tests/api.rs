@@ -89,6 +89,29 @@ impl App {
         (ids(&value["running"]), ids(&value["queued"]))
     }
 
+    /// `queue.json` follows the job files a moment after a change (the job files are what
+    /// is durable before a reply); waits until it says `expected`.
+    async fn queue_file_becomes(&self, expected: (Vec<String>, Vec<String>)) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.queue_file();
+            if now == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue.json is {now:?}, expected {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Like [`App::queue_file_becomes`], for the queued list alone.
+    async fn queued_file_becomes(&self, expected: Vec<String>) {
+        let running = self.queue_file().0;
+        self.queue_file_becomes((running, expected)).await;
+    }
+
     async fn send(&self, request: Request<Body>) -> Reply {
         let response = self
             .router
@@ -412,7 +435,7 @@ async fn submit_answers_201_with_the_stored_job_after_it_is_on_disk() {
         job,
         "the file is the job as answered"
     );
-    assert_eq!(app.queue_file(), (vec![], vec![id.clone()]));
+    app.queue_file_becomes((vec![], vec![id.clone()])).await;
 
     // And the API serves the same job.
     let got = app.get(&format!("/v1/jobs/{id}")).await;
@@ -431,7 +454,7 @@ async fn a_client_chosen_uppercase_job_id_is_stored_lowercase() {
     assert_eq!(job["job_id"], lower.as_str());
     assert_eq!(app.job_files(), vec![format!("{lower}.json")]);
     assert_eq!(app.read_job_file(&lower)["job_id"], lower.as_str());
-    assert_eq!(app.queue_file().1, vec![lower.clone()]);
+    app.queued_file_becomes(vec![lower.clone()]).await;
 
     // Either spelling names the same job.
     for spelling in [&lower, &upper] {
@@ -610,7 +633,7 @@ async fn bad_json_and_non_object_bodies_are_400_naming_the_body() {
         .expect_error(StatusCode::BAD_REQUEST, "body");
 
     assert!(app.job_files().is_empty(), "{:?}", app.job_files());
-    assert_eq!(app.queue_file(), (vec![], vec![]));
+    app.queue_file_becomes((vec![], vec![])).await;
 }
 
 #[tokio::test]
@@ -813,7 +836,7 @@ async fn invalid_fields_are_400_naming_the_field() {
         eprintln!("{what}: {error}");
     }
     assert!(app.job_files().is_empty(), "{:?}", app.job_files());
-    assert_eq!(app.queue_file(), (vec![], vec![]));
+    app.queue_file_becomes((vec![], vec![])).await;
     let listed = app.get("/v1/jobs").await;
     assert_eq!(listed.json(), json!([]));
 }
@@ -855,7 +878,7 @@ async fn a_body_over_the_limit_is_413_and_stores_nothing() {
         .await;
     reply.expect_error(StatusCode::PAYLOAD_TOO_LARGE, "body");
     assert!(app.job_files().is_empty(), "{:?}", app.job_files());
-    assert_eq!(app.queue_file(), (vec![], vec![]));
+    app.queue_file_becomes((vec![], vec![])).await;
 
     // Exactly at the limit is fine.
     let reply = app.post_raw("/v1/jobs", padded(LIMIT)).await;
@@ -943,7 +966,7 @@ async fn resubmitting_the_same_job_is_200_and_different_content_is_409() {
     assert_eq!(again.status, StatusCode::OK, "{}", again.text());
     assert_eq!(again.json(), first);
     assert_eq!(app.job_files(), vec![format!("{id}.json")]);
-    assert_eq!(app.queue_file().1, vec![id.clone()]);
+    app.queued_file_becomes(vec![id.clone()]).await;
 
     // Same id, different content: a conflict, and the stored job is untouched.
     for changed in [
@@ -991,7 +1014,7 @@ async fn concurrent_submissions_of_one_id_create_it_once() {
     assert_eq!(existing.len(), 31);
     assert!(existing.iter().all(|j| *j == created[0]));
     assert_eq!(app.job_files(), vec![format!("{id}.json")]);
-    assert_eq!(app.queue_file(), (vec![], vec![id.clone()]));
+    app.queue_file_becomes((vec![], vec![id.clone()])).await;
 
     // Different contents under one new id at once: one wins, every other one is a 409.
     let contested = uuid::Uuid::new_v4().to_string();
@@ -1020,7 +1043,7 @@ async fn concurrent_submissions_of_one_id_create_it_once() {
     }
     assert_eq!(winners.len(), 1, "exactly one of the contents is stored");
     assert_eq!(app.read_job_file(&contested), winners[0]);
-    assert_eq!(app.queue_file(), (vec![], vec![id, contested]));
+    app.queue_file_becomes((vec![], vec![id, contested])).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1236,7 +1259,7 @@ async fn the_queue_lists_queued_ids_in_submission_order() {
     assert_eq!(ids(&view["running"]), Vec::<String>::new());
     assert_eq!(ids(&view["queued"]), submitted);
     // Same meaning as queue.json.
-    assert_eq!(app.queue_file(), (vec![], submitted.clone()));
+    app.queue_file_becomes((vec![], submitted.clone())).await;
 
     app.post_empty(&format!("/v1/jobs/{}/cancel", submitted[2]))
         .await;
@@ -1244,7 +1267,7 @@ async fn the_queue_lists_queued_ids_in_submission_order() {
     let mut expected = submitted.clone();
     expected.remove(2);
     assert_eq!(ids(&view["queued"]), expected);
-    assert_eq!(app.queue_file(), (vec![], expected));
+    app.queue_file_becomes((vec![], expected)).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1260,7 +1283,6 @@ async fn cancel_is_durable_before_the_reply_and_refused_when_finished() {
     let reply = app.post_empty(&format!("/v1/jobs/{a}/cancel")).await;
     // Read the file before anything else: it must already say Cancelled.
     let on_disk = app.read_job_file(&a);
-    let queue_on_disk = app.queue_file();
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let job = reply.json();
     assert_eq!(job["job_id"], a.as_str());
@@ -1270,7 +1292,7 @@ async fn cancel_is_durable_before_the_reply_and_refused_when_finished() {
     assert!(job["finished_at"].is_string(), "{job}");
     assert_eq!(on_disk["status"], "Cancelled");
     assert_eq!(on_disk, job, "the file is the job as answered");
-    assert_eq!(queue_on_disk, (vec![], vec![b.clone()]));
+    app.queue_file_becomes((vec![], vec![b.clone()])).await;
 
     let view = app.get("/v1/queue").await.json();
     assert_eq!(view, json!({"running": [], "queued": [b]}));
@@ -1291,7 +1313,7 @@ async fn cancel_is_durable_before_the_reply_and_refused_when_finished() {
         .await;
     assert_eq!(resubmitted.status, StatusCode::OK, "{}", resubmitted.text());
     assert_eq!(resubmitted.json()["status"], "Cancelled");
-    assert_eq!(app.queue_file(), (vec![], vec![b.clone()]));
+    app.queue_file_becomes((vec![], vec![b.clone()])).await;
 
     let unknown = uuid::Uuid::new_v4().to_string();
     let reply = app.post_empty(&format!("/v1/jobs/{unknown}/cancel")).await;
@@ -1650,7 +1672,7 @@ async fn malformed_requests_have_no_side_effects() {
         );
     }
     assert!(app.job_files().is_empty(), "{:?}", app.job_files());
-    assert_eq!(app.queue_file(), (vec![], vec![]));
+    app.queue_file_becomes((vec![], vec![])).await;
     assert_eq!(tree(app.root.path()), before, "the data dir changed");
     // The daemon still works.
     app.submit(&diffusion_job()).await;
@@ -1664,7 +1686,8 @@ async fn malformed_requests_have_no_side_effects() {
 async fn a_storage_failure_is_503_and_stores_nothing() {
     let app = spawn_app(Options::default()).await;
     let a = id_of(&app.submit(&diffusion_job()).await);
-    let queue_before = app.queue_file();
+    let queue_before = (vec![], vec![a.clone()]);
+    app.queue_file_becomes(queue_before.clone()).await;
 
     // Tests run as root, so permissions would not stop a write: put a file where jobs/ was.
     let jobs = app.jobs_dir();
@@ -1695,7 +1718,7 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
         .expect_error(StatusCode::NOT_FOUND, &failed);
     let view = app.get("/v1/queue").await.json();
     assert_eq!(view, json!({"running": [], "queued": [a]}));
-    assert_eq!(app.queue_file(), queue_before);
+    app.queue_file_becomes(queue_before).await;
     // A cancel cannot be stored either, and leaves the job queued.
     app.post_empty(&format!("/v1/jobs/{a}/cancel"))
         .await
@@ -1716,7 +1739,8 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
     let mut expected_files = vec![format!("{a}.json"), format!("{c}.json")];
     expected_files.sort();
     assert_eq!(app.job_files(), expected_files);
-    assert_eq!(app.queue_file(), (vec![], vec![a.clone(), c.clone()]));
+    app.queue_file_becomes((vec![], vec![a.clone(), c.clone()]))
+        .await;
     assert_eq!(app.read_job_file(&a)["status"], "Queued");
     // The client's retry of the failed job now succeeds, as a new job.
     let retried = app
@@ -1726,7 +1750,7 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
         )
         .await;
     assert_eq!(retried.status, StatusCode::CREATED, "{}", retried.text());
-    assert_eq!(app.queue_file().1, vec![a, c, failed]);
+    app.queued_file_becomes(vec![a, c, failed]).await;
 }
 
 // ---------------------------------------------------------------------------------------
