@@ -286,17 +286,10 @@ fn lock_is_held(data_dir: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::store::{Change, Placement, Store};
-    use serde_json::json;
     use tokio_util::sync::CancellationToken;
 
     fn job(n: u128) -> Job {
-        let mut job = Job::from_submission(
-            json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"}),
-            chrono::Utc::now(),
-        )
-        .unwrap();
-        job.id = JobId::from_uuid(uuid::Uuid::from_u128(n));
-        job
+        crate::job::sample_job(n)
     }
 
     #[tokio::test]

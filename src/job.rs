@@ -675,6 +675,18 @@ impl Job {
     }
 }
 
+/// A small valid job with a fixed id, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn sample_job(n: u128) -> Job {
+    let mut job = Job::from_submission(
+        serde_json::json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"}),
+        Utc::now(),
+    )
+    .expect("the sample job is valid");
+    job.id = JobId::from_uuid(Uuid::from_u128(n));
+    job
+}
+
 fn opt(s: &Option<String>) -> Value {
     s.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
 }

@@ -487,16 +487,9 @@ fn stage_all(jobs_dir: &Path, changes: &[&Change]) -> Result<Vec<Staged>, WriteE
 mod tests {
     use super::*;
     use crate::job::Status;
-    use serde_json::json;
 
     fn job(n: u128) -> Job {
-        let mut job = Job::from_submission(
-            json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"}),
-            chrono::Utc::now(),
-        )
-        .unwrap();
-        job.id = JobId::from_uuid(uuid::Uuid::from_u128(n));
-        job
+        crate::job::sample_job(n)
     }
 
     fn queue_file(dir: &Path) -> QueueFile {
