@@ -1,21 +1,49 @@
-//! Measures the release daemon end to end: durable enqueue over HTTP, and boot (replay)
-//! of the data dir that the enqueue left.
+//! The daemon's speed and memory, measured side by side with the alternatives in one run.
 //!
-//! `cargo bench --bench daemon` (settings: TW_BENCH_JOBS, default 5000; TW_BENCH_CLIENTS,
-//! default 64; TW_BENCH_RUNS, default 5). Each run starts the daemon on a fresh temporary
-//! data dir with the worker paused, submits the jobs from the concurrent clients (every 201
-//! is a durable job), measures a single client's enqueue latency, then stops the daemon with
-//! SIGTERM and times a restart until `/readyz` answers 200. Medians over the runs are printed.
+//! `cargo bench --bench daemon` runs everything and prints a Markdown table of medians
+//! over `TW_BENCH_RUNS` runs (default 3), with the ratios BENCHMARKS.md quotes:
+//!
+//! - durable enqueue over HTTP, 64 concurrent clients, worker paused, against two yardsticks
+//!   measured in the same run: SQLite (WAL, `synchronous=FULL`, one committed transaction per
+//!   job, one thread, in-process) and the disk's limit for per-job files (write a job-sized
+//!   file to a temporary name, fsync, rename, one directory fsync per 64; best of 1 and 4
+//!   threads);
+//! - the same enqueue with 50,000 jobs already queued, and the seed's scheme (every change
+//!   rewrites the job file and the whole `queue.json`, no fsync) at 0 and 20,000 queued;
+//! - boot of 100,000 job files in mixed states until `/readyz` answers, against `cat` of the
+//!   same files, with the daemon's peak RSS;
+//! - idle RSS, and RSS with 100,000 jobs loaded;
+//! - latency of one client's enqueue and of `GET /v1/jobs/{id}` with 100,000 jobs.
+//!
+//! Settings: TW_BENCH_RUNS (3), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
+//! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000). The daemon is the release binary,
+//! started on temporary data dirs under TMPDIR (same filesystem as the yardsticks).
 
-use std::path::Path;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::json;
+use training_worker::job::{Job, JobId, Status};
 
 fn setting(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+const CLIENTS: usize = 64;
+
+// ---------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------
+
+struct Daemon {
+    child: Child,
+    base: String,
 }
 
 fn free_port() -> u16 {
@@ -26,15 +54,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Daemon {
-    child: Child,
-    base: String,
-}
-
 impl Daemon {
-    fn start(dir: &Path, port: u16) -> Daemon {
-        let config = dir.join("bench.toml");
-        std::fs::write(
+    fn spawn(data_dir: &Path) -> Daemon {
+        let port = free_port();
+        let config = data_dir.with_extension("toml");
+        fs::write(
             &config,
             "[worker]\nmax_concurrent = 0\n[executor]\ncommand = [\"true\"]\n",
         )
@@ -43,7 +67,7 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
@@ -55,20 +79,35 @@ impl Daemon {
         }
     }
 
-    /// Time from now until /readyz answers 200.
-    async fn ready(&self, http: &reqwest::Client) -> Duration {
-        let started = Instant::now();
+    /// Waits until /readyz answers 200; returns the time from `since`.
+    async fn ready(&self, http: &reqwest::Client, since: Instant) -> Duration {
         loop {
             let answer = http.get(format!("{}/readyz", self.base)).send().await;
             if answer.is_ok_and(|r| r.status() == 200) {
-                return started.elapsed();
+                return since.elapsed();
             }
             assert!(
-                started.elapsed() < Duration::from_secs(120),
+                since.elapsed() < Duration::from_secs(300),
                 "daemon never became ready"
             );
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// (VmRSS, VmHWM) in MiB.
+    fn memory(&self) -> (f64, f64) {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .expect("memory field")
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     fn stop(mut self) {
@@ -82,9 +121,25 @@ impl Daemon {
 }
 
 fn job_body(n: usize) -> String {
-    format!(
-        r#"{{"type":"TextJob","model":"mistralai/Mistral-7B-v0.1","dataset":"dataset-{n}.json","dataset_type":{{"system_prompt":"You are a helpful assistant.","field_instruction":"instruction","field_input":"input","field_output":"output"}},"file_format":"json","expected_repo_name":"repo-{n}"}}"#
-    )
+    json!({
+        "type": "TextJob",
+        "model": "mistralai/Mistral-7B-v0.1",
+        "dataset": format!("dataset-{n}.json"),
+        "dataset_type": {
+            "system_prompt": "You are a helpful assistant.",
+            "system_format": "{system}",
+            "field_system": "system",
+            "field_instruction": "instruction",
+            "field_input": "input",
+            "field_output": "output",
+            "format": "{system}\n\n{instruction}\n\n{input}",
+            "no_input_format": "{system}\n\n{instruction}",
+            "field": null
+        },
+        "file_format": "json",
+        "expected_repo_name": format!("repo-{n}"),
+    })
+    .to_string()
 }
 
 async fn submit(http: &reqwest::Client, base: &str, n: usize) {
@@ -98,102 +153,382 @@ async fn submit(http: &reqwest::Client, base: &str, n: usize) {
     assert_eq!(r.status(), 201, "submission {n}");
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// Jobs per second for `jobs` submissions from `CLIENTS` concurrent clients.
+async fn enqueue_rate(http: &reqwest::Client, base: &str, jobs: usize, offset: usize) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let http = http.clone();
+        let base = base.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut n = c;
+            while n < jobs {
+                submit(&http, &base, offset + n).await;
+                n += CLIENTS;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// p50 and p99 in milliseconds of `count` calls of `call`, one at a time.
+async fn latencies<F: AsyncFnMut(usize)>(count: usize, mut call: F) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(count);
+    for n in 0..count {
+        let t = Instant::now();
+        call(n).await;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    (
+        percentile(&mut samples, 0.50),
+        percentile(&mut samples, 0.99),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Data dirs made directly, for boot and for a long queue
+// ---------------------------------------------------------------------------------------
+
+/// Writes `total` job files in mixed states and a matching queue.json: the last `queued`
+/// jobs are Queued (and 1% of the rest Running), the others finished. Returns the ids.
+fn make_data_dir(dir: &Path, total: usize, queued: usize) -> Vec<JobId> {
+    let jobs_dir = dir.join("jobs");
+    fs::create_dir_all(&jobs_dir).expect("create jobs dir");
+    let base = chrono::Utc::now() - chrono::Duration::days(30);
+    let mut running = Vec::new();
+    let mut waiting = Vec::new();
+    let mut ids = Vec::with_capacity(total);
+    for n in 0..total {
+        let value: serde_json::Value = serde_json::from_str(&job_body(n)).expect("body");
+        let created = base + chrono::Duration::milliseconds(n as i64);
+        let mut job = Job::from_submission(value, created).expect("valid job");
+        job.id = JobId::from_uuid(uuid::Uuid::from_u128(0x1000_0000 + n as u128));
+        if n + queued >= total {
+            waiting.push(job.id);
+        } else if n % 100 == 0 {
+            job.start(created);
+            running.push(job.id);
+        } else {
+            job.start(created);
+            let status = [Status::Completed, Status::Failed, Status::Cancelled][n % 3];
+            let message =
+                (status != Status::Completed).then(|| "trainer exited with status 1".to_string());
+            job.finish(status, message, created + chrono::Duration::hours(2));
+        }
+        fs::write(
+            jobs_dir.join(format!("{}.json", job.id)),
+            job.to_file_bytes(),
+        )
+        .expect("write job file");
+        ids.push(job.id);
+    }
+    let queue = json!({
+        "running": running.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "queued": waiting.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+    });
+    fs::write(dir.join("queue.json"), queue.to_string()).expect("write queue.json");
+    ids
+}
+
+/// `cat` of every job file, as a shell does it; the floor for any replay.
+fn cat_all(dir: &Path) -> Duration {
+    let started = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find jobs -name '*.json' -print0 | xargs -0 cat > /dev/null")
+        .current_dir(dir)
+        .status()
+        .expect("run cat");
+    assert!(status.success());
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------
+// Yardsticks
+// ---------------------------------------------------------------------------------------
+
+/// SQLite in WAL mode with synchronous=FULL, one committed transaction per job, one thread.
+fn sqlite_rate(dir: &Path, jobs: usize) -> f64 {
+    let conn = rusqlite::Connection::open(dir.join("jobs.sqlite")).expect("open sqlite");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("full");
+    conn.execute(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, body TEXT NOT NULL)",
+        [],
+    )
+    .expect("create table");
+    let bodies: Vec<String> = (0..jobs).map(job_body).collect();
+    let started = Instant::now();
+    for (n, body) in bodies.iter().enumerate() {
+        let tx = conn.unchecked_transaction().expect("begin");
+        tx.execute(
+            "INSERT INTO jobs (id, status, body) VALUES (?1, 'Queued', ?2)",
+            (uuid::Uuid::from_u128(n as u128).to_string(), body),
+        )
+        .expect("insert");
+        tx.commit().expect("commit");
+    }
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Write a job-sized file to a temporary name, fsync, rename; one directory fsync per 64.
+fn disk_loop_rate(dir: &Path, jobs: usize, threads: usize) -> f64 {
+    let body = job_body(0).into_bytes();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let body = &body;
+            scope.spawn(move || {
+                let d = dir.join(format!("loop-{threads}-{t}"));
+                fs::create_dir_all(&d).expect("loop dir");
+                let dir_file = fs::File::open(&d).expect("open dir");
+                for n in (t..jobs).step_by(threads) {
+                    let temp = d.join(format!(".{n}.tmp"));
+                    let mut f = fs::File::create(&temp).expect("create");
+                    f.write_all(body).expect("write");
+                    f.sync_all().expect("fsync");
+                    fs::rename(&temp, d.join(format!("{n}.json"))).expect("rename");
+                    if n % 64 == 63 {
+                        dir_file.sync_all().expect("dir fsync");
+                    }
+                }
+                dir_file.sync_all().expect("dir fsync");
+            });
+        }
+    });
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The seed's scheme: every change rewrites the job file and the whole queue.json, without
+/// fsync, with `prefill` jobs already queued.
+fn seed_scheme_rate(dir: &Path, jobs: usize, prefill: usize) -> f64 {
+    let d = dir.join(format!("seed-{prefill}"));
+    fs::create_dir_all(d.join("jobs")).expect("seed dir");
+    let mut queued: Vec<String> = (0..prefill)
+        .map(|n| uuid::Uuid::from_u128(n as u128).to_string())
+        .collect();
+    let started = Instant::now();
+    for n in 0..jobs {
+        let id = uuid::Uuid::from_u128((prefill + n) as u128).to_string();
+        fs::write(d.join("jobs").join(format!("{id}.json")), job_body(n)).expect("job file");
+        queued.push(id);
+        let queue = json!({"running": [], "queued": queued});
+        fs::write(
+            d.join("queue.json"),
+            serde_json::to_vec(&queue).expect("json"),
+        )
+        .expect("queue file");
+    }
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    let i = ((values.len() as f64 - 1.0) * p).round() as usize;
-    values[i]
+    values[((values.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[derive(Default)]
+struct Samples {
+    rows: Vec<(String, Vec<f64>)>,
+}
+
+impl Samples {
+    fn add(&mut self, name: &str, value: f64) {
+        match self.rows.iter_mut().find(|(n, _)| n == name) {
+            Some((_, values)) => values.push(value),
+            None => self.rows.push((name.to_string(), vec![value])),
+        }
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        let (_, values) = self.rows.iter().find(|(n, _)| n == name).expect("measured");
+        median(values)
+    }
+}
+
+fn temp_root() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 #[tokio::main]
 async fn main() {
-    let jobs = setting("TW_BENCH_JOBS", 5000);
-    let clients = setting("TW_BENCH_CLIENTS", 64).max(1);
-    let runs = setting("TW_BENCH_RUNS", 5).max(1);
-    let latency_jobs = 300;
+    let runs = setting("TW_BENCH_RUNS", 3).max(1);
+    let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
+    let boot_jobs = setting("TW_BENCH_BOOT_JOBS", 100_000);
+    let long_queue = setting("TW_BENCH_QUEUED", 50_000);
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
+        .pool_max_idle_per_host(CLIENTS)
         .build()
         .expect("http client");
+    let mut s = Samples::default();
 
-    let mut rates = Vec::new();
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    let mut boots = Vec::new();
-    let mut empty_boots = Vec::new();
     for run in 1..=runs {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let daemon = Daemon::start(dir.path(), port);
-        empty_boots.push(daemon.ready(&http).await.as_secs_f64() * 1000.0);
+        let dir = tempfile::tempdir_in(temp_root()).expect("temp dir");
+        eprintln!("run {run}/{runs} in {}", dir.path().display());
 
+        // Yardsticks.
+        s.add("sqlite", sqlite_rate(dir.path(), jobs));
+        let loop1 = disk_loop_rate(dir.path(), jobs, 1);
+        let loop4 = disk_loop_rate(dir.path(), jobs, 4);
+        s.add("disk loop, 1 thread", loop1);
+        s.add("disk loop, 4 threads", loop4);
+        s.add("disk loop", loop1.max(loop4));
+        s.add(
+            "seed scheme, empty queue",
+            seed_scheme_rate(dir.path(), 2000, 0),
+        );
+        s.add(
+            "seed scheme, 20000 queued",
+            seed_scheme_rate(dir.path(), 300, 20_000),
+        );
+
+        // The daemon, empty queue: idle RSS, enqueue, latency.
+        let data = dir.path().join("empty");
+        let daemon = Daemon::spawn(&data);
+        daemon.ready(&http, Instant::now()).await;
+        s.add("idle RSS", daemon.memory().0);
+        s.add(
+            "enqueue, empty queue",
+            enqueue_rate(&http, &daemon.base, jobs, 0).await,
+        );
+        let (p50, p99) =
+            latencies(500, async |n| submit(&http, &daemon.base, jobs + n).await).await;
+        s.add("enqueue p50", p50);
+        s.add("enqueue p99", p99);
+        daemon.stop();
+
+        // The daemon with a long queue.
+        let data = dir.path().join("long");
+        make_data_dir(&data, long_queue, long_queue);
+        let daemon = Daemon::spawn(&data);
+        daemon.ready(&http, Instant::now()).await;
+        s.add(
+            "enqueue, long queue",
+            enqueue_rate(&http, &daemon.base, jobs, long_queue).await,
+        );
+        daemon.stop();
+
+        // Boot of many jobs, against cat.
+        let data = dir.path().join("boot");
+        let ids = make_data_dir(&data, boot_jobs, boot_jobs / 10);
+        s.add("cat", cat_all(&data).as_secs_f64() * 1000.0);
         let started = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let http = http.clone();
-            let base = daemon.base.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut n = c;
-                while n < jobs {
-                    submit(&http, &base, n).await;
-                    n += clients;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("client task");
-        }
-        let rate = jobs as f64 / started.elapsed().as_secs_f64();
-        rates.push(rate);
-
-        let mut latencies = Vec::new();
-        for n in 0..latency_jobs {
-            let t = Instant::now();
-            submit(&http, &daemon.base, jobs + n).await;
-            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        let p50 = percentile(&mut latencies, 0.5);
-        let p99 = percentile(&mut latencies, 0.99);
-        p50s.push(p50);
-        p99s.push(p99);
+        let daemon = Daemon::spawn(&data);
+        s.add(
+            "boot",
+            daemon.ready(&http, started).await.as_secs_f64() * 1000.0,
+        );
+        let (rss, hwm) = daemon.memory();
+        s.add("RSS with boot jobs", rss);
+        s.add("peak RSS at boot", hwm);
+        let (p50, p99) = latencies(1000, async |n| {
+            let id = ids[(n * 7919) % ids.len()];
+            let r = http
+                .get(format!("{}/v1/jobs/{id}", daemon.base))
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(r.status(), 200);
+        })
+        .await;
+        s.add("get p50", p50);
+        s.add("get p99", p99);
         daemon.stop();
-
-        let total = jobs + latency_jobs;
-        let daemon = Daemon::start(dir.path(), port);
-        let boot = daemon.ready(&http).await.as_secs_f64() * 1000.0;
-        boots.push(boot);
-        daemon.stop();
-        println!(
-            "run {run}: enqueue {rate:.0} jobs/s ({clients} clients), 1-client p50 {p50:.2} ms p99 {p99:.2} ms, boot with {total} jobs {boot:.0} ms"
+        eprintln!(
+            "  enqueue {:.0}/s (long queue {:.0}/s), sqlite {:.0}/s, disk loop {:.0}/s, boot {:.0} ms vs cat {:.0} ms",
+            s.rows
+                .iter()
+                .find(|r| r.0 == "enqueue, empty queue")
+                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            s.rows
+                .iter()
+                .find(|r| r.0 == "enqueue, long queue")
+                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            s.rows
+                .iter()
+                .find(|r| r.0 == "sqlite")
+                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            loop1.max(loop4),
+            s.rows
+                .iter()
+                .find(|r| r.0 == "boot")
+                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            s.rows
+                .iter()
+                .find(|r| r.0 == "cat")
+                .map_or(0.0, |r| r.1[r.1.len() - 1]),
         );
     }
 
-    println!();
-    println!("| measure ({runs} runs, median) | value |");
-    println!("|---|---|");
+    let enqueue = s.median("enqueue, empty queue");
+    println!("\n| measure (median of {runs} runs) | value | ratio |");
+    println!("|---|---|---|");
     println!(
-        "| durable enqueue, {clients} clients, {jobs} jobs | {:.0} jobs/s |",
-        median(&mut rates)
+        "| durable enqueue over HTTP, {CLIENTS} clients, {jobs} jobs, empty queue | {enqueue:.0} jobs/s | |"
     );
     println!(
-        "| enqueue latency, 1 client, p50 | {:.2} ms |",
-        median(&mut p50s)
+        "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {:.0} jobs/s | daemon / SQLite = {:.2} |",
+        s.median("sqlite"),
+        enqueue / s.median("sqlite")
     );
     println!(
-        "| enqueue latency, 1 client, p99 | {:.2} ms |",
-        median(&mut p99s)
+        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | daemon / disk loop = {:.2} |",
+        s.median("disk loop"),
+        s.median("disk loop, 1 thread"),
+        s.median("disk loop, 4 threads"),
+        enqueue / s.median("disk loop")
     );
     println!(
-        "| boot of an empty data dir until /readyz | {:.0} ms |",
-        median(&mut empty_boots)
+        "| durable enqueue with {long_queue} jobs queued | {:.0} jobs/s | long / empty = {:.2} |",
+        s.median("enqueue, long queue"),
+        s.median("enqueue, long queue") / enqueue
     );
     println!(
-        "| boot with {} jobs until /readyz | {:.0} ms |",
-        jobs + latency_jobs,
-        median(&mut boots)
+        "| seed scheme (rewrite job file and queue.json per change, no fsync) | {:.0} jobs/s empty, {:.0} jobs/s at 20000 queued | |",
+        s.median("seed scheme, empty queue"),
+        s.median("seed scheme, 20000 queued")
+    );
+    println!(
+        "| boot of {boot_jobs} job files until /readyz | {:.0} ms | boot / cat = {:.2} |",
+        s.median("boot"),
+        s.median("boot") / s.median("cat")
+    );
+    println!("| cat of the same files | {:.0} ms | |", s.median("cat"));
+    println!(
+        "| peak RSS during that boot | {:.1} MiB | |",
+        s.median("peak RSS at boot")
+    );
+    println!(
+        "| RSS with {boot_jobs} jobs loaded | {:.1} MiB | |",
+        s.median("RSS with boot jobs")
+    );
+    println!(
+        "| idle RSS, empty data dir | {:.1} MiB | |",
+        s.median("idle RSS")
+    );
+    println!(
+        "| enqueue latency, 1 client | p50 {:.2} ms, p99 {:.2} ms | |",
+        s.median("enqueue p50"),
+        s.median("enqueue p99")
+    );
+    println!(
+        "| GET /v1/jobs/{{id}} latency, {boot_jobs} jobs | p50 {:.2} ms, p99 {:.2} ms | |",
+        s.median("get p50"),
+        s.median("get p99")
     );
 }

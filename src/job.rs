@@ -10,6 +10,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -208,11 +210,20 @@ const CHAT_FIELDS: &[&str] = &[
 /// A validated `dataset_type` object.
 ///
 /// The object is kept as sent, key order and unknown keys included, so it is written back
-/// unchanged; validation only guarantees that its shape's fields have the right types.
-#[derive(Clone, Debug, PartialEq)]
+/// unchanged; validation only guarantees that its shape's fields have the right types. It is
+/// held as compact JSON text: a parsed map costs several times the memory, and a daemon
+/// keeps every job it has ever run.
+#[derive(Clone, Debug)]
 pub struct DatasetType {
     shape: DatasetShape,
-    object: Map<String, Value>,
+    raw: Box<RawValue>,
+}
+
+impl PartialEq for DatasetType {
+    /// Equal when they hold the same keys and values, in any order.
+    fn eq(&self, other: &DatasetType) -> bool {
+        self.shape == other.shape && self.to_json() == other.to_json()
+    }
 }
 
 impl DatasetType {
@@ -256,7 +267,7 @@ impl DatasetType {
         }
         Ok(DatasetType {
             shape,
-            object: object.clone(),
+            raw: to_raw(value),
         })
     }
 
@@ -264,8 +275,68 @@ impl DatasetType {
         self.shape
     }
 
+    /// The object as compact JSON text, as given to trainers.
+    pub fn as_json_text(&self) -> &str {
+        self.raw.get()
+    }
+
     pub fn to_json(&self) -> Value {
-        Value::Object(self.object.clone())
+        from_raw(&self.raw)
+    }
+}
+
+/// A JSON value as compact text. Serialising a `Value` cannot fail, and its text is valid
+/// JSON, so neither step can.
+fn to_raw(value: &Value) -> Box<RawValue> {
+    RawValue::from_string(value.to_string()).expect("a serialised Value is valid JSON")
+}
+
+fn from_raw(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).expect("a RawValue holds valid JSON")
+}
+
+/// Fields this version does not know, in the order they came, each as compact JSON text.
+#[derive(Clone, Debug, Default)]
+pub struct Extra(Vec<(String, Box<RawValue>)>);
+
+impl Extra {
+    fn from_map(map: Map<String, Value>) -> Extra {
+        Extra(map.into_iter().map(|(k, v)| (k, to_raw(&v))).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| from_raw(v))
+    }
+
+    pub fn insert(&mut self, key: impl Into<String>, value: &Value) {
+        let key = key.into();
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, to_raw(value)));
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+
+    fn to_map(&self) -> Map<String, Value> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.clone(), from_raw(v)))
+            .collect()
+    }
+}
+
+impl PartialEq for Extra {
+    /// Equal when they hold the same keys and values, in any order.
+    fn eq(&self, other: &Extra) -> bool {
+        self.0.len() == other.0.len() && self.to_map() == other.to_map()
     }
 }
 
@@ -358,7 +429,7 @@ pub struct Job {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     /// Fields this version does not know, in the order they came, written back unchanged.
-    pub extra: Map<String, Value>,
+    pub extra: Extra,
 }
 
 /// A field that is missing or wrong, named by its JSON path.
@@ -569,54 +640,13 @@ impl Job {
             updated_at: None,
             started_at: None,
             finished_at: None,
-            extra: object,
+            extra: Extra::from_map(object),
         })
     }
 
     /// The JSON object, in the seed's key order, then the additions, then unknown fields.
     pub fn to_json(&self) -> Value {
-        let mut out = Map::new();
-        out.insert("type".into(), self.kind.type_name().into());
-        out.insert("job_id".into(), self.id.to_string().into());
-        out.insert("model".into(), self.model.clone().into());
-        out.insert("status".into(), self.status.as_str().into());
-        out.insert("error_message".into(), opt(&self.error_message));
-        out.insert("expected_repo_name".into(), opt(&self.expected_repo_name));
-        match &self.kind {
-            JobKind::Text {
-                dataset,
-                dataset_type,
-                file_format,
-            } => {
-                out.insert("dataset".into(), dataset.clone().into());
-                out.insert("dataset_type".into(), dataset_type.to_json());
-                out.insert("file_format".into(), file_format.as_str().into());
-            }
-            JobKind::Diffusion {
-                dataset_zip,
-                model_type,
-            } => {
-                out.insert("dataset_zip".into(), dataset_zip.clone().into());
-                out.insert("model_type".into(), model_type.as_str().into());
-            }
-        }
-        out.insert("attempts".into(), self.attempts.into());
-        for (key, t) in [
-            ("created_at", &self.created_at),
-            ("updated_at", &self.updated_at),
-            ("started_at", &self.started_at),
-            ("finished_at", &self.finished_at),
-        ] {
-            out.insert(
-                key.into(),
-                t.as_ref()
-                    .map_or(Value::Null, |t| format_timestamp(t).into()),
-            );
-        }
-        for (key, value) in &self.extra {
-            out.insert(key.clone(), value.clone());
-        }
-        Value::Object(out)
+        serde_json::to_value(self).expect("a job always serialises")
     }
 
     /// Whether `other` asks for the same work: everything the client chose is equal. Used to
@@ -666,7 +696,7 @@ impl Job {
         self.status == Status::Queued && self.started_at.is_some()
     }
 
-    /// The pretty JSON a job file holds.
+    /// The pretty JSON a job file holds (the API sends the same object compact).
     pub fn to_file_bytes(&self) -> Vec<u8> {
         let mut bytes = serde_json::to_vec_pretty(&self.to_json())
             .expect("a serde_json::Value always serialises");
@@ -687,8 +717,48 @@ pub(crate) fn sample_job(n: u128) -> Job {
     job
 }
 
-fn opt(s: &Option<String>) -> Value {
-    s.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+impl Serialize for Job {
+    /// The seed's key order, then the additions, then the unknown fields verbatim.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("type", self.kind.type_name())?;
+        map.serialize_entry("job_id", &self.id.to_string())?;
+        map.serialize_entry("model", &self.model)?;
+        map.serialize_entry("status", self.status.as_str())?;
+        map.serialize_entry("error_message", &self.error_message)?;
+        map.serialize_entry("expected_repo_name", &self.expected_repo_name)?;
+        match &self.kind {
+            JobKind::Text {
+                dataset,
+                dataset_type,
+                file_format,
+            } => {
+                map.serialize_entry("dataset", dataset)?;
+                map.serialize_entry("dataset_type", &*dataset_type.raw)?;
+                map.serialize_entry("file_format", file_format.as_str())?;
+            }
+            JobKind::Diffusion {
+                dataset_zip,
+                model_type,
+            } => {
+                map.serialize_entry("dataset_zip", dataset_zip)?;
+                map.serialize_entry("model_type", model_type.as_str())?;
+            }
+        }
+        map.serialize_entry("attempts", &self.attempts)?;
+        for (key, t) in [
+            ("created_at", &self.created_at),
+            ("updated_at", &self.updated_at),
+            ("started_at", &self.started_at),
+            ("finished_at", &self.finished_at),
+        ] {
+            map.serialize_entry(key, &t.as_ref().map(format_timestamp))?;
+        }
+        for (key, value) in &self.extra.0 {
+            map.serialize_entry(key, &**value)?;
+        }
+        map.end()
+    }
 }
 
 fn required_string(object: &Map<String, Value>, key: &str) -> Result<String, FieldError> {
@@ -1036,7 +1106,7 @@ mod tests {
         b.model = "other".into();
         assert!(!a.same_request(&b));
         let mut c = a.clone();
-        c.extra.insert("x".into(), json!(1));
+        c.extra.insert("x", &json!(1));
         assert!(!a.same_request(&c));
     }
 }

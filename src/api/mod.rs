@@ -150,7 +150,7 @@ async fn submit(
         Submitted::Existing(job) => (StatusCode::OK, job),
     };
     let location = format!("/v1/jobs/{}", job.id);
-    Ok((status, [(header::LOCATION, location)], Json(job.to_json())).into_response())
+    Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
 }
 
 fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
@@ -162,10 +162,10 @@ fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError
 async fn job(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Job>, ApiError> {
     let id = parse_id(path)?;
     match state.worker()?.job(id).await? {
-        Some(job) => Ok(Json(job.to_json())),
+        Some(job) => Ok(Json(job)),
         None => Err(ApiError::JobNotFound(id)),
     }
 }
@@ -180,7 +180,7 @@ struct ListParams {
 async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<Job>>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
     let status = match params.status.as_deref() {
@@ -192,7 +192,7 @@ async fn list(
         })?),
     };
     let jobs = state.worker()?.list(status, params.limit).await?;
-    Ok(Json(Value::Array(jobs.iter().map(Job::to_json).collect())))
+    Ok(Json(jobs))
 }
 
 async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -206,10 +206,10 @@ async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
 async fn cancel(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Job>, ApiError> {
     let id = parse_id(path)?;
     let job = state.worker()?.cancel(id).await?;
-    Ok(Json(job.to_json()))
+    Ok(Json(job))
 }
 
 async fn logs(

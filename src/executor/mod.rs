@@ -199,7 +199,7 @@ impl Executor {
                 file_format,
             } => (
                 dataset.clone(),
-                dataset_type.to_json().to_string(),
+                dataset_type.as_json_text().to_string(),
                 file_format.as_str().to_string(),
                 String::new(),
                 String::new(),
