@@ -225,27 +225,32 @@ async fn stop_after_failure(shutdown: CancellationToken, tracker: TaskTracker, e
     exit
 }
 
-/// Resolves when the process receives SIGTERM or SIGINT. A second signal exits at once:
-/// everything acknowledged is already durable, so nothing is lost by not waiting.
-pub async fn termination_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves when
+/// either arrives. Installed before anything else, so that a stop during boot is graceful
+/// too. A second signal exits at once: everything acknowledged is already durable, so
+/// nothing is lost by not waiting.
+pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let installed = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tokio::spawn(async move {
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = installed else {
+            error!("cannot install signal handlers; stop the daemon with SIGKILL");
+            return std::future::pending().await;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        warn!("second stop signal; exiting now");
-        std::process::exit(Exit::Unclean as i32);
-    });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            warn!("second stop signal; exiting now");
+            std::process::exit(Exit::Unclean as i32);
+        });
+    }
 }

@@ -103,7 +103,10 @@ fn serve(overrides: Overrides) -> ExitCode {
             return Exit::Unclean.into();
         }
     };
-    let exit = runtime.block_on(daemon::run(config, daemon::termination_signal()));
+    let exit = runtime.block_on(async {
+        let stop = daemon::termination_signal();
+        daemon::run(config, stop).await
+    });
     // Anything still running (a hung connection) is abandoned, not waited for.
     runtime.shutdown_background();
     exit.into()

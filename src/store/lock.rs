@@ -49,16 +49,9 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, LockError> {
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
             return Err(LockError::Held {
                 dir: data_dir.to_path_buf(),
-                holder: if holder.is_empty() {
-                    "holder unknown".into()
-                } else {
-                    holder.to_string()
-                },
+                holder: describe_holder(&mut file),
             });
         }
         Err(TryLockError::Error(e)) => return Err(io_err(e)),
@@ -81,6 +74,49 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, LockError> {
     Ok(DataDirLock { _file: file, path })
 }
 
+/// Who holds the lock. The kernel's word (`/proc/locks`) decides the pid: the file may not
+/// name the holder yet (it writes its line just after taking the lock) or may still name a
+/// previous, dead holder. The file's line adds the host and start time when it agrees.
+fn describe_holder(file: &mut File) -> String {
+    let mut recorded = String::new();
+    let _ = file.read_to_string(&mut recorded);
+    let recorded = recorded.trim().to_string();
+    let Some(pid) = file.metadata().ok().and_then(|m| flock_holder(&m)) else {
+        return if recorded.is_empty() {
+            "holder unknown".into()
+        } else {
+            recorded
+        };
+    };
+    if recorded.starts_with(&format!("pid {pid} ")) {
+        recorded
+    } else {
+        format!("pid {pid}")
+    }
+}
+
+/// The pid that holds a `flock` on the file with this metadata, from `/proc/locks`.
+fn flock_holder(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let dev = meta.dev();
+    // Lines look like `1: FLOCK  ADVISORY  WRITE 31213 fe:00:10125629 0 EOF`: the device as
+    // hexadecimal major:minor, then the inode.
+    let wanted = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") || fields.get(5) != Some(&wanted.as_str()) {
+            return None;
+        }
+        fields.get(4)?.parse().ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +133,25 @@ mod tests {
         );
         drop(first);
         lock_data_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_kernel_names_the_holder_when_the_file_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_data_dir(dir.path()).unwrap();
+        // As if a previous daemon's line were still there, or the holder had not written yet.
+        std::fs::write(dir.path().join(LOCK_FILE), "pid 1 on elsewhere, since then").unwrap();
+        let msg = lock_data_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("(pid {})", std::process::id())),
+            "{msg}"
+        );
+        std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
+        let msg = lock_data_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        drop(held);
     }
 }

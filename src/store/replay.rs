@@ -7,7 +7,7 @@
 //! directories and run by `check` without touching them.
 //!
 //! The order (CONTRACT.md 6): jobs that were running first, in the order they had started
-//! (status Running, then Queued jobs with a start time, which were running when an earlier
+//! (status Running, and Queued jobs with a start time, which were running when an earlier
 //! crash or a graceful stop interrupted them); then Queued jobs in `queue.json` order; then
 //! Queued jobs missing from `queue.json`, by `created_at`. Since the daemon writes
 //! `queue.json` in exactly that order, the queue rebuilt from the job files alone is the
@@ -205,44 +205,37 @@ pub(crate) fn requeue_order(
         }
     }
 
+    // Jobs that were running go first, in the order they had started: those still Running
+    // on disk, and Queued ones with a start time, which were running when an earlier crash
+    // or a graceful stop interrupted them. One group: a crash in the middle of the write
+    // that requeues several of them leaves some of each, and their order must not change.
     let mut running: Vec<&Job> = jobs
         .values()
-        .filter(|j| j.status == Status::Running)
+        .filter(|j| j.status == Status::Running || j.was_interrupted())
         .collect();
     running.sort_by_key(|j| {
         (
             j.started_at.is_none(),
             j.started_at,
-            running_pos.get(&j.id).copied().unwrap_or(usize::MAX),
+            running_pos
+                .get(&j.id)
+                .or(queued_pos.get(&j.id))
+                .copied()
+                .unwrap_or(usize::MAX),
             j.created_at,
             j.id,
         )
     });
 
-    // A Queued job with a start time was interrupted (by a crash found at an earlier boot,
-    // or by a graceful stop): it was running, so it goes first, whatever queue.json says,
-    // which may predate the write that requeued it.
-    let (mut interrupted, rest): (Vec<&Job>, Vec<&Job>) = jobs
+    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = jobs
         .values()
-        .filter(|j| j.status == Status::Queued)
-        .partition(|j| j.was_interrupted());
-    interrupted.sort_by_key(|j| {
-        (
-            j.started_at,
-            queued_pos.get(&j.id).copied().unwrap_or(usize::MAX),
-            j.created_at,
-            j.id,
-        )
-    });
-    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = rest
-        .into_iter()
+        .filter(|j| j.status == Status::Queued && !j.was_interrupted())
         .partition(|j| queued_pos.contains_key(&j.id));
     listed.sort_by_key(|j| queued_pos[&j.id]);
     orphans.sort_by_key(|j| (j.created_at, j.id));
 
     running
         .into_iter()
-        .chain(interrupted)
         .chain(listed)
         .chain(orphans)
         .map(|j| j.id)
@@ -337,9 +330,10 @@ mod tests {
         let running = d.job(4, "Running", 7, Some(40));
         let rec = replay(d.path()).unwrap();
         assert!(!rec.queue_file_found);
+        // All three were running once: by start time, then the job that never started.
         assert_eq!(
             rec.order,
-            vec![running, interrupted_a, interrupted_b, fresh]
+            vec![interrupted_a, interrupted_b, running, fresh]
         );
     }
 
@@ -353,6 +347,22 @@ mod tests {
         let c = d.job(3, "Queued", 2, None);
         d.queue(&[r], &[b, c]);
         assert_eq!(replay(d.path()).unwrap().order, vec![r, b, c]);
+    }
+
+    #[test]
+    fn running_and_interrupted_jobs_share_one_start_order() {
+        // A crash between the renames of the boot's requeue batch: one job already written
+        // back as Queued, the other still Running.
+        let d = Dir::new();
+        let first = d.job(1, "Queued", 0, Some(10));
+        let second = d.job(2, "Running", 1, Some(20));
+        let third = d.job(3, "Queued", 2, Some(30));
+        let waiting = d.job(4, "Queued", 3, None);
+        d.queue(&[], &[first, second, third, waiting]);
+        assert_eq!(
+            replay(d.path()).unwrap().order,
+            vec![first, second, third, waiting]
+        );
     }
 
     #[test]
