@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -37,7 +38,14 @@ pub struct AppState {
     max_body_bytes: usize,
     /// Cancelled when the daemon begins to stop; `/readyz` then answers 503.
     shutdown: CancellationToken,
+    /// Bounds how many bodies are parsed at once. A 1 MiB body of tiny JSON values takes
+    /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
+    /// take the daemon's memory; a valid job parses in microseconds, so the wait is short.
+    parse_slots: Arc<Semaphore>,
 }
+
+/// Bodies parsed at once; see [`AppState::parse_slots`].
+const PARSE_SLOTS: usize = 4;
 
 impl AppState {
     pub fn new(
@@ -50,6 +58,7 @@ impl AppState {
             api_token: api_token.map(Arc::from),
             max_body_bytes,
             shutdown,
+            parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
         }
     }
 
@@ -141,9 +150,16 @@ async fn submit(
             ApiError::BadRequest(format!("body: {}", rejection.body_text()))
         }
     })?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
-    let job = Job::from_submission(value, chrono::Utc::now())?;
+    let job = {
+        let _slot = state
+            .parse_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("the daemon is shutting down"))?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
+        Job::from_submission(value, chrono::Utc::now())?
+    };
     let worker = state.worker()?;
     let (status, job) = match worker.submit(job).await? {
         Submitted::Created(job) => (StatusCode::CREATED, job),

@@ -72,7 +72,15 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     for entry in read_dir_if_exists(data_dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         if fsio::is_temp_name(&name) {
-            recovered.temp_files.push(entry.path());
+            match not_a_regular_file(&entry) {
+                None => recovered.temp_files.push(entry.path()),
+                // Something else in a temporary file's place would block the next write of
+                // queue.json: set it aside.
+                Some(what) => recovered.damaged.push(Damaged {
+                    path: entry.path(),
+                    reason: format!("{what} where a temporary file is written"),
+                }),
+            }
         }
     }
 
@@ -80,15 +88,17 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     for entry in read_dir_if_exists(&jobs_dir)? {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if fsio::is_temp_name(&name) {
-            recovered.temp_files.push(path);
-            continue;
-        }
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+        // Only regular files are read: a FIFO would block the boot forever, and a symbolic
+        // link could point anywhere.
+        if let Some(what) = not_a_regular_file(&entry) {
             recovered.damaged.push(Damaged {
                 path,
-                reason: "a directory where only job files belong".into(),
+                reason: format!("{what} where only job files belong"),
             });
+            continue;
+        }
+        if fsio::is_temp_name(&name) {
+            recovered.temp_files.push(path);
             continue;
         }
         match read_job_file(&path, &name) {
@@ -100,7 +110,28 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     }
 
     let queue_path = data_dir.join(QUEUE_FILE);
-    let queue_file = match fs::read(&queue_path) {
+    let queue_file = match fs::symlink_metadata(&queue_path).map(|m| m.file_type()) {
+        Ok(kind) if !kind.is_file() => {
+            recovered.damaged.push(Damaged {
+                path: queue_path,
+                reason: format!("{} where queue.json belongs", describe_type(kind)),
+            });
+            QueueFile::default()
+        }
+        _ => read_queue_file(&queue_path, &mut recovered),
+    };
+    recovered.order = requeue_order(&jobs, &queue_file, &mut recovered.missing);
+    let mut all: Vec<Job> = jobs.into_values().collect();
+    all.sort_by(by_creation);
+    recovered.jobs = all;
+    recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
+    recovered.temp_files.sort();
+    Ok(recovered)
+}
+
+/// Reads `queue.json`; a missing one is an empty queue, an unreadable one is damaged.
+fn read_queue_file(path: &Path, recovered: &mut Recovered) -> QueueFile {
+    match fs::read(path) {
         Ok(bytes) => match serde_json::from_slice::<QueueFile>(&bytes) {
             Ok(q) => {
                 recovered.queue_file_found = true;
@@ -108,7 +139,7 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
             }
             Err(e) => {
                 recovered.damaged.push(Damaged {
-                    path: queue_path,
+                    path: path.to_path_buf(),
                     reason: format!("not a queue file: {e}"),
                 });
                 QueueFile::default()
@@ -117,20 +148,41 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => QueueFile::default(),
         Err(e) => {
             recovered.damaged.push(Damaged {
-                path: queue_path,
+                path: path.to_path_buf(),
                 reason: format!("unreadable: {e}"),
             });
             QueueFile::default()
         }
-    };
+    }
+}
 
-    recovered.order = requeue_order(&jobs, &queue_file, &mut recovered.missing);
-    let mut all: Vec<Job> = jobs.into_values().collect();
-    all.sort_by(by_creation);
-    recovered.jobs = all;
-    recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
-    recovered.temp_files.sort();
-    Ok(recovered)
+/// What a directory entry is when it is not a regular file (a symbolic link counts as not
+/// one: it is never followed).
+fn not_a_regular_file(entry: &fs::DirEntry) -> Option<&'static str> {
+    match entry.file_type() {
+        Ok(kind) if kind.is_file() => None,
+        Ok(kind) => Some(describe_type(kind)),
+        Err(_) => Some("an entry of unknown type"),
+    }
+}
+
+fn describe_type(kind: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else if kind.is_file() {
+        "a file"
+    } else {
+        "an entry of unknown type"
+    }
 }
 
 fn read_dir_if_exists(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
@@ -441,6 +493,50 @@ mod tests {
         );
         assert_eq!(rec.temp_files.len(), 2);
         assert!(!rec.queue_file_found);
+    }
+
+    #[test]
+    fn entries_that_are_not_regular_files_are_set_aside_unread() {
+        let d = Dir::new();
+        let good = d.job(1, "Queued", 0, None);
+        let jobs = d.path().join(JOBS_DIR);
+        let fifo = jobs.join("00000000-0000-0000-0000-000000000002.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::os::unix::fs::symlink(
+            "/etc/passwd",
+            jobs.join("00000000-0000-0000-0000-000000000003.json"),
+        )
+        .unwrap();
+        fs::create_dir(jobs.join(".x.json.tmp")).unwrap();
+        fs::create_dir(d.path().join(fsio::temp_name(QUEUE_FILE))).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join(QUEUE_FILE)).unwrap();
+        let rec = replay(d.path()).unwrap();
+        assert_eq!(rec.order, vec![good]);
+        let reasons: Vec<String> = rec.damaged.iter().map(|x| x.reason.clone()).collect();
+        assert_eq!(rec.damaged.len(), 5, "{reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.starts_with("a FIFO")),
+            "{reasons:?}"
+        );
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| r.starts_with("a symbolic link"))
+                .count(),
+            2
+        );
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| r.starts_with("a directory"))
+                .count(),
+            2
+        );
+        assert!(rec.temp_files.is_empty());
     }
 
     #[test]
