@@ -304,6 +304,32 @@ fn disk_loop_rate(dir: &Path, jobs: usize, threads: usize) -> f64 {
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The other way to make a batch durable: write a batch of 64 temporary files without
+/// fsync, one syncfs(2) for the whole filesystem, rename them, one directory fsync.
+fn syncfs_loop_rate(dir: &Path, jobs: usize) -> f64 {
+    use std::os::fd::AsRawFd;
+    let body = job_body(0).into_bytes();
+    let d = dir.join("syncfs-loop");
+    fs::create_dir_all(&d).expect("loop dir");
+    let dir_file = fs::File::open(&d).expect("open dir");
+    let started = Instant::now();
+    for first in (0..jobs).step_by(64) {
+        let batch: Vec<usize> = (first..jobs.min(first + 64)).collect();
+        for n in &batch {
+            let mut f = fs::File::create(d.join(format!(".{n}.tmp"))).expect("create");
+            f.write_all(&body).expect("write");
+        }
+        // SAFETY: syncfs takes a file descriptor that stays open for the call.
+        let rc = unsafe { libc::syncfs(dir_file.as_raw_fd()) };
+        assert_eq!(rc, 0, "syncfs failed");
+        for n in &batch {
+            fs::rename(d.join(format!(".{n}.tmp")), d.join(format!("{n}.json"))).expect("rename");
+        }
+        dir_file.sync_all().expect("dir fsync");
+    }
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
 /// The seed's scheme: every change rewrites the job file and the whole queue.json, without
 /// fsync, with `prefill` jobs already queued.
 fn seed_scheme_rate(dir: &Path, jobs: usize, prefill: usize) -> f64 {
@@ -388,6 +414,7 @@ async fn main() {
         s.add("disk loop, 1 thread", loop1);
         s.add("disk loop, 4 threads", loop4);
         s.add("disk loop", loop1.max(loop4));
+        s.add("syncfs loop", syncfs_loop_rate(dir.path(), jobs));
         s.add(
             "seed scheme, empty queue",
             seed_scheme_rate(dir.path(), 2000, 0),
@@ -492,6 +519,11 @@ async fn main() {
         s.median("disk loop, 1 thread"),
         s.median("disk loop, 4 threads"),
         enqueue / s.median("disk loop")
+    );
+    println!(
+        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | daemon / syncfs loop = {:.2} |",
+        s.median("syncfs loop"),
+        enqueue / s.median("syncfs loop")
     );
     println!(
         "| durable enqueue with {long_queue} jobs queued | {:.0} jobs/s | long / empty = {:.2} |",
