@@ -228,19 +228,40 @@ async fn cancel(
     Ok(Json(job))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    /// Only the last N lines.
+    tail: Option<usize>,
+    /// Only the bytes from this offset on (what a follower has not seen yet).
+    offset: Option<u64>,
+}
+
+/// The header with the log's size in bytes when it was read: the offset to ask from next.
+pub const LOG_SIZE_HEADER: &str = "x-log-size";
+/// The header with the job's status when its log was read: a follower stops once it is final.
+pub const JOB_STATUS_HEADER: &str = "x-job-status";
+
 async fn logs(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    params: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(path)?;
-    let Some(path) = state.worker()?.log_path(id).await? else {
+    let Query(params) =
+        params.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    if params.tail.is_some() && params.offset.is_some() {
+        return Err(ApiError::BadRequest(
+            "query: tail and offset cannot be combined".into(),
+        ));
+    }
+    let Some((path, status)) = state.worker()?.log_path(id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
-    let body = match tokio::fs::File::open(&path).await {
-        // Streamed: a trainer's log can be far larger than memory should hold.
-        Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => Some(file),
         // A job that has not started yet has no output yet.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Body::empty(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
             return Err(ApiError::Internal(format!(
                 "cannot open {}: {e}",
@@ -248,7 +269,83 @@ async fn logs(
             )));
         }
     };
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+    let (body, size) = match file {
+        None => (Body::empty(), 0),
+        Some(file) => read_log(file, &params)
+            .await
+            .map_err(|e| ApiError::Internal(format!("cannot read {}: {e}", path.display())))?,
+    };
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static(LOG_SIZE_HEADER),
+                size.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(JOB_STATUS_HEADER),
+                status.as_str().to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The part of a log the parameters ask for, streamed (a trainer's log can be far larger
+/// than memory should hold), and the log's size when it was read. Only the bytes up to that
+/// size are sent, so a follower that asks again from it sees every byte once.
+async fn read_log(mut file: tokio::fs::File, params: &LogParams) -> std::io::Result<(Body, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let size = file.metadata().await?.len();
+    let start = match (params.offset, params.tail) {
+        (Some(offset), _) => offset.min(size),
+        (None, Some(lines)) => tail_start(&mut file, size, lines).await?,
+        (None, None) => 0,
+    };
+    file.seek(std::io::SeekFrom::Start(start)).await?;
+    let stream = tokio_util::io::ReaderStream::new(file.take(size - start));
+    Ok((Body::from_stream(stream), size))
+}
+
+/// Where the last `lines` lines of the first `size` bytes begin, read backwards in blocks.
+async fn tail_start(file: &mut tokio::fs::File, size: u64, lines: usize) -> std::io::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    const BLOCK: u64 = 64 * 1024;
+    if lines == 0 {
+        return Ok(size);
+    }
+    let mut end = size;
+    // A final newline ends the last line; it does not start an empty one.
+    let mut newlines_to_skip = lines + 1;
+    let mut first_block = true;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let begin = end.saturating_sub(BLOCK);
+        let len = (end - begin) as usize;
+        file.seek(std::io::SeekFrom::Start(begin)).await?;
+        file.read_exact(&mut buf[..len]).await?;
+        let block = &buf[..len];
+        let mut scan = block.len();
+        if first_block {
+            first_block = false;
+            if block.last() != Some(&b'\n') {
+                newlines_to_skip -= 1;
+            }
+        }
+        while let Some(i) = block[..scan].iter().rposition(|&b| b == b'\n') {
+            newlines_to_skip -= 1;
+            if newlines_to_skip == 0 {
+                return Ok(begin + i as u64 + 1);
+            }
+            scan = i;
+        }
+        end = begin;
+    }
+    Ok(0)
 }
 
 async fn healthz() -> Json<Value> {
@@ -279,4 +376,41 @@ async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn read(text: &str, tail: Option<usize>, offset: Option<u64>) -> (String, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        std::fs::write(&path, text).unwrap();
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        let (body, size) = read_log(file, &LogParams { tail, offset }).await.unwrap();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (String::from_utf8(bytes.to_vec()).unwrap(), size)
+    }
+
+    #[tokio::test]
+    async fn tail_gives_the_last_lines() {
+        assert_eq!(read("a\nb\nc\n", Some(2), None).await, ("b\nc\n".into(), 6));
+        assert_eq!(read("a\nb\nc", Some(2), None).await, ("b\nc".into(), 5));
+        assert_eq!(read("a\nb\nc\n", Some(9), None).await.0, "a\nb\nc\n");
+        assert_eq!(read("a\nb\nc\n", Some(0), None).await.0, "");
+        assert_eq!(read("", Some(3), None).await, ("".into(), 0));
+        // Across the 64 KiB blocks it reads backwards in.
+        let long: String = (0..20_000).map(|n| format!("line {n}\n")).collect();
+        let (tail, _) = read(&long, Some(3), None).await;
+        assert_eq!(tail, "line 19997\nline 19998\nline 19999\n");
+    }
+
+    #[tokio::test]
+    async fn offset_gives_what_came_after_it() {
+        assert_eq!(read("abcdef", None, Some(4)).await, ("ef".into(), 6));
+        assert_eq!(read("abcdef", None, Some(6)).await, ("".into(), 6));
+        assert_eq!(read("abcdef", None, Some(99)).await, ("".into(), 6));
+        assert_eq!(read("abcdef", None, None).await, ("abcdef".into(), 6));
+    }
 }

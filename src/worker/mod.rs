@@ -62,7 +62,7 @@ enum Command {
     },
     LogPath {
         id: JobId,
-        respond_to: oneshot::Sender<Option<PathBuf>>,
+        respond_to: oneshot::Sender<Option<(PathBuf, Status)>>,
     },
 }
 
@@ -166,8 +166,8 @@ impl WorkerHandle {
             .await?
     }
 
-    /// The trainer log's path, if the job exists.
-    pub async fn log_path(&self, id: JobId) -> Result<Option<PathBuf>, WorkerError> {
+    /// The trainer log's path and the job's status, if the job exists.
+    pub async fn log_path(&self, id: JobId) -> Result<Option<(PathBuf, Status)>, WorkerError> {
         self.ask(|respond_to| Command::LogPath { id, respond_to })
             .await
     }
@@ -404,8 +404,8 @@ impl Worker {
             Command::LogPath { id, respond_to } => {
                 let path = self
                     .jobs
-                    .contains_key(&id)
-                    .then(|| self.executor.log_path(id));
+                    .get(&id)
+                    .map(|job| (self.executor.log_path(id), job.status));
                 let _ = respond_to.send(path);
             }
         }
