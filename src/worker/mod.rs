@@ -64,6 +64,9 @@ enum Command {
         id: JobId,
         respond_to: oneshot::Sender<Option<(PathBuf, Status)>>,
     },
+    Ping {
+        respond_to: oneshot::Sender<()>,
+    },
 }
 
 impl Command {
@@ -164,6 +167,12 @@ impl WorkerHandle {
     pub async fn cancel(&self, id: JobId) -> Result<Job, WorkerError> {
         self.ask(|respond_to| Command::Cancel { id, respond_to })
             .await?
+    }
+
+    /// Answers once the actor's loop has taken the request: proof that it is alive and not
+    /// stuck (for a service manager's watchdog).
+    pub async fn ping(&self) -> Result<(), WorkerError> {
+        self.ask(|respond_to| Command::Ping { respond_to }).await
     }
 
     /// The trainer log's path and the job's status, if the job exists.
@@ -401,6 +410,9 @@ impl Worker {
                 });
             }
             Command::Cancel { id, respond_to } => self.cancel(id, respond_to),
+            Command::Ping { respond_to } => {
+                let _ = respond_to.send(());
+            }
             Command::LogPath { id, respond_to } => {
                 let path = self
                     .jobs
