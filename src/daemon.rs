@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::executor::{self, Executor};
+use crate::metrics::METRICS;
 use crate::store::Store;
 use crate::store::lock::{self, LockError};
 use crate::worker::{Boot, Worker};
@@ -137,6 +138,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     });
 
+    let replay_started = Instant::now();
     let opened = {
         let data_dir = data_dir.clone();
         let fatal = fatal.clone();
@@ -154,6 +156,8 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     let quarantined = opened.recovered.damaged.len();
+    METRICS.set_replay_duration(replay_started.elapsed());
+    METRICS.quarantined.add(quarantined as u64);
     let boot = Boot {
         jobs: opened.recovered.jobs,
         order: opened.recovered.order,

@@ -9,6 +9,7 @@
 //! - [`executor`]: the only code that spawns processes: trainers, their logs, their ends.
 //! - [`worker`]: the actor that owns all job state and the queue order; acts on a change
 //!   only once the store has made it durable.
+//! - [`metrics`]: the process-wide counters and histograms behind `GET /metrics`.
 //! - [`api`]: the HTTP API over a worker handle.
 //! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
 //! - [`check`]: the offline validator of a data dir.
@@ -19,5 +20,6 @@ pub mod config;
 pub mod daemon;
 pub mod executor;
 pub mod job;
+pub mod metrics;
 pub mod store;
 pub mod worker;

@@ -31,6 +31,9 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 503: storage refused the write, or the daemon is booting or stopping.
     Unavailable(&'static str),
+    /// 503: storage failed after the change became visible, so it may or may not have been
+    /// stored; the client learns which by asking again after the restart.
+    OutcomeUnknown(Option<JobId>),
     /// 500: a bug; the detail goes to the log only.
     Internal(String),
 }
@@ -57,6 +60,10 @@ impl From<WorkerError> for ApiError {
                 ApiError::Unavailable(
                     "storage failed: nothing was stored; the daemon is restarting",
                 )
+            }
+            WorkerError::Store(StoreError::OutcomeUnknown(detail)) => {
+                error!(error = %detail, "storage failed after a change became visible");
+                ApiError::OutcomeUnknown(None)
             }
             WorkerError::Store(StoreError::Closed) | WorkerError::Stopped => {
                 ApiError::Unavailable("the daemon is shutting down")
@@ -95,6 +102,15 @@ impl IntoResponse for ApiError {
                 json!({"error": "content-type: must be application/json"}),
             ),
             ApiError::Unavailable(msg) => (StatusCode::SERVICE_UNAVAILABLE, json!({"error": msg})),
+            ApiError::OutcomeUnknown(job_id) => {
+                let mut body = json!({
+                    "error": "storage failed while the change was being stored: it may or may not have been stored; the daemon is restarting; after it, GET the job (or resubmit it with the same job_id) to learn which"
+                });
+                if let Some(id) = job_id {
+                    body["job_id"] = id.to_string().into();
+                }
+                (StatusCode::SERVICE_UNAVAILABLE, body)
+            }
             ApiError::Internal(detail) => {
                 error!(error = %detail, "internal error");
                 (

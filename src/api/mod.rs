@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(v1)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -161,7 +162,16 @@ async fn submit(
         Job::from_submission(value, chrono::Utc::now())?
     };
     let worker = state.worker()?;
-    let (status, job) = match worker.submit(job).await? {
+    let id = job.id;
+    let submitted = worker
+        .submit(job)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            // The client needs the id to find out, also when the server chose it.
+            ApiError::OutcomeUnknown(None) => ApiError::OutcomeUnknown(Some(id)),
+            other => other,
+        })?;
+    let (status, job) = match submitted {
         Submitted::Created(job) => (StatusCode::CREATED, job),
         Submitted::Existing(job) => (StatusCode::OK, job),
     };
@@ -350,6 +360,17 @@ async fn tail_start(file: &mut tokio::fs::File, size: u64, lines: usize) -> std:
 
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::METRICS.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::job::{Job, JobId};
+use crate::metrics::METRICS;
 use fsio::{Staged, WriteError};
 pub use replay::{Damaged, QueueFile, Recovered};
 use replay::{JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE};
@@ -58,6 +59,9 @@ const INBOX_SLOTS: usize = 4096;
 /// Threads that stage a batch's files in parallel. fsync blocks on the device, not the CPU,
 /// and concurrent fsyncs share journal commits, so this is more than the cores.
 const STAGE_THREADS: usize = 16;
+
+/// How long to wait before rewriting `queue.json` again after the storage refused it.
+const QUEUE_FILE_RETRY: Duration = Duration::from_secs(1);
 
 /// The shortest time between two rewrites of `queue.json`.
 pub const QUEUE_FILE_MIN_DELAY: Duration = Duration::from_millis(10);
@@ -92,9 +96,24 @@ pub enum StoreError {
     /// replay. No further write is accepted.
     #[error("fatal storage error: {0}")]
     Fatal(String),
+    /// Like `Fatal`, but after some records of the batch were already renamed into place:
+    /// they may or may not survive, so the outcome is unknown, not "nothing stored".
+    #[error("fatal storage error after the records became visible: {0}")]
+    OutcomeUnknown(String),
     /// The store has stopped.
     #[error("the store has stopped")]
     Closed,
+}
+
+impl StoreError {
+    /// A fatal error after records were renamed into place: nobody can say whether they
+    /// will be there after the restart.
+    fn outcome_unknown(self) -> StoreError {
+        match self {
+            StoreError::Fatal(detail) => StoreError::OutcomeUnknown(detail),
+            other => other,
+        }
+    }
 }
 
 struct Request {
@@ -371,7 +390,9 @@ impl Persister {
         }
         if let Err(e) = self.write_queue_file() {
             let _ = self.fail(e);
-            self.queue_written_at = Instant::now();
+            // Refused (a full disk, say): try again in a second, not at the next due time,
+            // which may be milliseconds away.
+            self.queue_written_at = Instant::now() + QUEUE_FILE_RETRY;
         }
     }
 
@@ -395,29 +416,38 @@ impl Persister {
             }
         }
         let changes: Vec<&Change> = ids.iter().map(|id| last[id]).collect();
+        let started = Instant::now();
 
         let staged = match stage_all(&self.jobs_dir, &changes) {
             Ok(staged) => staged,
             Err(e) => return Err(self.fail(e)),
         };
-        for s in &staged {
+        for (i, s) in staged.iter().enumerate() {
             if let Err(e) = fsio::publish(s) {
-                return Err(self.fail(e));
+                let error = self.fail(e);
+                return Err(if i == 0 {
+                    error
+                } else {
+                    error.outcome_unknown()
+                });
             }
         }
         if let Err(e) = fsio::sync_dir(&self.jobs_dir) {
-            return Err(self.fail(e));
+            return Err(self.fail(e).outcome_unknown());
         }
         for change in &changes {
             let old = self.queue.place(change.job.id, change.placement);
             self.queue_dirty |= old != change.placement;
         }
+        METRICS.batch_jobs.observe(ids.len() as f64);
+        METRICS.flush.observe_duration(started.elapsed());
         debug!(requests = batch.len(), jobs = ids.len(), "batch durable");
         Ok(())
     }
 
     fn fail(&mut self, e: WriteError) -> StoreError {
         if !e.is_fatal() {
+            METRICS.store_refusals.inc();
             warn!(error = %e, "write failed; nothing was stored");
             return StoreError::Unavailable(e.to_string());
         }

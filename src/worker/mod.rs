@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 use crate::config::WorkerConfig;
 use crate::executor::{Event, Execution, Executor, Outcome};
 use crate::job::{Job, JobId, Status, Timestamp};
+use crate::metrics::METRICS;
 use crate::store::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
 use queue::Queue;
 
@@ -209,6 +210,8 @@ enum Pending {
     Start {
         job: Job,
         rank: u64,
+        /// Seconds since the job arrived or was last requeued, for the metrics.
+        waited: f64,
     },
     Finish {
         job: Job,
@@ -335,6 +338,11 @@ impl Worker {
         // The store placed every unfinished job by replay order with the same ranks, so only
         // the rewritten records need a write.
         store.commit(changes).await?;
+        for job in jobs.values() {
+            METRICS.job_status_changed(None, job.status);
+        }
+        METRICS.recovered.add(report.requeued as u64);
+        METRICS.failed.add(report.failed_attempts as u64);
 
         let worker = Worker {
             executor: executor_for(events_tx),
@@ -510,6 +518,15 @@ impl Worker {
         }));
     }
 
+    /// Replaces a job's record in memory with its durable one, keeping the status gauges.
+    fn put(&mut self, job: Job) {
+        let new = job.status;
+        let old = self.jobs.insert(job.id, job).map(|j| j.status);
+        if old != Some(new) {
+            METRICS.job_status_changed(old, new);
+        }
+    }
+
     /// A change has landed (or failed): apply it, answer, and let waiting commands run.
     fn landed(&mut self, pending: Pending, result: Result<(), StoreError>) {
         let id = pending.job_id();
@@ -523,20 +540,28 @@ impl Worker {
                 Ok(()),
             ) => {
                 info!(job_id = %id, model = %job.model, "job queued");
+                METRICS.enqueued.inc();
                 self.queue.insert_queued(rank, id);
-                self.jobs.insert(id, job.clone());
+                self.put(job.clone());
                 let _ = respond_to.send(Ok(Submitted::Created(job)));
             }
             (Pending::Submit { respond_to, .. }, Err(e)) => {
                 let _ = respond_to.send(Err(e.into()));
             }
-            (Pending::Start { mut job, rank }, Ok(())) => {
+            (
+                Pending::Start {
+                    mut job,
+                    rank,
+                    waited,
+                },
+                Ok(()),
+            ) => {
                 self.starting -= 1;
                 self.queue.start(id, rank);
                 if self.shutdown.is_cancelled() {
                     // Shutdown came while the start was being written: do not start a
                     // trainer only to stop it; the start does not count.
-                    self.jobs.insert(id, job.clone());
+                    self.put(job.clone());
                     job.requeue_interrupted(false, chrono::Utc::now());
                     let change = Change {
                         job: job.clone(),
@@ -547,8 +572,10 @@ impl Worker {
                     return;
                 }
                 info!(job_id = %id, attempt = job.attempts, "job started");
+                METRICS.started.inc();
+                METRICS.queue_wait.observe(waited);
                 let execution = self.executor.start(&job);
-                self.jobs.insert(id, job);
+                self.put(job);
                 self.running.insert(
                     id,
                     Running {
@@ -565,13 +592,17 @@ impl Worker {
             (Pending::Finish { job }, Ok(())) => {
                 self.unrecorded.remove(&id);
                 match job.status {
-                    Status::Completed => info!(job_id = %id, "job completed"),
+                    Status::Completed => {
+                        info!(job_id = %id, "job completed");
+                        METRICS.completed.inc();
+                    }
                     _ => {
-                        warn!(job_id = %id, error = job.error_message.as_deref().unwrap_or(""), "job failed")
+                        warn!(job_id = %id, error = job.error_message.as_deref().unwrap_or(""), "job failed");
+                        METRICS.failed.inc();
                     }
                 }
                 self.queue.remove(id);
-                self.jobs.insert(id, job);
+                self.put(job);
             }
             (Pending::Finish { job }, Err(e)) => {
                 warn!(job_id = %id, status = %job.status, error = %e, "cannot record how the job ended; will retry");
@@ -579,8 +610,9 @@ impl Worker {
             }
             (Pending::Cancel { job, respond_to }, Ok(())) => {
                 info!(job_id = %id, "job cancelled");
+                METRICS.cancelled.inc();
                 self.queue.remove(id);
-                self.jobs.insert(id, job.clone());
+                self.put(job.clone());
                 self.unrecorded.remove(&id);
                 if let Some(run) = self.running.get_mut(&id) {
                     run.stop_reason = Some(StopReason::Cancel);
@@ -595,7 +627,7 @@ impl Worker {
                 info!(job_id = %id, "interrupted job written back to run first at the next boot");
                 let rank = self.queue.requeue_rank(id);
                 self.queue.insert_queued(rank, id);
-                self.jobs.insert(id, job);
+                self.put(job);
             }
             (Pending::Requeue { .. }, Err(e)) => {
                 // The record still says Running, which the next boot treats as a crash.
@@ -629,14 +661,18 @@ impl Worker {
                 continue;
             };
             let mut job = job.clone();
-            job.start(chrono::Utc::now());
+            let now = chrono::Utc::now();
+            let waited = job
+                .updated_at
+                .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
+            job.start(now);
             let rank = self.queue.next_start_rank();
             self.starting += 1;
             let change = Change {
                 job: job.clone(),
                 placement: Placement::Running(rank),
             };
-            self.write(change, Pending::Start { job, rank });
+            self.write(change, Pending::Start { job, rank, waited });
         }
     }
 
@@ -648,6 +684,10 @@ impl Worker {
             error!(job_id = %id, "a trainer ended for a job the worker does not know");
             return;
         };
+        if let Some(started) = job.started_at {
+            let ran = (chrono::Utc::now() - started).as_seconds_f64();
+            METRICS.run_time.observe(ran.max(0.0));
+        }
         if job.status != Status::Running {
             // Cancelled while running: the record was final before the trainer stopped.
             return;
