@@ -13,9 +13,13 @@
 //! - [`api`]: the HTTP API over a worker handle.
 //! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
 //! - [`check`]: the offline validator of a data dir.
+//! - [`client`]: the command-line client of a running daemon (`submit`, `status`, `list`,
+//!   `queue`, `cancel`, `logs`, `wait`, `health`): text for people, `--json` and exit codes
+//!   for scripts.
 
 pub mod api;
 pub mod check;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod executor;

@@ -1,8 +1,10 @@
-//! `training-worker`: parses the command line, sets up logging, hands over to the daemon.
+//! `training-worker`: parses the command line, sets up logging, hands over to the daemon,
+//! the offline checker or the client.
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use training_worker::client;
 use training_worker::config::{Config, LogFormat, Overrides};
 use training_worker::daemon::{self, Exit};
 
@@ -10,7 +12,8 @@ use training_worker::daemon::{self, Exit};
 #[command(
     name = "training-worker",
     version,
-    about = "Runs ML fine-tuning jobs from a durable on-disk queue"
+    about = "Runs ML fine-tuning jobs from a durable on-disk queue",
+    after_help = client::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +43,13 @@ enum Commands {
         #[arg(long, value_name = "DIR", env = "TRAINING_WORKER_DATA_DIR")]
         data_dir: Option<std::path::PathBuf>,
     },
+    #[command(flatten)]
+    Client(client::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +67,22 @@ fn main() -> ExitCode {
             log_format,
         }),
         Commands::Check { data_dir } => check(&data_dir.unwrap_or_else(|| "data".into())),
+        Commands::Client(command) => client::run(command),
+        Commands::Completions { shell } => completions(shell),
+    }
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    // Generated into memory: clap_complete panics on a failed write, a closed pipe included.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "training-worker", &mut script);
+    match std::io::stdout().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the completion script: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -1,0 +1,480 @@
+//! Text for people: a job as a block, jobs as a table, times relative to now, statuses in
+//! colour on a terminal. Pure functions of the jobs, the time and a [`Style`], so that they
+//! are tested without a terminal or a daemon.
+
+use std::io::IsTerminal;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value;
+
+use crate::job::Status;
+
+/// What the output goes to.
+#[derive(Clone, Copy, Debug)]
+pub struct Style {
+    /// Stdout is a terminal: a person reads it.
+    pub tty: bool,
+    /// Statuses in colour: on a terminal, unless `NO_COLOR` is set (no-color.org).
+    pub color: bool,
+    /// The terminal's width in columns; the model column is cut to fit it. `None` when
+    /// piped: nothing is cut.
+    pub width: Option<usize>,
+}
+
+impl Style {
+    pub fn detect() -> Style {
+        let tty = std::io::stdout().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Style {
+            tty,
+            color: tty && !no_color,
+            width: tty.then(terminal_width),
+        }
+    }
+}
+
+/// The width of the terminal on stdout, else `COLUMNS`, else 120.
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ only fills the winsize struct passed by pointer, which lives
+    // for the whole call; a failure leaves it zeroed, which is handled below.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    if ok && size.ws_col > 0 {
+        return usize::from(size.ws_col);
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(120)
+}
+
+/// The fields of a job the text output shows, read leniently: a field missing from the
+/// daemon's answer shows as `-` rather than failing the command.
+#[derive(Clone, Debug, Default)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    pub model: String,
+    /// The status as sent; [`JobView::status`] parses it.
+    pub status_text: String,
+    pub attempts: Option<u64>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    /// TextJob: the dataset and its format; DiffusionJob: the zip and the model type.
+    pub dataset: Option<String>,
+    pub expected_repo_name: Option<String>,
+}
+
+impl JobView {
+    pub fn from_json(job: &Value) -> JobView {
+        let text = |key: &str| job.get(key).and_then(Value::as_str).map(str::to_owned);
+        let time = |key: &str| {
+            text(key)
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let dataset = match (text("dataset"), text("dataset_zip")) {
+            (Some(dataset), _) => Some(match text("file_format") {
+                Some(format) => format!("{dataset} ({format})"),
+                None => dataset,
+            }),
+            (None, Some(zip)) => Some(match text("model_type") {
+                Some(model_type) => format!("{zip} ({model_type})"),
+                None => zip,
+            }),
+            (None, None) => None,
+        };
+        JobView {
+            id: text("job_id").unwrap_or_else(|| "-".into()),
+            kind: text("type").unwrap_or_else(|| "-".into()),
+            model: text("model").unwrap_or_else(|| "-".into()),
+            status_text: text("status").unwrap_or_else(|| "-".into()),
+            attempts: job.get("attempts").and_then(Value::as_u64),
+            created_at: time("created_at"),
+            started_at: time("started_at"),
+            finished_at: time("finished_at"),
+            error: text("error_message"),
+            dataset,
+            expected_repo_name: text("expected_repo_name"),
+        }
+    }
+
+    pub fn status(&self) -> Option<Status> {
+        Status::parse_loose(&self.status_text)
+    }
+
+    /// How long it ran: to its end when finished, to `now` while running.
+    fn run_time(&self, now: DateTime<Utc>) -> Option<TimeDelta> {
+        let started = self.started_at?;
+        match self.status() {
+            Some(Status::Running) => Some(now - started),
+            Some(s) if s.is_finished() => Some(self.finished_at? - started),
+            _ => None,
+        }
+    }
+}
+
+/// `status` in its colour when `color` is on.
+pub fn paint(text: &str, status: Option<Status>, color: bool) -> String {
+    let code = match status {
+        _ if !color => return text.to_string(),
+        Some(Status::Queued) => "33",    // yellow
+        Some(Status::Running) => "1;34", // bold blue
+        Some(Status::Completed) => "32", // green
+        Some(Status::Failed) => "1;31",  // bold red
+        Some(Status::Cancelled) => "2",  // dim
+        None => return text.to_string(),
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+/// A span of time in at most two units: `42s`, `3m 05s`, `5h 12m`, `3d 4h`.
+pub fn duration(span: TimeDelta) -> String {
+    let s = span.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// A moment relative to `now` in one unit: `just now`, `42s ago`, `3m ago`, `5h ago`, `3d ago`.
+pub fn ago(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let s = (now - then).num_seconds();
+    // A few seconds ahead is clock skew between client and daemon, not the future.
+    if s < 1 {
+        return if s > -5 {
+            "just now".into()
+        } else {
+            format!("in {}", coarse(-s))
+        };
+    }
+    format!("{} ago", coarse(s))
+}
+
+fn coarse(s: i64) -> String {
+    match s {
+        ..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn absolute(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// One job as a block of `label  value` lines; lines for what the job lacks are left out.
+pub fn job_block(job: &JobView, now: DateTime<Utc>, style: &Style) -> String {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("id", job.id.clone()),
+        ("status", paint(&job.status_text, job.status(), style.color)),
+        ("type", job.kind.clone()),
+        ("model", job.model.clone()),
+    ];
+    if let Some(dataset) = &job.dataset {
+        lines.push(("dataset", dataset.clone()));
+    }
+    if let Some(repo) = &job.expected_repo_name {
+        lines.push(("repo", repo.clone()));
+    }
+    if let Some(attempts) = job.attempts {
+        lines.push(("attempts", attempts.to_string()));
+    }
+    let when = |t: DateTime<Utc>| format!("{}  ({})", ago(t, now), absolute(t));
+    if let Some(t) = job.created_at {
+        lines.push(("created", when(t)));
+    }
+    if let Some(t) = job.started_at {
+        let mut line = when(t);
+        if job.status() == Some(Status::Running) {
+            line.push_str(&format!(", running for {}", duration(now - t)));
+        }
+        lines.push(("started", line));
+    }
+    if let (Some(t), Some(true)) = (job.finished_at, job.status().map(Status::is_finished)) {
+        let mut line = when(t);
+        if let Some(ran) = job.run_time(now) {
+            line.push_str(&format!(", ran {}", duration(ran)));
+        }
+        lines.push(("finished", line));
+    }
+    if let Some(error) = &job.error {
+        lines.push(("error", error.clone()));
+    }
+    let mut out = String::new();
+    for (label, value) in lines {
+        out.push_str(&format!("{label:<9} {value}\n"));
+    }
+    out
+}
+
+/// A table cell; a status cell is painted after padding, so escapes do not skew widths.
+struct Cell {
+    text: String,
+    status: Option<Status>,
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Cell {
+        Cell { text, status: None }
+    }
+}
+
+fn status_cell(job: &JobView) -> Cell {
+    Cell {
+        text: job.status_text.clone(),
+        status: job.status(),
+    }
+}
+
+/// Columns two spaces apart, a header line on top. The last column is not padded, and on a
+/// terminal it is cut (in the middle, which keeps a model's org and its name's end) to fit.
+fn table(headers: &[&str], rows: Vec<Vec<Cell>>, style: &Style) -> String {
+    const GAP: usize = 2;
+    let columns = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.text.chars().count());
+        }
+    }
+    let fixed: usize = widths[..columns - 1].iter().map(|w| w + GAP).sum();
+    let last_max = style.width.map(|w| w.saturating_sub(fixed).max(12));
+    let mut out = String::new();
+    let mut line = |cells: Vec<Cell>| {
+        let mut text = String::new();
+        for (i, cell) in cells.into_iter().enumerate() {
+            if i + 1 == columns {
+                let value = match last_max {
+                    Some(max) => truncate_middle(&cell.text, max),
+                    None => cell.text,
+                };
+                text.push_str(&value);
+            } else {
+                let pad = widths[i] - cell.text.chars().count() + GAP;
+                text.push_str(&paint(&cell.text, cell.status, style.color));
+                text.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| Cell::from(h.to_string())).collect());
+    for row in rows {
+        line(row);
+    }
+    out
+}
+
+/// `text` cut to `max` characters with `…` in the middle.
+fn truncate_middle(text: &str, max: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= max {
+        return text.to_string();
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep / 2;
+    let tail = keep - head;
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
+    out
+}
+
+/// The id as a table shows it: on a terminal its first 8 characters, which every command
+/// takes as a prefix; piped, all of it.
+fn table_id(job: &JobView, style: &Style) -> Cell {
+    let id = if style.tty {
+        job.id.chars().take(8).collect()
+    } else {
+        job.id.clone()
+    };
+    Cell::from(id)
+}
+
+/// `list`: one job per row.
+pub fn job_table(jobs: &[JobView], now: DateTime<Utc>, style: &Style) -> String {
+    let rows = jobs
+        .iter()
+        .map(|job| {
+            vec![
+                table_id(job, style),
+                status_cell(job),
+                Cell::from(job.kind.clone()),
+                Cell::from(job.attempts.map_or("-".into(), |a| a.to_string())),
+                Cell::from(job.created_at.map_or("-".into(), |t| ago(t, now))),
+                Cell::from(job.run_time(now).map_or("-".into(), duration)),
+                Cell::from(job.model.clone()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "STATUS", "TYPE", "ATTEMPTS", "CREATED", "RUNTIME", "MODEL",
+        ],
+        rows,
+        style,
+    )
+}
+
+/// `queue`: running jobs (position `-`), then queued ones numbered in the order they start.
+pub fn queue_table(
+    running: &[JobView],
+    queued: &[JobView],
+    now: DateTime<Utc>,
+    style: &Style,
+) -> String {
+    let since = |t: Option<DateTime<Utc>>| t.map_or("-".into(), |t| ago(t, now));
+    let mut rows = Vec::new();
+    for job in running {
+        rows.push(vec![
+            Cell::from("-".to_string()),
+            table_id(job, style),
+            status_cell(job),
+            Cell::from(since(job.started_at)),
+            Cell::from(job.model.clone()),
+        ]);
+    }
+    for (n, job) in queued.iter().enumerate() {
+        rows.push(vec![
+            Cell::from((n + 1).to_string()),
+            table_id(job, style),
+            status_cell(job),
+            Cell::from(since(job.created_at)),
+            Cell::from(job.model.clone()),
+        ]);
+    }
+    table(&["POS", "ID", "STATUS", "SINCE", "MODEL"], rows, style)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    const PLAIN: Style = Style {
+        tty: false,
+        color: false,
+        width: None,
+    };
+
+    fn failed_job() -> JobView {
+        JobView::from_json(&json!({
+            "type": "TextJob",
+            "job_id": "123e4567-e89b-12d3-a456-426614174000",
+            "model": "mistralai/Mistral-7B-v0.1",
+            "dataset": "train.json",
+            "file_format": "json",
+            "status": "Failed",
+            "attempts": 2,
+            "error_message": "exited with status 3; last output: out of memory",
+            "created_at": "2025-01-01T10:00:00Z",
+            "started_at": "2025-01-01T10:01:00Z",
+            "finished_at": "2025-01-01T10:04:05Z",
+        }))
+    }
+
+    #[test]
+    fn times_read_as_a_person_would_say_them() {
+        let now = at("2025-01-02T12:00:00Z");
+        assert_eq!(ago(at("2025-01-02T12:00:00Z"), now), "just now");
+        assert_eq!(ago(at("2025-01-02T12:00:02Z"), now), "just now");
+        assert_eq!(ago(at("2025-01-02T11:59:18Z"), now), "42s ago");
+        assert_eq!(ago(at("2025-01-02T11:57:00Z"), now), "3m ago");
+        assert_eq!(ago(at("2025-01-02T07:00:00Z"), now), "5h ago");
+        assert_eq!(ago(at("2024-12-30T12:00:00Z"), now), "3d ago");
+        assert_eq!(ago(at("2025-01-02T12:10:00Z"), now), "in 10m");
+        assert_eq!(duration(TimeDelta::seconds(42)), "42s");
+        assert_eq!(duration(TimeDelta::seconds(185)), "3m 05s");
+        assert_eq!(duration(TimeDelta::seconds(5 * 3600 + 12 * 60)), "5h 12m");
+        assert_eq!(duration(TimeDelta::seconds(3 * 86400 + 4 * 3600)), "3d 4h");
+        assert_eq!(duration(TimeDelta::seconds(-3)), "0s");
+    }
+
+    #[test]
+    fn a_job_block_shows_what_a_person_asks_first() {
+        let now = at("2025-01-01T10:05:05Z");
+        let text = job_block(&failed_job(), now, &PLAIN);
+        assert_eq!(
+            text,
+            "id        123e4567-e89b-12d3-a456-426614174000\n\
+             status    Failed\n\
+             type      TextJob\n\
+             model     mistralai/Mistral-7B-v0.1\n\
+             dataset   train.json (json)\n\
+             attempts  2\n\
+             created   5m ago  (2025-01-01 10:00:00 UTC)\n\
+             started   4m ago  (2025-01-01 10:01:00 UTC)\n\
+             finished  1m ago  (2025-01-01 10:04:05 UTC), ran 3m 05s\n\
+             error     exited with status 3; last output: out of memory\n"
+        );
+    }
+
+    #[test]
+    fn a_table_is_aligned_and_plain_unless_coloured() {
+        let now = at("2025-01-01T10:05:05Z");
+        let queued = JobView::from_json(&json!({
+            "type": "DiffusionJob", "job_id": "00000000-0000-4000-8000-000000000001",
+            "model": "sdxl", "status": "Queued", "attempts": 0,
+            "created_at": "2025-01-01T10:05:00Z",
+        }));
+        let jobs = [failed_job(), queued];
+        let text = job_table(&jobs, now, &PLAIN);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("ID  "), "{text}");
+        let status_at = lines[0].find("STATUS").unwrap();
+        assert_eq!(
+            lines[1][status_at..].split_whitespace().next(),
+            Some("Failed")
+        );
+        assert_eq!(
+            lines[2][status_at..].split_whitespace().next(),
+            Some("Queued")
+        );
+        assert!(lines[1].contains("3m 05s"), "{text}");
+        assert!(lines[2].ends_with("sdxl"), "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+
+        let colour = Style {
+            tty: true,
+            color: true,
+            width: Some(80),
+        };
+        let text = job_table(&jobs, now, &colour);
+        assert!(text.contains("\x1b[1;31mFailed\x1b[0m"), "{text}");
+        assert!(
+            text.contains("\n123e4567  "),
+            "short ids on a terminal: {text}"
+        );
+        assert!(text.contains("\x1b[33mQueued\x1b[0m"), "{text}");
+        for line in text.lines() {
+            let visible = line.replace("\x1b[1;31m", "").replace("\x1b[33m", "");
+            let visible = visible.replace("\x1b[0m", "");
+            assert!(visible.chars().count() <= 80, "{line:?}");
+        }
+        assert!(
+            text.contains("mistralai…al-7B-v0.1"),
+            "the model is cut to fit: {text}"
+        );
+    }
+
+    #[test]
+    fn long_texts_are_cut_in_the_middle() {
+        assert_eq!(truncate_middle("short", 10), "short");
+        assert_eq!(truncate_middle("abcdefghijkl", 7), "abc…jkl");
+        assert_eq!(truncate_middle("abcdefghijkl", 6), "ab…jkl");
+    }
+}
