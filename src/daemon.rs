@@ -18,6 +18,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::executor::{self, Executor};
 use crate::metrics::METRICS;
+use crate::notify::{self, Notifier};
 use crate::store::Store;
 use crate::store::lock::{self, LockError};
 use crate::worker::{Boot, Worker};
@@ -123,6 +124,9 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         });
     }
     info!(%address, data_dir = %data_dir.display(), "listening; replaying the data dir");
+    // A no-op unless a service manager (systemd, Type=notify) set NOTIFY_SOCKET.
+    let notifier = Notifier::from_env();
+    notifier.status("replaying the data dir");
 
     // Signals and fatal errors are watched from here on, so that a stop during a long
     // replay is honoured as soon as replay ends.
@@ -181,7 +185,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     tracker.spawn(worker.run());
-    state.set_worker(handle);
+    state.set_worker(handle.clone());
     info!(
         jobs = report.loaded,
         requeued = report.requeued,
@@ -191,8 +195,26 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         took_ms = started.elapsed().as_millis() as u64,
         "ready"
     );
+    // Now, not earlier: READY means what a 200 from /readyz means.
+    notifier.ready(&format!(
+        "ready: {} jobs loaded, {} to run; listening on {address}",
+        report.loaded, report.requeued
+    ));
+    if let Some(timeout) = notify::watchdog_timeout_from_env().filter(|_| notifier.is_enabled()) {
+        let ping = move || {
+            let handle = handle.clone();
+            async move { handle.ping().await.is_ok() }
+        };
+        tracker.spawn(notify::watchdog(
+            notifier.clone(),
+            timeout,
+            ping,
+            shutdown.clone(),
+        ));
+    }
 
     shutdown.cancelled().await;
+    notifier.stopping();
     let grace = config.shutdown_grace;
     let deadline = Instant::now() + grace;
     // The API's state holds the last worker handle outside the tracker's tasks.

@@ -11,6 +11,7 @@
 //!   only once the store has made it durable.
 //! - [`metrics`]: the process-wide counters and histograms behind `GET /metrics`.
 //! - [`api`]: the HTTP API over a worker handle.
+//! - [`notify`]: tells a service manager (systemd) about readiness, stopping and liveness.
 //! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
 //! - [`check`]: the offline validator of a data dir.
 //! - [`client`]: the command-line client of a running daemon (`submit`, `status`, `list`,
@@ -25,5 +26,6 @@ pub mod daemon;
 pub mod executor;
 pub mod job;
 pub mod metrics;
+pub mod notify;
 pub mod store;
 pub mod worker;

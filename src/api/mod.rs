@@ -14,7 +14,7 @@ use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -75,20 +75,62 @@ impl AppState {
     }
 }
 
+/// One route of the API.
+pub struct Route {
+    pub method: &'static str,
+    /// In axum's syntax, which is also OpenAPI's: `/v1/jobs/{id}`.
+    pub path: &'static str,
+    handler: fn() -> MethodRouter<AppState>,
+}
+
+impl Route {
+    const fn new(
+        method: &'static str,
+        path: &'static str,
+        handler: fn() -> MethodRouter<AppState>,
+    ) -> Route {
+        Route {
+            method,
+            path,
+            handler,
+        }
+    }
+}
+
+/// Every route the API serves; the router is built from this list alone. Paths under `/v1/`
+/// need the API token, the others (probes, metrics, the API's description) never do.
+/// tests/openapi.rs holds it against [`OPENAPI_JSON`], so no route goes undocumented.
+pub const ROUTES: &[Route] = &[
+    Route::new("POST", "/v1/jobs", || post(submit)),
+    Route::new("GET", "/v1/jobs", || get(list)),
+    Route::new("GET", "/v1/jobs/{id}", || get(job)),
+    Route::new("POST", "/v1/jobs/{id}/cancel", || post(cancel)),
+    Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
+    Route::new("GET", "/v1/queue", || get(queue)),
+    Route::new("GET", "/healthz", || get(healthz)),
+    Route::new("GET", "/readyz", || get(readyz)),
+    Route::new("GET", "/metrics", || get(metrics)),
+    Route::new("GET", "/openapi.json", || get(openapi)),
+];
+
+/// The OpenAPI 3.1 description of the API, written by hand in `src/api/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
 /// The whole API. `state` decides readiness and authentication.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/jobs", post(submit).get(list))
-        .route("/v1/jobs/{id}", get(job))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route("/v1/jobs/{id}/logs", get(logs))
-        .route("/v1/queue", get(queue))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let (mut v1, mut open) = (Router::new(), Router::new());
+    for route in ROUTES {
+        // Two methods on one path are merged into one method router by axum.
+        if route.path.starts_with("/v1/") {
+            v1 = v1.route(route.path, (route.handler)());
+        } else {
+            open = open.route(route.path, (route.handler)());
+        }
+    }
+    let v1 = v1.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(open)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -360,6 +402,10 @@ async fn tail_start(file: &mut tokio::fs::File, size: u64, lines: usize) -> std:
 
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
 async fn metrics() -> Response {
