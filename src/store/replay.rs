@@ -85,7 +85,10 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     }
 
     let mut jobs: HashMap<JobId, Job> = HashMap::new();
-    for entry in read_dir_if_exists(&jobs_dir)? {
+    let entries = read_dir_if_exists(&jobs_dir)?;
+    let mut progress = Progress::new(entries.len());
+    for entry in entries {
+        progress.tick();
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         // Only regular files are read: a FIFO would block the boot forever, and a symbolic
@@ -127,6 +130,48 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
     recovered.temp_files.sort();
     Ok(recovered)
+}
+
+/// Reports how far a long replay has got, so that an operator watching a slow boot sees it
+/// move: every [`PROGRESS_EVERY`] files, and after [`PROGRESS_INTERVAL`] without a report,
+/// whichever comes first, and only when there are enough files for it to matter.
+struct Progress {
+    total: usize,
+    done: usize,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+const PROGRESS_EVERY: usize = 10_000;
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        let now = std::time::Instant::now();
+        Progress {
+            total,
+            done: 0,
+            started: now,
+            last: now,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        if self.total < PROGRESS_EVERY {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self.done % PROGRESS_EVERY == 0 || now - self.last >= PROGRESS_INTERVAL {
+            self.last = now;
+            tracing::info!(
+                read = self.done,
+                total = self.total,
+                elapsed_ms = (now - self.started).as_millis() as u64,
+                "replaying job files"
+            );
+        }
+    }
 }
 
 /// Reads `queue.json`; a missing one is an empty queue, an unreadable one is damaged.

@@ -1,0 +1,296 @@
+//! What an operator sees of a running daemon: `GET /metrics` scraped as Prometheus would,
+//! and the daemon's own log lines (`log_format = "json"`, `RUST_LOG`), including the boot
+//! summary and the progress of a long replay.
+
+#[allow(dead_code)]
+#[path = "e2e_support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use support::{Sandbox, Settings, diffusion_job, secs, wait_until};
+
+/// Parses the Prometheus text format into `name{labels}` -> value, and checks that every
+/// sample belongs to a family announced with `# TYPE` (and `# HELP`).
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut families: Vec<(String, String)> = Vec::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().expect("a family name").to_string();
+            let kind = parts.next().expect("a family type").to_string();
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind.as_str()),
+                "{line}"
+            );
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+            families.push((name, kind));
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("a sample is `name value`");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let base = key.split('{').next().expect("a name");
+        let known = families.iter().any(|(name, kind)| {
+            base == name
+                || (kind == "histogram"
+                    && [
+                        format!("{name}_bucket"),
+                        format!("{name}_sum"),
+                        format!("{name}_count"),
+                    ]
+                    .contains(&base.to_string()))
+        });
+        assert!(known, "sample of an unannounced family: {line}");
+        assert!(base.starts_with("training_worker_"), "{line}");
+        samples.insert(key.to_string(), value);
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings::default());
+    let daemon = sandbox.start().await;
+
+    // The first job holds the only slot until released, so that the last one can be
+    // cancelled while it is surely still queued.
+    let first = uuid::Uuid::new_v4().to_string();
+    sandbox.hold(&first);
+    let mut body = diffusion_job("ok");
+    body["job_id"] = first.clone().into();
+    daemon.submit(body).await;
+    let ok = daemon.submit(diffusion_job("ok")).await;
+    let failing = daemon.submit(diffusion_job("fail:3")).await;
+    let never = daemon.submit(diffusion_job("ok")).await;
+    let cancelled = daemon.cancel(&never).await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{cancelled:?}");
+    sandbox.release(&first);
+    for id in [&first, &ok, &failing] {
+        wait_until(format!("{id} finishes"), secs(20), async || {
+            let job = daemon.job(id).await;
+            let status = job["status"].as_str().unwrap_or("").to_string();
+            (status == "Completed" || status == "Failed").then_some(())
+        })
+        .await;
+    }
+
+    let reply = daemon.get("/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let m = parse_metrics(&reply.text);
+    let get = |key: &str| {
+        *m.get(key)
+            .unwrap_or_else(|| panic!("no sample {key}:\n{}", reply.text))
+    };
+    assert_eq!(get("training_worker_jobs_enqueued_total"), 4.0);
+    assert_eq!(get("training_worker_jobs_started_total"), 3.0);
+    assert_eq!(get("training_worker_jobs_completed_total"), 2.0);
+    assert_eq!(get("training_worker_jobs_failed_total"), 1.0);
+    assert_eq!(get("training_worker_jobs_cancelled_total"), 1.0);
+    assert_eq!(get("training_worker_jobs{status=\"completed\"}"), 2.0);
+    assert_eq!(get("training_worker_jobs{status=\"failed\"}"), 1.0);
+    assert_eq!(get("training_worker_jobs{status=\"cancelled\"}"), 1.0);
+    assert_eq!(get("training_worker_jobs{status=\"queued\"}"), 0.0);
+    assert_eq!(get("training_worker_jobs{status=\"running\"}"), 0.0);
+    assert_eq!(get("training_worker_queue_wait_seconds_count"), 3.0);
+    assert_eq!(get("training_worker_run_seconds_count"), 3.0);
+    assert_eq!(
+        get("training_worker_run_seconds_bucket{le=\"+Inf\"}"),
+        get("training_worker_run_seconds_count")
+    );
+    // Every record written went through a batch: 4 arrivals, 3 starts, 3 ends, 1 cancel.
+    assert!(
+        get("training_worker_store_batch_jobs_sum") >= 11.0,
+        "{}",
+        reply.text
+    );
+    assert!(get("training_worker_store_flush_seconds_count") >= 1.0);
+    assert!(get("training_worker_replay_seconds") >= 0.0);
+    assert_eq!(get("training_worker_jobs_recovered_total"), 0.0);
+    assert_eq!(get("training_worker_quarantined_files_total"), 0.0);
+    let content_type = reqwest::get(format!("{}/metrics", daemon_base(&daemon)))
+        .await
+        .expect("scrape")
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+
+    // After a crash: the boot's recovery shows, and the gauges start from the files.
+    daemon.kill();
+    sandbox.write_data_file("jobs/not-a-job.json", b"{");
+    sandbox.configure(&Settings {
+        max_concurrent: 0,
+        ..Settings::default()
+    });
+    let daemon = sandbox.start().await;
+    let queued = daemon.submit(diffusion_job("ok")).await;
+    let m = parse_metrics(&daemon.get("/metrics").await.text);
+    assert_eq!(m["training_worker_quarantined_files_total"], 1.0);
+    assert_eq!(m["training_worker_jobs{status=\"completed\"}"], 2.0);
+    assert_eq!(m["training_worker_jobs{status=\"failed\"}"], 1.0);
+    assert_eq!(m["training_worker_jobs{status=\"cancelled\"}"], 1.0);
+    assert_eq!(
+        m["training_worker_jobs{status=\"queued\"}"], 1.0,
+        "{queued}"
+    );
+    assert_eq!(m["training_worker_jobs_enqueued_total"], 1.0);
+}
+
+fn daemon_base(daemon: &support::Daemon) -> String {
+    // The stderr names the address it listens on.
+    let stderr = daemon.stderr();
+    let address = stderr
+        .lines()
+        .find(|l| l.contains("listening"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the listening line names the address");
+    format!("http://{address}")
+}
+
+/// The JSON log lines of a daemon's stderr.
+fn json_lines(stderr: &str) -> Vec<Value> {
+    stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_job_on_every_line_of_its_life() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings::default());
+    let config = std::fs::read_to_string(sandbox.config_file()).expect("config");
+    sandbox.write_config(&format!("log_format = \"json\"\n{config}"));
+    let daemon = sandbox.start().await;
+    let id = daemon.submit(diffusion_job("fail:2")).await;
+    wait_until("the job fails", secs(20), async || {
+        (daemon.job(&id).await["status"] == "Failed").then_some(())
+    })
+    .await;
+    let stderr = daemon.stderr();
+    let (status, _) = daemon.terminate(secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    let lines = json_lines(&stderr);
+    let ready = lines
+        .iter()
+        .find(|l| l["message"] == "ready")
+        .unwrap_or_else(|| panic!("no boot summary in\n{stderr}"));
+    for field in ["jobs", "requeued", "interrupted", "quarantined", "took_ms"] {
+        assert!(
+            ready.get(field).is_some(),
+            "boot summary lacks {field}: {ready}"
+        );
+    }
+    // Every line about the job's life carries its id as a field.
+    let about_job: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.to_string().contains(&id))
+        .collect();
+    let messages: Vec<&str> = about_job
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    for expected in [
+        "job queued",
+        "job started",
+        "trainer started",
+        "trainer ended",
+        "job failed",
+    ] {
+        assert!(
+            messages.contains(&expected),
+            "{expected:?} not among {messages:?}"
+        );
+    }
+    for line in &about_job {
+        assert_eq!(line["job_id"], id.as_str(), "{line}");
+        assert!(
+            line["level"].is_string() && line["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_sets_the_level_and_a_long_replay_reports_progress() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings {
+        max_concurrent: 0,
+        ..Settings::default()
+    });
+    // 25,000 finished jobs: enough for the replay to report its progress.
+    let template = support::SEED_JOB.replace("\"Running\"", "\"Completed\"");
+    for n in 0..25_000u128 {
+        let id = uuid::Uuid::from_u128(0xabc0_0000 + n).to_string();
+        let body = template.replace(support::SEED_ID, &id);
+        sandbox.write_data_file(&format!("jobs/{id}.json"), body.as_bytes());
+    }
+    let daemon = sandbox.start().await;
+    let stderr = daemon.stderr();
+    let progress = stderr
+        .lines()
+        .filter(|l| l.contains("replaying job files"))
+        .count();
+    assert!(progress >= 2, "no replay progress in\n{stderr}");
+    assert!(
+        stderr.contains("read=10000") && stderr.contains("total=25000"),
+        "{stderr}"
+    );
+    let summary = stderr
+        .lines()
+        .find(|l| l.contains(" ready "))
+        .expect("summary");
+    assert!(summary.contains("jobs=25000"), "{summary}");
+    daemon.kill();
+
+    // RUST_LOG=warn: a normal boot says nothing at all.
+    let config = std::fs::read_to_string(sandbox.config_file()).expect("config");
+    sandbox.write_config(&config);
+    let quiet = std::process::Command::new(env!("CARGO_BIN_EXE_training-worker"))
+        .args(["serve", "--config"])
+        .arg(sandbox.config_file())
+        .arg("--data-dir")
+        .arg(sandbox.path().join("other-data"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the daemon");
+    let pid = quiet.id() as i32;
+    // Ready is announced at info; give it until the data dir's queue.json exists, then stop.
+    let queue_file = sandbox.path().join("other-data").join("queue.json");
+    wait_until("the quiet daemon boots", secs(20), async || {
+        queue_file.exists().then_some(())
+    })
+    .await;
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let output = quiet.wait_with_output().expect("wait for the daemon");
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !text.contains("INFO"),
+        "RUST_LOG=warn still logged info:\n{text}"
+    );
+}
