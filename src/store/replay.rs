@@ -162,7 +162,7 @@ impl Progress {
             return;
         }
         let now = std::time::Instant::now();
-        if self.done % PROGRESS_EVERY == 0 || now - self.last >= PROGRESS_INTERVAL {
+        if self.done.is_multiple_of(PROGRESS_EVERY) || now - self.last >= PROGRESS_INTERVAL {
             self.last = now;
             tracing::info!(
                 read = self.done,
