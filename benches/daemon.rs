@@ -209,10 +209,10 @@ fn make_data_dir(dir: &Path, total: usize, queued: usize) -> Vec<JobId> {
         if n + queued >= total {
             waiting.push(job.id);
         } else if n % 100 == 0 {
-            job.start(created);
+            job.start(created, None);
             running.push(job.id);
         } else {
-            job.start(created);
+            job.start(created, None);
             let status = [Status::Completed, Status::Failed, Status::Cancelled][n % 3];
             let message =
                 (status != Status::Completed).then(|| "trainer exited with status 1".to_string());

@@ -298,7 +298,7 @@ mod tests {
         let opened = Store::open(dir.path(), CancellationToken::new()).unwrap();
         let (a, b) = (job(1), job(2));
         let mut done = job(3);
-        done.start(chrono::Utc::now());
+        done.start(chrono::Utc::now(), None);
         done.finish(Status::Completed, None, chrono::Utc::now());
         opened
             .handle

@@ -53,6 +53,11 @@ pub struct WorkerConfig {
     pub max_concurrent: usize,
     /// Starts cut by crashes after which a job is failed instead of started again.
     pub max_attempts: u32,
+    /// The GPU ids jobs are given; empty: no GPU accounting.
+    pub gpus: Vec<u32>,
+    /// Whether a job may start ahead of an earlier one that waits for more GPUs than are
+    /// free. Off: the queue is strictly in order, and a big job is never starved.
+    pub backfill: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -107,6 +112,8 @@ struct FileConfig {
 struct FileWorker {
     max_concurrent: Option<usize>,
     max_attempts: Option<u32>,
+    gpus: Option<Vec<u32>>,
+    backfill: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +136,8 @@ pub const ENV_KEYS: &[&str] = &[
     "LOG_FORMAT",
     "WORKER_MAX_CONCURRENT",
     "WORKER_MAX_ATTEMPTS",
+    "WORKER_GPUS",
+    "WORKER_BACKFILL",
     "EXECUTOR_COMMAND",
     "EXECUTOR_TIMEOUT",
     "EXECUTOR_KILL_GRACE",
@@ -222,6 +231,33 @@ impl Config {
         if max_attempts == 0 {
             return Err(ConfigError::new("worker.max_attempts: must be at least 1"));
         }
+        let gpus = match var("WORKER_GPUS") {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| parse_number("worker.gpus", s))
+                .collect::<Result<Vec<u32>, _>>()?,
+            None => file.worker.gpus.unwrap_or_default(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = gpus.iter().find(|id| !seen.insert(**id)) {
+            return Err(ConfigError::new(format!(
+                "worker.gpus: GPU {twice} is listed twice"
+            )));
+        }
+        let backfill = match var("WORKER_BACKFILL") {
+            Some(v) => match v.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(ConfigError::new(format!(
+                        "worker.backfill: {other:?} is not true or false"
+                    )));
+                }
+            },
+            None => file.worker.backfill.unwrap_or(false),
+        };
 
         let command = match var("EXECUTOR_COMMAND") {
             Some(v) => parse_command(&v)?,
@@ -281,6 +317,8 @@ impl Config {
             worker: WorkerConfig {
                 max_concurrent,
                 max_attempts,
+                gpus,
+                backfill,
             },
             executor: ExecutorConfig {
                 command,
@@ -499,6 +537,9 @@ mod tests {
             ),
             ("[executor]\npass_env = [\"A B\"]", "executor.pass_env"),
             ("max_body_bytes = 0", "max_body_bytes"),
+            ("[worker]\ngpus = [0, 1, 0]", "worker.gpus"),
+            ("[worker]\ngpus = [-1]", "gpus"),
+            ("[worker]\nbackfill = \"yes\"", "backfill"),
             ("log_format = \"xml\"", "log_format"),
             (
                 "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",

@@ -428,6 +428,10 @@ pub struct Job {
     /// The last start. A Queued job with a start time was interrupted and goes first.
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// GPUs the job asks for; `None`: the default (one when GPUs are configured).
+    pub gpu_count: Option<u32>,
+    /// The GPUs of its last start, when GPUs are configured. Server-owned.
+    pub gpu_ids: Option<Vec<u32>>,
     /// Fields this version does not know, in the order they came, written back unchanged.
     pub extra: Extra,
 }
@@ -464,6 +468,8 @@ const KNOWN_COMMON: &[&str] = &[
     "updated_at",
     "started_at",
     "finished_at",
+    "gpu_count",
+    "gpu_ids",
 ];
 
 impl Job {
@@ -498,6 +504,7 @@ impl Job {
             "updated_at",
             "started_at",
             "finished_at",
+            "gpu_ids",
         ] {
             // shift_remove keeps the order of the remaining (possibly unknown) fields.
             object.shift_remove(key);
@@ -540,6 +547,16 @@ impl Job {
         let updated_at = optional_timestamp(&object, "updated_at")?;
         let started_at = optional_timestamp(&object, "started_at")?;
         let finished_at = optional_timestamp(&object, "finished_at")?;
+        let gpu_ids = match object.get("gpu_ids") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(ids)) => Some(
+                ids.iter()
+                    .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| FieldError::new("gpu_ids", "must be GPU ids (whole numbers)"))?,
+            ),
+            Some(_) => return Err(FieldError::new("gpu_ids", "must be an array or null")),
+        };
         let mut job = Job::from_fields(id, object)?;
         job.status = status;
         job.error_message = error_message;
@@ -548,6 +565,7 @@ impl Job {
         job.updated_at = updated_at;
         job.started_at = started_at;
         job.finished_at = finished_at;
+        job.gpu_ids = gpu_ids;
         Ok(job)
     }
 
@@ -621,6 +639,14 @@ impl Job {
         };
         let model = required_string(&object, "model")?;
         let expected_repo_name = optional_string(&object, "expected_repo_name")?;
+        let gpu_count = match object.get("gpu_count") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| FieldError::new("gpu_count", "must be a whole number >= 0"))?,
+            ),
+        };
         let kind_fields = match kind {
             JobKind::Text { .. } => KNOWN_TEXT,
             JobKind::Diffusion { .. } => KNOWN_DIFFUSION,
@@ -640,6 +666,8 @@ impl Job {
             updated_at: None,
             started_at: None,
             finished_at: None,
+            gpu_count,
+            gpu_ids: None,
             extra: Extra::from_map(object),
         })
     }
@@ -656,13 +684,16 @@ impl Job {
             && self.model == other.model
             && self.expected_repo_name == other.expected_repo_name
             && self.kind == other.kind
+            && self.gpu_count == other.gpu_count
             && self.extra == other.extra
     }
 
-    /// Queued -> Running: a new start, counted before the trainer runs.
-    pub fn start(&mut self, now: Timestamp) {
+    /// Queued -> Running: a new start, counted before the trainer runs, on these GPUs (when
+    /// GPUs are configured).
+    pub fn start(&mut self, now: Timestamp, gpu_ids: Option<Vec<u32>>) {
         debug_assert_eq!(self.status, Status::Queued);
         self.status = Status::Running;
+        self.gpu_ids = gpu_ids;
         self.attempts = self.attempts.saturating_add(1);
         self.started_at = Some(now);
         self.finished_at = None;
@@ -753,6 +784,14 @@ impl Serialize for Job {
             ("finished_at", &self.finished_at),
         ] {
             map.serialize_entry(key, &t.as_ref().map(format_timestamp))?;
+        }
+        // Written only when set, so that job files of boxes without GPU accounting stay as
+        // they were.
+        if let Some(count) = self.gpu_count {
+            map.serialize_entry("gpu_count", &count)?;
+        }
+        if let Some(ids) = &self.gpu_ids {
+            map.serialize_entry("gpu_ids", ids)?;
         }
         for (key, value) in &self.extra.0 {
             map.serialize_entry(key, &**value)?;
@@ -1078,7 +1117,7 @@ mod tests {
     fn transitions_record_attempts_and_times() {
         let mut job = Job::from_submission(text_job(json!({})), now()).unwrap();
         let later = now() + chrono::Duration::seconds(5);
-        job.start(later);
+        job.start(later, None);
         assert_eq!(
             (job.status, job.attempts, job.started_at),
             (Status::Running, 1, Some(later))
@@ -1086,10 +1125,10 @@ mod tests {
         job.requeue_interrupted(false, later);
         assert_eq!((job.status, job.attempts), (Status::Queued, 0));
         assert!(job.was_interrupted());
-        job.start(later);
+        job.start(later, None);
         job.requeue_interrupted(true, later);
         assert_eq!(job.attempts, 1);
-        job.start(later);
+        job.start(later, None);
         job.finish(Status::Failed, Some("exit status 1".into()), later);
         assert_eq!(job.status, Status::Failed);
         assert!(job.status.is_finished());
@@ -1098,10 +1137,38 @@ mod tests {
     }
 
     #[test]
+    fn gpu_fields_round_trip_and_only_the_count_is_the_clients() {
+        let mut body =
+            json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z", "gpu_count": 2});
+        body["gpu_ids"] = json!([7]);
+        let mut job = Job::from_submission(body, now()).unwrap();
+        assert_eq!((job.gpu_count, job.gpu_ids.clone()), (Some(2), None));
+        job.start(now(), Some(vec![0, 1]));
+        let back = Job::from_stored(job.to_json()).unwrap();
+        assert_eq!(back.gpu_ids, Some(vec![0, 1]));
+        assert_eq!(back, job);
+        for bad in [json!(-1), json!(1.5), json!("2")] {
+            let body =
+                json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z", "gpu_count": bad});
+            assert_eq!(
+                Job::from_submission(body, now()).unwrap_err().field,
+                "gpu_count"
+            );
+        }
+        // Without GPUs nothing about them is written.
+        let plain = Job::from_submission(text_job(json!({})), now()).unwrap();
+        let out = plain.to_json();
+        assert!(
+            out.get("gpu_count").is_none() && out.get("gpu_ids").is_none(),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn same_request_ignores_server_fields_only() {
         let a = Job::from_submission(text_job(json!({})), now()).unwrap();
         let mut b = a.clone();
-        b.start(now());
+        b.start(now(), None);
         assert!(a.same_request(&b));
         b.model = "other".into();
         assert!(!a.same_request(&b));

@@ -209,6 +209,8 @@ async fn spawn_app(options: Options) -> App {
         WorkerConfig {
             max_concurrent: options.max_concurrent,
             max_attempts: 3,
+            gpus: Vec::new(),
+            backfill: false,
         },
         handle,
         move |events| Executor::new(executor_config, exec_data, events, TaskTracker::new()),

@@ -67,6 +67,8 @@ async fn spawn_app() -> App {
         WorkerConfig {
             max_concurrent: 0,
             max_attempts: 3,
+            gpus: Vec::new(),
+            backfill: false,
         },
         handle,
         move |events| Executor::new(executor_config, data, events, TaskTracker::new()),

@@ -48,6 +48,7 @@ impl From<WorkerError> for ApiError {
     fn from(e: WorkerError) -> ApiError {
         match e {
             WorkerError::NotFound(id) => ApiError::JobNotFound(id),
+            WorkerError::Invalid(field) => ApiError::BadRequest(field.to_string()),
             WorkerError::Conflict { .. } | WorkerError::Finished { .. } => {
                 ApiError::Conflict(e.to_string())
             }

@@ -238,6 +238,12 @@ impl Executor {
         ] {
             env.push((name.to_string(), value));
         }
+        // Only with GPU accounting: then a job sees exactly its GPUs (none, for a job that
+        // asked for none); without it, the trainer's environment decides.
+        if let Some(ids) = &job.gpu_ids {
+            let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), list.join(",")));
+        }
         env
     }
 }

@@ -576,7 +576,7 @@ mod tests {
         }
         queue_file_becomes(dir.path(), &[], &[a.id, b.id]);
         let mut running = b.clone();
-        running.start(chrono::Utc::now());
+        running.start(chrono::Utc::now(), None);
         store
             .commit(vec![Change {
                 job: running,

@@ -104,6 +104,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("the worker is not running")]
     Stopped,
+    #[error(transparent)]
+    Invalid(crate::job::FieldError),
 }
 
 /// The queue as `queue.json` shows it.
@@ -270,6 +272,9 @@ pub struct Worker {
     in_flight: FuturesUnordered<InFlight>,
     /// Starts whose Running record is in flight; they hold a slot already.
     starting: usize,
+    /// GPUs held by each starting or running trainer, from the decision to start until the
+    /// trainer has exited (a cancelled trainer holds them until it is really gone).
+    gpus_in_use: HashMap<JobId, Vec<u32>>,
     /// Trainer outcomes the store refused to record; retried after [`RETRY_AFTER`].
     unrecorded: HashMap<JobId, Event>,
     /// When to try again after a refused start or finish.
@@ -357,6 +362,7 @@ impl Worker {
             busy: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             starting: 0,
+            gpus_in_use: HashMap::new(),
             unrecorded: HashMap::new(),
             retry_at: None,
             last_created,
@@ -436,6 +442,17 @@ impl Worker {
         mut job: Job,
         respond_to: oneshot::Sender<Result<Submitted, WorkerError>>,
     ) {
+        let total = self.config.gpus.len();
+        if let Some(count) = job.gpu_count
+            && total > 0
+            && count as usize > total
+        {
+            let _ = respond_to.send(Err(WorkerError::Invalid(crate::job::FieldError::new(
+                "gpu_count",
+                format!("asks for {count} GPUs, and this worker has {total}"),
+            ))));
+            return;
+        }
         if let Some(existing) = self.jobs.get(&job.id) {
             let answer = if existing.same_request(&job) {
                 Ok(Submitted::Existing(existing.clone()))
@@ -561,6 +578,7 @@ impl Worker {
                 if self.shutdown.is_cancelled() {
                     // Shutdown came while the start was being written: do not start a
                     // trainer only to stop it; the start does not count.
+                    self.gpus_in_use.remove(&id);
                     self.put(job.clone());
                     job.requeue_interrupted(false, chrono::Utc::now());
                     let change = Change {
@@ -586,6 +604,7 @@ impl Worker {
             }
             (Pending::Start { .. }, Err(e)) => {
                 self.starting -= 1;
+                self.gpus_in_use.remove(&id);
                 warn!(job_id = %id, error = %e, "cannot record the start; the job stays queued");
                 self.schedule_retry();
             }
@@ -641,31 +660,66 @@ impl Worker {
         }
     }
 
-    /// Starts queued jobs while slots are free, in queue order. Not while a refused write
-    /// waits for its retry: the storage is in trouble, and starting would only hammer it.
+    /// Starts queued jobs while slots (and GPUs) are free, in queue order. Not while a
+    /// refused write waits for its retry: the storage is in trouble, and starting would only
+    /// hammer it.
     fn start_ready_jobs(&mut self) {
         if self.retry_at.is_some() {
             return;
         }
         while self.running.len() + self.starting < self.config.max_concurrent {
-            let next = self
-                .queue
-                .queued_iter()
-                .find(|id| !self.busy.contains_key(id) && !self.running.contains_key(id));
-            let Some(id) = next else {
+            let free = self.free_gpus();
+            let mut chosen = None;
+            let mut impossible = None;
+            for id in self.queue.queued_iter() {
+                if self.busy.contains_key(&id) || self.running.contains_key(&id) {
+                    continue;
+                }
+                let Some(job) = self.jobs.get(&id) else {
+                    continue;
+                };
+                let need = self.gpus_needed(job);
+                if need > self.config.gpus.len() {
+                    impossible = Some((id, need));
+                    break;
+                }
+                if need <= free.len() {
+                    chosen = Some((id, need));
+                    break;
+                }
+                // Not enough GPUs free for this one. Strict order: it waits at the head and
+                // nobody passes it. Backfill: a later job that fits may start.
+                if !self.config.backfill {
+                    break;
+                }
+            }
+            if let Some((id, need)) = impossible {
+                // Queued when more GPUs were configured: it can never start here.
+                self.fail_queued(
+                    id,
+                    format!(
+                        "asks for {need} GPUs, and only {} are configured (worker.gpus)",
+                        self.config.gpus.len()
+                    ),
+                );
+                continue;
+            }
+            let Some((id, need)) = chosen else {
                 return;
             };
             let Some(job) = self.jobs.get(&id) else {
-                error!(job_id = %id, "queued job has no record; dropped from the queue");
-                self.queue.remove(id);
-                continue;
+                return;
             };
             let mut job = job.clone();
             let now = chrono::Utc::now();
             let waited = job
                 .updated_at
                 .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
-            job.start(now);
+            let gpu_ids = (!self.config.gpus.is_empty()).then(|| free[..need].to_vec());
+            if let Some(ids) = &gpu_ids {
+                self.gpus_in_use.insert(id, ids.clone());
+            }
+            job.start(now, gpu_ids);
             let rank = self.queue.next_start_rank();
             self.starting += 1;
             let change = Change {
@@ -676,10 +730,45 @@ impl Worker {
         }
     }
 
+    /// GPUs a job takes: none without GPU accounting, else what it asks for (one by default).
+    fn gpus_needed(&self, job: &Job) -> usize {
+        if self.config.gpus.is_empty() {
+            return 0;
+        }
+        job.gpu_count.map_or(1, |n| n as usize)
+    }
+
+    /// The configured GPUs that no starting or running trainer holds, in configured order.
+    fn free_gpus(&self) -> Vec<u32> {
+        self.config
+            .gpus
+            .iter()
+            .copied()
+            .filter(|gpu| !self.gpus_in_use.values().any(|ids| ids.contains(gpu)))
+            .collect()
+    }
+
+    /// Fails a queued job that cannot run, durably.
+    fn fail_queued(&mut self, id: JobId, reason: String) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        warn!(job_id = %id, reason = %reason, "job cannot run; marked failed");
+        let mut job = job.clone();
+        job.finish(Status::Failed, Some(reason), chrono::Utc::now());
+        let change = Change {
+            job: job.clone(),
+            placement: Placement::Off,
+        };
+        self.write(change, Pending::Finish { job });
+    }
+
     /// A trainer has ended: record how, unless the job's fate was already decided.
     fn on_exit(&mut self, event: Event) {
         let id = event.job_id;
         let stop_reason = self.running.remove(&id).and_then(|r| r.stop_reason);
+        // The trainer is gone: its GPUs are free, whatever happens to the record.
+        self.gpus_in_use.remove(&id);
         let Some(job) = self.jobs.get(&id) else {
             error!(job_id = %id, "a trainer ended for a job the worker does not know");
             return;
