@@ -1,7 +1,8 @@
 //! The daemon's speed and memory, measured side by side with the alternatives in one run.
 //!
 //! `cargo bench --bench daemon` runs everything and prints a Markdown table of medians
-//! over `TW_BENCH_RUNS` runs (default 3), with the ratios BENCHMARKS.md quotes:
+//! over `TW_BENCH_RUNS` runs (default 5), with the ratios BENCHMARKS.md quotes. Each
+//! measurement starts after a sync(2), so that none pays for another's writeback:
 //!
 //! - durable enqueue over HTTP, 64 concurrent clients, worker paused, against two yardsticks
 //!   measured in the same run: SQLite (WAL, `synchronous=FULL`, one committed transaction per
@@ -15,7 +16,7 @@
 //! - idle RSS, and RSS with 100,000 jobs loaded;
 //! - latency of one client's enqueue and of `GET /v1/jobs/{id}` with 100,000 jobs.
 //!
-//! Settings: TW_BENCH_RUNS (3), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
+//! Settings: TW_BENCH_RUNS (5), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
 //! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000). The daemon is the release binary,
 //! started on temporary data dirs under TMPDIR (same filesystem as the yardsticks).
 
@@ -355,6 +356,13 @@ fn seed_scheme_rate(dir: &Path, jobs: usize, prefill: usize) -> f64 {
 
 // ---------------------------------------------------------------------------------------
 
+/// Flushes every dirty page of the machine, so that one measurement's leftover writeback
+/// (the seed scheme leaves hundreds of megabytes unsynced) does not slow the next one.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -393,7 +401,7 @@ fn temp_root() -> PathBuf {
 
 #[tokio::main]
 async fn main() {
-    let runs = setting("TW_BENCH_RUNS", 3).max(1);
+    let runs = setting("TW_BENCH_RUNS", 5).max(1);
     let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
     let boot_jobs = setting("TW_BENCH_BOOT_JOBS", 100_000);
     let long_queue = setting("TW_BENCH_QUEUED", 50_000);
@@ -402,27 +410,38 @@ async fn main() {
         .build()
         .expect("http client");
     let mut s = Samples::default();
+    // Every run's files are kept until the end: removing a few hundred thousand files makes
+    // ext4 skip the recently freed inodes when it next creates files, which slowed the next
+    // run's file creation several times over and measured the harness, not the daemon.
+    let mut kept = Vec::new();
 
     for run in 1..=runs {
         let dir = tempfile::tempdir_in(temp_root()).expect("temp dir");
         eprintln!("run {run}/{runs} in {}", dir.path().display());
 
-        // Yardsticks.
+        // Yardsticks, each after the writes of the one before have reached the disk.
+        settle();
         s.add("sqlite", sqlite_rate(dir.path(), jobs));
+        settle();
         let loop1 = disk_loop_rate(dir.path(), jobs, 1);
+        settle();
         let loop4 = disk_loop_rate(dir.path(), jobs, 4);
         s.add("disk loop, 1 thread", loop1);
         s.add("disk loop, 4 threads", loop4);
         s.add("disk loop", loop1.max(loop4));
+        settle();
         s.add("syncfs loop", syncfs_loop_rate(dir.path(), jobs));
+        settle();
         s.add(
             "seed scheme, empty queue",
             seed_scheme_rate(dir.path(), 2000, 0),
         );
+        settle();
         s.add(
             "seed scheme, 20000 queued",
             seed_scheme_rate(dir.path(), 300, 20_000),
         );
+        settle();
 
         // The daemon, empty queue: idle RSS, enqueue, latency.
         let data = dir.path().join("empty");
@@ -442,6 +461,7 @@ async fn main() {
         // The daemon with a long queue.
         let data = dir.path().join("long");
         make_data_dir(&data, long_queue, long_queue);
+        settle();
         let daemon = Daemon::spawn(&data);
         daemon.ready(&http, Instant::now()).await;
         s.add(
@@ -453,6 +473,7 @@ async fn main() {
         // Boot of many jobs, against cat.
         let data = dir.path().join("boot");
         let ids = make_data_dir(&data, boot_jobs, boot_jobs / 10);
+        settle();
         s.add("cat", cat_all(&data).as_secs_f64() * 1000.0);
         let started = Instant::now();
         let daemon = Daemon::spawn(&data);
@@ -500,8 +521,10 @@ async fn main() {
                 .find(|r| r.0 == "cat")
                 .map_or(0.0, |r| r.1[r.1.len() - 1]),
         );
+        kept.push(dir);
     }
 
+    drop(kept);
     let enqueue = s.median("enqueue, empty queue");
     println!("\n| measure (median of {runs} runs) | value | ratio |");
     println!("|---|---|---|");
