@@ -56,12 +56,20 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
+    /// The daemon with the worker paused, its store syncing the default way.
     fn spawn(data_dir: &Path) -> Daemon {
+        Daemon::spawn_with(data_dir, "fsync")
+    }
+
+    /// The daemon with `[store] sync` set to `sync`.
+    fn spawn_with(data_dir: &Path, sync: &str) -> Daemon {
         let port = free_port();
         let config = data_dir.with_extension("toml");
         fs::write(
             &config,
-            "[worker]\nmax_concurrent = 0\n[executor]\ncommand = [\"true\"]\n",
+            format!(
+                "[store]\nsync = \"{sync}\"\n[worker]\nmax_concurrent = 0\n[executor]\ncommand = [\"true\"]\n"
+            ),
         )
         .expect("write config");
         let child = Command::new(env!("CARGO_BIN_EXE_training-worker"))
@@ -458,6 +466,18 @@ async fn main() {
         s.add("enqueue p99", p99);
         daemon.stop();
 
+        // The same with one syncfs per batch instead of a parallel fsync per file.
+        let data = dir.path().join("empty-syncfs");
+        settle();
+        let daemon = Daemon::spawn_with(&data, "syncfs");
+        daemon.ready(&http, Instant::now()).await;
+        s.add(
+            "enqueue, empty queue, syncfs",
+            enqueue_rate(&http, &daemon.base, jobs, 0).await,
+        );
+        daemon.stop();
+        settle();
+
         // The daemon with a long queue.
         let data = dir.path().join("long");
         make_data_dir(&data, long_queue, long_queue);
@@ -530,6 +550,13 @@ async fn main() {
     println!("|---|---|---|");
     println!(
         "| durable enqueue over HTTP, {CLIENTS} clients, {jobs} jobs, empty queue | {enqueue:.0} jobs/s | |"
+    );
+    let enqueue_syncfs = s.median("enqueue, empty queue, syncfs");
+    println!(
+        "| the same with `[store] sync = \"syncfs\"` (one syncfs per batch) | {enqueue_syncfs:.0} jobs/s | syncfs / fsync = {:.2}; syncfs daemon / SQLite = {:.2}; / disk loop = {:.2} |",
+        enqueue_syncfs / enqueue,
+        enqueue_syncfs / s.median("sqlite"),
+        enqueue_syncfs / s.median("disk loop")
     );
     println!(
         "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {:.0} jobs/s | daemon / SQLite = {:.2} |",

@@ -15,6 +15,27 @@ pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// The prefix of every environment variable the daemon reads.
 pub const ENV_PREFIX: &str = "TRAINING_WORKER_";
 
+/// How the store makes a batch of job files durable before the renames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// An fsync per file, in parallel: isolated from everything else on the filesystem.
+    #[default]
+    Fsync,
+    /// One syncfs(2) for the batch: fewer flushes, but it also waits for every other dirty
+    /// page on the filesystem (a trainer's checkpoint, say).
+    Syncfs,
+}
+
+impl SyncMode {
+    pub fn parse(s: &str) -> Option<SyncMode> {
+        match s {
+            "fsync" => Some(SyncMode::Fsync),
+            "syncfs" => Some(SyncMode::Syncfs),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -43,6 +64,8 @@ pub struct Config {
     /// How long a graceful stop may take in all.
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// How batches of job files are made durable.
+    pub store_sync: SyncMode,
     pub worker: WorkerConfig,
     pub executor: ExecutorConfig,
 }
@@ -102,9 +125,17 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     log_format: Option<String>,
     #[serde(default)]
+    store: FileStore,
+    #[serde(default)]
     worker: FileWorker,
     #[serde(default)]
     executor: FileExecutor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    sync: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +165,7 @@ pub const ENV_KEYS: &[&str] = &[
     "MAX_BODY_BYTES",
     "SHUTDOWN_GRACE",
     "LOG_FORMAT",
+    "STORE_SYNC",
     "WORKER_MAX_CONCURRENT",
     "WORKER_MAX_ATTEMPTS",
     "WORKER_GPUS",
@@ -220,6 +252,14 @@ impl Config {
             ))
         })?;
 
+        let sync_text = var("STORE_SYNC")
+            .or(file.store.sync)
+            .unwrap_or_else(|| "fsync".into());
+        let store_sync = SyncMode::parse(sync_text.trim()).ok_or_else(|| {
+            ConfigError::new(format!(
+                "store.sync: {sync_text:?} is not \"fsync\" or \"syncfs\""
+            ))
+        })?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
             Some(v) => parse_number("worker.max_concurrent", &v)?,
             None => file.worker.max_concurrent.unwrap_or(1),
@@ -314,6 +354,7 @@ impl Config {
             max_body_bytes,
             shutdown_grace,
             log_format,
+            store_sync,
             worker: WorkerConfig {
                 max_concurrent,
                 max_attempts,
@@ -541,6 +582,7 @@ mod tests {
             ("[worker]\ngpus = [-1]", "gpus"),
             ("[worker]\nbackfill = \"yes\"", "backfill"),
             ("log_format = \"xml\"", "log_format"),
+            ("[store]\nsync = \"sometimes\"", "store.sync"),
             (
                 "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",
                 "executor.kill_grace",

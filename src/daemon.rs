@@ -146,7 +146,8 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     let opened = {
         let data_dir = data_dir.clone();
         let fatal = fatal.clone();
-        tokio::task::spawn_blocking(move || Store::open(&data_dir, fatal)).await
+        let sync = config.store_sync;
+        tokio::task::spawn_blocking(move || Store::open_with(&data_dir, fatal, sync)).await
     };
     let opened = match opened {
         Ok(Ok(opened)) => opened,

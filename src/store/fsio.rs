@@ -63,6 +63,16 @@ impl Staged {
 /// Writes `bytes` to the temporary file for `dir/name` and fsyncs it. On a write error the
 /// temporary file is removed again, so a failed write leaves no trace.
 pub fn stage(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged, WriteError> {
+    stage_with(dir, name, bytes, true)
+}
+
+/// Like [`stage`], without the fsync: for a batch made durable by one [`sync_filesystem`]
+/// before its renames.
+pub fn stage_unsynced(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged, WriteError> {
+    stage_with(dir, name, bytes, false)
+}
+
+fn stage_with(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<Staged, WriteError> {
     let temp = dir.join(temp_name(name));
     let target = dir.join(name);
     let written = (|| {
@@ -81,7 +91,7 @@ pub fn stage(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged, WriteError>
             return Err(WriteError::Write { path: temp, source });
         }
     };
-    if let Err(source) = file.sync_all() {
+    if sync && let Err(source) = file.sync_all() {
         let _ = fs::remove_file(&temp);
         return Err(WriteError::Sync { path: temp, source });
     }
@@ -111,6 +121,23 @@ pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
             path: dir.to_path_buf(),
             source,
         })
+}
+
+/// Flushes the whole filesystem that holds `dir` (syncfs(2)): every file staged on it,
+/// whoever wrote it, is durable afterwards.
+pub fn sync_filesystem(dir: &Path) -> Result<(), WriteError> {
+    use std::os::fd::AsRawFd;
+    let sync_error = |source| WriteError::Sync {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let handle = File::open(dir).map_err(sync_error)?;
+    // SAFETY: syncfs takes a file descriptor that stays open for the call.
+    let rc = unsafe { libc::syncfs(handle.as_raw_fd()) };
+    if rc != 0 {
+        return Err(sync_error(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Replaces one file atomically and durably: stage, publish, sync the directory.

@@ -38,6 +38,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use crate::config::SyncMode;
 use crate::job::{Job, JobId};
 use crate::metrics::METRICS;
 use fsio::{Staged, WriteError};
@@ -178,6 +179,15 @@ impl Store {
     /// Replays and cleans the data dir, then starts the persistence thread. `fatal` is
     /// cancelled if a write ever fails in a way that needs a restart.
     pub fn open(data_dir: &Path, fatal: CancellationToken) -> Result<Opened, OpenError> {
+        Store::open_with(data_dir, fatal, SyncMode::default())
+    }
+
+    /// Like [`Store::open`], making batches durable the way `sync` says.
+    pub fn open_with(
+        data_dir: &Path,
+        fatal: CancellationToken,
+        sync: SyncMode,
+    ) -> Result<Opened, OpenError> {
         let data_dir = data_dir.to_path_buf();
         for sub in [JOBS_DIR, QUARANTINE_DIR, LOGS_DIR] {
             let dir = data_dir.join(sub);
@@ -197,6 +207,7 @@ impl Store {
             queue_dirty: false,
             queue_written_at: Instant::now(),
             queue_cost: Duration::ZERO,
+            sync,
             fatal,
             broken: None,
         };
@@ -277,6 +288,8 @@ struct Persister {
     queue_written_at: Instant,
     /// How long the last rewrite of `queue.json` took.
     queue_cost: Duration,
+    /// How a batch's files are made durable before their renames.
+    sync: SyncMode,
     /// Cancelled on a fatal write error, which makes the daemon exit 74.
     fatal: CancellationToken,
     /// Set after a fatal error: every later request is refused with it.
@@ -418,7 +431,7 @@ impl Persister {
         let changes: Vec<&Change> = ids.iter().map(|id| last[id]).collect();
         let started = Instant::now();
 
-        let staged = match stage_all(&self.jobs_dir, &changes) {
+        let staged = match stage_all(&self.jobs_dir, &changes, self.sync) {
             Ok(staged) => staged,
             Err(e) => return Err(self.fail(e)),
         };
@@ -458,15 +471,21 @@ impl Persister {
     }
 }
 
-/// Stages every change's job file, in parallel when there are several. On any error the
-/// files already staged are removed and the first error is returned, a fatal one first.
-fn stage_all(jobs_dir: &Path, changes: &[&Change]) -> Result<Vec<Staged>, WriteError> {
+/// Stages every change's job file, in parallel when there are several, and makes them
+/// durable: each by its own fsync, or all by one syncfs. On any error the files already
+/// staged are removed and the first error is returned, a fatal one first.
+fn stage_all(
+    jobs_dir: &Path,
+    changes: &[&Change],
+    sync: SyncMode,
+) -> Result<Vec<Staged>, WriteError> {
     let stage = |change: &Change| {
-        fsio::stage(
-            jobs_dir,
-            &format!("{}.json", change.job.id),
-            &change.job.to_file_bytes(),
-        )
+        let name = format!("{}.json", change.job.id);
+        let bytes = change.job.to_file_bytes();
+        match sync {
+            SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
+            SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
+        }
     };
     let results: Vec<Result<Staged, WriteError>> = if changes.len() <= 2 {
         changes.iter().map(|c| stage(c)).collect()
@@ -501,6 +520,12 @@ fn stage_all(jobs_dir: &Path, changes: &[&Change]) -> Result<Vec<Staged>, WriteE
                 }
             }
         }
+    }
+    if first_error.is_none()
+        && sync == SyncMode::Syncfs
+        && let Err(e) = fsio::sync_filesystem(jobs_dir)
+    {
+        first_error = Some(e);
     }
     match first_error {
         None => Ok(staged),
@@ -594,6 +619,33 @@ mod tests {
         opened.thread.join().unwrap();
         let rec = replay::replay(dir.path()).unwrap();
         assert_eq!(rec.order, vec![b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn a_syncfs_store_commits_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened =
+            Store::open_with(dir.path(), CancellationToken::new(), SyncMode::Syncfs).unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..50u64 {
+            let store = opened.handle.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .commit(vec![Change {
+                        job: job(n as u128),
+                        placement: Placement::Queued(n),
+                    }])
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(opened.handle);
+        opened.thread.join().unwrap();
+        let rec = replay::replay(dir.path()).unwrap();
+        assert_eq!(rec.order.len(), 50);
+        assert!(rec.temp_files.is_empty() && rec.damaged.is_empty());
     }
 
     #[tokio::test]
