@@ -107,7 +107,7 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
         .iter()
         .any(|d| d.path == data_dir.join(QUEUE_FILE));
     if !queue_damaged {
-        check_queue_file(data_dir, &recovered, &mut report);
+        check_queue_file(&recovered, &mut report);
     }
 
     for entry in fs::read_dir(data_dir)? {
@@ -187,25 +187,17 @@ fn record_issues(job: &Job) -> Vec<String> {
     issues
 }
 
-/// Compares `queue.json` with what the job files say it should hold.
-fn check_queue_file(data_dir: &Path, recovered: &replay::Recovered, report: &mut Report) {
-    let path = data_dir.join(QUEUE_FILE);
-    let unfinished = !recovered.order.is_empty();
-    let file: QueueFile = match fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(file) => file,
-            Err(_) => return,
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if unfinished {
-                report.problems.push(format!(
-                    "{QUEUE_FILE}: missing while {} job(s) are unfinished",
-                    recovered.order.len()
-                ));
-            }
-            return;
+/// Compares `queue.json` (as replay read it; a damaged one is reported as such) with the job
+/// files. A missing one is a problem when there are unfinished jobs.
+fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
+    let Some(file) = &recovered.queue_file else {
+        if !recovered.order.is_empty() {
+            report.problems.push(format!(
+                "{QUEUE_FILE}: missing while {} job(s) are unfinished",
+                recovered.order.len()
+            ));
         }
-        Err(_) => return,
+        return;
     };
 
     let by_id: HashMap<JobId, &Job> = recovered.jobs.iter().map(|j| (j.id, j)).collect();

@@ -19,9 +19,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// milliseconds; a log of any size streams without pause.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The log endpoint's headers (see `api::LOG_SIZE_HEADER` and `api::JOB_STATUS_HEADER`).
-const LOG_SIZE_HEADER: &str = "x-log-size";
-const JOB_STATUS_HEADER: &str = "x-job-status";
+/// The log endpoint's headers: the offset to ask from next, and the job's status.
+use crate::api::{JOB_STATUS_HEADER, LOG_SIZE_HEADER};
 
 /// A daemon's API at one base URL.
 pub struct Api {

@@ -59,8 +59,8 @@ pub struct Recovered {
     pub temp_files: Vec<PathBuf>,
     /// Ids that `queue.json` names but that have no job file; they are dropped.
     pub missing: Vec<String>,
-    /// Whether `queue.json` was present and readable.
-    pub queue_file_found: bool,
+    /// `queue.json` as read, when it was present and readable.
+    pub queue_file: Option<QueueFile>,
 }
 
 /// Reads the data dir. An I/O error on the directories themselves is returned; a bad file
@@ -179,7 +179,7 @@ fn read_queue_file(path: &Path, recovered: &mut Recovered) -> QueueFile {
     match fs::read(path) {
         Ok(bytes) => match serde_json::from_slice::<QueueFile>(&bytes) {
             Ok(q) => {
-                recovered.queue_file_found = true;
+                recovered.queue_file = Some(q.clone());
                 q
             }
             Err(e) => {
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(rec.jobs.len(), 7);
         assert!(rec.jobs.iter().any(|j| j.id == done));
         assert!(rec.damaged.is_empty() && rec.missing.is_empty());
-        assert!(rec.queue_file_found);
+        assert!(rec.queue_file.is_some());
     }
 
     #[test]
@@ -426,7 +426,7 @@ mod tests {
         let interrupted_a = d.job(3, "Queued", 6, Some(20));
         let running = d.job(4, "Running", 7, Some(40));
         let rec = replay(d.path()).unwrap();
-        assert!(!rec.queue_file_found);
+        assert!(rec.queue_file.is_none());
         // All three were running once: by start time, then the job that never started.
         assert_eq!(
             rec.order,
@@ -537,7 +537,7 @@ mod tests {
             "{reasons:?}"
         );
         assert_eq!(rec.temp_files.len(), 2);
-        assert!(!rec.queue_file_found);
+        assert!(rec.queue_file.is_none());
     }
 
     #[test]

@@ -224,17 +224,33 @@ enum Pending {
     },
     Requeue {
         job: Job,
+        rank: u64,
     },
 }
 
 impl Pending {
-    fn job_id(&self) -> JobId {
+    fn job(&self) -> &Job {
         match self {
             Pending::Submit { job, .. }
             | Pending::Start { job, .. }
             | Pending::Finish { job }
             | Pending::Cancel { job, .. }
-            | Pending::Requeue { job } => job.id,
+            | Pending::Requeue { job, .. } => job,
+        }
+    }
+
+    fn job_id(&self) -> JobId {
+        self.job().id
+    }
+
+    /// Where the change puts the job in `queue.json`.
+    fn placement(&self) -> Placement {
+        match self {
+            Pending::Submit { rank, .. } | Pending::Requeue { rank, .. } => {
+                Placement::Queued(*rank)
+            }
+            Pending::Start { rank, .. } => Placement::Running(*rank),
+            Pending::Finish { .. } | Pending::Cancel { .. } => Placement::Off,
         }
     }
 }
@@ -466,18 +482,11 @@ impl Worker {
         job.created_at = Some(now);
         job.updated_at = Some(now);
         let rank = self.queue.next_rank();
-        let change = Change {
-            job: job.clone(),
-            placement: Placement::Queued(rank),
-        };
-        self.write(
-            change,
-            Pending::Submit {
-                job,
-                rank,
-                respond_to,
-            },
-        );
+        self.write(Pending::Submit {
+            job,
+            rank,
+            respond_to,
+        });
     }
 
     fn cancel(&mut self, id: JobId, respond_to: oneshot::Sender<Result<Job, WorkerError>>) {
@@ -498,11 +507,7 @@ impl Worker {
             Some("cancelled by request".into()),
             chrono::Utc::now(),
         );
-        let change = Change {
-            job: job.clone(),
-            placement: Placement::Off,
-        };
-        self.write(change, Pending::Cancel { job, respond_to });
+        self.write(Pending::Cancel { job, respond_to });
     }
 
     fn list(&self, status: Option<Status>, limit: Option<usize>) -> Vec<Job> {
@@ -525,14 +530,27 @@ impl Worker {
         jobs.into_iter().take(limit).cloned().collect()
     }
 
-    /// Sends a change to the store and marks its job busy until it lands.
-    fn write(&mut self, change: Change, pending: Pending) {
+    /// Sends the change to the store (the job's new record, placed where `pending` says)
+    /// and marks the job busy until it lands.
+    fn write(&mut self, pending: Pending) {
+        let change = Change {
+            job: pending.job().clone(),
+            placement: pending.placement(),
+        };
         self.busy.entry(pending.job_id()).or_default();
         let store = self.store.clone();
         self.in_flight.push(Box::pin(async move {
             let result = store.commit(vec![change]).await;
             (pending, result)
         }));
+    }
+
+    /// Writes a running job back as Queued at the head, for a graceful stop: the cut start is
+    /// not counted.
+    fn write_requeue(&mut self, mut job: Job) {
+        job.requeue_interrupted(false, chrono::Utc::now());
+        let rank = self.queue.requeue_rank(job.id);
+        self.write(Pending::Requeue { job, rank });
     }
 
     /// Replaces a job's record in memory with its durable one, keeping the status gauges.
@@ -565,14 +583,7 @@ impl Worker {
             (Pending::Submit { respond_to, .. }, Err(e)) => {
                 let _ = respond_to.send(Err(e.into()));
             }
-            (
-                Pending::Start {
-                    mut job,
-                    rank,
-                    waited,
-                },
-                Ok(()),
-            ) => {
+            (Pending::Start { job, rank, waited }, Ok(())) => {
                 self.starting -= 1;
                 self.queue.start(id, rank);
                 if self.shutdown.is_cancelled() {
@@ -580,13 +591,8 @@ impl Worker {
                     // trainer only to stop it; the start does not count.
                     self.gpus_in_use.remove(&id);
                     self.put(job.clone());
-                    job.requeue_interrupted(false, chrono::Utc::now());
-                    let change = Change {
-                        job: job.clone(),
-                        placement: Placement::Queued(self.queue.requeue_rank(id)),
-                    };
                     // The job stays busy: commands waiting for it wait for this write too.
-                    self.write(change, Pending::Requeue { job });
+                    self.write_requeue(job);
                     return;
                 }
                 info!(job_id = %id, attempt = job.attempts, "job started");
@@ -642,9 +648,8 @@ impl Worker {
             (Pending::Cancel { respond_to, .. }, Err(e)) => {
                 let _ = respond_to.send(Err(e.into()));
             }
-            (Pending::Requeue { job }, Ok(())) => {
+            (Pending::Requeue { job, rank }, Ok(())) => {
                 info!(job_id = %id, "interrupted job written back to run first at the next boot");
-                let rank = self.queue.requeue_rank(id);
                 self.queue.insert_queued(rank, id);
                 self.put(job);
             }
@@ -722,11 +727,7 @@ impl Worker {
             job.start(now, gpu_ids);
             let rank = self.queue.next_start_rank();
             self.starting += 1;
-            let change = Change {
-                job: job.clone(),
-                placement: Placement::Running(rank),
-            };
-            self.write(change, Pending::Start { job, rank, waited });
+            self.write(Pending::Start { job, rank, waited });
         }
     }
 
@@ -756,11 +757,7 @@ impl Worker {
         warn!(job_id = %id, reason = %reason, "job cannot run; marked failed");
         let mut job = job.clone();
         job.finish(Status::Failed, Some(reason), chrono::Utc::now());
-        let change = Change {
-            job: job.clone(),
-            placement: Placement::Off,
-        };
-        self.write(change, Pending::Finish { job });
+        self.write(Pending::Finish { job });
     }
 
     /// A trainer has ended: record how, unless the job's fate was already decided.
@@ -782,13 +779,8 @@ impl Worker {
             return;
         }
         if stop_reason == Some(StopReason::Shutdown) && event.outcome == Outcome::Stopped {
-            let mut job = job.clone();
-            job.requeue_interrupted(false, chrono::Utc::now());
-            let change = Change {
-                job: job.clone(),
-                placement: Placement::Queued(self.queue.requeue_rank(id)),
-            };
-            self.write(change, Pending::Requeue { job });
+            let job = job.clone();
+            self.write_requeue(job);
             return;
         }
         self.record_outcome(event);
@@ -813,11 +805,7 @@ impl Worker {
             Status::Failed
         };
         job.finish(status, message, chrono::Utc::now());
-        let change = Change {
-            job: job.clone(),
-            placement: Placement::Off,
-        };
-        self.write(change, Pending::Finish { job });
+        self.write(Pending::Finish { job });
         // Kept until the finish lands, so a failed write can be retried.
         self.unrecorded.insert(id, event);
     }
