@@ -432,6 +432,14 @@ pub struct Job {
     pub gpu_count: Option<u32>,
     /// The GPUs of its last start, when GPUs are configured. Server-owned.
     pub gpu_ids: Option<Vec<u32>>,
+    /// The time budget the client gave, in hours (`hours_to_complete` in G.O.D requests).
+    pub hours_to_complete: Option<f64>,
+    /// When the budget runs out: acceptance time plus `hours_to_complete`. Server-owned, fixed
+    /// once, so that restarts do not extend it.
+    pub deadline: Option<Timestamp>,
+    /// The executor stages finished so far, in order. Server-owned; a recovered job resumes
+    /// at its first stage not listed here.
+    pub stages_done: Vec<String>,
     /// Fields this version does not know, in the order they came, written back unchanged.
     pub extra: Extra,
 }
@@ -453,6 +461,9 @@ impl FieldError {
     }
 }
 
+/// The largest budget a job may carry: a year.
+pub const MAX_HOURS: f64 = 8760.0;
+
 /// The keys this version understands at the top level; everything else goes to `extra`.
 const KNOWN_TEXT: &[&str] = &["dataset", "dataset_type", "file_format"];
 const KNOWN_DIFFUSION: &[&str] = &["dataset_zip", "model_type"];
@@ -470,6 +481,9 @@ const KNOWN_COMMON: &[&str] = &[
     "finished_at",
     "gpu_count",
     "gpu_ids",
+    "hours_to_complete",
+    "deadline",
+    "stages_done",
 ];
 
 impl Job {
@@ -505,14 +519,15 @@ impl Job {
             "started_at",
             "finished_at",
             "gpu_ids",
+            "deadline",
+            "stages_done",
         ] {
             // shift_remove keeps the order of the remaining (possibly unknown) fields.
             object.shift_remove(key);
         }
         let mut job = Job::from_fields(id, object)?;
         job.status = Status::Queued;
-        job.created_at = Some(now);
-        job.updated_at = Some(now);
+        job.accept(now);
         Ok(job)
     }
 
@@ -557,8 +572,20 @@ impl Job {
             ),
             Some(_) => return Err(FieldError::new("gpu_ids", "must be an array or null")),
         };
+        let deadline = optional_timestamp(&object, "deadline")?;
+        let stages_done = match object.get("stages_done") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| FieldError::new("stages_done", "must be stage names (strings)"))?,
+            Some(_) => return Err(FieldError::new("stages_done", "must be an array or null")),
+        };
         let mut job = Job::from_fields(id, object)?;
         job.status = status;
+        job.deadline = deadline;
+        job.stages_done = stages_done;
         job.error_message = error_message;
         job.attempts = attempts;
         job.created_at = created_at;
@@ -647,6 +674,19 @@ impl Job {
                     .ok_or_else(|| FieldError::new("gpu_count", "must be a whole number >= 0"))?,
             ),
         };
+        let hours_to_complete = match object.get("hours_to_complete") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_f64()
+                    .filter(|h| h.is_finite() && *h > 0.0 && *h <= MAX_HOURS)
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "hours_to_complete",
+                            format!("must be a number of hours above 0 and at most {MAX_HOURS}"),
+                        )
+                    })?,
+            ),
+        };
         let kind_fields = match kind {
             JobKind::Text { .. } => KNOWN_TEXT,
             JobKind::Diffusion { .. } => KNOWN_DIFFUSION,
@@ -668,6 +708,9 @@ impl Job {
             finished_at: None,
             gpu_count,
             gpu_ids: None,
+            hours_to_complete,
+            deadline: None,
+            stages_done: Vec::new(),
             extra: Extra::from_map(object),
         })
     }
@@ -685,7 +728,23 @@ impl Job {
             && self.expected_repo_name == other.expected_repo_name
             && self.kind == other.kind
             && self.gpu_count == other.gpu_count
+            && self.hours_to_complete == other.hours_to_complete
             && self.extra == other.extra
+    }
+
+    /// Sets what acceptance fixes: the creation time and, with a budget, the deadline.
+    pub fn accept(&mut self, now: Timestamp) {
+        self.created_at = Some(now);
+        self.updated_at = Some(now);
+        self.deadline = self.hours_to_complete.map(|hours| {
+            now + chrono::Duration::microseconds((hours * 3_600_000_000.0).round() as i64)
+        });
+    }
+
+    /// The budget left at `now`: `None` without a deadline, zero once it has passed.
+    pub fn time_left(&self, now: Timestamp) -> Option<std::time::Duration> {
+        self.deadline
+            .map(|deadline| (deadline - now).to_std().unwrap_or_default())
     }
 
     /// Queued -> Running: a new start, counted before the trainer runs, on these GPUs (when
@@ -792,6 +851,20 @@ impl Serialize for Job {
         }
         if let Some(ids) = &self.gpu_ids {
             map.serialize_entry("gpu_ids", ids)?;
+        }
+        if let Some(hours) = self.hours_to_complete {
+            // Whole hours stay whole numbers, as G.O.D sends them.
+            if hours.fract() == 0.0 {
+                map.serialize_entry("hours_to_complete", &(hours as u64))?;
+            } else {
+                map.serialize_entry("hours_to_complete", &hours)?;
+            }
+        }
+        if let Some(deadline) = &self.deadline {
+            map.serialize_entry("deadline", &format_timestamp(deadline))?;
+        }
+        if !self.stages_done.is_empty() {
+            map.serialize_entry("stages_done", &self.stages_done)?;
         }
         for (key, value) in &self.extra.0 {
             map.serialize_entry(key, &**value)?;
@@ -1162,6 +1235,43 @@ mod tests {
             out.get("gpu_count").is_none() && out.get("gpu_ids").is_none(),
             "{out}"
         );
+    }
+
+    #[test]
+    fn budget_fixes_a_deadline_at_acceptance_and_stages_round_trip() {
+        let body = text_job(json!({}));
+        let mut with_budget = body.clone();
+        with_budget["hours_to_complete"] = json!(1.5);
+        with_budget["deadline"] = json!("1999-01-01T00:00:00Z");
+        with_budget["stages_done"] = json!(["download"]);
+        let mut job = Job::from_submission(with_budget, now()).unwrap();
+        assert_eq!(job.hours_to_complete, Some(1.5));
+        assert_eq!(job.deadline, Some(now() + chrono::Duration::minutes(90)));
+        assert!(job.stages_done.is_empty(), "the client cannot claim stages");
+        assert_eq!(
+            job.time_left(now() + chrono::Duration::minutes(30)),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            job.time_left(now() + chrono::Duration::hours(3)),
+            Some(std::time::Duration::ZERO)
+        );
+        job.start(now(), None);
+        job.stages_done.push("download".into());
+        let back = Job::from_stored(job.to_json()).unwrap();
+        assert_eq!(back, job);
+        for bad in [json!(0), json!(-2), json!("3"), json!(1e9)] {
+            let mut b = body.clone();
+            b["hours_to_complete"] = bad;
+            assert_eq!(
+                Job::from_submission(b, now()).unwrap_err().field,
+                "hours_to_complete"
+            );
+        }
+        let plain = Job::from_submission(body, now()).unwrap().to_json();
+        for key in ["hours_to_complete", "deadline", "stages_done"] {
+            assert!(plain.get(key).is_none(), "{key} in {plain}");
+        }
     }
 
     #[test]

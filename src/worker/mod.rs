@@ -479,8 +479,7 @@ impl Worker {
             return;
         }
         let now = self.now_for_creation();
-        job.created_at = Some(now);
-        job.updated_at = Some(now);
+        job.accept(now);
         let rank = self.queue.next_rank();
         self.write(Pending::Submit {
             job,
