@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::executor::template::Template;
+
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// The prefix of every environment variable the daemon reads.
@@ -85,13 +87,62 @@ pub struct WorkerConfig {
 
 #[derive(Clone, Debug)]
 pub struct ExecutorConfig {
-    /// The trainer's argv; the program resolved to an absolute path at load time.
+    /// The trainer's argv; the program resolved to an absolute path at load time. Used when
+    /// no stages are configured.
     pub command: Vec<String>,
+    /// `[[executor.stages]]`: the pipeline each job runs, in order; empty: the single command.
+    pub stages: Vec<Stage>,
+    /// The docker CLI, resolved at load time; set only when a stage is a container.
+    pub docker: Option<PathBuf>,
+    /// At boot, follow a crashed daemon's container that still runs instead of removing it.
+    pub adopt_running: bool,
+    /// The longest a stage may run (a stage may set its own).
     pub timeout: Duration,
     /// Between SIGTERM and SIGKILL when a trainer is stopped.
     pub kill_grace: Duration,
     /// Names of daemon environment variables a trainer receives.
     pub pass_env: Vec<String>,
+}
+
+/// One named step of the pipeline.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    /// Unique; recorded in a job's `stages_done` and in its container's name and label.
+    pub name: String,
+    /// This stage's own limit; `None`: `executor.timeout`.
+    pub timeout: Option<Duration>,
+    pub run: StageRun,
+}
+
+#[derive(Clone, Debug)]
+pub enum StageRun {
+    /// A child process; the program (first entry) is resolved at load time and literal.
+    Process { argv: Vec<Template> },
+    /// A container started through the docker CLI.
+    Docker(Box<DockerStage>),
+}
+
+/// How a container stage is started: everything `docker run` gets besides the names and
+/// labels the executor adds.
+#[derive(Clone, Debug)]
+pub struct DockerStage {
+    pub image: String,
+    /// The arguments after the image.
+    pub args: Vec<Template>,
+    /// Whether the container gets the job's GPUs (`--gpus device=...`).
+    pub gpus: bool,
+    /// `--memory`, in bytes, per assigned GPU (at least one).
+    pub memory_per_gpu: Option<u64>,
+    /// `--cpus` per assigned GPU (at least one).
+    pub cpus_per_gpu: Option<f64>,
+    pub shm_size: Option<String>,
+    pub network: Option<String>,
+    /// `-v` specs.
+    pub volumes: Vec<Template>,
+    /// `-e NAME=value` beside the job's environment.
+    pub env: Vec<(String, Template)>,
+    /// Further `docker run` flags, passed as written, before the image.
+    pub docker_args: Vec<String>,
 }
 
 /// A setting that is missing, malformed or inconsistent.
@@ -154,6 +205,32 @@ struct FileExecutor {
     timeout: Option<String>,
     kill_grace: Option<String>,
     pass_env: Option<Vec<String>>,
+    docker: Option<String>,
+    adopt_running: Option<bool>,
+    #[serde(default)]
+    stages: Vec<FileStage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStage {
+    name: String,
+    kind: Option<String>,
+    #[serde(default)]
+    command: Vec<String>,
+    timeout: Option<String>,
+    image: Option<String>,
+    gpus: Option<bool>,
+    memory_per_gpu: Option<String>,
+    cpus_per_gpu: Option<f64>,
+    shm_size: Option<String>,
+    network: Option<String>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    docker_args: Vec<String>,
 }
 
 /// The environment variables read, without the prefix, for error messages and docs.
@@ -174,6 +251,8 @@ pub const ENV_KEYS: &[&str] = &[
     "EXECUTOR_TIMEOUT",
     "EXECUTOR_KILL_GRACE",
     "EXECUTOR_PASS_ENV",
+    "EXECUTOR_DOCKER",
+    "EXECUTOR_ADOPT_RUNNING",
 ];
 
 impl Config {
@@ -299,6 +378,12 @@ impl Config {
             None => file.worker.backfill.unwrap_or(false),
         };
 
+        let command_given = var("EXECUTOR_COMMAND").is_some() || file.executor.command.is_some();
+        if command_given && !file.executor.stages.is_empty() {
+            return Err(ConfigError::new(
+                "executor.command: set either executor.command or [[executor.stages]], not both",
+            ));
+        }
         let command = match var("EXECUTOR_COMMAND") {
             Some(v) => parse_command(&v)?,
             None => file
@@ -306,7 +391,40 @@ impl Config {
                 .command
                 .unwrap_or_else(|| vec!["config/demo-trainer.sh".into()]),
         };
-        let command = resolve_command(command, cwd, env("PATH").as_deref())?;
+        let path_var = env("PATH");
+        let command = if file.executor.stages.is_empty() {
+            resolve_command("executor.command", command, cwd, path_var.as_deref())?
+        } else {
+            command
+        };
+        let stages = file
+            .executor
+            .stages
+            .into_iter()
+            .enumerate()
+            .map(|(i, stage)| parse_stage(i, stage, cwd, path_var.as_deref()))
+            .collect::<Result<Vec<Stage>, ConfigError>>()?;
+        for (i, stage) in stages.iter().enumerate() {
+            if stages[..i].iter().any(|s| s.name == stage.name) {
+                return Err(ConfigError::new(format!(
+                    "executor.stages[{i}].name: {:?} is used twice; stage names must be unique",
+                    stage.name
+                )));
+            }
+        }
+        let docker = match var("EXECUTOR_DOCKER").or(file.executor.docker) {
+            _ if !stages.iter().any(|s| matches!(s.run, StageRun::Docker(_))) => None,
+            program => {
+                let program = program.unwrap_or_else(|| "docker".into());
+                let resolved =
+                    resolve_command("executor.docker", vec![program], cwd, path_var.as_deref())?;
+                Some(PathBuf::from(&resolved[0]))
+            }
+        };
+        let adopt_running = match var("EXECUTOR_ADOPT_RUNNING") {
+            Some(v) => parse_bool("executor.adopt_running", &v)?,
+            None => file.executor.adopt_running.unwrap_or(false),
+        };
         let timeout = duration(
             "executor.timeout",
             var("EXECUTOR_TIMEOUT").or(file.executor.timeout),
@@ -337,10 +455,7 @@ impl Config {
             None => file.executor.pass_env.unwrap_or_default(),
         };
         for name in &pass_env {
-            let valid = !name.is_empty()
-                && !name.starts_with(|c: char| c.is_ascii_digit())
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
+            if !is_env_name(name) {
                 return Err(ConfigError::new(format!(
                     "executor.pass_env: {name:?} is not an environment variable name"
                 )));
@@ -363,6 +478,9 @@ impl Config {
             },
             executor: ExecutorConfig {
                 command,
+                stages,
+                docker,
+                adopt_running,
                 timeout,
                 kill_grace,
                 pass_env,
@@ -419,23 +537,217 @@ fn parse_command(text: &str) -> Result<Vec<String>, ConfigError> {
     }
 }
 
+fn parse_bool(key: &str, text: &str) -> Result<bool, ConfigError> {
+    match text.trim() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(ConfigError::new(format!(
+            "{key}: {other:?} is not true or false"
+        ))),
+    }
+}
+
+/// Checks one `[[executor.stages]]` entry; `i` names it in messages.
+fn parse_stage(
+    i: usize,
+    stage: FileStage,
+    cwd: &Path,
+    path_var: Option<&str>,
+) -> Result<Stage, ConfigError> {
+    let key = |field: &str| format!("executor.stages[{i}].{field}");
+    let name_ok = !stage.name.is_empty()
+        && stage.name.len() <= 40
+        && stage
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(ConfigError::new(format!(
+            "{}: {:?} must be 1 to 40 letters, digits, '-' or '_'",
+            key("name"),
+            stage.name
+        )));
+    }
+    let templates = |field: &str, texts: &[String]| {
+        texts
+            .iter()
+            .map(|t| {
+                Template::parse(t).map_err(|e| ConfigError::new(format!("{}: {e}", key(field))))
+            })
+            .collect::<Result<Vec<Template>, ConfigError>>()
+    };
+    let timeout = match stage.timeout {
+        None => None,
+        Some(text) => {
+            let t = duration(&key("timeout"), Some(text), "")?;
+            if t.is_zero() {
+                return Err(ConfigError::new(format!(
+                    "{}: must be longer than 0s",
+                    key("timeout")
+                )));
+            }
+            Some(t)
+        }
+    };
+    let kind = stage.kind.as_deref().unwrap_or("process");
+    let docker_only = [
+        ("image", stage.image.is_some()),
+        ("gpus", stage.gpus.is_some()),
+        ("memory_per_gpu", stage.memory_per_gpu.is_some()),
+        ("cpus_per_gpu", stage.cpus_per_gpu.is_some()),
+        ("shm_size", stage.shm_size.is_some()),
+        ("network", stage.network.is_some()),
+        ("volumes", !stage.volumes.is_empty()),
+        ("env", !stage.env.is_empty()),
+        ("docker_args", !stage.docker_args.is_empty()),
+    ];
+    let run = match kind {
+        "process" => {
+            if let Some((field, _)) = docker_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::new(format!(
+                    "{}: only for kind = \"docker\" stages",
+                    key(field)
+                )));
+            }
+            let mut command = stage.command;
+            if command.first().is_some_and(|p| p.contains('{')) {
+                return Err(ConfigError::new(format!(
+                    "{}: the program (first entry) cannot hold placeholders",
+                    key("command")
+                )));
+            }
+            let program = command.first().cloned().unwrap_or_default();
+            let resolved = resolve_command(&key("command"), vec![program], cwd, path_var)?;
+            command[0] = resolved[0].clone();
+            let mut argv = vec![Template::literal(&command[0])];
+            argv.extend(templates("command", &command[1..])?);
+            StageRun::Process { argv }
+        }
+        "docker" => {
+            let image = stage
+                .image
+                .filter(|s| !s.trim().is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(format!("{}: required for a docker stage", key("image")))
+                })?;
+            let memory_per_gpu = stage
+                .memory_per_gpu
+                .map(|text| {
+                    parse_bytes(&text).ok_or_else(|| {
+                        ConfigError::new(format!(
+                            "{}: {text:?} is not a size like \"64g\" or \"512m\"",
+                            key("memory_per_gpu")
+                        ))
+                    })
+                })
+                .transpose()?;
+            if stage
+                .cpus_per_gpu
+                .is_some_and(|c| !c.is_finite() || c <= 0.0)
+            {
+                return Err(ConfigError::new(format!(
+                    "{}: must be a number above 0",
+                    key("cpus_per_gpu")
+                )));
+            }
+            if let Some(size) = &stage.shm_size
+                && parse_bytes(size).is_none()
+            {
+                return Err(ConfigError::new(format!(
+                    "{}: {size:?} is not a size like \"16g\"",
+                    key("shm_size")
+                )));
+            }
+            let env = stage
+                .env
+                .iter()
+                .map(|(name, value)| {
+                    if !is_env_name(name) {
+                        return Err(ConfigError::new(format!(
+                            "{}: {name:?} is not an environment variable name",
+                            key("env")
+                        )));
+                    }
+                    let value = Template::parse(value)
+                        .map_err(|e| ConfigError::new(format!("{}.{name}: {e}", key("env"))))?;
+                    Ok((name.clone(), value))
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            StageRun::Docker(Box::new(DockerStage {
+                image,
+                args: templates("command", &stage.command)?,
+                gpus: stage.gpus.unwrap_or(true),
+                memory_per_gpu,
+                cpus_per_gpu: stage.cpus_per_gpu,
+                shm_size: stage.shm_size,
+                network: stage.network.filter(|n| !n.is_empty()),
+                volumes: templates("volumes", &stage.volumes)?,
+                env,
+                docker_args: stage.docker_args,
+            }))
+        }
+        other => {
+            return Err(ConfigError::new(format!(
+                "{}: {other:?} is not \"process\" or \"docker\"",
+                key("kind")
+            )));
+        }
+    };
+    Ok(Stage {
+        name: stage.name,
+        timeout,
+        run,
+    })
+}
+
+/// A size as docker writes it: a number with an optional `b`, `k`, `m`, `g` or `t` (powers
+/// of 1024), in bytes.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim().to_ascii_lowercase();
+    let text = text
+        .strip_suffix('b')
+        .filter(|t| !t.is_empty() && !t.ends_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or(&text);
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let factor: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(factor).filter(|b| *b > 0)
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Makes the program absolute (relative paths from `cwd`, bare names through `PATH`) and
 /// checks that it can be run, so a typo is a config error at start, not a failed job later.
 fn resolve_command(
+    key: &str,
     mut command: Vec<String>,
     cwd: &Path,
     path_var: Option<&str>,
 ) -> Result<Vec<String>, ConfigError> {
-    let Some(program) = command.first() else {
-        return Err(ConfigError::new(
-            "executor.command: must name a program (an argv list)",
-        ));
+    let Some(program) = command.first().filter(|p| !p.is_empty()) else {
+        return Err(ConfigError::new(format!(
+            "{key}: must name a program (an argv list)"
+        )));
     };
     let resolved = if program.contains('/') {
         let candidate = cwd.join(program);
         if !is_executable(&candidate) {
             return Err(ConfigError::new(format!(
-                "executor.command: {} is not an executable file",
+                "{key}: {} is not an executable file",
                 candidate.display()
             )));
         }
@@ -447,11 +759,7 @@ fn resolve_command(
             .filter(|dir| !dir.is_empty())
             .map(|dir| Path::new(dir).join(program))
             .find(|candidate| is_executable(candidate))
-            .ok_or_else(|| {
-                ConfigError::new(format!(
-                    "executor.command: program {program:?} is not on PATH"
-                ))
-            })?
+            .ok_or_else(|| ConfigError::new(format!("{key}: program {program:?} is not on PATH")))?
     };
     command[0] = resolved.to_string_lossy().into_owned();
     Ok(command)

@@ -163,9 +163,28 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     let quarantined = opened.recovered.damaged.len();
     METRICS.set_replay_duration(replay_started.elapsed());
     METRICS.quarantined.add(quarantined as u64);
+    // Containers of a crashed daemon: adopted, or removed before their stage runs again.
+    let adopted = match &config.executor.docker {
+        Some(program) => {
+            let docker = executor::docker::DockerCli::new(
+                program.clone(),
+                &data_dir,
+                &config.executor.pass_env,
+            );
+            executor::docker::reconcile(
+                &docker,
+                &opened.recovered.jobs,
+                &config.executor.stages,
+                config.executor.adopt_running,
+            )
+            .await
+        }
+        None => std::collections::HashMap::new(),
+    };
     let boot = Boot {
         jobs: opened.recovered.jobs,
         order: opened.recovered.order,
+        adopted,
     };
     let executor_config = config.executor.clone();
     let executor_tracker = tracker.clone();
@@ -173,7 +192,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     let booted = Worker::boot(
         config.worker.clone(),
         opened.handle,
-        move |events| Executor::new(executor_config, exec_data_dir, events, executor_tracker),
+        move |reports| Executor::new(executor_config, exec_data_dir, reports, executor_tracker),
         boot,
         shutdown.clone(),
     )
@@ -191,6 +210,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         jobs = report.loaded,
         requeued = report.requeued,
         interrupted = report.interrupted,
+        adopted = report.adopted,
         failed_out_of_attempts = report.failed_attempts,
         quarantined,
         took_ms = started.elapsed().as_millis() as u64,

@@ -203,6 +203,9 @@ async fn spawn_app(options: Options) -> App {
         timeout: Duration::from_secs(60),
         kill_grace: Duration::from_secs(2),
         pass_env: Vec::new(),
+        stages: Vec::new(),
+        docker: None,
+        adopt_running: false,
     };
     let exec_data = data.clone();
     let (worker_handle, worker, _report) = Worker::boot(
@@ -217,6 +220,7 @@ async fn spawn_app(options: Options) -> App {
         Boot {
             jobs: recovered.jobs,
             order: recovered.order,
+            adopted: Default::default(),
         },
         shutdown.clone(),
     )

@@ -62,6 +62,9 @@ async fn spawn_app() -> App {
         timeout: Duration::from_secs(60),
         kill_grace: Duration::from_secs(2),
         pass_env: Vec::new(),
+        stages: Vec::new(),
+        docker: None,
+        adopt_running: false,
     };
     let (worker_handle, worker, _report) = Worker::boot(
         WorkerConfig {
@@ -75,6 +78,7 @@ async fn spawn_app() -> App {
         Boot {
             jobs: recovered.jobs,
             order: recovered.order,
+            adopted: Default::default(),
         },
         shutdown.clone(),
     )

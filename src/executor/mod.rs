@@ -1,18 +1,26 @@
-//! The executor: the only code that spawns processes.
+//! The executor: the only code that spawns processes (trainers, and the docker CLI).
 //!
-//! A job runs as the configured argv, in a process group of its own, with its output going
-//! straight to `logs/<job_id>.log` (the file is the trainer's stdout and stderr, so its output
-//! never depends on the daemon reading a pipe). When the trainer ends, for whatever reason, the
-//! executor sends one [`Event`] to the worker with the [`Outcome`].
+//! A job runs as a pipeline of stages: `[[executor.stages]]`, or the single
+//! `executor.command`. A process stage runs its argv in a process group of its own; a docker
+//! stage runs a container through the docker CLI ([`docker`]). Either way the output goes to
+//! `logs/<job_id>.log` (the file is the process's stdout and stderr, or what `docker logs -f`
+//! writes, so it never depends on the daemon reading a pipe), each stage under a header.
+//!
+//! Between stages the executor asks the worker to record the finished stage durably
+//! ([`StageDone`]) and waits for that before the next one starts: a job recovered after a
+//! crash resumes at its first stage not recorded, so a recorded stage never runs twice.
+//! When the pipeline ends, for whatever reason, the executor sends one [`Event`] to the
+//! worker with the [`Outcome`].
 //!
 //! Stopping (cancel, timeout, shutdown) sends SIGTERM to the whole group, then SIGKILL after
 //! `kill_grace`. Trainers never outlive the daemon: each is spawned with a parent-death signal
 //! (SIGKILL when the daemon dies), and at boot [`orphans::kill_leftovers`] kills anything a
 //! previous daemon of the same data dir left behind (its grandchildren, say).
 
+pub mod docker;
 pub mod orphans;
+pub mod template;
 
-use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -20,15 +28,19 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::ExecutorConfig;
+use crate::config::{ExecutorConfig, Stage, StageRun};
 use crate::job::{Job, JobId, JobKind};
 use crate::store::replay::{JOBS_DIR, LOGS_DIR};
+use docker::DockerCli;
+use template::{Template, Values};
 
 /// The variable that marks a trainer as started by the daemon of one data dir.
 pub const OWNER_ENV: &str = "TW_DATA_DIR";
@@ -52,6 +64,10 @@ pub enum Outcome {
     Stopped,
     /// It could not be started at all.
     SpawnFailed(String),
+    /// The job's time budget (`hours_to_complete`) ran out while it ran; it ran this long.
+    OutOfTime(Duration),
+    /// Its container could no longer be followed (the docker CLI failed).
+    Lost(String),
 }
 
 /// A trainer has ended.
@@ -61,11 +77,37 @@ pub struct Event {
     pub outcome: Outcome,
     /// The last non-empty line the trainer printed in this attempt, if any.
     pub last_line: Option<String>,
+    /// The stage that ended the pipeline, when stages are configured.
+    pub stage: Option<String>,
+}
+
+/// A stage has finished; the executor waits for `ack` (sent once the stage is recorded in
+/// the job file) before it starts the next one. A dropped `ack` means: do not go on.
+#[derive(Debug)]
+pub struct StageDone {
+    pub job_id: JobId,
+    pub stage: String,
+    pub ack: oneshot::Sender<()>,
+}
+
+/// Where the executor reports to the worker.
+#[derive(Clone, Debug)]
+pub struct Reports {
+    pub events: mpsc::Sender<Event>,
+    pub stage_done: mpsc::Sender<StageDone>,
 }
 
 impl Event {
     /// The job's error message for this outcome, or `None` for a success.
     pub fn error_message(&self) -> Option<String> {
+        let message = self.outcome_message()?;
+        Some(match &self.stage {
+            Some(stage) => format!("stage {stage}: {message}"),
+            None => message,
+        })
+    }
+
+    fn outcome_message(&self) -> Option<String> {
         let said = match &self.last_line {
             Some(line) => format!("; last output: {line}"),
             None => "; no output".to_string(),
@@ -83,6 +125,11 @@ impl Event {
             )),
             Outcome::Stopped => Some("trainer was stopped".into()),
             Outcome::SpawnFailed(e) => Some(format!("could not start the trainer: {e}")),
+            Outcome::OutOfTime(after) => Some(format!(
+                "the time budget (hours_to_complete) ran out; stopped after {}{said}",
+                humantime::format_duration(*after)
+            )),
+            Outcome::Lost(e) => Some(format!("lost track of the trainer: {e}{said}")),
         }
     }
 }
@@ -118,80 +165,153 @@ impl Execution {
     }
 }
 
+/// The name of the one stage a single `executor.command` makes.
+const SINGLE_STAGE: &str = "trainer";
+
 /// Spawns trainers and reports how they end.
 pub struct Executor {
-    config: ExecutorConfig,
-    data_dir: PathBuf,
-    events: mpsc::Sender<Event>,
+    context: Arc<Context>,
     /// Every trainer's task, so that the daemon can wait for all of them at shutdown.
     tracker: TaskTracker,
+}
+
+/// What every pipeline run shares.
+struct Context {
+    /// The stages, in order; one unnamed-in-logs stage for a single command.
+    stages: Vec<Stage>,
+    /// Whether the stages come from `[[executor.stages]]`: then they are named in logs and
+    /// errors, and each finished one is recorded.
+    staged: bool,
+    data_dir: PathBuf,
+    timeout: Duration,
+    kill_grace: Duration,
+    pass_env: Vec<String>,
+    docker: Option<DockerCli>,
+    reports: Reports,
+}
+
+/// Where a pipeline starts: the job's first unfinished stage, or a container a previous
+/// daemon started that is followed instead of started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adoption {
+    pub stage: String,
+    pub container: String,
 }
 
 impl Executor {
     pub fn new(
         config: ExecutorConfig,
         data_dir: PathBuf,
-        events: mpsc::Sender<Event>,
+        reports: Reports,
         tracker: TaskTracker,
     ) -> Executor {
+        let staged = !config.stages.is_empty();
+        let stages = if staged {
+            config.stages
+        } else {
+            vec![Stage {
+                name: SINGLE_STAGE.into(),
+                timeout: None,
+                run: StageRun::Process {
+                    argv: config
+                        .command
+                        .iter()
+                        .map(|a| Template::literal(a))
+                        .collect(),
+                },
+            }]
+        };
+        let docker = config
+            .docker
+            .map(|program| DockerCli::new(program, &data_dir, &config.pass_env));
         Executor {
-            config,
-            data_dir,
-            events,
+            context: Arc::new(Context {
+                stages,
+                staged,
+                data_dir,
+                timeout: config.timeout,
+                kill_grace: config.kill_grace,
+                pass_env: config.pass_env,
+                docker,
+                reports,
+            }),
             tracker,
         }
     }
 
     /// Where a job's trainer output goes.
     pub fn log_path(&self, id: JobId) -> PathBuf {
-        self.data_dir.join(LOGS_DIR).join(format!("{id}.log"))
+        self.context.log_path(id)
     }
 
-    /// Starts the trainer for `job` (already durable as Running) in the background.
+    /// Starts the pipeline for `job` (already durable as Running) in the background, at its
+    /// first stage not in `stages_done`.
     ///
     /// Must be called from a runtime worker thread: the parent-death signal is tied to the
     /// thread that forks, and the runtime's worker threads live as long as the daemon.
     pub fn start(&self, job: &Job) -> Execution {
+        self.launch(job, None)
+    }
+
+    /// Follows a container a previous daemon started for `job` (which is Running), then
+    /// goes on with the stages after it.
+    pub fn adopt(&self, job: &Job, adoption: Adoption) -> Execution {
+        self.launch(job, Some(adoption))
+    }
+
+    fn launch(&self, job: &Job, adoption: Option<Adoption>) -> Execution {
         let stop = CancellationToken::new();
-        let spec = Spec {
-            job_id: job.id,
-            argv: self.config.command.clone(),
-            env: self.environment(job),
-            log_path: self.log_path(job.id),
-            attempt: job.attempts,
-            timeout: self.config.timeout,
-            kill_grace: self.config.kill_grace,
+        let run = Run {
+            context: self.context.clone(),
+            job: job.clone(),
+            adoption,
         };
-        let events = self.events.clone();
         let token = stop.clone();
         self.tracker.spawn(async move {
-            let job_id = spec.job_id;
-            let (outcome, last_line) = spec.run(token).await;
+            let events = run.context.reports.events.clone();
+            let event = run.run(token).await;
             // The worker may be gone at the very end of a shutdown; nothing is lost then,
             // since the job file still says Running and replay handles it.
-            let _ = events
-                .send(Event {
-                    job_id,
-                    outcome,
-                    last_line,
-                })
-                .await;
+            let _ = events.send(event).await;
         });
         Execution { stop }
     }
+}
 
-    /// The trainer's environment: a small base, the names in `pass_env`, the job's fields.
-    fn environment(&self, job: &Job) -> Vec<(String, String)> {
+impl Context {
+    fn log_path(&self, id: JobId) -> PathBuf {
+        self.data_dir.join(LOGS_DIR).join(format!("{id}.log"))
+    }
+
+    /// A process stage's environment: a small base, the names in `pass_env`, the job's
+    /// fields, the owner mark, and the job's GPUs.
+    fn process_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = Vec::new();
         for name in BASE_ENV
             .iter()
             .copied()
-            .chain(self.config.pass_env.iter().map(String::as_str))
+            .chain(self.pass_env.iter().map(String::as_str))
         {
             if let Ok(value) = std::env::var(name) {
                 env.push((name.to_string(), value));
             }
         }
+        env.extend(self.job_environment(job, stage));
+        env.push((
+            OWNER_ENV.to_string(),
+            self.data_dir.to_string_lossy().into_owned(),
+        ));
+        // Only with GPU accounting: then a job sees exactly its GPUs (none, for a job that
+        // asked for none); without it, the trainer's environment decides.
+        if let Some(ids) = &job.gpu_ids {
+            let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), list.join(",")));
+        }
+        env
+    }
+
+    /// The job's own variables (CONTRACT 5), for processes and containers alike.
+    fn job_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
         let (dataset, dataset_type, file_format, dataset_zip, model_type) = match &job.kind {
             JobKind::Text {
                 dataset,
@@ -219,7 +339,7 @@ impl Executor {
             .data_dir
             .join(JOBS_DIR)
             .join(format!("{}.json", job.id));
-        for (name, value) in [
+        let mut env: Vec<(String, String)> = [
             ("JOB_ID", job.id.to_string()),
             ("JOB_TYPE", job.kind.type_name().to_string()),
             ("JOB_FILE", job_file.to_string_lossy().into_owned()),
@@ -234,139 +354,305 @@ impl Executor {
                 job.expected_repo_name.clone().unwrap_or_default(),
             ),
             ("ATTEMPT", job.attempts.to_string()),
-            (OWNER_ENV, self.data_dir.to_string_lossy().into_owned()),
-        ] {
-            env.push((name.to_string(), value));
-        }
-        // Only with GPU accounting: then a job sees exactly its GPUs (none, for a job that
-        // asked for none); without it, the trainer's environment decides.
-        if let Some(ids) = &job.gpu_ids {
-            let list: Vec<String> = ids.iter().map(u32::to_string).collect();
-            env.push(("CUDA_VISIBLE_DEVICES".to_string(), list.join(",")));
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        if self.staged {
+            env.push(("STAGE".to_string(), stage.to_string()));
         }
         env
     }
 }
 
-/// Everything one run of a trainer needs, moved into its task.
-struct Spec {
-    job_id: JobId,
-    argv: Vec<String>,
-    env: Vec<(String, String)>,
-    log_path: PathBuf,
-    attempt: u32,
-    timeout: Duration,
-    kill_grace: Duration,
+/// One run of a job's pipeline, moved into its task.
+struct Run {
+    context: Arc<Context>,
+    /// The job as it was durably recorded when the run began.
+    job: Job,
+    adoption: Option<Adoption>,
 }
 
-impl fmt::Debug for Spec {
-    // The environment may hold secrets (pass_env): never print it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Spec")
-            .field("job_id", &self.job_id)
-            .field("argv", &self.argv)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Spec {
-    async fn run(self, stop: CancellationToken) -> (Outcome, Option<String>) {
-        let job_id = self.job_id;
-        let (log, offset) = match open_log(&self.log_path, self.attempt) {
-            Ok(opened) => opened,
+impl Run {
+    async fn run(self, stop: CancellationToken) -> Event {
+        let job_id = self.job.id;
+        let context = &self.context;
+        let log_path = context.log_path(job_id);
+        let header = match &self.adoption {
+            None => format!(
+                "==> attempt {} started at {}",
+                self.job.attempts,
+                crate::job::format_timestamp(&chrono::Utc::now())
+            ),
+            Some(adopted) => format!(
+                "==> attempt {} followed again at {}: the daemon restarted while container {} (stage {}) ran",
+                self.job.attempts,
+                crate::job::format_timestamp(&chrono::Utc::now()),
+                adopted.container,
+                adopted.stage
+            ),
+        };
+        // When adopting, the container's output since the previous daemon stopped writing
+        // is what is missing from the log; the log's last change says when that was.
+        let since = self
+            .adoption
+            .as_ref()
+            .and_then(|_| std::fs::metadata(&log_path).ok())
+            .and_then(|m| m.modified().ok());
+        let mut log = match open_log(&log_path, &header) {
+            Ok(log) => log,
             Err(e) => {
-                let msg = format!("cannot open log {}: {e}", self.log_path.display());
+                let msg = format!("cannot open log {}: {e}", log_path.display());
                 warn!(%job_id, error = %msg, "trainer not started");
-                return (Outcome::SpawnFailed(msg), None);
+                return self.event(Outcome::SpawnFailed(msg), None, None);
             }
         };
-        let mut child = match self.spawn(&log) {
-            Ok(child) => child,
-            Err(e) => {
-                warn!(%job_id, error = %e, "trainer could not be started");
-                let _ = writeln!(&log, "==> could not start the trainer: {e}");
-                return (Outcome::SpawnFailed(e.to_string()), None);
-            }
+        let total = context.stages.len();
+        let first = match &self.adoption {
+            Some(adopted) => context
+                .stages
+                .iter()
+                .position(|s| s.name == adopted.stage)
+                .unwrap_or(total),
+            None => 0,
         };
-        let pid = child.id();
-        info!(%job_id, pid, attempt = self.attempt, "trainer started");
-        let started = Instant::now();
-
-        let outcome = tokio::select! {
-            status = child.wait() => match status {
-                Ok(status) => from_status(status),
-                Err(e) => Outcome::SpawnFailed(format!("cannot wait for the trainer: {e}")),
-            },
-            _ = tokio::time::sleep(self.timeout) => {
-                warn!(%job_id, timeout = %humantime::format_duration(self.timeout), "trainer timed out; stopping it");
-                terminate(&mut child, pid, self.kill_grace).await;
-                Outcome::TimedOut(self.timeout)
+        for (i, stage) in context.stages.iter().enumerate().skip(first) {
+            let adopted = (i == first)
+                .then_some(self.adoption.as_ref())
+                .flatten()
+                .map(|a| a.container.clone());
+            let named = context.staged.then(|| stage.name.clone());
+            if adopted.is_none() && context.staged && self.job.stages_done.contains(&stage.name) {
+                let _ = writeln!(
+                    log,
+                    "==> stage {} ({}/{total}): finished in an earlier attempt; skipped",
+                    stage.name,
+                    i + 1
+                );
+                continue;
             }
-            _ = stop.cancelled() => {
-                info!(%job_id, "stopping trainer");
-                terminate(&mut child, pid, self.kill_grace).await;
-                Outcome::Stopped
+            if stop.is_cancelled() {
+                return self.event(Outcome::Stopped, None, named);
             }
-        };
-        // Whatever the leader did, nothing of its group may stay behind.
-        if let Some(pid) = pid {
-            kill_group(pid, libc::SIGKILL);
+            let limit = stage.timeout.unwrap_or(context.timeout);
+            let left = self.job.time_left(chrono::Utc::now());
+            let (timeout, budget_bound) = match left {
+                Some(left) if left < limit => (left, true),
+                _ => (limit, false),
+            };
+            if timeout.is_zero() {
+                let _ = writeln!(
+                    log,
+                    "==> the time budget ran out before {} could start",
+                    describe_stage(context.staged, &stage.name)
+                );
+                return self.event(Outcome::OutOfTime(Duration::ZERO), None, named);
+            }
+            if context.staged {
+                let _ = writeln!(
+                    log,
+                    "==> stage {} ({}/{total}) started at {}",
+                    stage.name,
+                    i + 1,
+                    crate::job::format_timestamp(&chrono::Utc::now())
+                );
+            }
+            let offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
+            let started = Instant::now();
+            let values = Values::new(&self.job, &stage.name, &context.data_dir.to_string_lossy());
+            let mut outcome = match &stage.run {
+                StageRun::Process { argv } => {
+                    let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
+                    let env = context.process_environment(&self.job, &stage.name);
+                    run_process(
+                        job_id,
+                        &argv,
+                        &env,
+                        &log,
+                        timeout,
+                        context.kill_grace,
+                        &stop,
+                    )
+                    .await
+                }
+                StageRun::Docker(spec) => {
+                    let Some(docker) = &context.docker else {
+                        // Config loading resolves the CLI whenever a docker stage exists.
+                        return self.event(
+                            Outcome::SpawnFailed("no docker CLI configured".into()),
+                            None,
+                            named,
+                        );
+                    };
+                    let name = docker::container_name(job_id, &stage.name);
+                    match adopted {
+                        Some(container) => {
+                            docker
+                                .follow(&container, since, &log, timeout, context.kill_grace, &stop)
+                                .await
+                        }
+                        None => {
+                            let args = docker.run_args(
+                                &self.job,
+                                &stage.name,
+                                spec,
+                                &values,
+                                &context.job_environment(&self.job, &stage.name),
+                                &context.pass_env,
+                            );
+                            docker
+                                .run(&name, &args, &log, timeout, context.kill_grace, &stop)
+                                .await
+                        }
+                    }
+                }
+            };
+            if budget_bound && matches!(outcome, Outcome::TimedOut(_)) {
+                outcome = Outcome::OutOfTime(timeout);
+            }
+            // Read before the footer below, which would otherwise be the last line.
+            let last_line = last_line(&log_path, offset);
+            let _ = writeln!(
+                log,
+                "==> {} ended after {}: {}",
+                describe_stage(context.staged, &stage.name),
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                describe(&outcome)
+            );
+            info!(%job_id, stage = %stage.name, outcome = describe(&outcome), "stage ended");
+            if outcome != Outcome::Exited(0) {
+                return self.event(outcome, last_line, named);
+            }
+            if context.staged && i + 1 < total && !self.record(&stage.name, &stop).await {
+                return self.event(Outcome::Stopped, None, named);
+            }
         }
-        let last_line = last_line(&self.log_path, offset);
-        let _ = writeln!(
-            &log,
-            "==> trainer ended after {}: {}",
-            humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
-            describe(&outcome)
-        );
-        info!(%job_id, outcome = describe(&outcome), "trainer ended");
-        (outcome, last_line)
+        self.event(Outcome::Exited(0), None, None)
     }
 
-    fn spawn(&self, log: &File) -> io::Result<Child> {
-        let mut command = Command::new(&self.argv[0]);
-        command
-            .args(&self.argv[1..])
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log.try_clone()?)
-            .process_group(0)
-            .kill_on_drop(false);
-        // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls (prctl, getppid, kill on itself).
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The daemon may have died between fork and prctl; then nobody would ever
-                // send the signal, so act as if it had been sent.
-                if libc::getppid() == 1 {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
-                Ok(())
-            });
+    /// Has the worker record `stage` as finished; true once it is durable. False when the
+    /// run must not go on (stopped meanwhile, or the worker declined).
+    async fn record(&self, stage: &str, stop: &CancellationToken) -> bool {
+        let (ack, recorded) = oneshot::channel();
+        let done = StageDone {
+            job_id: self.job.id,
+            stage: stage.to_string(),
+            ack,
+        };
+        if self.context.reports.stage_done.send(done).await.is_err() {
+            return false;
         }
-        command.spawn()
+        tokio::select! {
+            answer = recorded => answer.is_ok() && !stop.is_cancelled(),
+            _ = stop.cancelled() => false,
+        }
+    }
+
+    fn event(&self, outcome: Outcome, last_line: Option<String>, stage: Option<String>) -> Event {
+        Event {
+            job_id: self.job.id,
+            outcome,
+            last_line,
+            stage,
+        }
     }
 }
 
-/// Opens the log for appending and writes the attempt's header; returns the offset at which
-/// this attempt's own output starts.
-fn open_log(path: &Path, attempt: u32) -> io::Result<(File, u64)> {
+fn describe_stage(staged: bool, name: &str) -> String {
+    if staged {
+        format!("stage {name}")
+    } else {
+        "trainer".to_string()
+    }
+}
+
+/// Runs one process stage to its end: its own process group, output to `log`, stopped
+/// (SIGTERM, SIGKILL after `grace`) on timeout or on request.
+async fn run_process(
+    job_id: JobId,
+    argv: &[String],
+    env: &[(String, String)],
+    log: &File,
+    timeout: Duration,
+    grace: Duration,
+    stop: &CancellationToken,
+) -> Outcome {
+    let mut child = match spawn_process(argv, env, log) {
+        Ok(child) => child,
+        Err(e) => {
+            warn!(%job_id, error = %e, "trainer could not be started");
+            let mut log = log;
+            let _ = writeln!(log, "==> could not start {}: {e}", argv[0]);
+            return Outcome::SpawnFailed(e.to_string());
+        }
+    };
+    let pid = child.id();
+    info!(%job_id, pid, "trainer started");
+    let outcome = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => from_status(status),
+            Err(e) => Outcome::SpawnFailed(format!("cannot wait for the trainer: {e}")),
+        },
+        _ = tokio::time::sleep(timeout) => {
+            warn!(%job_id, timeout = %humantime::format_duration(timeout), "trainer timed out; stopping it");
+            terminate(&mut child, pid, grace).await;
+            Outcome::TimedOut(timeout)
+        }
+        _ = stop.cancelled() => {
+            info!(%job_id, "stopping trainer");
+            terminate(&mut child, pid, grace).await;
+            Outcome::Stopped
+        }
+    };
+    // Whatever the leader did, nothing of its group may stay behind.
+    if let Some(pid) = pid {
+        kill_group(pid, libc::SIGKILL);
+    }
+    outcome
+}
+
+fn spawn_process(argv: &[String], env: &[(String, String)], log: &File) -> io::Result<Child> {
+    let mut command = Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log.try_clone()?);
+    tie_to_daemon(&mut command);
+    command.spawn()
+}
+
+/// A process group of its own, and death with the daemon: every child the executor spawns
+/// gets both, so a stop reaches all of it and a killed daemon leaves nothing behind.
+fn tie_to_daemon(command: &mut Command) {
+    command.process_group(0).kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls (prctl, getppid, kill on itself).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The daemon may have died between fork and prctl; then nobody would ever
+            // send the signal, so act as if it had been sent.
+            if libc::getppid() == 1 {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Opens the log for appending and writes the attempt's header.
+fn open_log(path: &Path, header: &str) -> io::Result<File> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
-    writeln!(
-        file,
-        "==> attempt {attempt} started at {}",
-        crate::job::format_timestamp(&chrono::Utc::now())
-    )?;
-    let offset = file.seek(SeekFrom::End(0))?;
-    Ok((file, offset))
+    writeln!(file, "{header}")?;
+    Ok(file)
 }
 
 fn from_status(status: ExitStatus) -> Outcome {
@@ -386,6 +672,11 @@ fn describe(outcome: &Outcome) -> String {
         }
         Outcome::Stopped => "stopped on request".into(),
         Outcome::SpawnFailed(e) => format!("not started: {e}"),
+        Outcome::OutOfTime(after) => format!(
+            "stopped after {}: the time budget ran out",
+            humantime::format_duration(*after)
+        ),
+        Outcome::Lost(e) => format!("lost: {e}"),
     }
 }
 
@@ -442,7 +733,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         std::fs::write(&path, "old attempt\n").unwrap();
-        let (mut file, offset) = open_log(&path, 2).unwrap();
+        let mut file = open_log(&path, "==> attempt 2").unwrap();
+        let offset = file.seek(SeekFrom::End(0)).unwrap();
         assert_eq!(last_line(&path, offset), None);
         file.write_all(b"step 1\nstep 2\n\n  \n").unwrap();
         assert_eq!(last_line(&path, offset).as_deref(), Some("step 2"));
@@ -457,6 +749,7 @@ mod tests {
             job_id: JobId::new_random(),
             outcome,
             last_line: Some("CUDA out of memory".into()),
+            stage: None,
         };
         assert_eq!(event(Outcome::Exited(0)).error_message(), None);
         let msg = event(Outcome::Exited(3)).error_message().unwrap();

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::WorkerConfig;
-use crate::executor::{Event, Execution, Executor, Outcome};
+use crate::executor::{Adoption, Event, Execution, Executor, Outcome, Reports, StageDone};
 use crate::job::{Job, JobId, Status, Timestamp};
 use crate::metrics::METRICS;
 use crate::store::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
@@ -68,6 +68,9 @@ enum Command {
     Ping {
         respond_to: oneshot::Sender<()>,
     },
+    /// From the executor, not a client: a stage has finished and must be recorded before
+    /// the next one starts.
+    StageDone(StageDone),
 }
 
 impl Command {
@@ -77,6 +80,7 @@ impl Command {
         match self {
             Command::Submit { job, .. } => Some(job.id),
             Command::Cancel { id, .. } => Some(*id),
+            Command::StageDone(done) => Some(done.job_id),
             _ => None,
         }
     }
@@ -191,6 +195,8 @@ pub struct Boot {
     pub jobs: Vec<Job>,
     /// The unfinished ones in the order they run again.
     pub order: Vec<JobId>,
+    /// Running jobs whose container still runs and is followed again instead of requeued.
+    pub adopted: HashMap<JobId, Adoption>,
 }
 
 /// What boot did, for the summary line.
@@ -200,6 +206,7 @@ pub struct BootReport {
     pub requeued: usize,
     pub interrupted: usize,
     pub failed_attempts: usize,
+    pub adopted: usize,
 }
 
 /// A change on its way to the store, and what to do once it lands.
@@ -226,6 +233,12 @@ enum Pending {
         job: Job,
         rank: u64,
     },
+    StageDone {
+        job: Job,
+        rank: u64,
+        stage: String,
+        ack: oneshot::Sender<()>,
+    },
 }
 
 impl Pending {
@@ -235,7 +248,8 @@ impl Pending {
             | Pending::Start { job, .. }
             | Pending::Finish { job }
             | Pending::Cancel { job, .. }
-            | Pending::Requeue { job, .. } => job,
+            | Pending::Requeue { job, .. }
+            | Pending::StageDone { job, .. } => job,
         }
     }
 
@@ -249,7 +263,9 @@ impl Pending {
             Pending::Submit { rank, .. } | Pending::Requeue { rank, .. } => {
                 Placement::Queued(*rank)
             }
-            Pending::Start { rank, .. } => Placement::Running(*rank),
+            Pending::Start { rank, .. } | Pending::StageDone { rank, .. } => {
+                Placement::Running(*rank)
+            }
             Pending::Finish { .. } | Pending::Cancel { .. } => Placement::Off,
         }
     }
@@ -277,6 +293,7 @@ pub struct Worker {
     executor: Executor,
     inbox: mpsc::Receiver<Command>,
     events: mpsc::Receiver<Event>,
+    stage_done: mpsc::Receiver<StageDone>,
     shutdown: CancellationToken,
     /// The durable state of every job.
     jobs: HashMap<JobId, Job>,
@@ -293,6 +310,11 @@ pub struct Worker {
     gpus_in_use: HashMap<JobId, Vec<u32>>,
     /// Trainer outcomes the store refused to record; retried after [`RETRY_AFTER`].
     unrecorded: HashMap<JobId, Event>,
+    /// Finished stages the store refused to record; their pipelines wait, and the records
+    /// are retried after [`RETRY_AFTER`].
+    unrecorded_stages: Vec<StageDone>,
+    /// Containers to follow again, taken by the loop when it starts.
+    adopted: HashMap<JobId, Adoption>,
     /// When to try again after a refused start or finish.
     retry_at: Option<Instant>,
     /// The newest creation time handed out; see [`Worker::now_for_creation`].
@@ -306,12 +328,13 @@ impl Worker {
     pub async fn boot(
         config: WorkerConfig,
         store: StoreHandle,
-        executor_for: impl FnOnce(mpsc::Sender<Event>) -> Executor,
+        executor_for: impl FnOnce(Reports) -> Executor,
         boot: Boot,
         shutdown: CancellationToken,
     ) -> Result<(WorkerHandle, Worker, BootReport), StoreError> {
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let (events_tx, events) = mpsc::channel(INBOX_CAPACITY);
+        let (stage_done_tx, stage_done) = mpsc::channel(INBOX_CAPACITY);
         let now = chrono::Utc::now();
         let mut report = BootReport {
             loaded: boot.jobs.len(),
@@ -322,12 +345,31 @@ impl Worker {
 
         let mut queue = Queue::default();
         let mut changes = Vec::new();
+        let mut adopted = boot.adopted;
+        let mut gpus_in_use = HashMap::new();
         for (i, id) in boot.order.into_iter().enumerate() {
             // The same rank the store gave this job when it placed the replay order.
             let rank = FIRST_QUEUED_RANK + i as u64;
             let Some(job) = jobs.get_mut(&id) else {
                 continue;
             };
+            if job.status == Status::Running && adopted.contains_key(&id) {
+                // Its container still runs: the job keeps running, on its GPUs, without a
+                // new start. Only its place in queue.json is written again.
+                info!(job_id = %id, attempts = job.attempts, "job was running when the daemon stopped; its container still runs and is adopted");
+                report.adopted += 1;
+                let rank = queue.next_start_rank();
+                queue.start(id, rank);
+                if let Some(ids) = &job.gpu_ids {
+                    gpus_in_use.insert(id, ids.clone());
+                }
+                changes.push(Change {
+                    job: job.clone(),
+                    placement: Placement::Running(rank),
+                });
+                continue;
+            }
+            adopted.remove(&id);
             if job.status == Status::Running {
                 report.interrupted += 1;
                 if job.attempts >= config.max_attempts {
@@ -366,11 +408,15 @@ impl Worker {
         METRICS.failed.add(report.failed_attempts as u64);
 
         let worker = Worker {
-            executor: executor_for(events_tx),
+            executor: executor_for(Reports {
+                events: events_tx,
+                stage_done: stage_done_tx,
+            }),
             config,
             store,
             inbox,
             events,
+            stage_done,
             shutdown,
             jobs,
             queue,
@@ -378,8 +424,10 @@ impl Worker {
             busy: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             starting: 0,
-            gpus_in_use: HashMap::new(),
+            gpus_in_use,
             unrecorded: HashMap::new(),
+            unrecorded_stages: Vec::new(),
+            adopted,
             retry_at: None,
             last_created,
         };
@@ -389,6 +437,20 @@ impl Worker {
     /// The actor's loop. Ends after shutdown was requested, every trainer has stopped and
     /// every change has landed.
     pub async fn run(mut self) {
+        // Here, on a runtime thread of the actor's own, not in boot: the executor's children
+        // are tied to the thread that spawns them.
+        for (id, adoption) in std::mem::take(&mut self.adopted) {
+            if let Some(job) = self.jobs.get(&id) {
+                let execution = self.executor.adopt(job, adoption);
+                self.running.insert(
+                    id,
+                    Running {
+                        execution,
+                        stop_reason: None,
+                    },
+                );
+            }
+        }
         self.start_ready_jobs();
         let mut stopping = false;
         loop {
@@ -403,6 +465,7 @@ impl Worker {
                 }
                 Some(command) = self.inbox.recv() => self.handle(command),
                 Some(event) = self.events.recv() => self.on_exit(event),
+                Some(done) = self.stage_done.recv() => self.handle(Command::StageDone(done)),
                 Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.retry_at = None;
@@ -450,7 +513,35 @@ impl Worker {
                     .map(|job| (self.executor.log_path(id), job.status));
                 let _ = respond_to.send(path);
             }
+            Command::StageDone(done) => self.record_stage(done),
         }
+    }
+
+    /// A stage has finished: record it in the job file; its pipeline goes on once that has
+    /// landed. A job that no longer runs (cancelled meanwhile) records nothing, and the
+    /// dropped acknowledgement tells the pipeline not to go on.
+    fn record_stage(&mut self, done: StageDone) {
+        let id = done.job_id;
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let Some(rank) = self.queue.running_rank(id) else {
+            return;
+        };
+        if job.status != Status::Running || !self.running.contains_key(&id) {
+            return;
+        }
+        let mut job = job.clone();
+        if !job.stages_done.contains(&done.stage) {
+            job.stages_done.push(done.stage.clone());
+        }
+        job.updated_at = Some(chrono::Utc::now());
+        self.write(Pending::StageDone {
+            job,
+            rank,
+            stage: done.stage,
+            ack: done.ack,
+        });
     }
 
     fn submit(
@@ -652,6 +743,27 @@ impl Worker {
                 self.queue.insert_queued(rank, id);
                 self.put(job);
             }
+            (
+                Pending::StageDone {
+                    job, stage, ack, ..
+                },
+                Ok(()),
+            ) => {
+                info!(job_id = %id, stage = %stage, "stage finished and recorded");
+                self.put(job);
+                let _ = ack.send(());
+            }
+            (Pending::StageDone { stage, ack, .. }, Err(e)) => {
+                // The pipeline waits: starting the next stage before this one is recorded
+                // could run it twice after a crash.
+                warn!(job_id = %id, stage = %stage, error = %e, "cannot record the finished stage; will retry");
+                self.unrecorded_stages.push(StageDone {
+                    job_id: id,
+                    stage,
+                    ack,
+                });
+                self.schedule_retry();
+            }
             (Pending::Requeue { .. }, Err(e)) => {
                 // The record still says Running, which the next boot treats as a crash.
                 warn!(job_id = %id, error = %e, "cannot write the interrupted job back; the next boot will count this start");
@@ -810,6 +922,9 @@ impl Worker {
     }
 
     fn retry_unrecorded(&mut self) {
+        for done in std::mem::take(&mut self.unrecorded_stages) {
+            self.handle(Command::StageDone(done));
+        }
         let ids: Vec<JobId> = self.unrecorded.keys().copied().collect();
         for id in ids {
             let still_running = self

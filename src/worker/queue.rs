@@ -71,6 +71,14 @@ impl Queue {
         }
     }
 
+    /// A running job's start rank.
+    pub fn running_rank(&self, id: JobId) -> Option<u64> {
+        match self.place.get(&id) {
+            Some((rank, true)) => Some(*rank),
+            _ => None,
+        }
+    }
+
     pub fn remove(&mut self, id: JobId) {
         if let Some((rank, running)) = self.place.remove(&id) {
             if running {
