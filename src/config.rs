@@ -796,6 +796,61 @@ mod tests {
     }
 
     #[test]
+    fn stages_parse_with_their_templates_and_limits() {
+        let dir = setup();
+        let text = r#"
+[executor]
+docker = "config/demo-trainer.sh"
+[[executor.stages]]
+name = "download"
+command = ["config/demo-trainer.sh", "--task-id={job_id}"]
+timeout = "1h"
+[[executor.stages]]
+name = "train"
+kind = "docker"
+image = "standalone-text-trainer"
+command = ["--model", "{model}"]
+memory_per_gpu = "64g"
+cpus_per_gpu = 8
+shm_size = "16g"
+network = "none"
+gpus = false
+volumes = ["{data_dir}/cache:/cache:rw"]
+env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
+"#;
+        std::fs::write(dir.path().join(DEFAULT_CONFIG_FILE), text).unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        let stages = &c.executor.stages;
+        assert_eq!(stages.len(), 2);
+        assert_eq!(stages[0].timeout, Some(Duration::from_secs(3600)));
+        let StageRun::Process { argv } = &stages[0].run else {
+            panic!("download is a process")
+        };
+        assert!(Path::new(&format!("{:?}", argv[0]).trim_matches('"')).is_absolute());
+        assert_eq!(format!("{:?}", argv[1]), "\"--task-id={job_id}\"");
+        let StageRun::Docker(spec) = &stages[1].run else {
+            panic!("train is a container")
+        };
+        assert_eq!(spec.memory_per_gpu, Some(64 << 30));
+        assert_eq!(spec.cpus_per_gpu, Some(8.0));
+        assert!(!spec.gpus);
+        assert_eq!(spec.env.len(), 1);
+        assert!(c.executor.docker.as_ref().is_some_and(|p| p.is_absolute()));
+        assert!(!c.executor.adopt_running);
+    }
+
+    #[test]
+    fn sizes_read_like_docker_writes_them() {
+        assert_eq!(parse_bytes("64g"), Some(64 << 30));
+        assert_eq!(parse_bytes("512M"), Some(512 << 20));
+        assert_eq!(parse_bytes("16gb"), Some(16 << 30));
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        for bad in ["", "g", "0", "12q", "-1g", "1.5g"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_without_a_file() {
         let dir = setup();
         let c = load(dir.path(), &[], Overrides::default()).unwrap();
@@ -894,6 +949,47 @@ mod tests {
             (
                 "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",
                 "executor.kill_grace",
+            ),
+            ("[executor]\nadopt_running = \"yes\"", "adopt_running"),
+            (
+                "[[executor.stages]]\nname = \"a b\"\ncommand = [\"config/demo-trainer.sh\"]",
+                "executor.stages[0].name",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\", \"{jobid}\"]",
+                "executor.stages[0].command",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\n[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]",
+                "executor.stages[1].name",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\nkind = \"vm\"",
+                "executor.stages[0].kind",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"",
+                "executor.stages[0].image",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nmemory_per_gpu = \"lots\"",
+                "executor.stages[0].memory_per_gpu",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nenv = { \"A B\" = \"x\" }",
+                "executor.stages[0].env",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\nimage = \"i\"",
+                "executor.stages[0].image",
+            ),
+            (
+                "[executor]\ndocker = \"no-such-docker-xyz\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"",
+                "executor.docker",
+            ),
+            (
+                "[executor]\ncommand = [\"config/demo-trainer.sh\"]\n[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]",
+                "executor.command",
             ),
         ];
         for (text, key) in cases {
