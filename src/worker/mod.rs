@@ -71,6 +71,12 @@ enum Command {
     /// From the executor, not a client: a stage has finished and must be recorded before
     /// the next one starts.
     StageDone(StageDone),
+    /// From the worker itself: a graceful stop ended this job's trainer; write it back to
+    /// the queue. A command, so that it waits for a write in flight (a stage's record) and
+    /// is built from the job as that write left it.
+    Interrupted {
+        id: JobId,
+    },
 }
 
 impl Command {
@@ -81,6 +87,7 @@ impl Command {
             Command::Submit { job, .. } => Some(job.id),
             Command::Cancel { id, .. } => Some(*id),
             Command::StageDone(done) => Some(done.job_id),
+            Command::Interrupted { id } => Some(*id),
             _ => None,
         }
     }
@@ -514,6 +521,12 @@ impl Worker {
                 let _ = respond_to.send(path);
             }
             Command::StageDone(done) => self.record_stage(done),
+            Command::Interrupted { id } => {
+                if let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) {
+                    let job = job.clone();
+                    self.write_requeue(job);
+                }
+            }
         }
     }
 
@@ -890,8 +903,7 @@ impl Worker {
             return;
         }
         if stop_reason == Some(StopReason::Shutdown) && event.outcome == Outcome::Stopped {
-            let job = job.clone();
-            self.write_requeue(job);
+            self.handle(Command::Interrupted { id });
             return;
         }
         self.record_outcome(event);

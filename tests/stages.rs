@@ -1,0 +1,702 @@
+//! The stage pipeline (`[[executor.stages]]`), end to end: a job runs download, train and
+//! upload in order, each finished stage but the last is recorded in the job file's
+//! `stages_done` before the next starts, and a job recovered after a crash or a graceful
+//! stop resumes at its first unrecorded stage. What ran is judged from what the stage script
+//! (tests/trainers/stage.sh) recorded, not from what the API says.
+
+#[allow(dead_code)]
+#[path = "e2e_support/mod.rs"]
+mod support;
+
+use std::fs;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{Daemon, Sandbox, pid_alive, secs, wait_until};
+
+const STAGE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/trainers/stage.sh");
+const STAGES: [&str; 3] = ["download", "train", "upload"];
+const MODEL: &str = "Qwen/Qwen2.5-0.5B";
+
+/// The pipeline config: three process stages of the stage script, with placeholders.
+/// Download has a stage timeout of its own, above any budget the tests give.
+fn configure(sandbox: &Sandbox, max_concurrent: usize, max_attempts: u32) {
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    let mut text = format!(
+        "shutdown_grace = \"10s\"\n\n[worker]\nmax_concurrent = {max_concurrent}\n\
+         max_attempts = {max_attempts}\n\n[executor]\ntimeout = \"60s\"\nkill_grace = \"2s\"\n\
+         pass_env = []\n"
+    );
+    for stage in STAGES {
+        text.push_str(&format!(
+            "\n[[executor.stages]]\nname = \"{stage}\"\nkind = \"process\"\n\
+             command = [{program}, \"--job={{job_id}}\", \"--task-type={{task_type}}\", \
+             \"--stage={{stage}}\", \"--attempt={{attempt}}\", \"--model={{model}}\", \
+             \"--data-dir={{data_dir}}\", \"--literal={{{{x}}}}\"]\n"
+        ));
+        if stage == "download" {
+            text.push_str("timeout = \"30s\"\n");
+        }
+    }
+    sandbox.write_config(&text);
+}
+
+/// An instruct TextJob with a fixed id.
+fn job(id: &str) -> Value {
+    json!({
+        "type": "TextJob",
+        "job_id": id,
+        "model": MODEL,
+        "dataset": "s3://bucket/train.json",
+        "dataset_type": {"field_instruction": "instruction", "field_output": "output"},
+        "file_format": "s3",
+    })
+}
+
+fn id(n: u128) -> String {
+    uuid::Uuid::from_u128(0x5747_0000_0000_4000_8000_0000_0000_0000 | n).to_string()
+}
+
+/// Makes `stage` of job `job` wait after its start until [`release`].
+fn hold(sandbox: &Sandbox, job: &str, stage: &str) {
+    fs::write(sandbox.path().join(format!("hold-{job}-{stage}")), b"").expect("hold");
+}
+
+fn release(sandbox: &Sandbox, job: &str, stage: &str) {
+    fs::remove_file(sandbox.path().join(format!("hold-{job}-{stage}"))).expect("release");
+}
+
+/// Makes `stage` of job `job` exit with `status`.
+fn fail(sandbox: &Sandbox, job: &str, stage: &str, status: i32) {
+    fs::write(
+        sandbox.path().join(format!("fail-{job}-{stage}")),
+        status.to_string(),
+    )
+    .expect("write a fail file");
+}
+
+/// One line of the stage script's records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Note {
+    /// `start`, `end` (finished by itself) or `term` (stopped by SIGTERM).
+    kind: String,
+    /// `$STAGE` as the script saw it.
+    stage: String,
+    job: String,
+    attempt: u32,
+    pid: i32,
+}
+
+/// Everything the stage script recorded so far, complete lines only.
+fn notes(sandbox: &Sandbox) -> Vec<Note> {
+    let text = fs::read_to_string(sandbox.path().join("stage-records")).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|line| match line.split(' ').collect::<Vec<_>>()[..] {
+            [kind, stage, job, attempt, pid] => Note {
+                kind: kind.into(),
+                stage: stage.into(),
+                job: job.into(),
+                attempt: attempt.parse().expect("attempt is a number"),
+                pid: pid.parse().expect("pid is a number"),
+            },
+            _ => panic!("bad stage record {line:?}"),
+        })
+        .collect()
+}
+
+/// `job`'s records as (kind, stage, attempt), in order.
+fn runs(sandbox: &Sandbox, job: &str) -> Vec<(String, String, u32)> {
+    notes(sandbox)
+        .into_iter()
+        .filter(|n| n.job == job)
+        .map(|n| (n.kind, n.stage, n.attempt))
+        .collect()
+}
+
+fn run(kind: &str, stage: &str, attempt: u32) -> (String, String, u32) {
+    (kind.into(), stage.into(), attempt)
+}
+
+/// Waits until `stage` of `job` has started in run number `attempt`; its pid.
+async fn stage_started(sandbox: &Sandbox, job: &str, stage: &str, attempt: u32) -> i32 {
+    wait_until(
+        format_args!("stage {stage} of job {job} starts (attempt {attempt})"),
+        secs(15),
+        async || {
+            notes(sandbox)
+                .into_iter()
+                .find(|n| {
+                    n.kind == "start" && n.stage == stage && n.job == job && n.attempt == attempt
+                })
+                .map(|n| n.pid)
+        },
+    )
+    .await
+}
+
+/// The argv the stage script got in `stage` of run `attempt`, without the program.
+fn argv(sandbox: &Sandbox, job: &str, stage: &str, attempt: u32) -> Vec<String> {
+    let path = sandbox.path().join(format!("argv-{job}-{stage}-{attempt}"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines().map(String::from).collect()
+}
+
+fn stages_done(job_file: &Value) -> Vec<String> {
+    match &job_file["stages_done"] {
+        Value::Null => Vec::new(),
+        Value::Array(names) => names
+            .iter()
+            .map(|n| n.as_str().expect("a stage name").to_string())
+            .collect(),
+        other => panic!("stages_done is not a list: {other}"),
+    }
+}
+
+/// The job log with the times taken out: `started at T` becomes `started`, and
+/// `ended after D: how` becomes `ended: how`.
+fn normalised_log(sandbox: &Sandbox, job: &str) -> Vec<String> {
+    let path = sandbox.data_dir().join("logs").join(format!("{job}.log"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    normalise(&text)
+}
+
+fn normalise(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|line| {
+            if !line.starts_with("==> ") {
+                return line.to_string();
+            }
+            if let Some(at) = line.find(" started at ") {
+                return format!("{} started", &line[..at]);
+            }
+            if let Some(at) = line.find(" ended after ") {
+                let rest = &line[at + " ended after ".len()..];
+                let how = rest.split_once(": ").map_or("", |(_, how)| how);
+                return format!("{} ended: {how}", &line[..at]);
+            }
+            line.to_string()
+        })
+        .collect()
+}
+
+/// What a stage that ran through prints, under its header and above its footer.
+fn stage_lines(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
+    vec![
+        format!("==> stage {stage} ({index}/3) started"),
+        format!("{stage}: working on {job} (attempt {attempt})"),
+        format!("{stage}: done"),
+        format!("==> stage {stage} ended: exit status 0"),
+    ]
+}
+
+fn skipped(stage: &str, index: usize) -> String {
+    format!("==> stage {stage} ({index}/3): finished in an earlier attempt; skipped")
+}
+
+/// Proves that the daemon has worked through its queue: a job without holds, submitted
+/// now, runs all its stages to Completed. With `max_concurrent = 1` and interrupted jobs
+/// first, anything that would still run for another job has run before it.
+async fn sentinel_completes(daemon: &Daemon, sandbox: &Sandbox, n: u128) {
+    let sentinel = id(n);
+    daemon.submit(job(&sentinel)).await;
+    daemon.wait_status(&sentinel, "Completed", secs(20)).await;
+    let ends: Vec<String> = runs(sandbox, &sentinel)
+        .into_iter()
+        .filter(|(kind, _, _)| kind == "end")
+        .map(|(_, stage, _)| stage)
+        .collect();
+    assert_eq!(ends, STAGES, "the sentinel ran every stage once");
+}
+
+async fn pid_gone(pid: i32, what: &str) {
+    wait_until(
+        format_args!("the process of {what} ({pid}) is gone"),
+        secs(5),
+        async || (!pid_alive(pid)).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_run_in_order_with_rendered_placeholders_and_each_is_recorded_before_the_next() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    hold(&sandbox, &a, "train");
+    hold(&sandbox, &a, "upload");
+    daemon.submit(job(&a)).await;
+
+    // Train has started, so download has finished, and is on disk before train began.
+    stage_started(&sandbox, &a, "train", 1).await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Running", "{file}");
+    assert_eq!(stages_done(&file), ["download"], "{file}");
+    assert_eq!(stages_done(&daemon.job(&a).await), ["download"]);
+    assert_eq!(
+        runs(&sandbox, &a),
+        [
+            run("start", "download", 1),
+            run("end", "download", 1),
+            run("start", "train", 1)
+        ]
+    );
+
+    release(&sandbox, &a, "train");
+    stage_started(&sandbox, &a, "upload", 1).await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Running", "{file}");
+    assert_eq!(stages_done(&file), ["download", "train"], "{file}");
+
+    release(&sandbox, &a, "upload");
+    let done = daemon.wait_status(&a, "Completed", secs(15)).await;
+    assert_eq!(done["attempts"], 1, "{done}");
+    assert_eq!(done["error_message"], Value::Null, "{done}");
+    // The last stage is not recorded: the job's status says it finished.
+    assert_eq!(stages_done(&done), ["download", "train"], "{done}");
+    assert_eq!(sandbox.job_file(&a), done, "the API shows the job file");
+
+    let mut expected = Vec::new();
+    for stage in STAGES {
+        expected.push(run("start", stage, 1));
+        expected.push(run("end", stage, 1));
+    }
+    assert_eq!(runs(&sandbox, &a), expected);
+
+    // Each stage got its own name in $STAGE (in the records) and in {stage}, and the
+    // job's values in the other placeholders, each as one argument.
+    let data_dir = sandbox.data_dir().display().to_string();
+    for stage in STAGES {
+        assert_eq!(
+            argv(&sandbox, &a, stage, 1),
+            [
+                format!("--job={a}"),
+                "--task-type=InstructTextTask".to_string(),
+                format!("--stage={stage}"),
+                "--attempt=1".to_string(),
+                format!("--model={MODEL}"),
+                format!("--data-dir={data_dir}"),
+                "--literal={x}".to_string(),
+            ],
+            "argv of {stage}"
+        );
+    }
+
+    let mut log = vec!["==> attempt 1 started".to_string()];
+    for (i, stage) in STAGES.iter().enumerate() {
+        log.extend(stage_lines(stage, i + 1, &a, 1));
+    }
+    assert_eq!(normalised_log(&sandbox, &a), log);
+    assert_eq!(normalise(&daemon.logs(&a).await), log, "GET .../logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_resumes_at_the_first_unrecorded_stage_and_a_recorded_one_never_runs_again() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 5);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    for stage in STAGES {
+        hold(&sandbox, &a, stage);
+    }
+    daemon.submit(job(&a)).await;
+
+    // A crash while download runs: it has not finished, so it runs again.
+    let pid = stage_started(&sandbox, &a, "download", 1).await;
+    assert_eq!(stages_done(&sandbox.job_file(&a)), Vec::<String>::new());
+    daemon.kill();
+    pid_gone(pid, "download, attempt 1").await;
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "download", 2).await;
+
+    // A crash at the boundary after download: recorded, so only train runs again.
+    release(&sandbox, &a, "download");
+    let pid = stage_started(&sandbox, &a, "train", 2).await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(stages_done(&file), ["download"], "{file}");
+    assert_eq!(file["attempts"], 2, "{file}");
+    daemon.kill();
+    pid_gone(pid, "train, attempt 2").await;
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "train", 3).await;
+
+    // A crash at the boundary after train: only upload runs again.
+    release(&sandbox, &a, "train");
+    let pid = stage_started(&sandbox, &a, "upload", 3).await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(stages_done(&file), ["download", "train"], "{file}");
+    assert_eq!(file["attempts"], 3, "{file}");
+    daemon.kill();
+    pid_gone(pid, "upload, attempt 3").await;
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "upload", 4).await;
+    release(&sandbox, &a, "upload");
+    let done = daemon.wait_status(&a, "Completed", secs(15)).await;
+    assert_eq!(done["attempts"], 4, "{done}");
+
+    // Each stage ran again only while it was not recorded, and ran to its end exactly once,
+    // after which it never started again. The killed runs left no end (SIGKILL).
+    assert_eq!(
+        runs(&sandbox, &a),
+        [
+            run("start", "download", 1),
+            run("start", "download", 2),
+            run("end", "download", 2),
+            run("start", "train", 2),
+            run("start", "train", 3),
+            run("end", "train", 3),
+            run("start", "upload", 3),
+            run("start", "upload", 4),
+            run("end", "upload", 4),
+        ]
+    );
+    // Each attempt says which stages it skipped.
+    let log = normalised_log(&sandbox, &a);
+    let attempt = |n: u32| -> Vec<String> {
+        let header = format!("==> attempt {n} started");
+        let from = log
+            .iter()
+            .position(|l| *l == header)
+            .unwrap_or_else(|| panic!("no {header:?} in {log:#?}"));
+        let to = log[from + 1..]
+            .iter()
+            .position(|l| l.starts_with("==> attempt "))
+            .map_or(log.len(), |i| from + 1 + i);
+        log[from..to].to_vec()
+    };
+    assert_eq!(
+        attempt(3),
+        [
+            "==> attempt 3 started".to_string(),
+            skipped("download", 1),
+            "==> stage train (2/3) started".to_string(),
+            format!("train: working on {a} (attempt 3)"),
+            "train: done".to_string(),
+            "==> stage train ended: exit status 0".to_string(),
+            "==> stage upload (3/3) started".to_string(),
+            format!("upload: working on {a} (attempt 3)"),
+        ]
+    );
+    let mut last = vec![
+        "==> attempt 4 started".to_string(),
+        skipped("download", 1),
+        skipped("train", 2),
+    ];
+    last.extend(stage_lines("upload", 3, &a, 4));
+    assert_eq!(attempt(4), last);
+
+    // A Completed job never runs anything again, after a crash either.
+    daemon.kill();
+    let daemon = sandbox.start().await;
+    let before = runs(&sandbox, &a);
+    sentinel_completes(&daemon, &sandbox, 2).await;
+    assert_eq!(
+        runs(&sandbox, &a),
+        before,
+        "nothing of the completed job ran"
+    );
+    let after = daemon.job(&a).await;
+    assert_eq!(after["status"], "Completed", "{after}");
+    assert_eq!(after["attempts"], 4, "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_during_train_resumes_at_train_without_counting_the_start() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    hold(&sandbox, &a, "train");
+    daemon.submit(job(&a)).await;
+    stage_started(&sandbox, &a, "train", 1).await;
+
+    let (status, _) = daemon.terminate(secs(15)).await;
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+    // Train was stopped (SIGTERM), and the job went back to the queue with download kept
+    // and the cut start taken back.
+    assert_eq!(runs(&sandbox, &a).last(), Some(&run("term", "train", 1)));
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Queued", "{file}");
+    assert_eq!(stages_done(&file), ["download"], "{file}");
+    assert_eq!(file["attempts"], 0, "{file}");
+    sandbox.wait_queue_file(&[], &[&a]).await;
+
+    release(&sandbox, &a, "train");
+    let daemon = sandbox.start().await;
+    let done = daemon.wait_status(&a, "Completed", secs(15)).await;
+    assert_eq!(
+        done["attempts"], 1,
+        "the graceful stop did not count: {done}"
+    );
+    assert_eq!(
+        runs(&sandbox, &a),
+        [
+            run("start", "download", 1),
+            run("end", "download", 1),
+            run("start", "train", 1),
+            run("term", "train", 1),
+            run("start", "train", 1),
+            run("end", "train", 1),
+            run("start", "upload", 1),
+            run("end", "upload", 1),
+        ]
+    );
+    let mut log = vec!["==> attempt 1 started".to_string()];
+    log.extend(stage_lines("download", 1, &a, 1));
+    log.extend([
+        "==> stage train (2/3) started".to_string(),
+        format!("train: working on {a} (attempt 1)"),
+        "train got SIGTERM; stopping".to_string(),
+        "==> stage train ended: stopped on request".to_string(),
+        "==> attempt 1 started".to_string(),
+        skipped("download", 1),
+    ]);
+    log.extend(stage_lines("train", 2, &a, 1));
+    log.extend(stage_lines("upload", 3, &a, 1));
+    assert_eq!(normalised_log(&sandbox, &a), log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_stage_fails_the_job_naming_the_stage_and_later_stages_never_run() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    fail(&sandbox, &a, "train", 7);
+    daemon.submit(job(&a)).await;
+    let failed = daemon.wait_status(&a, "Failed", secs(15)).await;
+    assert_eq!(
+        failed["error_message"],
+        "stage train: trainer exited with status 7; last output: fatal: train ran out of disk (stub)",
+        "{failed}"
+    );
+    assert_eq!(stages_done(&failed), ["download"], "{failed}");
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert_eq!(
+        runs(&sandbox, &a),
+        [
+            run("start", "download", 1),
+            run("end", "download", 1),
+            run("start", "train", 1),
+            run("end", "train", 1),
+        ]
+    );
+    let mut log = vec!["==> attempt 1 started".to_string()];
+    log.extend(stage_lines("download", 1, &a, 1));
+    log.extend([
+        "==> stage train (2/3) started".to_string(),
+        format!("train: working on {a} (attempt 1)"),
+        "train: half done".to_string(),
+        "fatal: train ran out of disk (stub)".to_string(),
+        "==> stage train ended: exit status 7".to_string(),
+    ]);
+    assert_eq!(normalised_log(&sandbox, &a), log);
+
+    // Nothing of it runs later: the next job runs all its stages, and the failed one none.
+    sentinel_completes(&daemon, &sandbox, 2).await;
+    assert!(
+        !runs(&sandbox, &a)
+            .iter()
+            .any(|(_, stage, _)| stage == "upload"),
+        "{:?}",
+        runs(&sandbox, &a)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_a_stage_stops_it_and_nothing_of_the_job_runs_again() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    hold(&sandbox, &a, "train");
+    daemon.submit(job(&a)).await;
+    let pid = stage_started(&sandbox, &a, "train", 1).await;
+
+    let reply = daemon.cancel(&a).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["status"], "Cancelled", "{reply:?}");
+    pid_gone(pid, "train").await;
+    sandbox.assert_no_trainers_left().await;
+    wait_until("the log says train was stopped", secs(10), async || {
+        normalised_log(&sandbox, &a)
+            .contains(&"==> stage train ended: stopped on request".to_string())
+            .then_some(())
+    })
+    .await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Cancelled", "{file}");
+    assert_eq!(stages_done(&file), ["download"], "{file}");
+
+    // Were the job to run again, train would now go through and upload would follow.
+    release(&sandbox, &a, "train");
+    sentinel_completes(&daemon, &sandbox, 2).await;
+    daemon.kill();
+    let daemon = sandbox.start().await;
+    sentinel_completes(&daemon, &sandbox, 3).await;
+    assert_eq!(
+        runs(&sandbox, &a),
+        [
+            run("start", "download", 1),
+            run("end", "download", 1),
+            run("start", "train", 1),
+            run("term", "train", 1),
+        ]
+    );
+    assert_eq!(daemon.job(&a).await["status"], "Cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_budget_is_fixed_at_acceptance_and_bounds_the_stage_that_runs_past_it() {
+    let sandbox = Sandbox::new();
+    // Paused: the job waits in the queue with its deadline through a crash.
+    configure(&sandbox, 0, 3);
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    let mut body = job(&a);
+    body["hours_to_complete"] = json!(1);
+    daemon.submit(body).await;
+    let file = sandbox.job_file(&a);
+    let deadline = file["deadline"].as_str().expect("a deadline").to_string();
+    let created = timestamp(&file["created_at"]);
+    assert_eq!(
+        timestamp(&file["deadline"]) - created,
+        chrono::Duration::hours(1),
+        "{file}"
+    );
+    daemon.kill();
+    let daemon = sandbox.start().await;
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Queued", "{file}");
+    assert_eq!(file["deadline"], deadline, "{file}");
+    assert_eq!(daemon.job(&a).await["deadline"], deadline);
+
+    // Unpaused, it runs within its budget, and its deadline stays what it was.
+    let _ = daemon.terminate(secs(15)).await;
+    configure(&sandbox, 1, 3);
+    let daemon = sandbox.start().await;
+    let done = daemon.wait_status(&a, "Completed", secs(15)).await;
+    assert_eq!(done["deadline"], deadline, "{done}");
+    assert_eq!(sandbox.job_file(&a)["deadline"], deadline);
+
+    // 0.0005 h is 1.8 s: download, held, would run far longer (its own timeout is 30 s).
+    let b = id(2);
+    hold(&sandbox, &b, "download");
+    let mut body = job(&b);
+    body["hours_to_complete"] = json!(0.0005);
+    daemon.submit(body).await;
+    let pid = stage_started(&sandbox, &b, "download", 1).await;
+    let failed = daemon.wait_status(&b, "Failed", secs(15)).await;
+    let message = failed["error_message"].as_str().expect("an error message");
+    assert!(
+        message.starts_with("stage download: the time budget (hours_to_complete) ran out"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("; last output: download got SIGTERM; stopping"),
+        "{message}"
+    );
+    let budget = timestamp(&failed["deadline"]) - timestamp(&failed["created_at"]);
+    assert_eq!(budget, chrono::Duration::milliseconds(1800), "{failed}");
+    let took = timestamp(&failed["finished_at"]) - timestamp(&failed["created_at"]);
+    assert!(
+        took >= budget && took < budget + chrono::Duration::seconds(5),
+        "failed {took} after acceptance: {failed}"
+    );
+    pid_gone(pid, "download").await;
+    assert_eq!(
+        runs(&sandbox, &b),
+        [run("start", "download", 1), run("term", "download", 1)]
+    );
+    assert_eq!(stages_done(&failed), Vec::<String>::new());
+}
+
+fn timestamp(value: &Value) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {value}"));
+    chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+/// Busy-waits (no sleep: the moment matters) until `job`'s records hold `note`.
+fn spin_until_noted(sandbox: &Sandbox, job: &str, note: (String, String, u32)) {
+    let started = std::time::Instant::now();
+    while !runs(sandbox, job).contains(&note) {
+        assert!(
+            started.elapsed() < secs(10),
+            "{note:?} was never recorded: {:?}",
+            runs(sandbox, job)
+        );
+    }
+}
+
+/// Every daemon's stderr in the sandbox so far.
+fn daemon_stderr(sandbox: &Sandbox) -> String {
+    let mut files: Vec<_> = fs::read_dir(sandbox.path())
+        .expect("read the sandbox")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "stderr"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| fs::read_to_string(f).unwrap_or_default())
+        .collect()
+}
+
+/// A graceful stop that comes just as a stage exits, while its record is being written:
+/// once the daemon has said the stage is recorded, the job goes back to the queue with it,
+/// and the stage does not run again. The stop has to land within about a millisecond of
+/// the stage's exit, so it is tried a few times, each in a fresh sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_just_as_a_stage_finishes_keeps_the_stage_it_recorded() {
+    for delay_us in [0, 0, 250, 500, 0, 1000] {
+        let sandbox = Sandbox::new();
+        configure(&sandbox, 1, 3);
+        let daemon = sandbox.start().await;
+        let a = id(1);
+        hold(&sandbox, &a, "download");
+        daemon.submit(job(&a)).await;
+        stage_started(&sandbox, &a, "download", 1).await;
+        release(&sandbox, &a, "download");
+        spin_until_noted(&sandbox, &a, run("end", "download", 1));
+        let waited = std::time::Instant::now();
+        while waited.elapsed() < std::time::Duration::from_micros(delay_us) {}
+        let (status, _) = daemon.terminate(secs(15)).await;
+        assert!(status.success(), "a graceful stop exits 0: {status}");
+        let stderr = daemon_stderr(&sandbox);
+        let recorded = stderr
+            .lines()
+            .find(|l| l.contains("stage finished and recorded") && l.contains("stage=download"));
+        let after_stop = sandbox.job_file(&a);
+        assert_eq!(after_stop["status"], "Queued", "{after_stop}");
+        assert_eq!(after_stop["attempts"], 0, "{after_stop}");
+
+        let daemon = sandbox.start().await;
+        daemon.wait_status(&a, "Completed", secs(15)).await;
+        let runs = runs(&sandbox, &a);
+        let count = |kind: &str, stage: &str| {
+            runs.iter()
+                .filter(|(k, s, _)| k == kind && s == stage)
+                .count()
+        };
+        assert_eq!(count("end", "upload"), 1, "{runs:?}");
+        if let Some(line) = recorded {
+            assert!(
+                stages_done(&after_stop) == ["download"] && count("start", "download") == 1,
+                "stop {delay_us}us after download ended: the daemon said download was recorded \
+                 ({line}), yet after the graceful stop the job file had stages_done = {:?}, and \
+                 download ran {} times: {runs:?}",
+                stages_done(&after_stop),
+                count("start", "download"),
+            );
+        }
+        drop(daemon);
+    }
+}
