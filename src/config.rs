@@ -111,6 +111,9 @@ pub struct Stage {
     pub name: String,
     /// This stage's own limit; `None`: `executor.timeout`.
     pub timeout: Option<Duration>,
+    /// The `executor.pass_env` names this stage gets; `None`: all of them. Lets secrets go
+    /// only to the stage that needs them (an uploader's token, say).
+    pub pass_env: Option<Vec<String>>,
     pub run: StageRun,
 }
 
@@ -231,6 +234,7 @@ struct FileStage {
     env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     docker_args: Vec<String>,
+    pass_env: Option<Vec<String>>,
 }
 
 /// The environment variables read, without the prefix, for error messages and docs.
@@ -445,7 +449,7 @@ impl Config {
                 humantime::format_duration(shutdown_grace)
             )));
         }
-        let pass_env = match var("EXECUTOR_PASS_ENV") {
+        let pass_env: Vec<String> = match var("EXECUTOR_PASS_ENV") {
             Some(v) => v
                 .split(',')
                 .map(str::trim)
@@ -458,6 +462,19 @@ impl Config {
             if !is_env_name(name) {
                 return Err(ConfigError::new(format!(
                     "executor.pass_env: {name:?} is not an environment variable name"
+                )));
+            }
+        }
+
+        for (i, stage) in stages.iter().enumerate() {
+            if let Some(name) = stage
+                .pass_env
+                .iter()
+                .flatten()
+                .find(|name| !pass_env.contains(name))
+            {
+                return Err(ConfigError::new(format!(
+                    "executor.stages[{i}].pass_env: {name:?} is not in executor.pass_env, so the daemon does not read it"
                 )));
             }
         }
@@ -696,6 +713,7 @@ fn parse_stage(
     Ok(Stage {
         name: stage.name,
         timeout,
+        pass_env: stage.pass_env,
         run,
     })
 }
@@ -982,6 +1000,10 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             (
                 "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\nimage = \"i\"",
                 "executor.stages[0].image",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\npass_env = [\"HF_TOKEN\"]",
+                "executor.stages[0].pass_env",
             ),
             (
                 "[executor]\ndocker = \"no-such-docker-xyz\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"",

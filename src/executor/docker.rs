@@ -55,6 +55,8 @@ pub struct DockerCli {
     env: Vec<(String, String)>,
     /// The value of [`LABEL_OWNER`].
     owner: String,
+    /// The host's CPUs: docker refuses a `--cpus` above it, so per-GPU shares are capped.
+    host_cpus: f64,
 }
 
 impl std::fmt::Debug for DockerCli {
@@ -105,10 +107,13 @@ impl DockerCli {
         }
         let owner = data_dir.to_string_lossy().into_owned();
         env.push((OWNER_ENV.to_string(), owner.clone()));
+        // SAFETY: sysconf only reads a system value.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         DockerCli {
             program,
             env,
             owner,
+            host_cpus: if online > 0 { online as f64 } else { f64::MAX },
         }
     }
 
@@ -191,7 +196,7 @@ impl DockerCli {
         }
         if let Some(cpus) = spec.cpus_per_gpu {
             args.push("--cpus".into());
-            args.push(format!("{}", cpus * share as f64));
+            args.push(format!("{}", (cpus * share as f64).min(self.host_cpus)));
         }
         if let Some(size) = &spec.shm_size {
             args.push("--shm-size".into());
@@ -550,6 +555,7 @@ mod tests {
         Stage {
             name: name.into(),
             timeout: None,
+            pass_env: None,
             run: StageRun::Docker(Box::new(DockerStage {
                 image: format!("{name}-image"),
                 args: vec![
@@ -576,7 +582,8 @@ mod tests {
 
     #[test]
     fn run_args_carry_names_labels_limits_and_no_secret_values() {
-        let cli = DockerCli::new("docker".into(), Path::new("/srv/tw"), &[]);
+        let mut cli = DockerCli::new("docker".into(), Path::new("/srv/tw"), &[]);
+        cli.host_cpus = 64.0;
         let job = running_job(1, Some(vec![2, 3]));
         let stage = docker_stage("train");
         let StageRun::Docker(spec) = &stage.run else {

@@ -212,6 +212,7 @@ impl Executor {
             vec![Stage {
                 name: SINGLE_STAGE.into(),
                 timeout: None,
+                pass_env: None,
                 run: StageRun::Process {
                     argv: config
                         .command
@@ -283,20 +284,25 @@ impl Context {
         self.data_dir.join(LOGS_DIR).join(format!("{id}.log"))
     }
 
+    /// The `pass_env` names a stage gets.
+    fn pass_env<'a>(&'a self, stage: &'a Stage) -> &'a [String] {
+        stage.pass_env.as_deref().unwrap_or(&self.pass_env)
+    }
+
     /// A process stage's environment: a small base, the names in `pass_env`, the job's
     /// fields, the owner mark, and the job's GPUs.
-    fn process_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
+    fn process_environment(&self, job: &Job, stage: &Stage) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = Vec::new();
         for name in BASE_ENV
             .iter()
             .copied()
-            .chain(self.pass_env.iter().map(String::as_str))
+            .chain(self.pass_env(stage).iter().map(String::as_str))
         {
             if let Ok(value) = std::env::var(name) {
                 env.push((name.to_string(), value));
             }
         }
-        env.extend(self.job_environment(job, stage));
+        env.extend(self.job_environment(job, &stage.name));
         env.push((
             OWNER_ENV.to_string(),
             self.data_dir.to_string_lossy().into_owned(),
@@ -463,7 +469,7 @@ impl Run {
             let mut outcome = match &stage.run {
                 StageRun::Process { argv } => {
                     let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
-                    let env = context.process_environment(&self.job, &stage.name);
+                    let env = context.process_environment(&self.job, stage);
                     run_process(
                         job_id,
                         &argv,
@@ -498,7 +504,7 @@ impl Run {
                                 spec,
                                 &values,
                                 &context.job_environment(&self.job, &stage.name),
-                                &context.pass_env,
+                                context.pass_env(stage),
                             );
                             docker
                                 .run(&name, &args, &log, timeout, context.kill_grace, &stop)
