@@ -211,6 +211,7 @@ async fn spawn_app(options: Options) -> App {
             max_attempts: 3,
             gpus: Vec::new(),
             backfill: false,
+            ..WorkerConfig::default()
         },
         handle,
         move |events| Executor::new(executor_config, exec_data, events, TaskTracker::new()),

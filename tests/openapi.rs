@@ -69,6 +69,7 @@ async fn spawn_app() -> App {
             max_attempts: 3,
             gpus: Vec::new(),
             backfill: false,
+            ..WorkerConfig::default()
         },
         handle,
         move |events| Executor::new(executor_config, data, events, TaskTracker::new()),
