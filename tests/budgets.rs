@@ -12,7 +12,7 @@
 //!
 //! Trainers are `/bin/sh` loops that run while a hold file of their job exists.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::Router;
@@ -161,6 +161,7 @@ struct App {
 
 struct Reply {
     status: StatusCode,
+    headers: axum::http::HeaderMap,
     body: Value,
 }
 
@@ -272,6 +273,7 @@ impl App {
             .await
             .expect("the router is infallible");
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = response
             .into_body()
             .collect()
@@ -279,7 +281,11 @@ impl App {
             .expect("a body")
             .to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply { status, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     async fn submit(&self, job: &Value) -> Value {
@@ -294,6 +300,23 @@ impl App {
             .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         reply.body
+    }
+
+    /// Job `n`'s estimated start and end, as the headers of `GET /v1/jobs/{id}` say them.
+    async fn estimate(&self, n: u32) -> (String, String) {
+        let reply = self
+            .send(Method::GET, &format!("/v1/jobs/{}", id(n)), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let header = |name: &str| {
+            reply
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_else(|| panic!("no {name} header"))
+                .to_string()
+        };
+        (header("x-estimated-start"), header("x-estimated-finish"))
     }
 
     async fn offer(&self, offer: Value) -> Value {
@@ -383,10 +406,9 @@ async fn a_deadline_is_fixed_at_acceptance_and_a_restart_keeps_it() {
     let stored = app.submit(&job(1, "TextJob", Some(2.0), None)).await;
     assert_eq!(stored["deadline"], at(120.0));
     assert_eq!(stored["created_at"], at(0.0));
-    let shown = app.job(1).await;
     assert_eq!(
-        shown["estimated_start"],
-        Value::Null,
+        app.estimate(1).await,
+        ("none".into(), "none".into()),
         "a paused queue starts nothing"
     );
 
@@ -410,8 +432,8 @@ async fn a_deadline_is_fixed_at_acceptance_and_a_restart_keeps_it() {
     );
     assert_eq!(sandbox.job_file(1)["deadline"], at(120.0));
     assert_eq!(
-        running["estimated_finish"],
-        at(120.0),
+        app.estimate(1).await,
+        ("none".into(), at(120.0)),
         "it has only the hour that is left"
     );
 
@@ -634,10 +656,15 @@ async fn offer_estimates_follow_the_queue_and_the_gpu_slots() {
     sandbox.hold(2);
     app.submit(&job(2, "TextJob", Some(5.0), Some(1))).await;
     let job2_deadline = at_micros(300.0, 1);
-    let queued = app.job(2).await;
-    assert_eq!(queued["deadline"], job2_deadline);
-    assert_eq!(queued["estimated_start"], at(180.0));
-    assert_eq!(queued["estimated_finish"], job2_deadline);
+    assert_eq!(app.job(2).await["deadline"], job2_deadline);
+    assert_eq!(app.estimate(2).await, (at(180.0), job2_deadline.clone()));
+    // The job lists carry the same estimates when asked for them.
+    let listed = app
+        .send(Method::GET, "/v1/jobs?status=Queued&estimates=true", None)
+        .await;
+    assert_eq!(listed.body[0]["job_id"], id(2));
+    assert_eq!(listed.body[0]["estimated_start"], at(180.0));
+    assert_eq!(listed.body[0]["estimated_finish"], job2_deadline);
     let beside = app.offer(offer("TextJob", 4.0, Some(1))).await;
     assert_eq!(beside["estimated_start"], at(180.0), "{beside}");
     // Two GPUs: free only once job 2 ends at its deadline, beyond max_wait.
@@ -661,7 +688,7 @@ async fn offer_estimates_follow_the_queue_and_the_gpu_slots() {
     app.wait_status(2, "Running").await;
     let now_free = app.offer(offer("TextJob", 4.0, Some(1))).await;
     assert_eq!(now_free["estimated_start"], at(0.0), "{now_free}");
-    assert_eq!(app.job(2).await["estimated_finish"], job2_deadline);
+    assert_eq!(app.estimate(2).await.1, job2_deadline);
 
     // Half an hour on, the wait for both GPUs is what is left of job 2's budget.
     tokio::time::advance(hours(0.5)).await;
@@ -749,7 +776,7 @@ async fn a_reservation_keeps_the_place_for_the_job_that_claims_it() {
     assert_eq!(second["estimated_start"], at(120.0));
     sandbox.hold(2);
     app.submit(&job(2, "DiffusionJob", None, None)).await;
-    assert_eq!(app.job(2).await["estimated_start"], at(120.0));
+    assert_eq!(app.estimate(2).await.0, at(120.0));
 
     // The offered job arrives ten seconds later and takes the place: it starts first, and
     // its budget ran from the offer.
@@ -765,7 +792,7 @@ async fn a_reservation_keeps_the_place_for_the_job_that_claims_it() {
     .await;
     assert_eq!((running, queued), (vec![1], vec![2]));
     assert_eq!(METRICS.reservations_claimed.get(), claimed_before + 1);
-    assert_eq!(app.job(2).await["estimated_start"], at(120.0));
+    assert_eq!(app.estimate(2).await.0, at(120.0));
 
     sandbox.release(1);
     sandbox.release(2);
@@ -788,7 +815,7 @@ async fn an_unclaimed_reservation_expires_and_the_queue_goes_on() {
     assert_eq!(answer["reservation"]["expires_at"], at(0.5));
     sandbox.hold(2);
     app.submit(&job(2, "DiffusionJob", None, None)).await;
-    assert_eq!(app.job(2).await["estimated_start"], at(120.0));
+    assert_eq!(app.estimate(2).await.0, at(120.0));
 
     // Thirty-one seconds on, the place is let go and job 2 starts in it.
     tokio::time::advance(Duration::from_secs(31)).await;

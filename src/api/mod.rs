@@ -246,8 +246,9 @@ async fn offer(
     Ok(Json(answer.to_json()))
 }
 
-/// A job as the API shows it: the stored job, and for a queued or running one when it is
-/// expected to start and end (computed at each request, never stored).
+/// A job with its estimates, as `GET /v1/jobs?estimates=true` lists it: the stored job,
+/// and for a queued or running one when it is expected to start and end (computed at each
+/// request, never stored).
 fn with_estimate(job: &Job, estimate: Option<&Estimate>) -> Value {
     let mut value = job.to_json();
     let time = |t: Option<crate::job::Timestamp>| t.as_ref().map(format_timestamp);
@@ -269,21 +270,48 @@ fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError
         .map_err(|e| ApiError::BadRequest(format!("id: {e}")))
 }
 
+/// The header with a queued job's estimated start (RFC 3339), or `none`.
+pub const ESTIMATED_START_HEADER: &str = "x-estimated-start";
+/// The header with a queued or running job's estimated end (RFC 3339), or `none`.
+pub const ESTIMATED_FINISH_HEADER: &str = "x-estimated-finish";
+
+/// The job as stored; its estimates go in headers, so that the body stays the job itself,
+/// equal to what its submission answered and to its file.
 async fn job(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_id(path)?;
     let worker = state.worker()?;
     let Some(job) = worker.job(id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
-    let estimates = if job.status.is_finished() {
-        Default::default()
+    let estimate = if job.status.is_finished() {
+        None
     } else {
-        worker.estimates(Some(id)).await?
+        worker.estimates(Some(id)).await?.remove(&id)
     };
-    Ok(Json(with_estimate(&job, estimates.get(&id))))
+    let estimate = estimate.unwrap_or_default();
+    let text =
+        |t: Option<crate::job::Timestamp>| t.as_ref().map_or("none".into(), format_timestamp);
+    let start = match job.status {
+        Status::Queued => estimate.start,
+        _ => None,
+    };
+    Ok((
+        [
+            (
+                header::HeaderName::from_static(ESTIMATED_START_HEADER),
+                text(start),
+            ),
+            (
+                header::HeaderName::from_static(ESTIMATED_FINISH_HEADER),
+                text(estimate.finish),
+            ),
+        ],
+        Json(job),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +319,8 @@ async fn job(
 struct ListParams {
     status: Option<String>,
     limit: Option<usize>,
+    /// Adds `estimated_start` and `estimated_finish` to the queued and running jobs.
+    estimates: Option<bool>,
 }
 
 async fn list(
@@ -309,6 +339,9 @@ async fn list(
     };
     let worker = state.worker()?;
     let jobs = worker.list(status, params.limit).await?;
+    if params.estimates != Some(true) {
+        return Ok(Json(jobs.iter().map(Job::to_json).collect()));
+    }
     let estimates = if jobs.iter().any(|j| !j.status.is_finished()) {
         worker.estimates(None).await?
     } else {
