@@ -275,7 +275,7 @@ impl Metrics {
         for (name, help, label, values) in [
             (
                 "deadline_misses_total",
-                "Jobs that missed their deadline: failed while queued because their time ran out, or ended (completed or failed) after it while running.",
+                "Jobs that missed their deadline: failed while queued because their time ran out, or a trainer's end (completed or failed) recorded after it.",
                 "phase",
                 [
                     ("queued", &self.deadline_missed_queued),
