@@ -568,8 +568,7 @@ impl Daemon {
 
     /// POST /v1/jobs as is.
     pub async fn post_job(&self, body: &Value) -> Reply {
-        self.request(reqwest::Method::POST, "/v1/jobs", Some(body))
-            .await
+        self.post("/v1/jobs", body).await
     }
 
     /// Submits a job, expects 201 and a Queued job, returns its id.
