@@ -411,9 +411,12 @@ impl Config {
             var("WORKER_ASSUMED_DURATION").or(file.worker.assumed_duration),
             "1h",
         )?;
-        if assumed_duration.is_zero() {
+        // At most the largest budget a job may carry, so that estimates stay within dates.
+        if assumed_duration.is_zero()
+            || assumed_duration.as_secs_f64() > crate::job::MAX_HOURS * 3600.0
+        {
             return Err(ConfigError::new(
-                "worker.assumed_duration: must be longer than 0s",
+                "worker.assumed_duration: must be longer than 0s and at most 8760h (a year)",
             ));
         }
         let offers = offers(&var, file.offers)?;
