@@ -253,9 +253,12 @@ fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
         .copied()
         .filter(|id| by_id[id].status == Status::Running || by_id[id].status == Status::Queued)
         .collect();
-    if actual.len() == expected.len() && actual != expected {
+    // Under `[worker] order = "deadline"` the queued jobs stand by deadline instead, which
+    // the job files give too.
+    let by_deadline = replay::deadline_order(&jobs, &expected);
+    if actual.len() == expected.len() && actual != expected && actual != by_deadline {
         report.problems.push(format!(
-            "{QUEUE_FILE}: order differs from the order the job files give (running by start, then queued by arrival)"
+            "{QUEUE_FILE}: order differs from both orders the job files give (running by start, then queued by arrival or by deadline)"
         ));
     }
 }
@@ -365,6 +368,35 @@ mod tests {
         );
         // check only reads.
         assert!(jobs.join(".x.json.tmp").exists());
+    }
+
+    #[test]
+    fn queue_json_may_be_in_arrival_or_deadline_order_and_in_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = dir.path().join(JOBS_DIR);
+        fs::create_dir_all(&jobs).unwrap();
+        let t0 = chrono::Utc::now();
+        let mut made = Vec::new();
+        for (n, deadline_hours) in [(1, None), (2, Some(5)), (3, Some(2))] {
+            let mut job = job(n);
+            job.accept(t0 + chrono::Duration::seconds(n as i64));
+            job.deadline = deadline_hours.map(|h| t0 + chrono::Duration::hours(h));
+            fs::write(jobs.join(format!("{}.json", job.id)), job.to_file_bytes()).unwrap();
+            made.push(job.id);
+        }
+        let (a, b, c) = (made[0], made[1], made[2]);
+        for (queued, clean) in [([a, b, c], true), ([c, b, a], true), ([b, a, c], false)] {
+            fs::write(
+                dir.path().join(QUEUE_FILE),
+                format!(
+                    r#"{{"running": [], "queued": ["{}", "{}", "{}"]}}"#,
+                    queued[0], queued[1], queued[2]
+                ),
+            )
+            .unwrap();
+            let report = check(dir.path()).unwrap();
+            assert_eq!(report.is_clean(), clean, "{}", report.render(dir.path()));
+        }
     }
 
     #[test]

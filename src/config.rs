@@ -38,6 +38,27 @@ impl SyncMode {
     }
 }
 
+/// The order in which queued jobs start (`[worker] order`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Arrival order.
+    #[default]
+    Fifo,
+    /// Earliest deadline first (compared to the second), arrival order among equal
+    /// deadlines; jobs without a deadline after every job with one, in arrival order.
+    Deadline,
+}
+
+impl Order {
+    pub fn parse(s: &str) -> Option<Order> {
+        match s {
+            "fifo" => Some(Order::Fifo),
+            "deadline" => Some(Order::Deadline),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -72,7 +93,7 @@ pub struct Config {
     pub executor: ExecutorConfig,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkerConfig {
     /// Trainers running at once; 0 pauses the queue.
     pub max_concurrent: usize,
@@ -83,7 +104,65 @@ pub struct WorkerConfig {
     /// Whether a job may start ahead of an earlier one that waits for more GPUs than are
     /// free. Off: the queue is strictly in order, and a big job is never starved.
     pub backfill: bool,
+    /// The order in which queued jobs start.
+    pub order: Order,
+    /// How long a job without `hours_to_complete` is taken to run, for start estimates: its
+    /// real run time is unknown until it ends.
+    pub assumed_duration: Duration,
+    /// What offers (`POST /v1/offers`) may be accepted; the worker answers them, since the
+    /// answer depends on its queue.
+    pub offers: OfferConfig,
 }
+
+impl Default for WorkerConfig {
+    /// The built-in defaults, as `config/default.toml` lists them.
+    fn default() -> WorkerConfig {
+        WorkerConfig {
+            max_concurrent: 1,
+            max_attempts: 3,
+            gpus: Vec::new(),
+            backfill: false,
+            order: Order::Fifo,
+            assumed_duration: Duration::from_secs(3600),
+            offers: OfferConfig::default(),
+        }
+    }
+}
+
+/// The limits an offer must be within to be accepted (`[offers]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfferConfig {
+    /// The job types offers may be for: `TextJob`, `DiffusionJob`.
+    pub job_types: Vec<String>,
+    /// Patterns an offer's model must match one of: `*` stands for any run of characters,
+    /// `?` for one; letters match in either case, as model names on the Hub do.
+    pub models: Vec<String>,
+    /// The largest `hours_to_complete` accepted.
+    pub max_hours: f64,
+    /// The longest estimated wait before the job starts that is still accepted.
+    pub max_wait: Duration,
+    /// How long an accepted offer holds its place for its job; zero: no reservations.
+    pub reserve_for: Duration,
+}
+
+impl Default for OfferConfig {
+    fn default() -> OfferConfig {
+        OfferConfig {
+            job_types: JOB_TYPES.iter().map(|t| t.to_string()).collect(),
+            models: vec!["*".into()],
+            max_hours: crate::job::MAX_HOURS,
+            max_wait: Duration::from_secs(3600),
+            reserve_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The job types there are, which `offers.job_types` lists from.
+const JOB_TYPES: &[&str] = &["TextJob", "DiffusionJob"];
+
+/// The longest `offers.reserve_for`: a reservation holds back the jobs behind it, so it is
+/// meant to bridge the moment between an offer and its job, not to book the box.
+const MAX_RESERVE_FOR: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug)]
 pub struct ExecutorConfig {
@@ -184,6 +263,8 @@ struct FileConfig {
     worker: FileWorker,
     #[serde(default)]
     executor: FileExecutor,
+    #[serde(default)]
+    offers: FileOffers,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +280,18 @@ struct FileWorker {
     max_attempts: Option<u32>,
     gpus: Option<Vec<u32>>,
     backfill: Option<bool>,
+    order: Option<String>,
+    assumed_duration: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOffers {
+    job_types: Option<Vec<String>>,
+    models: Option<Vec<String>>,
+    max_hours: Option<f64>,
+    max_wait: Option<String>,
+    reserve_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,12 +344,19 @@ pub const ENV_KEYS: &[&str] = &[
     "WORKER_MAX_ATTEMPTS",
     "WORKER_GPUS",
     "WORKER_BACKFILL",
+    "WORKER_ORDER",
+    "WORKER_ASSUMED_DURATION",
     "EXECUTOR_COMMAND",
     "EXECUTOR_TIMEOUT",
     "EXECUTOR_KILL_GRACE",
     "EXECUTOR_PASS_ENV",
     "EXECUTOR_DOCKER",
     "EXECUTOR_ADOPT_RUNNING",
+    "OFFERS_JOB_TYPES",
+    "OFFERS_MODELS",
+    "OFFERS_MAX_HOURS",
+    "OFFERS_MAX_WAIT",
+    "OFFERS_RESERVE_FOR",
 ];
 
 impl Config {
@@ -381,6 +481,28 @@ impl Config {
             },
             None => file.worker.backfill.unwrap_or(false),
         };
+        let order_text = var("WORKER_ORDER")
+            .or(file.worker.order)
+            .unwrap_or_else(|| "fifo".into());
+        let order = Order::parse(order_text.trim()).ok_or_else(|| {
+            ConfigError::new(format!(
+                "worker.order: {order_text:?} is not \"fifo\" or \"deadline\""
+            ))
+        })?;
+        let assumed_duration = duration(
+            "worker.assumed_duration",
+            var("WORKER_ASSUMED_DURATION").or(file.worker.assumed_duration),
+            "1h",
+        )?;
+        // At most the largest budget a job may carry, so that estimates stay within dates.
+        if assumed_duration.is_zero()
+            || assumed_duration.as_secs_f64() > crate::job::MAX_HOURS * 3600.0
+        {
+            return Err(ConfigError::new(
+                "worker.assumed_duration: must be longer than 0s and at most 8760h (a year)",
+            ));
+        }
+        let offers = offers(&var, file.offers)?;
 
         let command_given = var("EXECUTOR_COMMAND").is_some() || file.executor.command.is_some();
         if command_given && !file.executor.stages.is_empty() {
@@ -492,6 +614,9 @@ impl Config {
                 max_attempts,
                 gpus,
                 backfill,
+                order,
+                assumed_duration,
+                offers,
             },
             executor: ExecutorConfig {
                 command,
@@ -504,6 +629,76 @@ impl Config {
             },
         })
     }
+}
+
+/// The `[offers]` section, with its environment variables over it.
+fn offers(
+    var: &impl Fn(&str) -> Option<String>,
+    file: FileOffers,
+) -> Result<OfferConfig, ConfigError> {
+    let defaults = OfferConfig::default();
+    let list = |key: &str, file: Option<Vec<String>>, default: Vec<String>| match var(key) {
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        None => file.unwrap_or(default),
+    };
+    let job_types = list("OFFERS_JOB_TYPES", file.job_types, defaults.job_types);
+    if job_types.is_empty() {
+        return Err(ConfigError::new(
+            "offers.job_types: empty, so no offer could be accepted; list TextJob, DiffusionJob or both",
+        ));
+    }
+    if let Some(unknown) = job_types.iter().find(|t| !JOB_TYPES.contains(&t.as_str())) {
+        return Err(ConfigError::new(format!(
+            "offers.job_types: {unknown:?} is not a job type; TextJob or DiffusionJob"
+        )));
+    }
+    let models = list("OFFERS_MODELS", file.models, defaults.models);
+    if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
+        return Err(ConfigError::new(
+            "offers.models: must list at least one non-empty pattern (\"*\" takes any model)",
+        ));
+    }
+    let max_hours = match var("OFFERS_MAX_HOURS") {
+        Some(v) => v.trim().parse::<f64>().map_err(|_| {
+            ConfigError::new(format!("offers.max_hours: {v:?} is not a number of hours"))
+        })?,
+        None => file.max_hours.unwrap_or(defaults.max_hours),
+    };
+    if !(max_hours > 0.0 && max_hours <= crate::job::MAX_HOURS) {
+        return Err(ConfigError::new(format!(
+            "offers.max_hours: {max_hours} must be above 0 and at most {} (a year)",
+            crate::job::MAX_HOURS
+        )));
+    }
+    let max_wait = duration(
+        "offers.max_wait",
+        var("OFFERS_MAX_WAIT").or(file.max_wait),
+        "1h",
+    )?;
+    let reserve_for = duration(
+        "offers.reserve_for",
+        var("OFFERS_RESERVE_FOR").or(file.reserve_for),
+        "30s",
+    )?;
+    if reserve_for > MAX_RESERVE_FOR {
+        return Err(ConfigError::new(format!(
+            "offers.reserve_for: {} is longer than {}; a reservation holds back the jobs behind it, so keep it short",
+            humantime::format_duration(reserve_for),
+            humantime::format_duration(MAX_RESERVE_FOR)
+        )));
+    }
+    Ok(OfferConfig {
+        job_types,
+        models,
+        max_hours,
+        max_wait,
+        reserve_for,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -963,6 +1158,24 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             ("[worker]\ngpus = [-1]", "gpus"),
             ("[worker]\nbackfill = \"yes\"", "backfill"),
             ("log_format = \"xml\"", "log_format"),
+            ("[worker]\norder = \"lifo\"", "worker.order"),
+            (
+                "[worker]\nassumed_duration = \"0s\"",
+                "worker.assumed_duration",
+            ),
+            (
+                "[worker]\nassumed_duration = \"a while\"",
+                "worker.assumed_duration",
+            ),
+            ("[offers]\njob_types = []", "offers.job_types"),
+            ("[offers]\njob_types = [\"ImageJob\"]", "offers.job_types"),
+            ("[offers]\nmodels = []", "offers.models"),
+            ("[offers]\nmodels = [\"\"]", "offers.models"),
+            ("[offers]\nmax_hours = 0", "offers.max_hours"),
+            ("[offers]\nmax_hours = 9000", "offers.max_hours"),
+            ("[offers]\nmax_wait = \"soon\"", "offers.max_wait"),
+            ("[offers]\nreserve_for = \"2h\"", "offers.reserve_for"),
+            ("[offers]\nquota = 3", "quota"),
             ("[store]\nsync = \"sometimes\"", "store.sync"),
             (
                 "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",
@@ -1045,5 +1258,51 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
         assert_eq!(c.executor.timeout, builtin.executor.timeout);
         assert_eq!(c.executor.kill_grace, builtin.executor.kill_grace);
         assert_eq!(c.api_token, None);
+        assert_eq!(c.worker, builtin.worker);
+        assert_eq!(builtin.worker, WorkerConfig::default());
+    }
+
+    #[test]
+    fn order_and_offers_come_from_the_file_and_the_environment() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join(DEFAULT_CONFIG_FILE),
+            "[worker]\norder = \"deadline\"\nassumed_duration = \"3h\"\n\
+             [offers]\njob_types = [\"TextJob\"]\nmodels = [\"unsloth/*\", \"Qwen/*\"]\n\
+             max_hours = 12.5\nmax_wait = \"20m\"\nreserve_for = \"0s\"\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.worker.order, Order::Deadline);
+        assert_eq!(c.worker.assumed_duration, Duration::from_secs(3 * 3600));
+        let offers = &c.worker.offers;
+        assert_eq!(offers.job_types, vec!["TextJob".to_string()]);
+        assert_eq!(
+            offers.models,
+            vec!["unsloth/*".to_string(), "Qwen/*".into()]
+        );
+        assert_eq!(offers.max_hours, 12.5);
+        assert_eq!(offers.max_wait, Duration::from_secs(20 * 60));
+        assert_eq!(offers.reserve_for, Duration::ZERO);
+
+        let env = [
+            ("TRAINING_WORKER_WORKER_ORDER", "fifo"),
+            ("TRAINING_WORKER_OFFERS_JOB_TYPES", "TextJob, DiffusionJob"),
+            ("TRAINING_WORKER_OFFERS_MODELS", "*"),
+            ("TRAINING_WORKER_OFFERS_MAX_HOURS", "2"),
+            ("TRAINING_WORKER_OFFERS_RESERVE_FOR", "45s"),
+        ];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert_eq!(c.worker.order, Order::Fifo);
+        let offers = &c.worker.offers;
+        assert_eq!(offers.job_types.len(), 2);
+        assert_eq!(offers.models, vec!["*".to_string()]);
+        assert_eq!(offers.max_hours, 2.0);
+        assert_eq!(
+            offers.max_wait,
+            Duration::from_secs(20 * 60),
+            "from the file"
+        );
+        assert_eq!(offers.reserve_for, Duration::from_secs(45));
     }
 }

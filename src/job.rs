@@ -464,6 +464,11 @@ impl FieldError {
 /// The largest budget a job may carry: a year.
 pub const MAX_HOURS: f64 = 8760.0;
 
+/// A number of hours as a span of time, to the microsecond (the precision of timestamps).
+pub fn hours(hours: f64) -> chrono::Duration {
+    chrono::Duration::microseconds((hours * 3_600_000_000.0).round() as i64)
+}
+
 /// The keys this version understands at the top level; everything else goes to `extra`.
 const KNOWN_TEXT: &[&str] = &["dataset", "dataset_type", "file_format"];
 const KNOWN_DIFFUSION: &[&str] = &["dataset_zip", "model_type"];
@@ -521,6 +526,10 @@ impl Job {
             "gpu_ids",
             "deadline",
             "stages_done",
+            // What the API adds to a job it shows; a job read back and resubmitted is the
+            // same request.
+            "estimated_start",
+            "estimated_finish",
         ] {
             // shift_remove keeps the order of the remaining (possibly unknown) fields.
             object.shift_remove(key);
@@ -666,27 +675,8 @@ impl Job {
         };
         let model = required_string(&object, "model")?;
         let expected_repo_name = optional_string(&object, "expected_repo_name")?;
-        let gpu_count = match object.get("gpu_count") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| FieldError::new("gpu_count", "must be a whole number >= 0"))?,
-            ),
-        };
-        let hours_to_complete = match object.get("hours_to_complete") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_f64()
-                    .filter(|h| h.is_finite() && *h > 0.0 && *h <= MAX_HOURS)
-                    .ok_or_else(|| {
-                        FieldError::new(
-                            "hours_to_complete",
-                            format!("must be a number of hours above 0 and at most {MAX_HOURS}"),
-                        )
-                    })?,
-            ),
-        };
+        let gpu_count = gpu_count_field(&object)?;
+        let hours_to_complete = hours_field(&object)?;
         let kind_fields = match kind {
             JobKind::Text { .. } => KNOWN_TEXT,
             JobKind::Diffusion { .. } => KNOWN_DIFFUSION,
@@ -736,9 +726,7 @@ impl Job {
     pub fn accept(&mut self, now: Timestamp) {
         self.created_at = Some(now);
         self.updated_at = Some(now);
-        self.deadline = self.hours_to_complete.map(|hours| {
-            now + chrono::Duration::microseconds((hours * 3_600_000_000.0).round() as i64)
-        });
+        self.deadline = self.hours_to_complete.map(|h| now + hours(h));
     }
 
     /// The budget left at `now`: `None` without a deadline, zero once it has passed.
@@ -873,7 +861,41 @@ impl Serialize for Job {
     }
 }
 
-fn required_string(object: &Map<String, Value>, key: &str) -> Result<String, FieldError> {
+/// `gpu_count`: absent, null, or a whole number >= 0. Shared with offers, which say it the
+/// same way.
+pub(crate) fn gpu_count_field(object: &Map<String, Value>) -> Result<Option<u32>, FieldError> {
+    match object.get("gpu_count") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| FieldError::new("gpu_count", "must be a whole number >= 0")),
+    }
+}
+
+/// `hours_to_complete`: absent, null, or hours above 0 and at most [`MAX_HOURS`]. Shared
+/// with offers.
+pub(crate) fn hours_field(object: &Map<String, Value>) -> Result<Option<f64>, FieldError> {
+    match object.get("hours_to_complete") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|h| h.is_finite() && *h > 0.0 && *h <= MAX_HOURS)
+            .map(Some)
+            .ok_or_else(|| {
+                FieldError::new(
+                    "hours_to_complete",
+                    format!("must be a number of hours above 0 and at most {MAX_HOURS}"),
+                )
+            }),
+    }
+}
+
+pub(crate) fn required_string(
+    object: &Map<String, Value>,
+    key: &str,
+) -> Result<String, FieldError> {
     match object.get(key) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
         Some(Value::String(_)) => Err(FieldError::new(key, "must not be empty")),

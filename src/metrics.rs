@@ -130,6 +130,16 @@ pub struct Metrics {
     pub flush: Histogram,
     /// How long the last replay took, in microseconds.
     replay_micros: AtomicU64,
+    /// Deadlines missed: jobs failed while queued because their time ran out, and jobs that
+    /// ended (Completed or Failed) after their deadline.
+    deadline_missed_queued: Counter,
+    deadline_missed_running: Counter,
+    /// Offers answered, by answer.
+    offers_accepted: Counter,
+    offers_refused: Counter,
+    /// Reservations whose job arrived, and those that expired without it.
+    pub reservations_claimed: Counter,
+    pub reservations_expired: Counter,
 }
 
 impl Metrics {
@@ -149,6 +159,37 @@ impl Metrics {
             batch_jobs: Histogram::new(&BATCH_BUCKETS),
             flush: Histogram::new(&FLUSH_BUCKETS),
             replay_micros: AtomicU64::new(0),
+            deadline_missed_queued: Counter::new(),
+            deadline_missed_running: Counter::new(),
+            offers_accepted: Counter::new(),
+            offers_refused: Counter::new(),
+            reservations_claimed: Counter::new(),
+            reservations_expired: Counter::new(),
+        }
+    }
+
+    /// A job missed its deadline: `queued`, it failed instead of starting; else it ended late.
+    pub fn deadline_missed(&self, queued: bool) {
+        if queued {
+            self.deadline_missed_queued.inc();
+        } else {
+            self.deadline_missed_running.inc();
+        }
+    }
+
+    /// Deadline misses so far: (while queued, while running).
+    pub fn deadline_misses(&self) -> (u64, u64) {
+        (
+            self.deadline_missed_queued.get(),
+            self.deadline_missed_running.get(),
+        )
+    }
+
+    pub fn offer_answered(&self, accepted: bool) {
+        if accepted {
+            self.offers_accepted.inc();
+        } else {
+            self.offers_refused.inc();
         }
     }
 
@@ -231,6 +272,45 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE training_worker_{name} counter");
             let _ = writeln!(out, "training_worker_{name} {}", counter.get());
         }
+        for (name, help, label, values) in [
+            (
+                "deadline_misses_total",
+                "Jobs that missed their deadline: failed while queued because their time ran out, or a trainer's end (completed or failed) recorded after it.",
+                "phase",
+                [
+                    ("queued", &self.deadline_missed_queued),
+                    ("running", &self.deadline_missed_running),
+                ],
+            ),
+            (
+                "offers_total",
+                "Offers answered (POST /v1/offers), by answer.",
+                "accepted",
+                [
+                    ("true", &self.offers_accepted),
+                    ("false", &self.offers_refused),
+                ],
+            ),
+            (
+                "reservations_total",
+                "Reservations of accepted offers that ended: their job claimed them, or they expired.",
+                "outcome",
+                [
+                    ("claimed", &self.reservations_claimed),
+                    ("expired", &self.reservations_expired),
+                ],
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
+            let _ = writeln!(out, "# TYPE training_worker_{name} counter");
+            for (value, counter) in values {
+                let _ = writeln!(
+                    out,
+                    "training_worker_{name}{{{label}=\"{value}\"}} {}",
+                    counter.get()
+                );
+            }
+        }
         for (name, help, histogram) in [
             (
                 "queue_wait_seconds",
@@ -300,11 +380,13 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 14, "{text}");
+        assert_eq!(families.len(), 17, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");
         }
         assert!(text.contains("training_worker_jobs{status=\"queued\"} 0"));
+        assert!(text.contains("training_worker_deadline_misses_total{phase=\"queued\"} 0"));
+        assert!(text.contains("training_worker_offers_total{accepted=\"false\"} 0"));
     }
 }

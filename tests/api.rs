@@ -214,6 +214,7 @@ async fn spawn_app(options: Options) -> App {
             max_attempts: 3,
             gpus: Vec::new(),
             backfill: false,
+            ..WorkerConfig::default()
         },
         handle,
         move |events| Executor::new(executor_config, exec_data, events, TaskTracker::new()),
@@ -281,6 +282,10 @@ impl Reply {
                 self.text()
             )
         })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     fn content_type(&self) -> &str {
@@ -443,9 +448,12 @@ async fn submit_answers_201_with_the_stored_job_after_it_is_on_disk() {
     );
     app.queue_file_becomes((vec![], vec![id.clone()])).await;
 
-    // And the API serves the same job.
+    // And the API serves the same job; its estimates come as headers (a paused queue
+    // starts nothing).
     let got = app.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.header("x-estimated-start"), Some("none"));
+    assert_eq!(got.header("x-estimated-finish"), Some("none"));
     assert_eq!(got.json(), job);
 }
 

@@ -241,6 +241,12 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
             .any(|l| l.starts_with("created   ") && (l.contains(" ago") || l.contains("just now"))),
         "{text}"
     );
+    // A paused queue starts nothing, and the block says so.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("starts    not expected: the queue is paused")),
+        "{text}"
+    );
     let out = run(at(&url, &["status", &b, "--json"])).await;
     assert_eq!(out.assert_ok().json(), daemon.job(&b).await);
 
@@ -287,6 +293,10 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
     let out = run(at(&url, &["queue"])).await;
     let lines: Vec<&str> = out.assert_ok().stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{out:?}");
+    assert!(
+        lines[0].contains("  DEADLINE  EST. START  MODEL"),
+        "{out:?}"
+    );
     assert!(
         lines[1].starts_with(&format!("1    {a}  Queued")),
         "{out:?}"

@@ -9,8 +9,8 @@ mod support;
 use std::collections::HashMap;
 
 use reqwest::StatusCode;
-use serde_json::Value;
-use support::{Sandbox, Settings, diffusion_job, secs, wait_until};
+use serde_json::{Value, json};
+use support::{Sandbox, Settings, diffusion_job, secs, text_job, wait_until};
 
 /// Parses the Prometheus text format into `name{labels}` -> value, and checks that every
 /// sample belongs to a family announced with `# TYPE` (and `# HELP`).
@@ -172,6 +172,71 @@ fn json_lines(stderr: &str) -> Vec<Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_misses_offers_and_reservations_are_counted() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings::default());
+    let daemon = sandbox.start().await;
+
+    // The only slot is taken by a job without a budget, taken to run for an hour.
+    let first = uuid::Uuid::new_v4().to_string();
+    sandbox.hold(&first);
+    let mut body = diffusion_job("ok");
+    body["job_id"] = first.clone().into();
+    daemon.submit(body).await;
+    daemon.wait_status(&first, "Running", secs(15)).await;
+
+    // Refused: a third of a second cannot wait an hour. Accepted: two hours can, and its
+    // place is reserved until the job comes and claims it.
+    let offer =
+        |hours: f64| json!({"type": "TextJob", "model": "org/model", "hours_to_complete": hours});
+    let refused = daemon.post("/v1/offers", &offer(0.0001)).await.json();
+    assert_eq!(refused["accepted"], false, "{refused}");
+    let accepted = daemon.post("/v1/offers", &offer(2.0)).await.json();
+    assert_eq!(accepted["accepted"], true, "{accepted}");
+    let mut claiming = text_job("ok");
+    claiming["model"] = json!("org/model");
+    claiming["hours_to_complete"] = json!(2.0);
+    let claimed = daemon.submit(claiming).await;
+
+    // One second of budget, spent in the queue.
+    let mut late = diffusion_job("ok");
+    late["hours_to_complete"] = json!(1.0 / 3600.0);
+    let late = daemon.submit(late).await;
+    let deadline = daemon.job(&late).await["deadline"]
+        .as_str()
+        .expect("a deadline")
+        .to_string();
+    wait_until("the late job's deadline has passed", secs(10), async || {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        (now > deadline).then_some(())
+    })
+    .await;
+    sandbox.release(&first);
+    daemon.wait_status(&claimed, "Completed", secs(20)).await;
+    daemon.wait_status(&late, "Failed", secs(20)).await;
+
+    let m = parse_metrics(&daemon.get("/metrics").await.text);
+    assert_eq!(
+        m["training_worker_deadline_misses_total{phase=\"queued\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["training_worker_deadline_misses_total{phase=\"running\"}"],
+        0.0
+    );
+    assert_eq!(m["training_worker_offers_total{accepted=\"true\"}"], 1.0);
+    assert_eq!(m["training_worker_offers_total{accepted=\"false\"}"], 1.0);
+    assert_eq!(
+        m["training_worker_reservations_total{outcome=\"claimed\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["training_worker_reservations_total{outcome=\"expired\"}"],
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,8 +25,8 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
-use crate::job::{Job, JobId, Status};
-use crate::worker::{Submitted, WorkerHandle};
+use crate::job::{Job, JobId, Status, format_timestamp};
+use crate::worker::{Estimate, Offer, Submitted, WorkerHandle};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -107,6 +107,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("POST", "/v1/jobs/{id}/cancel", || post(cancel)),
     Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
     Route::new("GET", "/v1/queue", || get(queue)),
+    Route::new("POST", "/v1/offers", || post(offer)),
     Route::new("GET", "/healthz", || get(healthz)),
     Route::new("GET", "/readyz", || get(readyz)),
     Route::new("GET", "/metrics", || get(metrics)),
@@ -168,12 +169,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn submit(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    // Requiring JSON also keeps browsers from posting jobs cross-site with a plain form.
+/// Refuses a body that is not JSON. Requiring JSON also keeps browsers from posting
+/// cross-site with a plain form.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -183,9 +181,18 @@ async fn submit(
             v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
         })
         .unwrap_or(false);
-    if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
     }
+}
+
+/// The body as JSON, parsed under a parse slot (see [`AppState::parse_slots`]).
+async fn json_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(state.max_body_bytes)
@@ -193,16 +200,22 @@ async fn submit(
             ApiError::BadRequest(format!("body: {}", rejection.body_text()))
         }
     })?;
-    let job = {
-        let _slot = state
-            .parse_slots
-            .acquire()
-            .await
-            .map_err(|_| ApiError::Unavailable("the daemon is shutting down"))?;
-        let value: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
-        Job::from_submission(value, chrono::Utc::now())?
-    };
+    let _slot = state
+        .parse_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the daemon is shutting down"))?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let job = Job::from_submission(json_body(&state, body).await?, chrono::Utc::now())?;
     let worker = state.worker()?;
     let id = job.id;
     let submitted = worker
@@ -221,21 +234,84 @@ async fn submit(
     Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
 }
 
+/// Whether this box would take a job, and when it would start and end.
+async fn offer(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_json(&headers)?;
+    let offer = Offer::from_json(json_body(&state, body).await?)?;
+    let answer = state.worker()?.offer(offer).await?;
+    Ok(Json(answer.to_json()))
+}
+
+/// A job with its estimates, as `GET /v1/jobs?estimates=true` lists it: the stored job,
+/// and for a queued or running one when it is expected to start and end (computed at each
+/// request, never stored).
+fn with_estimate(job: &Job, estimate: Option<&Estimate>) -> Value {
+    let mut value = job.to_json();
+    let time = |t: Option<crate::job::Timestamp>| t.as_ref().map(format_timestamp);
+    let estimate = estimate.copied().unwrap_or_default();
+    match job.status {
+        Status::Queued => {
+            value["estimated_start"] = json!(time(estimate.start));
+            value["estimated_finish"] = json!(time(estimate.finish));
+        }
+        Status::Running => value["estimated_finish"] = json!(time(estimate.finish)),
+        _ => {}
+    }
+    value
+}
+
 fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
     let Path(text) = path.map_err(|e| ApiError::BadRequest(format!("id: {}", e.body_text())))?;
     text.parse()
         .map_err(|e| ApiError::BadRequest(format!("id: {e}")))
 }
 
+/// The header with a queued job's estimated start (RFC 3339), or `none`.
+pub const ESTIMATED_START_HEADER: &str = "x-estimated-start";
+/// The header with a queued or running job's estimated end (RFC 3339), or `none`.
+pub const ESTIMATED_FINISH_HEADER: &str = "x-estimated-finish";
+
+/// The job as stored; its estimates go in headers, so that the body stays the job itself,
+/// equal to what its submission answered and to its file.
 async fn job(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_id(path)?;
-    match state.worker()?.job(id).await? {
-        Some(job) => Ok(Json(job)),
-        None => Err(ApiError::JobNotFound(id)),
-    }
+    let worker = state.worker()?;
+    let Some(job) = worker.job(id).await? else {
+        return Err(ApiError::JobNotFound(id));
+    };
+    let estimate = if job.status.is_finished() {
+        None
+    } else {
+        worker.estimates(Some(id)).await?.remove(&id)
+    };
+    let estimate = estimate.unwrap_or_default();
+    let text =
+        |t: Option<crate::job::Timestamp>| t.as_ref().map_or("none".into(), format_timestamp);
+    let start = match job.status {
+        Status::Queued => estimate.start,
+        _ => None,
+    };
+    Ok((
+        [
+            (
+                header::HeaderName::from_static(ESTIMATED_START_HEADER),
+                text(start),
+            ),
+            (
+                header::HeaderName::from_static(ESTIMATED_FINISH_HEADER),
+                text(estimate.finish),
+            ),
+        ],
+        Json(job),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,12 +319,14 @@ async fn job(
 struct ListParams {
     status: Option<String>,
     limit: Option<usize>,
+    /// Adds `estimated_start` and `estimated_finish` to the queued and running jobs.
+    estimates: Option<bool>,
 }
 
 async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Vec<Job>>, ApiError> {
+) -> Result<Json<Vec<Value>>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
     let status = match params.status.as_deref() {
@@ -259,8 +337,21 @@ async fn list(
             ))
         })?),
     };
-    let jobs = state.worker()?.list(status, params.limit).await?;
-    Ok(Json(jobs))
+    let worker = state.worker()?;
+    let jobs = worker.list(status, params.limit).await?;
+    if params.estimates != Some(true) {
+        return Ok(Json(jobs.iter().map(Job::to_json).collect()));
+    }
+    let estimates = if jobs.iter().any(|j| !j.status.is_finished()) {
+        worker.estimates(None).await?
+    } else {
+        Default::default()
+    };
+    Ok(Json(
+        jobs.iter()
+            .map(|job| with_estimate(job, estimates.get(&job.id)))
+            .collect(),
+    ))
 }
 
 async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -67,7 +67,7 @@ async fn resolve(api: &Api, job: &JobRef) -> Result<JobId, ClientError> {
         JobRef::Id(id) => return Ok(*id),
         JobRef::Prefix(prefix) => prefix,
     };
-    let all = api.list(None, None).await?;
+    let all = api.list(None, None, false).await?;
     let matching: Vec<JobId> = all
         .as_array()
         .context("the daemon answered a job list that is not a JSON array")?
@@ -151,10 +151,10 @@ async fn submit(api: &Api, style: &Style, file: &Path, json: bool) -> Result<Exi
 }
 
 async fn status(api: &Api, style: &Style, id: JobId, json: bool) -> Result<Exit, ClientError> {
-    let job = api.job(id).await?;
     if json {
-        emit_json(&job)?;
+        emit_json(&api.job(id).await?)?;
     } else {
+        let job = api.job_with_estimates(id).await?;
         emit(&render::job_block(
             &JobView::from_json(&job),
             Utc::now(),
@@ -178,7 +178,7 @@ async fn list(
     limit: Option<usize>,
     json: bool,
 ) -> Result<Exit, ClientError> {
-    let answer = api.list(status, limit).await?;
+    let answer = api.list(status, limit, false).await?;
     if json {
         emit_json(&answer)?;
         return Ok(Exit::Success);
@@ -202,8 +202,8 @@ async fn queue(api: &Api, style: &Style, json: bool) -> Result<Exit, ClientError
     }
     // Queued first: a job that starts between the two calls then shows in both lists
     // (and is kept as running) rather than in neither.
-    let queued = jobs_of(&api.list(Some(Status::Queued), None).await?)?;
-    let mut running = jobs_of(&api.list(Some(Status::Running), None).await?)?;
+    let queued = jobs_of(&api.list(Some(Status::Queued), None, true).await?)?;
+    let mut running = jobs_of(&api.list(Some(Status::Running), None, true).await?)?;
     running.sort_by_key(|job| job.started_at);
     let queued: Vec<JobView> = queued
         .into_iter()

@@ -20,7 +20,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The log endpoint's headers: the offset to ask from next, and the job's status.
-use crate::api::{JOB_STATUS_HEADER, LOG_SIZE_HEADER};
+use crate::api::{
+    ESTIMATED_FINISH_HEADER, ESTIMATED_START_HEADER, JOB_STATUS_HEADER, LOG_SIZE_HEADER,
+};
 
 /// A daemon's API at one base URL.
 pub struct Api {
@@ -219,13 +221,42 @@ impl Api {
             .await
     }
 
-    /// `GET /v1/jobs?status=S&limit=N`.
+    /// `GET /v1/jobs/{id}`, with the estimates its headers give added to the job as
+    /// `estimated_start` and `estimated_finish` (as the job lists carry them).
+    pub async fn job_with_estimates(&self, id: JobId) -> Result<Value, ClientError> {
+        let response = self
+            .send(Method::GET, &format!("v1/jobs/{id}"), None)
+            .await?;
+        let response = self.checked(response, Some(id)).await?;
+        let header = |name: &str| -> Value {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| *v != "none")
+                .map_or(Value::Null, |v| Value::String(v.to_string()))
+        };
+        let start = header(ESTIMATED_START_HEADER);
+        let finish = header(ESTIMATED_FINISH_HEADER);
+        let mut job = self.parse(response).await?;
+        if let Some(object) = job.as_object_mut() {
+            object.insert("estimated_start".into(), start);
+            object.insert("estimated_finish".into(), finish);
+        }
+        Ok(job)
+    }
+
+    /// `GET /v1/jobs?status=S&limit=N`, with `estimates=true` when `estimates`.
     pub async fn list(
         &self,
         status: Option<Status>,
         limit: Option<usize>,
+        estimates: bool,
     ) -> Result<Value, ClientError> {
         let mut query = Vec::new();
+        if estimates {
+            query.push("estimates=true".to_string());
+        }
         if let Some(status) = status {
             query.push(format!("status={status}"));
         }

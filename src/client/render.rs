@@ -66,6 +66,12 @@ pub struct JobView {
     /// TextJob: the dataset and its format; DiffusionJob: the zip and the model type.
     pub dataset: Option<String>,
     pub expected_repo_name: Option<String>,
+    /// The time budget in hours, and when it runs out.
+    pub hours: Option<f64>,
+    pub deadline: Option<DateTime<Utc>>,
+    /// What the daemon expects: a queued job's start, a queued or running job's end.
+    pub estimated_start: Option<DateTime<Utc>>,
+    pub estimated_finish: Option<DateTime<Utc>>,
 }
 
 impl JobView {
@@ -99,6 +105,10 @@ impl JobView {
             error: text("error_message"),
             dataset,
             expected_repo_name: text("expected_repo_name"),
+            hours: job.get("hours_to_complete").and_then(Value::as_f64),
+            deadline: time("deadline"),
+            estimated_start: time("estimated_start"),
+            estimated_finish: time("estimated_finish"),
         }
     }
 
@@ -204,6 +214,34 @@ pub fn job_block(job: &JobView, now: DateTime<Utc>, style: &Style) -> String {
         }
         lines.push(("finished", line));
     }
+    if let Some(t) = job.deadline {
+        let mut line = when(t);
+        if let Some(hours) = job.hours {
+            line.push_str(&format!(", a budget of {}", budget(hours)));
+        }
+        lines.push(("deadline", line));
+    }
+    match job.status() {
+        Some(Status::Queued) => {
+            let start = match job.estimated_start {
+                Some(t) => format!("{}, estimated", when(t)),
+                None => {
+                    "not expected: the queue is paused, or the job cannot start before its deadline"
+                        .into()
+                }
+            };
+            lines.push(("starts", start));
+            if let Some(t) = job.estimated_finish {
+                lines.push(("ends", format!("{}, estimated", when(t))));
+            }
+        }
+        Some(Status::Running) => {
+            if let Some(t) = job.estimated_finish {
+                lines.push(("ends", format!("{}, estimated", when(t))));
+            }
+        }
+        _ => {}
+    }
     if let Some(error) = &job.error {
         lines.push(("error", error.clone()));
     }
@@ -212,6 +250,16 @@ pub fn job_block(job: &JobView, now: DateTime<Utc>, style: &Style) -> String {
         out.push_str(&format!("{label:<9} {value}\n"));
     }
     out
+}
+
+/// A budget in hours as a person says it: `3h`, `1h 30m`.
+fn budget(hours: f64) -> String {
+    let minutes = (hours * 60.0).round() as i64;
+    match (minutes / 60, minutes % 60) {
+        (0, m) => format!("{m}m"),
+        (h, 0) => format!("{h}h"),
+        (h, m) => format!("{h}h {m}m"),
+    }
 }
 
 /// A table cell; a status cell is painted after padding, so escapes do not skew widths.
@@ -323,7 +371,8 @@ pub fn job_table(jobs: &[JobView], now: DateTime<Utc>, style: &Style) -> String 
     )
 }
 
-/// `queue`: running jobs (position `-`), then queued ones numbered in the order they start.
+/// `queue`: running jobs (position `-`), then queued ones numbered in the order they start,
+/// with their deadlines and, for queued ones, when they are expected to start.
 pub fn queue_table(
     running: &[JobView],
     queued: &[JobView],
@@ -338,6 +387,8 @@ pub fn queue_table(
             table_id(job, style),
             status_cell(job),
             Cell::from(since(job.started_at)),
+            Cell::from(since(job.deadline)),
+            Cell::from("-".to_string()),
             Cell::from(job.model.clone()),
         ]);
     }
@@ -347,10 +398,24 @@ pub fn queue_table(
             table_id(job, style),
             status_cell(job),
             Cell::from(since(job.created_at)),
+            Cell::from(since(job.deadline)),
+            Cell::from(since(job.estimated_start)),
             Cell::from(job.model.clone()),
         ]);
     }
-    table(&["POS", "ID", "STATUS", "SINCE", "MODEL"], rows, style)
+    table(
+        &[
+            "POS",
+            "ID",
+            "STATUS",
+            "SINCE",
+            "DEADLINE",
+            "EST. START",
+            "MODEL",
+        ],
+        rows,
+        style,
+    )
 }
 
 #[cfg(test)]
@@ -469,6 +534,51 @@ mod tests {
             text.contains("mistralai…al-7B-v0.1"),
             "the model is cut to fit: {text}"
         );
+    }
+
+    #[test]
+    fn a_queued_job_shows_its_deadline_and_estimates() {
+        let now = at("2025-01-01T10:00:00Z");
+        let queued = JobView::from_json(&json!({
+            "type": "DiffusionJob", "job_id": "00000000-0000-4000-8000-000000000001",
+            "model": "sdxl", "status": "Queued", "attempts": 0,
+            "created_at": "2025-01-01T09:50:00Z", "hours_to_complete": 1.5,
+            "deadline": "2025-01-01T11:20:00Z",
+            "estimated_start": "2025-01-01T10:25:00Z",
+            "estimated_finish": "2025-01-01T11:20:00Z",
+        }));
+        let text = job_block(&queued, now, &PLAIN);
+        assert!(
+            text.contains("deadline  in 1h  (2025-01-01 11:20:00 UTC), a budget of 1h 30m\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("starts    in 25m  (2025-01-01 10:25:00 UTC), estimated\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ends      in 1h  (2025-01-01 11:20:00 UTC), estimated\n"),
+            "{text}"
+        );
+        let mut paused = queued.clone();
+        paused.estimated_start = None;
+        assert!(
+            job_block(&paused, now, &PLAIN).contains("starts    not expected"),
+            "a queued job without an estimate says so"
+        );
+
+        let running = JobView::from_json(&json!({
+            "type": "TextJob", "job_id": "00000000-0000-4000-8000-000000000002",
+            "model": "m", "status": "Running", "started_at": "2025-01-01T09:59:00Z",
+            "deadline": "2025-01-01T12:00:00Z",
+        }));
+        let table = queue_table(&[running], &[queued], now, &PLAIN);
+        let lines: Vec<&str> = table.lines().collect();
+        let column = lines[0].find("EST. START").unwrap();
+        let deadline = lines[0].find("DEADLINE").unwrap();
+        assert_eq!(lines[1][column..].split_whitespace().next(), Some("-"));
+        assert_eq!(&lines[2][column..column + 6], "in 25m", "{table}");
+        assert_eq!(&lines[1][deadline..deadline + 5], "in 2h", "{table}");
     }
 
     #[test]

@@ -525,7 +525,7 @@ impl Run {
                 humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
                 describe(&outcome)
             );
-            info!(%job_id, stage = %stage.name, outcome = describe(&outcome), "stage ended");
+            info!(%job_id, stage = %stage.name, outcome = describe(&outcome), "trainer ended");
             if outcome != Outcome::Exited(0) {
                 return self.event(outcome, last_line, named);
             }

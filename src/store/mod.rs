@@ -119,6 +119,8 @@ impl StoreError {
 
 struct Request {
     changes: Vec<Change>,
+    /// Queued jobs re-ranked without a write of their files; see [`StoreHandle::rerank`].
+    ranks: Vec<(JobId, u64)>,
     respond_to: oneshot::Sender<Result<(), StoreError>>,
     /// Held until the request is answered.
     _slot: OwnedSemaphorePermit,
@@ -138,7 +140,20 @@ impl StoreHandle {
     /// Makes `changes` durable. `Ok` means every job record is on disk and fsynced, and so is
     /// its directory entry; on `Err` none of them is.
     pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
-        if changes.is_empty() {
+        self.send(changes, Vec::new()).await
+    }
+
+    /// Gives queued jobs new ranks in `queue.json` without writing their files: for an order
+    /// the job files already imply (the deadline order, at boot), so there is nothing new to
+    /// make durable. A job that is not queued in `queue.json` is left alone, so a finished job
+    /// never comes back. Answered once the store's copy of the order has them; `queue.json`
+    /// follows as after a commit.
+    pub async fn rerank(&self, ranks: Vec<(JobId, u64)>) -> Result<(), StoreError> {
+        self.send(Vec::new(), ranks).await
+    }
+
+    async fn send(&self, changes: Vec<Change>, ranks: Vec<(JobId, u64)>) -> Result<(), StoreError> {
+        if changes.is_empty() && ranks.is_empty() {
             return Ok(());
         }
         let slot = self
@@ -151,6 +166,7 @@ impl StoreHandle {
         self.inbox
             .send(Request {
                 changes,
+                ranks,
                 respond_to,
                 _slot: slot,
             })
@@ -430,6 +446,10 @@ impl Persister {
         }
         let changes: Vec<&Change> = ids.iter().map(|id| last[id]).collect();
         let started = Instant::now();
+        if changes.is_empty() {
+            self.rerank(batch);
+            return Ok(());
+        }
 
         let staged = match stage_all(&self.jobs_dir, &changes, self.sync) {
             Ok(staged) => staged,
@@ -452,10 +472,21 @@ impl Persister {
             let old = self.queue.place(change.job.id, change.placement);
             self.queue_dirty |= old != change.placement;
         }
+        self.rerank(batch);
         METRICS.batch_jobs.observe(ids.len() as f64);
         METRICS.flush.observe_duration(started.elapsed());
         debug!(requests = batch.len(), jobs = ids.len(), "batch durable");
         Ok(())
+    }
+
+    /// Applies the batch's re-rankings to the jobs the mirror holds as queued.
+    fn rerank(&mut self, batch: &[Request]) {
+        for (id, rank) in batch.iter().flat_map(|r| &r.ranks) {
+            if matches!(self.queue.placed.get(id), Some(Placement::Queued(_))) {
+                let old = self.queue.place(*id, Placement::Queued(*rank));
+                self.queue_dirty |= old != Placement::Queued(*rank);
+            }
+        }
     }
 
     fn fail(&mut self, e: WriteError) -> StoreError {
@@ -619,6 +650,47 @@ mod tests {
         opened.thread.join().unwrap();
         let rec = replay::replay(dir.path()).unwrap();
         assert_eq!(rec.order, vec![b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn rerank_moves_queued_jobs_without_writing_them_and_never_revives_a_finished_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Store::open(dir.path(), CancellationToken::new()).unwrap();
+        let store = opened.handle.clone();
+        let (a, b) = (job(1), job(2));
+        let mut done = job(3);
+        done.finish(Status::Completed, None, chrono::Utc::now());
+        let changes = [
+            (&a, Placement::Queued(10)),
+            (&b, Placement::Queued(11)),
+            (&done, Placement::Off),
+        ];
+        store
+            .commit(
+                changes
+                    .iter()
+                    .map(|(job, placement)| Change {
+                        job: (*job).clone(),
+                        placement: *placement,
+                    })
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        queue_file_becomes(dir.path(), &[], &[a.id, b.id]);
+        let file_of = |id: JobId| dir.path().join(JOBS_DIR).join(format!("{id}.json"));
+        // Every write replaces the file by a rename, so a rewritten file has a new inode.
+        use std::os::unix::fs::MetadataExt;
+        let inode = fs::metadata(file_of(a.id)).unwrap().ino();
+        store.rerank(vec![(a.id, 12), (done.id, 1)]).await.unwrap();
+        queue_file_becomes(dir.path(), &[], &[b.id, a.id]);
+        assert_eq!(
+            fs::metadata(file_of(a.id)).unwrap().ino(),
+            inode,
+            "a rerank writes no job file"
+        );
+        drop((store, opened.handle));
+        opened.thread.join().unwrap();
     }
 
     /// Commits jobs 0..n from n concurrent tasks, each its own request, stops the store, and

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fsio;
-use crate::job::{Job, JobId, Status};
+use crate::job::{Job, JobId, Status, Timestamp};
 
 pub const JOBS_DIR: &str = "jobs";
 pub const QUEUE_FILE: &str = "queue.json";
@@ -339,6 +339,31 @@ pub(crate) fn requeue_order(
         .collect()
 }
 
+/// A deadline's Unix second: under `[worker] order = "deadline"`, deadlines are compared to
+/// the second, and jobs whose deadlines share one start in arrival order.
+pub fn deadline_second(deadline: &Timestamp) -> i64 {
+    deadline.timestamp()
+}
+
+/// `order` (the unfinished jobs in requeue order) as `[worker] order = "deadline"` runs it:
+/// the jobs that were running keep their places at the head; the others follow by deadline
+/// to the second, then by `created_at` (arrival), and those without a deadline come last,
+/// by `created_at`. It depends on the job files alone.
+pub fn deadline_order(jobs: &HashMap<JobId, Job>, order: &[JobId]) -> Vec<JobId> {
+    let (head, mut rest): (Vec<&Job>, Vec<&Job>) = order
+        .iter()
+        .filter_map(|id| jobs.get(id))
+        .partition(|j| j.status == Status::Running || j.was_interrupted());
+    rest.sort_by_key(|j| {
+        (
+            j.deadline.as_ref().map_or(i64::MAX, deadline_second),
+            j.created_at,
+            j.id,
+        )
+    });
+    head.into_iter().chain(rest).map(|j| j.id).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +485,51 @@ mod tests {
             replay(d.path()).unwrap().order,
             vec![first, second, third, waiting]
         );
+    }
+
+    #[test]
+    fn the_deadline_order_keeps_the_interrupted_head_and_sorts_the_rest_by_deadline() {
+        let at = |s: i64| Timestamp::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let job = |n: u128,
+                   status: Status,
+                   created: i64,
+                   started: Option<i64>,
+                   deadline: Option<Timestamp>| {
+            let mut j = crate::job::sample_job(n);
+            j.status = status;
+            j.created_at = Some(at(created));
+            j.started_at = started.map(at);
+            j.deadline = deadline;
+            j
+        };
+        let jobs: HashMap<JobId, Job> = [
+            // Interrupted jobs keep their places, whatever their deadlines.
+            job(1, Status::Running, 0, Some(10), Some(at(9000))),
+            job(2, Status::Queued, 1, Some(20), None),
+            job(3, Status::Queued, 2, None, None),
+            job(4, Status::Queued, 3, None, Some(at(500))),
+            // The same second as 4 and later: behind it.
+            job(
+                5,
+                Status::Queued,
+                4,
+                None,
+                Some(at(500) + chrono::Duration::milliseconds(900)),
+            ),
+            job(6, Status::Queued, 5, None, Some(at(100))),
+            job(7, Status::Queued, 6, None, None),
+        ]
+        .into_iter()
+        .map(|j| (j.id, j))
+        .collect();
+        let ids = |ns: &[u128]| -> Vec<JobId> {
+            ns.iter()
+                .map(|n| JobId::from_uuid(uuid::Uuid::from_u128(*n)))
+                .collect()
+        };
+        let order = requeue_order(&jobs, &QueueFile::default(), &mut Vec::new());
+        assert_eq!(order, ids(&[1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(deadline_order(&jobs, &order), ids(&[1, 2, 6, 4, 5, 3, 7]));
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! in flight is "busy": commands about it wait until that change has landed, so each job's
 //! changes reach the disk one at a time and in order.
 
+mod clock;
+mod offers;
+mod plan;
 mod queue;
+mod schedule;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -30,7 +34,12 @@ use crate::executor::{Adoption, Event, Execution, Executor, Outcome, Reports, St
 use crate::job::{Job, JobId, Status, Timestamp};
 use crate::metrics::METRICS;
 use crate::store::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
+pub use clock::Clock;
+use offers::Reservations;
+pub use offers::{Offer, OfferAnswer};
+pub use plan::Estimate;
 use queue::Queue;
+use schedule::Choice;
 
 /// How long to wait before retrying a write the store refused (disk full, I/O error).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -76,6 +85,14 @@ enum Command {
     /// is built from the job as that write left it.
     Interrupted {
         id: JobId,
+    },
+    Estimates {
+        of: Option<JobId>,
+        respond_to: oneshot::Sender<HashMap<JobId, Estimate>>,
+    },
+    Offer {
+        offer: Box<Offer>,
+        respond_to: oneshot::Sender<OfferAnswer>,
     },
 }
 
@@ -187,6 +204,24 @@ impl WorkerHandle {
     /// stuck (for a service manager's watchdog).
     pub async fn ping(&self) -> Result<(), WorkerError> {
         self.ask(|respond_to| Command::Ping { respond_to }).await
+    }
+
+    /// When the queued and running jobs (only `of`, when given) are expected to start and end.
+    pub async fn estimates(
+        &self,
+        of: Option<JobId>,
+    ) -> Result<HashMap<JobId, Estimate>, WorkerError> {
+        self.ask(|respond_to| Command::Estimates { of, respond_to })
+            .await
+    }
+
+    /// Answers an offer; an accepted one may reserve its job's place.
+    pub async fn offer(&self, offer: Offer) -> Result<OfferAnswer, WorkerError> {
+        self.ask(|respond_to| Command::Offer {
+            offer: Box::new(offer),
+            respond_to,
+        })
+        .await
     }
 
     /// The trainer log's path and the job's status, if the job exists.
@@ -313,7 +348,9 @@ pub struct Worker {
     /// Starts whose Running record is in flight; they hold a slot already.
     starting: usize,
     /// GPUs held by each starting or running trainer, from the decision to start until the
-    /// trainer has exited (a cancelled trainer holds them until it is really gone).
+    /// trainer has exited (a cancelled trainer holds them until it is really gone). Every
+    /// such trainer has an entry, an empty one without GPU accounting, so the keys are the
+    /// trainers that hold a slot, which estimates start from.
     gpus_in_use: HashMap<JobId, Vec<u32>>,
     /// Trainer outcomes the store refused to record; retried after [`RETRY_AFTER`].
     unrecorded: HashMap<JobId, Event>,
@@ -326,6 +363,10 @@ pub struct Worker {
     retry_at: Option<Instant>,
     /// The newest creation time handed out; see [`Worker::now_for_creation`].
     last_created: Option<Timestamp>,
+    /// Where "now" comes from: the system, or Tokio's clock in tests with paused time.
+    clock: Clock,
+    /// Places held for the jobs of accepted offers.
+    reservations: Reservations,
 }
 
 impl Worker {
@@ -350,7 +391,7 @@ impl Worker {
         let mut jobs: HashMap<JobId, Job> = boot.jobs.into_iter().map(|j| (j.id, j)).collect();
         let last_created = jobs.values().filter_map(|j| j.created_at).max();
 
-        let mut queue = Queue::default();
+        let mut queue = Queue::new(config.order);
         let mut changes = Vec::new();
         let mut adopted = boot.adopted;
         let mut gpus_in_use = HashMap::new();
@@ -367,9 +408,9 @@ impl Worker {
                 report.adopted += 1;
                 let rank = queue.next_start_rank();
                 queue.start(id, rank);
-                if let Some(ids) = &job.gpu_ids {
-                    gpus_in_use.insert(id, ids.clone());
-                }
+                // Every trainer has an entry, an empty one without GPU accounting: estimates
+                // count running trainers from it.
+                gpus_in_use.insert(id, job.gpu_ids.clone().unwrap_or_default());
                 changes.push(Change {
                     job: job.clone(),
                     placement: Placement::Running(rank),
@@ -408,6 +449,9 @@ impl Worker {
         // The store placed every unfinished job by replay order with the same ranks, so only
         // the rewritten records need a write.
         store.commit(changes).await?;
+        store
+            .rerank(plan::deadline_ranks(&mut queue, &jobs, config.order))
+            .await?;
         for job in jobs.values() {
             METRICS.job_status_changed(None, job.status);
         }
@@ -437,8 +481,16 @@ impl Worker {
             adopted,
             retry_at: None,
             last_created,
+            clock: Clock::system(),
+            reservations: Reservations::default(),
         };
         Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
+    }
+
+    /// Takes the time from `clock` instead of the system: for tests with paused time.
+    pub fn with_clock(mut self, clock: Clock) -> Worker {
+        self.clock = clock;
+        self
     }
 
     /// The actor's loop. Ends after shutdown was requested, every trainer has stopped and
@@ -465,6 +517,7 @@ impl Worker {
                 break;
             }
             let retry = self.retry_at;
+            let wake = self.reservation_wakeup();
             tokio::select! {
                 _ = self.shutdown.cancelled(), if !stopping => {
                     stopping = true;
@@ -478,6 +531,8 @@ impl Worker {
                     self.retry_at = None;
                     self.retry_unrecorded();
                 }
+                // An expired reservation lets its place go: the start below looks again.
+                _ = sleep_until(wake), if !stopping && wake.is_some() => {}
             }
             if !stopping {
                 self.start_ready_jobs();
@@ -512,6 +567,12 @@ impl Worker {
             Command::Cancel { id, respond_to } => self.cancel(id, respond_to),
             Command::Ping { respond_to } => {
                 let _ = respond_to.send(());
+            }
+            Command::Estimates { of, respond_to } => {
+                let _ = respond_to.send(self.estimates(of));
+            }
+            Command::Offer { offer, respond_to } => {
+                let _ = respond_to.send(self.answer_offer(*offer));
             }
             Command::LogPath { id, respond_to } => {
                 let path = self
@@ -548,7 +609,7 @@ impl Worker {
         if !job.stages_done.contains(&done.stage) {
             job.stages_done.push(done.stage.clone());
         }
-        job.updated_at = Some(chrono::Utc::now());
+        job.updated_at = Some(self.clock.now());
         self.write(Pending::StageDone {
             job,
             rank,
@@ -582,9 +643,7 @@ impl Worker {
             let _ = respond_to.send(answer);
             return;
         }
-        let now = self.now_for_creation();
-        job.accept(now);
-        let rank = self.queue.next_rank();
+        let rank = self.accept(&mut job);
         self.write(Pending::Submit {
             job,
             rank,
@@ -679,11 +738,13 @@ impl Worker {
             ) => {
                 info!(job_id = %id, model = %job.model, "job queued");
                 METRICS.enqueued.inc();
+                self.settle_claim(id, true);
                 self.queue.insert_queued(rank, id);
                 self.put(job.clone());
                 let _ = respond_to.send(Ok(Submitted::Created(job)));
             }
             (Pending::Submit { respond_to, .. }, Err(e)) => {
+                self.settle_claim(id, false);
                 let _ = respond_to.send(Err(e.into()));
             }
             (Pending::Start { job, rank, waited }, Ok(())) => {
@@ -729,6 +790,7 @@ impl Worker {
                         METRICS.failed.inc();
                     }
                 }
+                self.note_deadline(&job);
                 self.queue.remove(id);
                 self.put(job);
             }
@@ -789,65 +851,49 @@ impl Worker {
         }
     }
 
-    /// Starts queued jobs while slots (and GPUs) are free, in queue order. Not while a
+    /// Starts queued jobs while slots (and GPUs) are free, in queue order, and fails those
+    /// that cannot run (out of time, too many GPUs) as the scan reaches them. Not while a
     /// refused write waits for its retry: the storage is in trouble, and starting would only
     /// hammer it.
     fn start_ready_jobs(&mut self) {
+        let now = self.clock.now();
+        self.expire_reservations(now);
         if self.retry_at.is_some() {
             return;
         }
         while self.running.len() + self.starting < self.config.max_concurrent {
-            let free = self.free_gpus();
-            let mut chosen = None;
-            let mut impossible = None;
-            for id in self.queue.queued_iter() {
-                if self.busy.contains_key(&id) || self.running.contains_key(&id) {
+            let (id, gpus) = match self.next_start(now) {
+                Choice::Start { key, gpus } => (key, gpus),
+                Choice::OutOfTime(id) => {
+                    let reason = self.out_of_time_reason(id);
+                    self.fail_queued(id, reason);
                     continue;
                 }
-                let Some(job) = self.jobs.get(&id) else {
+                Choice::TooBig(id) => {
+                    // Queued when more GPUs were configured: it can never start here.
+                    let need = self.jobs.get(&id).map_or(0, |j| self.gpus_needed(j));
+                    self.fail_queued(
+                        id,
+                        format!(
+                            "asks for {need} GPUs, and only {} are configured (worker.gpus)",
+                            self.config.gpus.len()
+                        ),
+                    );
                     continue;
-                };
-                let need = self.gpus_needed(job);
-                if need > self.config.gpus.len() {
-                    impossible = Some((id, need));
-                    break;
                 }
-                if need <= free.len() {
-                    chosen = Some((id, need));
-                    break;
-                }
-                // Not enough GPUs free for this one. Strict order: it waits at the head and
-                // nobody passes it. Backfill: a later job that fits may start.
-                if !self.config.backfill {
-                    break;
-                }
-            }
-            if let Some((id, need)) = impossible {
-                // Queued when more GPUs were configured: it can never start here.
-                self.fail_queued(
-                    id,
-                    format!(
-                        "asks for {need} GPUs, and only {} are configured (worker.gpus)",
-                        self.config.gpus.len()
-                    ),
-                );
-                continue;
-            }
-            let Some((id, need)) = chosen else {
-                return;
+                Choice::Wait => return,
             };
             let Some(job) = self.jobs.get(&id) else {
                 return;
             };
             let mut job = job.clone();
-            let now = chrono::Utc::now();
             let waited = job
                 .updated_at
                 .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
-            let gpu_ids = (!self.config.gpus.is_empty()).then(|| free[..need].to_vec());
-            if let Some(ids) = &gpu_ids {
-                self.gpus_in_use.insert(id, ids.clone());
-            }
+            // Held by every trainer, with or without GPU accounting, so that estimates know
+            // which slots are taken.
+            self.gpus_in_use.insert(id, gpus.clone());
+            let gpu_ids = (!self.config.gpus.is_empty()).then_some(gpus);
             job.start(now, gpu_ids);
             let rank = self.queue.next_start_rank();
             self.starting += 1;
@@ -857,10 +903,7 @@ impl Worker {
 
     /// GPUs a job takes: none without GPU accounting, else what it asks for (one by default).
     fn gpus_needed(&self, job: &Job) -> usize {
-        if self.config.gpus.is_empty() {
-            return 0;
-        }
-        job.gpu_count.map_or(1, |n| n as usize)
+        self.gpus_for(job.gpu_count)
     }
 
     /// The configured GPUs that no starting or running trainer holds, in configured order.
@@ -880,7 +923,7 @@ impl Worker {
         };
         warn!(job_id = %id, reason = %reason, "job cannot run; marked failed");
         let mut job = job.clone();
-        job.finish(Status::Failed, Some(reason), chrono::Utc::now());
+        job.finish(Status::Failed, Some(reason), self.clock.now());
         self.write(Pending::Finish { job });
     }
 
@@ -927,7 +970,7 @@ impl Worker {
         } else {
             Status::Failed
         };
-        job.finish(status, message, chrono::Utc::now());
+        job.finish(status, message, self.clock.now());
         self.write(Pending::Finish { job });
         // Kept until the finish lands, so a failed write can be retried.
         self.unrecorded.insert(id, event);
@@ -980,7 +1023,7 @@ impl Worker {
     /// A creation time later than every one handed out before, so that creation order is
     /// queue order even when the clock stands still or steps back.
     fn now_for_creation(&mut self) -> Timestamp {
-        let mut now = chrono::Utc::now();
+        let mut now = self.clock.now();
         if let Some(last) = self.last_created {
             let next = last + chrono::Duration::microseconds(1);
             if now < next {

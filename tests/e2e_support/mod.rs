@@ -561,10 +561,14 @@ impl Daemon {
         self.request(reqwest::Method::GET, path, None).await
     }
 
+    /// POST `path` with a JSON `body`, whatever it answers.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
     /// POST /v1/jobs as is.
     pub async fn post_job(&self, body: &Value) -> Reply {
-        self.request(reqwest::Method::POST, "/v1/jobs", Some(body))
-            .await
+        self.post("/v1/jobs", body).await
     }
 
     /// Submits a job, expects 201 and a Queued job, returns its id.
