@@ -470,15 +470,7 @@ impl Config {
             )));
         }
         let backfill = match var("WORKER_BACKFILL") {
-            Some(v) => match v.trim() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                other => {
-                    return Err(ConfigError::new(format!(
-                        "worker.backfill: {other:?} is not true or false"
-                    )));
-                }
-            },
+            Some(v) => parse_bool("worker.backfill", &v)?,
             None => file.worker.backfill.unwrap_or(false),
         };
         let order_text = var("WORKER_ORDER")

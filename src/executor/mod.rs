@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{ExecutorConfig, Stage, StageRun};
-use crate::job::{Job, JobId, JobKind};
+use crate::job::{Job, JobId};
 use crate::store::replay::{JOBS_DIR, LOGS_DIR};
 use docker::DockerCli;
 use template::{Template, Values};
@@ -318,29 +318,7 @@ impl Context {
 
     /// The job's own variables (CONTRACT 5), for processes and containers alike.
     fn job_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
-        let (dataset, dataset_type, file_format, dataset_zip, model_type) = match &job.kind {
-            JobKind::Text {
-                dataset,
-                dataset_type,
-                file_format,
-            } => (
-                dataset.clone(),
-                dataset_type.as_json_text().to_string(),
-                file_format.as_str().to_string(),
-                String::new(),
-                String::new(),
-            ),
-            JobKind::Diffusion {
-                dataset_zip,
-                model_type,
-            } => (
-                String::new(),
-                String::new(),
-                String::new(),
-                dataset_zip.clone(),
-                model_type.as_str().to_string(),
-            ),
-        };
+        let fields = template::KindFields::of(job);
         let job_file = self
             .data_dir
             .join(JOBS_DIR)
@@ -350,11 +328,11 @@ impl Context {
             ("JOB_TYPE", job.kind.type_name().to_string()),
             ("JOB_FILE", job_file.to_string_lossy().into_owned()),
             ("MODEL", job.model.clone()),
-            ("DATASET", dataset),
-            ("DATASET_TYPE", dataset_type),
-            ("FILE_FORMAT", file_format),
-            ("DATASET_ZIP", dataset_zip),
-            ("MODEL_TYPE", model_type),
+            ("DATASET", fields.dataset.to_string()),
+            ("DATASET_TYPE", fields.dataset_type.to_string()),
+            ("FILE_FORMAT", fields.file_format.to_string()),
+            ("DATASET_ZIP", fields.dataset_zip.to_string()),
+            ("MODEL_TYPE", fields.model_type.to_string()),
             (
                 "EXPECTED_REPO_NAME",
                 job.expected_repo_name.clone().unwrap_or_default(),

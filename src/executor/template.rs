@@ -197,6 +197,45 @@ pub fn task_type(job: &Job) -> &'static str {
     }
 }
 
+/// The fields of a job's kind as text, empty where the kind has none: what both the
+/// placeholders and the trainer's environment give.
+pub struct KindFields<'a> {
+    pub dataset: &'a str,
+    /// The `dataset_type` object as compact JSON text.
+    pub dataset_type: &'a str,
+    pub file_format: &'a str,
+    pub dataset_zip: &'a str,
+    pub model_type: &'a str,
+}
+
+impl KindFields<'_> {
+    pub fn of(job: &Job) -> KindFields<'_> {
+        match &job.kind {
+            JobKind::Text {
+                dataset,
+                dataset_type,
+                file_format,
+            } => KindFields {
+                dataset,
+                dataset_type: dataset_type.as_json_text(),
+                file_format: file_format.as_str(),
+                dataset_zip: "",
+                model_type: "",
+            },
+            JobKind::Diffusion {
+                dataset_zip,
+                model_type,
+            } => KindFields {
+                dataset: "",
+                dataset_type: "",
+                file_format: "",
+                dataset_zip,
+                model_type: model_type.as_str(),
+            },
+        }
+    }
+}
+
 /// Every placeholder's text for one job, one stage, one attempt. Fields a job does not have
 /// (a `dataset` for a DiffusionJob, a missing `expected_repo_name`) are empty.
 #[derive(Clone, Debug)]
@@ -206,37 +245,21 @@ pub struct Values {
 
 impl Values {
     pub fn new(job: &Job, stage: &str, data_dir: &str) -> Values {
-        let (dataset, dataset_type, file_format, dataset_zip, model_type) = match &job.kind {
-            JobKind::Text {
-                dataset,
-                dataset_type,
-                file_format,
-            } => (
-                dataset.clone(),
-                dataset_type.as_json_text().to_string(),
-                file_format.as_str().to_string(),
-                String::new(),
-                String::new(),
-            ),
-            JobKind::Diffusion {
-                dataset_zip,
-                model_type,
-            } => (
-                String::new(),
-                String::new(),
-                String::new(),
-                dataset_zip.clone(),
-                model_type.as_str().to_string(),
-            ),
-        };
+        let KindFields {
+            dataset,
+            dataset_type,
+            file_format,
+            dataset_zip,
+            model_type,
+        } = KindFields::of(job);
         let values = Placeholder::ALL
             .into_iter()
             .map(|p| match p {
                 Placeholder::JobId => job.id.to_string(),
                 Placeholder::Model => job.model.clone(),
-                Placeholder::Dataset => dataset.clone(),
-                Placeholder::DatasetTypeJson => dataset_type.clone(),
-                Placeholder::FileFormat => file_format.clone(),
+                Placeholder::Dataset => dataset.to_string(),
+                Placeholder::DatasetTypeJson => dataset_type.to_string(),
+                Placeholder::FileFormat => file_format.to_string(),
                 Placeholder::TaskType => task_type(job).to_string(),
                 Placeholder::ExpectedRepoName => job.expected_repo_name.clone().unwrap_or_default(),
                 Placeholder::HoursToComplete => {
@@ -250,8 +273,8 @@ impl Values {
                     .collect::<Vec<_>>()
                     .join(","),
                 Placeholder::DataDir => data_dir.to_string(),
-                Placeholder::DatasetZip => dataset_zip.clone(),
-                Placeholder::ModelType => model_type.clone(),
+                Placeholder::DatasetZip => dataset_zip.to_string(),
+                Placeholder::ModelType => model_type.to_string(),
                 Placeholder::Attempt => job.attempts.to_string(),
                 Placeholder::Stage => stage.to_string(),
             })
