@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use super::template::Values;
 use super::{Adoption, BASE_ENV, OWNER_ENV, Outcome, kill_group, tie_to_daemon};
 use crate::config::{DockerStage, Stage, StageRun};
-use crate::job::{Job, JobId, Status};
+use crate::job::{Job, JobId, Status, Timestamp};
 
 /// The label with the job id.
 pub const LABEL_JOB: &str = "training-worker.job";
@@ -356,6 +356,19 @@ impl DockerCli {
         }
     }
 
+    /// When the container's main process started.
+    pub async fn started_at(&self, name: &str) -> Result<Timestamp, String> {
+        let text = self
+            .output(
+                &["inspect", "-f", "{{.State.StartedAt}}", name],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        chrono::DateTime::parse_from_rfc3339(text.trim())
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|e| format!("docker inspect printed {:?}: {e}", text.trim()))
+    }
+
     /// Removes a container, running or not; one that does not exist is fine.
     pub async fn remove(&self, name: &str) -> Result<(), String> {
         match self.output(&["rm", "-f", name], CLI_TIMEOUT).await {
@@ -520,11 +533,13 @@ fn exit_code(output: std::io::Result<Output>) -> Outcome {
     }
 }
 
-/// The last line a failed CLI call wrote to stderr, or its status.
+/// What a failed CLI call said went wrong: its last line on stderr that is not a usage hint
+/// (`docker run` ends its errors with "See 'docker run --help'."), or its status.
 fn failure(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr)
         .lines()
         .map(str::trim)
+        .filter(|l| !(l.starts_with("See '") && l.ends_with("--help'.")))
         .rfind(|l| !l.is_empty())
         .map(String::from)
         .unwrap_or_else(|| format!("{}", output.status))
@@ -720,6 +735,25 @@ mod tests {
             true,
         );
         assert!(matches!(&exited[0], Decision::Remove { reason, .. } if reason.contains("exited")));
+    }
+
+    #[test]
+    fn a_failure_names_the_cause_not_the_usage_hint() {
+        use std::os::unix::process::ExitStatusExt;
+        let output = Output {
+            status: std::process::ExitStatus::from_raw(125 << 8),
+            stdout: Vec::new(),
+            stderr: b"Unable to find image 'x:latest' locally\ndocker: Error response from daemon: pull access denied for x.\nSee 'docker run --help'.\n".to_vec(),
+        };
+        assert_eq!(
+            failure(&output),
+            "docker: Error response from daemon: pull access denied for x."
+        );
+        let silent = Output {
+            stderr: Vec::new(),
+            ..output
+        };
+        assert!(failure(&silent).contains("125"), "{}", failure(&silent));
     }
 
     #[test]

@@ -419,12 +419,24 @@ impl Run {
                 return self.event(Outcome::Stopped, None, named);
             }
             let limit = stage.timeout.unwrap_or(context.timeout);
+            // An adopted container has run since it started, not since now: its timeout
+            // counts from its own start, so that crashes cannot extend it.
+            let ran_before = match (&adopted, &context.docker) {
+                (Some(container), Some(docker)) => match docker.started_at(container).await {
+                    Ok(started) => (chrono::Utc::now() - started).to_std().unwrap_or_default(),
+                    Err(e) => {
+                        warn!(%job_id, container = %container, error = %e, "cannot tell when the adopted container started; its timeout counts from now");
+                        Duration::ZERO
+                    }
+                },
+                _ => Duration::ZERO,
+            };
             let left = self.job.time_left(chrono::Utc::now());
             let (timeout, budget_bound) = match left {
-                Some(left) if left < limit => (left, true),
-                _ => (limit, false),
+                Some(left) if left < limit.saturating_sub(ran_before) => (left, true),
+                _ => (limit.saturating_sub(ran_before), false),
             };
-            if timeout.is_zero() {
+            if timeout.is_zero() && budget_bound {
                 let _ = writeln!(
                     log,
                     "==> the time budget ran out before {} could start",
@@ -432,7 +444,8 @@ impl Run {
                 );
                 return self.event(Outcome::OutOfTime(Duration::ZERO), None, named);
             }
-            if context.staged {
+            // An adopted stage's start is in the log already, under the earlier attempt.
+            if context.staged && adopted.is_none() {
                 let _ = writeln!(
                     log,
                     "==> stage {} ({}/{total}) started at {}",
@@ -442,7 +455,9 @@ impl Run {
                 );
             }
             let offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
-            let started = Instant::now();
+            let started = Instant::now()
+                .checked_sub(ran_before)
+                .unwrap_or_else(Instant::now);
             let values = Values::new(&self.job, &stage.name, &context.data_dir.to_string_lossy());
             let mut outcome = match &stage.run {
                 StageRun::Process { argv } => {
@@ -491,8 +506,12 @@ impl Run {
                     }
                 }
             };
-            if budget_bound && matches!(outcome, Outcome::TimedOut(_)) {
-                outcome = Outcome::OutOfTime(timeout);
+            if let Outcome::TimedOut(_) = outcome {
+                outcome = if budget_bound {
+                    Outcome::OutOfTime(timeout + ran_before)
+                } else {
+                    Outcome::TimedOut(limit)
+                };
             }
             // Read before the footer below, which would otherwise be the last line.
             let last_line = last_line(&log_path, offset);
