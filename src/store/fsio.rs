@@ -45,6 +45,20 @@ impl WriteError {
     pub fn is_fatal(&self) -> bool {
         !matches!(self, WriteError::Write { .. })
     }
+
+    /// Whether the filesystem refused the step before changing anything: a failed write, or
+    /// a rename refused for a reason the kernel checks first (a read-only or full
+    /// filesystem, a quota, permissions). After such a rename the old file is in place.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            WriteError::Write { .. } => true,
+            WriteError::Rename { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EROFS | libc::ENOSPC | libc::EDQUOT | libc::EACCES | libc::EPERM)
+            ),
+            WriteError::Sync { .. } => false,
+        }
+    }
 }
 
 /// A temporary file that holds the new content, fsynced, ready to be renamed into place.
@@ -174,6 +188,27 @@ mod tests {
         let err = write_atomic(&missing, "a.json", b"x").unwrap_err();
         assert!(!err.is_fatal(), "{err}");
         assert!(!missing.exists());
+    }
+
+    #[test]
+    fn refused_renames_are_told_from_ambiguous_ones() {
+        let rename = |errno| WriteError::Rename {
+            from: "a".into(),
+            to: "b".into(),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        assert!(rename(libc::EROFS).is_refusal());
+        assert!(rename(libc::ENOSPC).is_refusal());
+        assert!(!rename(libc::EIO).is_refusal());
+        assert!(
+            rename(libc::EROFS).is_fatal(),
+            "for job files a rename stays fatal"
+        );
+        let sync = WriteError::Sync {
+            path: "a".into(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(!sync.is_refusal());
     }
 
     #[test]

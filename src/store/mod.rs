@@ -418,7 +418,14 @@ impl Persister {
             return;
         }
         if let Err(e) = self.write_queue_file() {
-            let _ = self.fail(e);
+            if e.is_refusal() {
+                // queue.json is derived and the old one stays in place: a refused rename
+                // (the filesystem went read-only, say) is retried like a refused write.
+                METRICS.store_refusals.inc();
+                warn!(error = %e, "cannot rewrite queue.json; will retry");
+            } else {
+                let _ = self.fail(e);
+            }
             // Refused (a full disk, say): try again in a second, not at the next due time,
             // which may be milliseconds away.
             self.queue_written_at = Instant::now() + QUEUE_FILE_RETRY;
