@@ -357,6 +357,9 @@ pub struct Worker {
     /// Finished stages the store refused to record; their pipelines wait, and the records
     /// are retried after [`RETRY_AFTER`].
     unrecorded_stages: Vec<StageDone>,
+    /// Pipelines whose finished stage is recorded but which wait for a cancel in flight
+    /// before they may start the next stage.
+    held_acks: HashMap<JobId, oneshot::Sender<()>>,
     /// Containers to follow again, taken by the loop when it starts.
     adopted: HashMap<JobId, Adoption>,
     /// When to try again after a refused start or finish.
@@ -478,6 +481,7 @@ impl Worker {
             gpus_in_use,
             unrecorded: HashMap::new(),
             unrecorded_stages: Vec::new(),
+            held_acks: HashMap::new(),
             adopted,
             retry_at: None,
             last_created,
@@ -804,6 +808,8 @@ impl Worker {
                 self.queue.remove(id);
                 self.put(job.clone());
                 self.unrecorded.remove(&id);
+                // A pipeline held between two stages is told not to go on.
+                self.held_acks.remove(&id);
                 if let Some(run) = self.running.get_mut(&id) {
                     run.stop_reason = Some(StopReason::Cancel);
                     run.execution.stop();
@@ -811,6 +817,9 @@ impl Worker {
                 let _ = respond_to.send(Ok(job));
             }
             (Pending::Cancel { respond_to, .. }, Err(e)) => {
+                if let Some(ack) = self.held_acks.remove(&id) {
+                    let _ = ack.send(());
+                }
                 let _ = respond_to.send(Err(e.into()));
             }
             (Pending::Requeue { job, rank }, Ok(())) => {
@@ -826,7 +835,17 @@ impl Worker {
             ) => {
                 info!(job_id = %id, stage = %stage, "stage finished and recorded");
                 self.put(job);
-                let _ = ack.send(());
+                let cancel_waits = self.busy.get(&id).is_some_and(|waiting| {
+                    waiting.iter().any(|c| matches!(c, Command::Cancel { .. }))
+                });
+                if cancel_waits {
+                    // A cancel came while the stage was being recorded: the next stage must
+                    // not start only to be stopped. The pipeline waits until the cancel has
+                    // landed (then it is stopped) or failed (then it goes on).
+                    self.held_acks.insert(id, ack);
+                } else {
+                    let _ = ack.send(());
+                }
             }
             (Pending::StageDone { stage, ack, .. }, Err(e)) => {
                 // The pipeline waits: starting the next stage before this one is recorded
