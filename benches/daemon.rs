@@ -13,8 +13,10 @@
 //!   `/dev/shm`), where an fsync costs nothing, so the rate is what the daemon's own CPU (and
 //!   the bench's client, on the same cores) allows; with the CPU time per job of the daemon
 //!   and of the client for every enqueue measurement;
-//! - the same enqueue with 50,000 jobs already queued, and the seed's scheme (every change
-//!   rewrites the job file and the whole `queue.json`, no fsync) at 0 and 20,000 queued;
+//! - the same enqueue with 50,000 jobs already queued: worker paused, and worker running with
+//!   backfill and its one GPU taken, so that every turn of its loop looks for a job to start;
+//! - the seed's scheme (every change rewrites the job file and the whole `queue.json`, no
+//!   fsync) at 0 and 20,000 queued;
 //! - boot of 100,000 job files in mixed states until `/readyz` answers, against `cat` of the
 //!   same files, with the daemon's peak RSS;
 //! - idle RSS, and RSS with 100,000 jobs loaded;
@@ -23,8 +25,9 @@
 //! Settings: TW_BENCH_RUNS (5), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
 //! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000), TW_BENCH_TMPFS (/dev/shm), and
 //! TW_BENCH_ONLY=enqueue, which measures only the empty-queue enqueue and its yardsticks (for
-//! comparing one change with another; the figures BENCHMARKS.md quotes come from a full run). The daemon is the release binary,
-//! started on temporary data dirs under TMPDIR (same filesystem as the yardsticks).
+//! comparing one change with another; BENCHMARKS.md quotes full runs). The daemon is the
+//! release binary, started on temporary data dirs under TMPDIR (same filesystem as the
+//! yardsticks).
 
 use std::fs;
 use std::io::Write;
@@ -69,15 +72,19 @@ impl Daemon {
 
     /// The daemon with `[store] sync` set to `sync`.
     fn spawn_with(data_dir: &Path, sync: &str) -> Daemon {
-        let port = free_port();
-        let config = data_dir.with_extension("toml");
-        fs::write(
-            &config,
-            format!(
+        Daemon::spawn_config(
+            data_dir,
+            &format!(
                 "[store]\nsync = \"{sync}\"\n[worker]\nmax_concurrent = 0\n[executor]\ncommand = [\"true\"]\n"
             ),
         )
-        .expect("write config");
+    }
+
+    /// The daemon with the configuration file `config`.
+    fn spawn_config(data_dir: &Path, config_text: &str) -> Daemon {
+        let port = free_port();
+        let config = data_dir.with_extension("toml");
+        fs::write(&config, config_text).expect("write config");
         let child = Command::new(env!("CARGO_BIN_EXE_training-worker"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -509,12 +516,22 @@ async fn main() {
         settle();
         let loop1 = disk_loop_rate(dir.path(), jobs, 1);
         settle();
+        let cpu_before = own_cpu_seconds();
         let loop4 = disk_loop_rate(dir.path(), jobs, 4);
+        s.add(
+            "disk loop, 4 threads: CPU",
+            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
+        );
         s.add("disk loop, 1 thread", loop1);
         s.add("disk loop, 4 threads", loop4);
         s.add("disk loop", loop1.max(loop4));
         settle();
+        let cpu_before = own_cpu_seconds();
         s.add("syncfs loop", syncfs_loop_rate(dir.path(), jobs));
+        s.add(
+            "syncfs loop: CPU",
+            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
+        );
         settle();
         if !quick {
             s.add(
@@ -571,6 +588,20 @@ async fn main() {
             daemon.ready(&http, Instant::now()).await;
             let name = "enqueue, long queue";
             measure_enqueue(&mut s, name, &http, &daemon, jobs, long_queue).await;
+            daemon.stop();
+
+            // The same queue with the worker running: backfill on, one GPU, taken by the
+            // first job, a slot still free. Every turn of the worker's loop asks whether a
+            // queued job can start, so this is where a scan of the whole queue would show.
+            settle();
+            let daemon = Daemon::spawn_config(
+                &data,
+                "[worker]\nmax_concurrent = 2\ngpus = [0]\nbackfill = true\n[executor]\ncommand = [\"sleep\", \"3600\"]\n",
+            );
+            daemon.ready(&http, Instant::now()).await;
+            let name = "enqueue, long queue, backfill";
+            let offset = long_queue + jobs;
+            measure_enqueue(&mut s, name, &http, &daemon, jobs, offset).await;
             daemon.stop();
 
             // Boot of many jobs, against cat.
@@ -683,14 +714,16 @@ fn print_table(
         "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {sqlite:.0} jobs/s | |"
     );
     println!(
-        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {disk_loop:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | |",
+        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {disk_loop:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | CPU per file, 4 threads: {:.0} µs |",
         s.median("disk loop, 1 thread"),
         s.median("disk loop, 4 threads"),
+        s.median("disk loop, 4 threads: CPU"),
     );
     println!(
-        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2} |",
+        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2}; CPU per file: {:.0} µs |",
         s.median("syncfs loop"),
-        enqueue_syncfs / s.median("syncfs loop")
+        enqueue_syncfs / s.median("syncfs loop"),
+        s.median("syncfs loop: CPU")
     );
     println!(
         "| enqueue latency, 1 client | p50 {:.2} ms, p99 {:.2} ms | |",
@@ -709,6 +742,12 @@ fn print_table(
         s.median("enqueue, long queue"),
         s.median("enqueue, long queue") / enqueue,
         cpu("enqueue, long queue")
+    );
+    println!(
+        "| the same, worker running: backfill, the one GPU taken, a slot free | {:.0} jobs/s | long / empty = {:.2}; {} |",
+        s.median("enqueue, long queue, backfill"),
+        s.median("enqueue, long queue, backfill") / enqueue,
+        cpu("enqueue, long queue, backfill")
     );
     println!(
         "| seed scheme (rewrite job file and queue.json per change, no fsync) | {:.0} jobs/s empty, {:.0} jobs/s at 20000 queued | |",
