@@ -6,10 +6,11 @@
 //! of job records and their places in the queue, answered once they are durable.
 //!
 //! Group commit: the thread takes every request waiting in its inbox as one batch, stages all
-//! job files at once (each written to a temporary file and fsynced, by a few threads in
-//! parallel so that the filesystem can merge their journal commits), renames them into
-//! place, fsyncs the directory once, and only then answers every request of the batch. Under
-//! load a batch grows, so the cost per job falls.
+//! job files at once (each written to a temporary file and fsynced, by up to 16 threads of a
+//! pool it keeps so that the filesystem can merge their journal commits; with
+//! `sync = "syncfs"`, written by the store thread alone and made durable by one syncfs),
+//! renames them into place, fsyncs the directory once, and only then answers every request
+//! of the batch. Under load a batch grows, so the cost per job falls.
 //!
 //! `queue.json` is derived from the job files (replay rebuilds the same order from them), so
 //! it is not on the acknowledgement path: it is rewritten after the batches that changed the
@@ -17,8 +18,8 @@
 //! the thread's time, so a long queue does not make every enqueue slower. It is also written
 //! at boot and when the store stops.
 //!
-//! Blocking I/O stays off the async runtime: the writes happen on this thread and the short-
-//! lived staging threads it spawns for a batch, nowhere else.
+//! Blocking I/O stays off the async runtime: the writes happen on this thread and its staging
+//! threads ([`StagePool`]), nowhere else.
 
 pub mod fsio;
 pub mod lock;
@@ -57,9 +58,14 @@ const MAX_BATCH: usize = 4096;
 /// how a slow disk pushes back on clients.
 const INBOX_SLOTS: usize = 4096;
 
-/// Threads that stage a batch's files in parallel. fsync blocks on the device, not the CPU,
-/// and concurrent fsyncs share journal commits, so this is more than the cores.
+/// Threads that stage a batch's files in parallel when each is fsynced. fsync blocks on the
+/// device, not the CPU, and concurrent fsyncs share journal commits, so this is more than the
+/// cores.
 const STAGE_THREADS: usize = 16;
+
+/// Batches of at most this many files are staged by the store thread itself: for so few,
+/// handing them to other threads costs more than it overlaps.
+const STAGE_ALONE: usize = 2;
 
 /// How long to wait before rewriting `queue.json` again after the storage refused it.
 const QUEUE_FILE_RETRY: Duration = Duration::from_secs(1);
@@ -226,6 +232,7 @@ impl Store {
             sync,
             fatal,
             broken: None,
+            pool: StagePool::default(),
         };
         thread_state
             .clean(&recovered)
@@ -310,6 +317,8 @@ struct Persister {
     fatal: CancellationToken,
     /// Set after a fatal error: every later request is refused with it.
     broken: Option<String>,
+    /// The threads that stage a batch's files.
+    pool: StagePool,
 }
 
 impl Persister {
@@ -388,7 +397,7 @@ impl Persister {
             }
             let result = match &self.broken {
                 Some(reason) => Err(StoreError::Fatal(reason.clone())),
-                None => self.write_batch(&batch),
+                None => self.write_batch(&mut batch),
             };
             for request in batch.drain(..) {
                 // A requester that went away no longer needs the answer.
@@ -435,23 +444,29 @@ impl Persister {
     }
 
     /// Makes every job record of the batch durable, or none of them.
-    fn write_batch(&mut self, batch: &[Request]) -> Result<(), StoreError> {
-        // The last record of a job in the batch is the one that counts.
-        let mut last: HashMap<JobId, &Change> = HashMap::new();
-        let mut ids = Vec::new();
-        for change in batch.iter().flat_map(|r| &r.changes) {
-            if last.insert(change.job.id, change).is_none() {
-                ids.push(change.job.id);
+    fn write_batch(&mut self, batch: &mut [Request]) -> Result<(), StoreError> {
+        // The last record of a job in the batch is the one that counts. The records are
+        // taken out of the requests, not copied: the staging threads share them.
+        let mut index: HashMap<JobId, usize> = HashMap::new();
+        let mut changes: Vec<Change> = Vec::new();
+        for change in batch.iter_mut().flat_map(|r| r.changes.drain(..)) {
+            match index.get(&change.job.id) {
+                Some(&i) => changes[i] = change,
+                None => {
+                    index.insert(change.job.id, changes.len());
+                    changes.push(change);
+                }
             }
         }
-        let changes: Vec<&Change> = ids.iter().map(|id| last[id]).collect();
         let started = Instant::now();
         if changes.is_empty() {
             self.rerank(batch);
             return Ok(());
         }
+        let placements: Vec<(JobId, Placement)> =
+            changes.iter().map(|c| (c.job.id, c.placement)).collect();
 
-        let staged = match stage_all(&self.jobs_dir, &changes, self.sync) {
+        let staged = match self.pool.stage_all(&self.jobs_dir, changes, self.sync) {
             Ok(staged) => staged,
             Err(e) => return Err(self.fail(e)),
         };
@@ -468,14 +483,18 @@ impl Persister {
         if let Err(e) = fsio::sync_dir(&self.jobs_dir) {
             return Err(self.fail(e).outcome_unknown());
         }
-        for change in &changes {
-            let old = self.queue.place(change.job.id, change.placement);
-            self.queue_dirty |= old != change.placement;
+        for (id, placement) in &placements {
+            let old = self.queue.place(*id, *placement);
+            self.queue_dirty |= old != *placement;
         }
         self.rerank(batch);
-        METRICS.batch_jobs.observe(ids.len() as f64);
+        METRICS.batch_jobs.observe(placements.len() as f64);
         METRICS.flush.observe_duration(started.elapsed());
-        debug!(requests = batch.len(), jobs = ids.len(), "batch durable");
+        debug!(
+            requests = batch.len(),
+            jobs = placements.len(),
+            "batch durable"
+        );
         Ok(())
     }
 
@@ -502,69 +521,150 @@ impl Persister {
     }
 }
 
-/// Stages every change's job file, in parallel when there are several, and makes them
-/// durable: each by its own fsync, or all by one syncfs. On any error the files already
-/// staged are removed and the first error is returned, a fatal one first.
-fn stage_all(
-    jobs_dir: &Path,
-    changes: &[&Change],
+/// The threads that stage a batch's files, started as batches first need them and kept for
+/// the store's life (spawning them for every batch was a tenth of the daemon's CPU time).
+/// Each takes its share of a batch over its own channel and answers on the batch's; they
+/// end when the pool is dropped.
+#[derive(Default)]
+struct StagePool {
+    threads: Vec<mpsc::Sender<StageTask>>,
+}
+
+/// One thread's share of a batch: `changes[range]`.
+struct StageTask {
+    changes: Arc<Vec<Change>>,
+    range: std::ops::Range<usize>,
+    jobs_dir: Arc<Path>,
     sync: SyncMode,
-) -> Result<Vec<Staged>, WriteError> {
-    let stage = |change: &Change| {
-        let name = format!("{}.json", change.job.id);
-        let bytes = change.job.to_file_bytes();
-        match sync {
-            SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
-            SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
-        }
-    };
-    let results: Vec<Result<Staged, WriteError>> = if changes.len() <= 2 {
-        changes.iter().map(|c| stage(c)).collect()
-    } else {
-        let threads = changes.len().min(STAGE_THREADS);
-        let per_thread = changes.len().div_ceil(threads);
-        thread::scope(|scope| {
-            let handles: Vec<_> = changes
-                .chunks(per_thread)
-                .map(|chunk| {
-                    scope.spawn(move || chunk.iter().map(|c| stage(c)).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("staging a file does not panic"))
-                .collect()
-        })
-    };
-    let mut staged = Vec::with_capacity(results.len());
-    let mut first_error: Option<WriteError> = None;
-    for result in results {
-        match result {
-            Ok(s) => staged.push(s),
-            Err(e) => {
-                let replace = match &first_error {
-                    None => true,
-                    Some(prev) => e.is_fatal() && !prev.is_fatal(),
-                };
-                if replace {
-                    first_error = Some(e);
+    /// The share's number, and its results in order.
+    done: mpsc::Sender<(usize, Vec<Result<Staged, WriteError>>)>,
+    share: usize,
+}
+
+impl StageTask {
+    fn run(self) {
+        let results = self.changes[self.range.clone()]
+            .iter()
+            .map(|change| stage(&self.jobs_dir, change, self.sync))
+            .collect();
+        // The store waits for every share; it is gone only if it panicked.
+        let _ = self.done.send((self.share, results));
+    }
+}
+
+/// Writes a change's job file to its temporary name; fsyncs it unless the batch is made
+/// durable by one syncfs.
+fn stage(jobs_dir: &Path, change: &Change, sync: SyncMode) -> Result<Staged, WriteError> {
+    let name = format!("{}.json", change.job.id);
+    let bytes = change.job.to_file_bytes();
+    match sync {
+        SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
+        SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
+    }
+}
+
+impl StagePool {
+    /// At least `wanted` threads, as far as the system gives them; returns how many there are.
+    fn grow(&mut self, wanted: usize) -> usize {
+        while self.threads.len() < wanted {
+            let (tasks, inbox) = mpsc::channel::<StageTask>();
+            let spawned = thread::Builder::new()
+                .name("store-stage".into())
+                .spawn(move || {
+                    for task in inbox {
+                        task.run();
+                    }
+                });
+            match spawned {
+                Ok(_) => self.threads.push(tasks),
+                Err(e) => {
+                    warn!(error = %e, threads = self.threads.len(), "cannot start another staging thread; staging with fewer");
+                    break;
                 }
             }
         }
+        self.threads.len()
     }
-    if first_error.is_none()
-        && sync == SyncMode::Syncfs
-        && let Err(e) = fsio::sync_filesystem(jobs_dir)
-    {
-        first_error = Some(e);
-    }
-    match first_error {
-        None => Ok(staged),
-        Some(e) => {
-            for s in staged {
-                fsio::discard(s);
+
+    /// Stages every change's job file, in parallel when there are several, and makes them
+    /// durable: each by its own fsync, or all by one syncfs. On any error the files already
+    /// staged are removed and the first error is returned, a fatal one first.
+    fn stage_all(
+        &mut self,
+        jobs_dir: &Path,
+        changes: Vec<Change>,
+        sync: SyncMode,
+    ) -> Result<Vec<Staged>, WriteError> {
+        // Without a per-file fsync there is nothing to overlap but CPU work, and the HTTP
+        // side needs the cores: the store thread stages a syncfs batch by itself.
+        let threads = if changes.len() <= STAGE_ALONE || sync == SyncMode::Syncfs {
+            0
+        } else {
+            self.grow(changes.len().min(STAGE_THREADS))
+        };
+        let results: Vec<Result<Staged, WriteError>> = if threads == 0 {
+            changes.iter().map(|c| stage(jobs_dir, c, sync)).collect()
+        } else {
+            let per_thread = changes.len().div_ceil(threads);
+            let count = changes.len();
+            let changes = Arc::new(changes);
+            let jobs_dir: Arc<Path> = Arc::from(jobs_dir);
+            let (done, answers) = mpsc::channel();
+            let mut shares = 0;
+            for (share, start) in (0..count).step_by(per_thread).enumerate() {
+                let task = StageTask {
+                    changes: Arc::clone(&changes),
+                    range: start..count.min(start + per_thread),
+                    jobs_dir: Arc::clone(&jobs_dir),
+                    sync,
+                    done: done.clone(),
+                    share,
+                };
+                // A thread that has ended (it panicked) hands its task back: run it here.
+                if let Err(mpsc::SendError(task)) = self.threads[share].send(task) {
+                    task.run();
+                }
+                shares += 1;
             }
-            Err(e)
+            drop(done);
+            let mut by_share: Vec<Vec<Result<Staged, WriteError>>> =
+                (0..shares).map(|_| Vec::new()).collect();
+            for _ in 0..shares {
+                let (share, results) = answers.recv().expect("staging a file does not panic");
+                by_share[share] = results;
+            }
+            by_share.into_iter().flatten().collect()
+        };
+        let mut staged = Vec::with_capacity(results.len());
+        let mut first_error: Option<WriteError> = None;
+        for result in results {
+            match result {
+                Ok(s) => staged.push(s),
+                Err(e) => {
+                    let replace = match &first_error {
+                        None => true,
+                        Some(prev) => e.is_fatal() && !prev.is_fatal(),
+                    };
+                    if replace {
+                        first_error = Some(e);
+                    }
+                }
+            }
+        }
+        if first_error.is_none()
+            && sync == SyncMode::Syncfs
+            && let Err(e) = fsio::sync_filesystem(jobs_dir)
+        {
+            first_error = Some(e);
+        }
+        match first_error {
+            None => Ok(staged),
+            Some(e) => {
+                for s in staged {
+                    fsio::discard(s);
+                }
+                Err(e)
+            }
         }
     }
 }
