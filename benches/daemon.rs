@@ -26,8 +26,9 @@
 //! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000), TW_BENCH_TMPFS (/dev/shm), and
 //! TW_BENCH_ONLY=enqueue, which measures only the empty-queue enqueue and its yardsticks (for
 //! comparing one change with another; BENCHMARKS.md quotes full runs). The daemon is the
-//! release binary, started on temporary data dirs under TMPDIR (same filesystem as the
-//! yardsticks).
+//! release binary, or the one TW_BENCH_DAEMON names (a build of another commit, to compare
+//! two in the same conditions), started on temporary data dirs under TMPDIR (same filesystem
+//! as the yardsticks).
 
 use std::fs;
 use std::io::Write;
@@ -85,7 +86,9 @@ impl Daemon {
         let port = free_port();
         let config = data_dir.with_extension("toml");
         fs::write(&config, config_text).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_training-worker"))
+        let binary = std::env::var_os("TW_BENCH_DAEMON")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_training-worker").into());
+        let child = Command::new(binary)
             .args(["serve", "--config"])
             .arg(&config)
             .arg("--data-dir")
