@@ -8,17 +8,27 @@
 //!   measured in the same run: SQLite (WAL, `synchronous=FULL`, one committed transaction per
 //!   job, one thread, in-process) and the disk's limit for per-job files (write a job-sized
 //!   file to a temporary name, fsync, rename, one directory fsync per 64; best of 1 and 4
-//!   threads);
-//! - the same enqueue with 50,000 jobs already queued, and the seed's scheme (every change
-//!   rewrites the job file and the whole `queue.json`, no fsync) at 0 and 20,000 queued;
+//!   threads; the same loop with 16 threads is reported beside it, not part of it);
+//! - the CPU ceiling: the same enqueue with the data dir on tmpfs (`TW_BENCH_TMPFS`, default
+//!   `/dev/shm`), where an fsync costs nothing, so the rate is what the daemon's own CPU (and
+//!   the bench's client, on the same cores) allows; with the CPU time per job of the daemon
+//!   and of the client for every enqueue measurement;
+//! - the same enqueue with 50,000 jobs already queued: worker paused, and worker running with
+//!   backfill and its one GPU taken, so that every turn of its loop looks for a job to start;
+//! - the seed's scheme (every change rewrites the job file and the whole `queue.json`, no
+//!   fsync) at 0 and 20,000 queued;
 //! - boot of 100,000 job files in mixed states until `/readyz` answers, against `cat` of the
 //!   same files, with the daemon's peak RSS;
 //! - idle RSS, and RSS with 100,000 jobs loaded;
 //! - latency of one client's enqueue and of `GET /v1/jobs/{id}` with 100,000 jobs.
 //!
 //! Settings: TW_BENCH_RUNS (5), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
-//! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000). The daemon is the release binary,
-//! started on temporary data dirs under TMPDIR (same filesystem as the yardsticks).
+//! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000), TW_BENCH_TMPFS (/dev/shm), and
+//! TW_BENCH_ONLY=enqueue, which measures only the empty-queue enqueue and its yardsticks (for
+//! comparing one change with another; BENCHMARKS.md quotes full runs). The daemon is the
+//! release binary, or the one TW_BENCH_DAEMON names (a build of another commit, to compare
+//! two in the same conditions), started on temporary data dirs under TMPDIR (same filesystem
+//! as the yardsticks).
 
 use std::fs;
 use std::io::Write;
@@ -63,16 +73,22 @@ impl Daemon {
 
     /// The daemon with `[store] sync` set to `sync`.
     fn spawn_with(data_dir: &Path, sync: &str) -> Daemon {
-        let port = free_port();
-        let config = data_dir.with_extension("toml");
-        fs::write(
-            &config,
-            format!(
+        Daemon::spawn_config(
+            data_dir,
+            &format!(
                 "[store]\nsync = \"{sync}\"\n[worker]\nmax_concurrent = 0\n[executor]\ncommand = [\"true\"]\n"
             ),
         )
-        .expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_training-worker"))
+    }
+
+    /// The daemon with the configuration file `config`.
+    fn spawn_config(data_dir: &Path, config_text: &str) -> Daemon {
+        let port = free_port();
+        let config = data_dir.with_extension("toml");
+        fs::write(&config, config_text).expect("write config");
+        let binary = std::env::var_os("TW_BENCH_DAEMON")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_training-worker").into());
+        let child = Command::new(binary)
             .args(["serve", "--config"])
             .arg(&config)
             .arg("--data-dir")
@@ -119,6 +135,20 @@ impl Daemon {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// CPU time (user + system) the daemon has used so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("read /proc stat");
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // utime and stime are the 14th and 15th fields of the line.
+        let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        // SAFETY: sysconf only reads a configuration value.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     fn stop(mut self) {
         // SAFETY: kill only sends a signal.
         unsafe {
@@ -160,6 +190,44 @@ async fn submit(http: &reqwest::Client, base: &str, n: usize) {
         .await
         .expect("submit");
     assert_eq!(r.status(), 201, "submission {n}");
+}
+
+/// CPU time (user + system) this process (the bench, whose only work during an enqueue
+/// measurement is the HTTP client) has used so far, in seconds.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Measures `jobs` submissions from `CLIENTS` concurrent clients into `daemon`, as `name`:
+/// the rate in jobs/s, and the CPU time per job of the daemon and of the client in µs.
+async fn measure_enqueue(
+    s: &mut Samples,
+    name: &str,
+    http: &reqwest::Client,
+    daemon: &Daemon,
+    jobs: usize,
+    offset: usize,
+) -> f64 {
+    let (daemon_before, client_before) = (daemon.cpu_seconds(), own_cpu_seconds());
+    let rate = enqueue_rate(http, &daemon.base, jobs, offset).await;
+    let per_job = |seconds: f64| seconds / jobs as f64 * 1e6;
+    s.add(name, rate);
+    s.add(
+        &format!("{name}: daemon CPU"),
+        per_job(daemon.cpu_seconds() - daemon_before),
+    );
+    s.add(
+        &format!("{name}: client CPU"),
+        per_job(own_cpu_seconds() - client_before),
+    );
+    rate
 }
 
 /// Jobs per second for `jobs` submissions from `CLIENTS` concurrent clients.
@@ -407,12 +475,30 @@ fn temp_root() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
+/// Where the CPU ceiling's data dir goes: a tmpfs, where an fsync costs nothing.
+fn tmpfs_root() -> Option<PathBuf> {
+    let root = std::env::var_os("TW_BENCH_TMPFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    root.is_dir().then_some(root)
+}
+
+/// The last value measured for `name`, for the line each run prints.
+fn last(s: &Samples, name: &str) -> f64 {
+    s.rows
+        .iter()
+        .find(|r| r.0 == name)
+        .map_or(0.0, |r| r.1[r.1.len() - 1])
+}
+
 #[tokio::main]
 async fn main() {
     let runs = setting("TW_BENCH_RUNS", 5).max(1);
     let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
     let boot_jobs = setting("TW_BENCH_BOOT_JOBS", 100_000);
     let long_queue = setting("TW_BENCH_QUEUED", 50_000);
+    let quick = std::env::var("TW_BENCH_ONLY").is_ok_and(|v| v == "enqueue");
+    let tmpfs = tmpfs_root();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CLIENTS)
         .build()
@@ -433,33 +519,54 @@ async fn main() {
         settle();
         let loop1 = disk_loop_rate(dir.path(), jobs, 1);
         settle();
+        let cpu_before = own_cpu_seconds();
         let loop4 = disk_loop_rate(dir.path(), jobs, 4);
+        s.add(
+            "disk loop, 4 threads: CPU",
+            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
+        );
+        settle();
+        // Not part of the yardstick: the same loop with as many threads as the daemon's
+        // staging pool, for what the disk gives at that concurrency.
+        let cpu_before = own_cpu_seconds();
+        s.add(
+            "disk loop, 16 threads",
+            disk_loop_rate(dir.path(), jobs, 16),
+        );
+        s.add(
+            "disk loop, 16 threads: CPU",
+            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
+        );
         s.add("disk loop, 1 thread", loop1);
         s.add("disk loop, 4 threads", loop4);
         s.add("disk loop", loop1.max(loop4));
         settle();
+        let cpu_before = own_cpu_seconds();
         s.add("syncfs loop", syncfs_loop_rate(dir.path(), jobs));
-        settle();
         s.add(
-            "seed scheme, empty queue",
-            seed_scheme_rate(dir.path(), 2000, 0),
+            "syncfs loop: CPU",
+            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
         );
         settle();
-        s.add(
-            "seed scheme, 20000 queued",
-            seed_scheme_rate(dir.path(), 300, 20_000),
-        );
-        settle();
+        if !quick {
+            s.add(
+                "seed scheme, empty queue",
+                seed_scheme_rate(dir.path(), 2000, 0),
+            );
+            settle();
+            s.add(
+                "seed scheme, 20000 queued",
+                seed_scheme_rate(dir.path(), 300, 20_000),
+            );
+            settle();
+        }
 
         // The daemon, empty queue: idle RSS, enqueue, latency.
         let data = dir.path().join("empty");
         let daemon = Daemon::spawn(&data);
         daemon.ready(&http, Instant::now()).await;
         s.add("idle RSS", daemon.memory().0);
-        s.add(
-            "enqueue, empty queue",
-            enqueue_rate(&http, &daemon.base, jobs, 0).await,
-        );
+        measure_enqueue(&mut s, "enqueue, empty queue", &http, &daemon, jobs, 0).await;
         let (p50, p99) =
             latencies(500, async |n| submit(&http, &daemon.base, jobs + n).await).await;
         s.add("enqueue p50", p50);
@@ -471,114 +578,196 @@ async fn main() {
         settle();
         let daemon = Daemon::spawn_with(&data, "syncfs");
         daemon.ready(&http, Instant::now()).await;
-        s.add(
-            "enqueue, empty queue, syncfs",
-            enqueue_rate(&http, &daemon.base, jobs, 0).await,
-        );
+        let name = "enqueue, empty queue, syncfs";
+        measure_enqueue(&mut s, name, &http, &daemon, jobs, 0).await;
         daemon.stop();
         settle();
 
-        // The daemon with a long queue.
-        let data = dir.path().join("long");
-        make_data_dir(&data, long_queue, long_queue);
-        settle();
-        let daemon = Daemon::spawn(&data);
-        daemon.ready(&http, Instant::now()).await;
-        s.add(
-            "enqueue, long queue",
-            enqueue_rate(&http, &daemon.base, jobs, long_queue).await,
-        );
-        daemon.stop();
+        // The CPU ceiling: the same daemon (default fsync mode) with its data dir on tmpfs,
+        // where an fsync returns at once. Removed right away: tmpfs keeps no freed inodes.
+        if let Some(root) = &tmpfs {
+            let shm = tempfile::tempdir_in(root).expect("tmpfs temp dir");
+            let daemon = Daemon::spawn(&shm.path().join("data"));
+            daemon.ready(&http, Instant::now()).await;
+            let name = "enqueue, tmpfs";
+            measure_enqueue(&mut s, name, &http, &daemon, jobs, 0).await;
+            daemon.stop();
+        }
 
-        // Boot of many jobs, against cat.
-        let data = dir.path().join("boot");
-        let ids = make_data_dir(&data, boot_jobs, boot_jobs / 10);
-        settle();
-        s.add("cat", cat_all(&data).as_secs_f64() * 1000.0);
-        let started = Instant::now();
-        let daemon = Daemon::spawn(&data);
-        s.add(
-            "boot",
-            daemon.ready(&http, started).await.as_secs_f64() * 1000.0,
-        );
-        let (rss, hwm) = daemon.memory();
-        s.add("RSS with boot jobs", rss);
-        s.add("peak RSS at boot", hwm);
-        let (p50, p99) = latencies(1000, async |n| {
-            let id = ids[(n * 7919) % ids.len()];
-            let r = http
-                .get(format!("{}/v1/jobs/{id}", daemon.base))
-                .send()
-                .await
-                .expect("get");
-            assert_eq!(r.status(), 200);
-        })
-        .await;
-        s.add("get p50", p50);
-        s.add("get p99", p99);
-        daemon.stop();
+        if !quick {
+            // The daemon with a long queue.
+            let data = dir.path().join("long");
+            make_data_dir(&data, long_queue, long_queue);
+            settle();
+            let daemon = Daemon::spawn(&data);
+            daemon.ready(&http, Instant::now()).await;
+            let name = "enqueue, long queue";
+            measure_enqueue(&mut s, name, &http, &daemon, jobs, long_queue).await;
+            daemon.stop();
+
+            // The same queue with the worker running: backfill on, one GPU, taken by the
+            // first job, a slot still free. Every turn of the worker's loop asks whether a
+            // queued job can start, so this is where a scan of the whole queue would show.
+            settle();
+            let daemon = Daemon::spawn_config(
+                &data,
+                "[worker]\nmax_concurrent = 2\ngpus = [0]\nbackfill = true\n[executor]\ncommand = [\"sleep\", \"3600\"]\n",
+            );
+            daemon.ready(&http, Instant::now()).await;
+            let name = "enqueue, long queue, backfill";
+            let offset = long_queue + jobs;
+            measure_enqueue(&mut s, name, &http, &daemon, jobs, offset).await;
+            daemon.stop();
+
+            // Boot of many jobs, against cat.
+            let data = dir.path().join("boot");
+            let ids = make_data_dir(&data, boot_jobs, boot_jobs / 10);
+            settle();
+            s.add("cat", cat_all(&data).as_secs_f64() * 1000.0);
+            let started = Instant::now();
+            let daemon = Daemon::spawn(&data);
+            s.add(
+                "boot",
+                daemon.ready(&http, started).await.as_secs_f64() * 1000.0,
+            );
+            let (rss, hwm) = daemon.memory();
+            s.add("RSS with boot jobs", rss);
+            s.add("peak RSS at boot", hwm);
+            let (p50, p99) = latencies(1000, async |n| {
+                let id = ids[(n * 7919) % ids.len()];
+                let r = http
+                    .get(format!("{}/v1/jobs/{id}", daemon.base))
+                    .send()
+                    .await
+                    .expect("get");
+                assert_eq!(r.status(), 200);
+            })
+            .await;
+            s.add("get p50", p50);
+            s.add("get p99", p99);
+            daemon.stop();
+        }
         eprintln!(
-            "  enqueue {:.0}/s (long queue {:.0}/s), sqlite {:.0}/s, disk loop {:.0}/s, boot {:.0} ms vs cat {:.0} ms",
-            s.rows
-                .iter()
-                .find(|r| r.0 == "enqueue, empty queue")
-                .map_or(0.0, |r| r.1[r.1.len() - 1]),
-            s.rows
-                .iter()
-                .find(|r| r.0 == "enqueue, long queue")
-                .map_or(0.0, |r| r.1[r.1.len() - 1]),
-            s.rows
-                .iter()
-                .find(|r| r.0 == "sqlite")
-                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            "  enqueue {:.0}/s (syncfs {:.0}/s, tmpfs {:.0}/s, long queue {:.0}/s), sqlite {:.0}/s, disk loop {:.0}/s (1 thread {:.0}, 4 threads {:.0}), boot {:.0} ms vs cat {:.0} ms",
+            last(&s, "enqueue, empty queue"),
+            last(&s, "enqueue, empty queue, syncfs"),
+            last(&s, "enqueue, tmpfs"),
+            last(&s, "enqueue, long queue"),
+            last(&s, "sqlite"),
             loop1.max(loop4),
-            s.rows
-                .iter()
-                .find(|r| r.0 == "boot")
-                .map_or(0.0, |r| r.1[r.1.len() - 1]),
-            s.rows
-                .iter()
-                .find(|r| r.0 == "cat")
-                .map_or(0.0, |r| r.1[r.1.len() - 1]),
+            loop1,
+            loop4,
+            last(&s, "boot"),
+            last(&s, "cat"),
         );
         kept.push(dir);
     }
 
     drop(kept);
+    print_table(&s, runs, jobs, quick, boot_jobs, long_queue);
+}
+
+fn print_table(
+    s: &Samples,
+    runs: usize,
+    jobs: usize,
+    quick: bool,
+    boot_jobs: usize,
+    long_queue: usize,
+) {
+    eprintln!("\nper run:");
+    for (name, values) in &s.rows {
+        let shown: Vec<String> = values
+            .iter()
+            .map(|v| {
+                if *v < 100.0 {
+                    format!("{v:.2}")
+                } else {
+                    format!("{v:.0}")
+                }
+            })
+            .collect();
+        eprintln!("  {name}: {}", shown.join(", "));
+    }
     let enqueue = s.median("enqueue, empty queue");
+    let sqlite = s.median("sqlite");
+    let disk_loop = s.median("disk loop");
+    let cpu = |name: &str| {
+        format!(
+            "CPU per job: daemon {:.0} µs, client {:.0} µs",
+            s.median(&format!("{name}: daemon CPU")),
+            s.median(&format!("{name}: client CPU"))
+        )
+    };
     println!("\n| measure (median of {runs} runs) | value | ratio |");
     println!("|---|---|---|");
     println!(
-        "| durable enqueue over HTTP, {CLIENTS} clients, {jobs} jobs, empty queue | {enqueue:.0} jobs/s | |"
+        "| durable enqueue over HTTP, {CLIENTS} clients, {jobs} jobs, empty queue (`sync = \"fsync\"`) | {enqueue:.0} jobs/s | daemon / SQLite = {:.2}; / disk loop = {:.2}; {} |",
+        enqueue / sqlite,
+        enqueue / disk_loop,
+        cpu("enqueue, empty queue")
     );
     let enqueue_syncfs = s.median("enqueue, empty queue, syncfs");
     println!(
-        "| the same with `[store] sync = \"syncfs\"` (one syncfs per batch) | {enqueue_syncfs:.0} jobs/s | syncfs / fsync = {:.2}; syncfs daemon / SQLite = {:.2}; / disk loop = {:.2} |",
+        "| the same with `[store] sync = \"syncfs\"` (one syncfs per batch) | {enqueue_syncfs:.0} jobs/s | daemon / SQLite = {:.2}; / disk loop = {:.2}; syncfs / fsync = {:.2}; {} |",
+        enqueue_syncfs / sqlite,
+        enqueue_syncfs / disk_loop,
         enqueue_syncfs / enqueue,
-        enqueue_syncfs / s.median("sqlite"),
-        enqueue_syncfs / s.median("disk loop")
+        cpu("enqueue, empty queue, syncfs")
+    );
+    if s.rows.iter().any(|r| r.0 == "enqueue, tmpfs") {
+        let ceiling = s.median("enqueue, tmpfs");
+        println!(
+            "| CPU ceiling: the same enqueue with the data dir on tmpfs (fsync costs nothing) | {ceiling:.0} jobs/s | ceiling / disk loop = {:.2}; fsync daemon / ceiling = {:.2}; syncfs daemon / ceiling = {:.2}; {} |",
+            ceiling / disk_loop,
+            enqueue / ceiling,
+            enqueue_syncfs / ceiling,
+            cpu("enqueue, tmpfs")
+        );
+    }
+    println!(
+        "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {sqlite:.0} jobs/s | |"
     );
     println!(
-        "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {:.0} jobs/s | daemon / SQLite = {:.2} |",
-        s.median("sqlite"),
-        enqueue / s.median("sqlite")
-    );
-    println!(
-        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | daemon / disk loop = {:.2} |",
-        s.median("disk loop"),
+        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {disk_loop:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | CPU per file, 4 threads: {:.0} µs |",
         s.median("disk loop, 1 thread"),
         s.median("disk loop, 4 threads"),
-        enqueue / s.median("disk loop")
+        s.median("disk loop, 4 threads: CPU"),
     );
     println!(
-        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | daemon / syncfs loop = {:.2} |",
+        "| the same loop with 16 threads (the daemon's staging pool), not part of the yardstick | {:.0} jobs/s | CPU per file: {:.0} µs |",
+        s.median("disk loop, 16 threads"),
+        s.median("disk loop, 16 threads: CPU"),
+    );
+    println!(
+        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2}; CPU per file: {:.0} µs |",
         s.median("syncfs loop"),
-        enqueue / s.median("syncfs loop")
+        enqueue_syncfs / s.median("syncfs loop"),
+        s.median("syncfs loop: CPU")
     );
     println!(
-        "| durable enqueue with {long_queue} jobs queued | {:.0} jobs/s | long / empty = {:.2} |",
+        "| enqueue latency, 1 client | p50 {:.2} ms, p99 {:.2} ms | |",
+        s.median("enqueue p50"),
+        s.median("enqueue p99")
+    );
+    println!(
+        "| idle RSS, empty data dir | {:.1} MiB | |",
+        s.median("idle RSS")
+    );
+    if quick {
+        return;
+    }
+    println!(
+        "| durable enqueue with {long_queue} jobs queued | {:.0} jobs/s | long / empty = {:.2}; {} |",
         s.median("enqueue, long queue"),
-        s.median("enqueue, long queue") / enqueue
+        s.median("enqueue, long queue") / enqueue,
+        cpu("enqueue, long queue")
+    );
+    println!(
+        "| the same, worker running: backfill, the one GPU taken, a slot free | {:.0} jobs/s | long / empty = {:.2}; {} |",
+        s.median("enqueue, long queue, backfill"),
+        s.median("enqueue, long queue, backfill") / enqueue,
+        cpu("enqueue, long queue, backfill")
     );
     println!(
         "| seed scheme (rewrite job file and queue.json per change, no fsync) | {:.0} jobs/s empty, {:.0} jobs/s at 20000 queued | |",
@@ -598,15 +787,6 @@ async fn main() {
     println!(
         "| RSS with {boot_jobs} jobs loaded | {:.1} MiB | |",
         s.median("RSS with boot jobs")
-    );
-    println!(
-        "| idle RSS, empty data dir | {:.1} MiB | |",
-        s.median("idle RSS")
-    );
-    println!(
-        "| enqueue latency, 1 client | p50 {:.2} ms, p99 {:.2} ms | |",
-        s.median("enqueue p50"),
-        s.median("enqueue p99")
     );
     println!(
         "| GET /v1/jobs/{{id}} latency, {boot_jobs} jobs | p50 {:.2} ms, p99 {:.2} ms | |",

@@ -5,11 +5,16 @@
 //! worker talks to it through a [`StoreHandle`] with one call, [`StoreHandle::commit`]: a set
 //! of job records and their places in the queue, answered once they are durable.
 //!
-//! Group commit: the thread takes every request waiting in its inbox as one batch, stages all
-//! job files at once (each written to a temporary file and fsynced, by a few threads in
-//! parallel so that the filesystem can merge their journal commits), renames them into
-//! place, fsyncs the directory once, and only then answers every request of the batch. Under
-//! load a batch grows, so the cost per job falls.
+//! Group commit, pipelined: a request's job files are staged as soon as it arrives, each
+//! written to a temporary file and fsynced by one of up to 16 staging threads the store keeps
+//! (the device serves many fsyncs at once). Whenever the thread has taken everything waiting
+//! in its inbox, the requests whose files are all staged, in arrival order up to the first
+//! one still being staged, are committed as one group: the renames, one fsync of the
+//! directory, and only then the answers. So a job never becomes durable before one that
+//! arrived ahead of it, the fsyncs of newer requests go on during a commit, and under load a
+//! group grows, so the cost per job falls. With `sync = "syncfs"` the store thread writes a
+//! group's files itself when it commits them, without fsync, and one syncfs makes them
+//! durable before the renames.
 //!
 //! `queue.json` is derived from the job files (replay rebuilds the same order from them), so
 //! it is not on the acknowledgement path: it is rewritten after the batches that changed the
@@ -17,21 +22,21 @@
 //! the thread's time, so a long queue does not make every enqueue slower. It is also written
 //! at boot and when the store stops.
 //!
-//! Blocking I/O stays off the async runtime: the writes happen on this thread and the short-
-//! lived staging threads it spawns for a batch, nowhere else.
+//! Blocking I/O stays off the async runtime: the writes happen on this thread and its staging
+//! threads ([`StagePool`]), nowhere else.
 
 pub mod fsio;
 pub mod lock;
 pub mod replay;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -49,17 +54,22 @@ use replay::{JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE};
 /// is where jobs interrupted by a graceful stop go back to: ahead of every other queued job.
 pub const FIRST_QUEUED_RANK: u64 = 1 << 62;
 
-/// Requests waiting beyond this many are left for the next batch, which bounds a batch's
-/// memory and the latency of its first request.
+/// Events the thread takes before it commits what is ready: requests waiting beyond this many
+/// are left for the next turn, which bounds a group's memory and the latency of its first
+/// request.
 const MAX_BATCH: usize = 4096;
 
 /// Requests that may wait for the store at once; further commits wait for a slot, which is
 /// how a slow disk pushes back on clients.
 const INBOX_SLOTS: usize = 4096;
 
-/// Threads that stage a batch's files in parallel. fsync blocks on the device, not the CPU,
-/// and concurrent fsyncs share journal commits, so this is more than the cores.
+/// Threads that stage job files when each is fsynced. fsync waits for the device, not the
+/// CPU, and the device serves many at once, so this is more than the cores.
 const STAGE_THREADS: usize = 16;
+
+/// At most this many files, arriving while nothing else is being written, are staged by the
+/// store thread itself.
+const STAGE_ALONE: usize = 2;
 
 /// How long to wait before rewriting `queue.json` again after the storage refused it.
 const QUEUE_FILE_RETRY: Duration = Duration::from_secs(1);
@@ -126,14 +136,40 @@ struct Request {
     _slot: OwnedSemaphorePermit,
 }
 
+/// What reaches the persistence thread, in one channel so that it waits on one thing.
+enum Event {
+    Request(Request),
+    /// A staging thread has written one change of a request (`None`: it panicked).
+    Staged {
+        request: u64,
+        change: usize,
+        result: Option<Result<Staged, WriteError>>,
+    },
+    /// The last handle is gone: answer what was sent, then stop.
+    Closed,
+}
+
+/// The way into the persistence thread, shared by every clone of a [`StoreHandle`]; when the
+/// last one goes, it tells the thread.
+#[derive(Debug)]
+struct Inbox {
+    /// A std channel, so that the thread can wait with a timeout (for `queue.json`); it is
+    /// bounded by `slots`, and sending on it never blocks.
+    events: mpsc::Sender<Event>,
+    slots: Arc<Semaphore>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let _ = self.events.send(Event::Closed);
+    }
+}
+
 /// The cloneable way to the persistence thread. The thread ends when every handle is gone,
 /// after it has answered everything sent to it.
 #[derive(Clone, Debug)]
 pub struct StoreHandle {
-    /// A std channel, so that the thread can wait with a timeout (for `queue.json`); it is
-    /// bounded by `slots`, and sending on it never blocks.
-    inbox: mpsc::Sender<Request>,
-    slots: Arc<Semaphore>,
+    inbox: Arc<Inbox>,
 }
 
 impl StoreHandle {
@@ -157,6 +193,7 @@ impl StoreHandle {
             return Ok(());
         }
         let slot = self
+            .inbox
             .slots
             .clone()
             .acquire_owned()
@@ -164,12 +201,13 @@ impl StoreHandle {
             .map_err(|_| StoreError::Closed)?;
         let (respond_to, answer) = oneshot::channel();
         self.inbox
-            .send(Request {
+            .events
+            .send(Event::Request(Request {
                 changes,
                 ranks,
                 respond_to,
                 _slot: slot,
-            })
+            }))
             .map_err(|_| StoreError::Closed)?;
         answer.await.unwrap_or(Err(StoreError::Closed))
     }
@@ -216,8 +254,9 @@ impl Store {
         for (rank, id) in recovered.order.iter().enumerate() {
             queue.place(*id, Placement::Queued(FIRST_QUEUED_RANK + rank as u64));
         }
+        let (events, inbox) = mpsc::channel();
         let mut thread_state = Persister {
-            jobs_dir: data_dir.join(JOBS_DIR),
+            jobs_dir: data_dir.join(JOBS_DIR).into(),
             data_dir,
             queue,
             queue_dirty: false,
@@ -226,19 +265,26 @@ impl Store {
             sync,
             fatal,
             broken: None,
+            events: events.clone(),
+            pending: BTreeMap::new(),
+            next_request: 0,
+            writing: HashSet::new(),
+            deferred: VecDeque::new(),
+            pool: StagePool::default(),
         };
         thread_state
             .clean(&recovered)
             .map_err(|e| OpenError(e.to_string()))?;
-        let (inbox_tx, inbox) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("store".into())
             .spawn(move || thread_state.run(inbox))
             .map_err(|e| OpenError(format!("cannot start the store thread: {e}")))?;
         Ok(Opened {
             handle: StoreHandle {
-                inbox: inbox_tx,
-                slots: Arc::new(Semaphore::new(INBOX_SLOTS)),
+                inbox: Arc::new(Inbox {
+                    events,
+                    slots: Arc::new(Semaphore::new(INBOX_SLOTS)),
+                }),
             },
             recovered,
             thread,
@@ -294,10 +340,24 @@ impl QueueMirror {
     }
 }
 
+/// A request whose job files are being staged, or are staged and wait for the next commit.
+struct Pending {
+    /// The request's changes, the last record of each job only.
+    changes: Arc<Vec<Change>>,
+    /// Each change's staged file, as the staging threads report them.
+    staged: Vec<Option<Result<Staged, WriteError>>>,
+    /// Changes not staged yet.
+    outstanding: usize,
+    ranks: Vec<(JobId, u64)>,
+    respond_to: oneshot::Sender<Result<(), StoreError>>,
+    _slot: OwnedSemaphorePermit,
+    arrived: Instant,
+}
+
 /// The persistence thread's state.
 struct Persister {
     data_dir: PathBuf,
-    jobs_dir: PathBuf,
+    jobs_dir: Arc<Path>,
     queue: QueueMirror,
     /// The mirror changed since `queue.json` was last written.
     queue_dirty: bool,
@@ -310,6 +370,18 @@ struct Persister {
     fatal: CancellationToken,
     /// Set after a fatal error: every later request is refused with it.
     broken: Option<String>,
+    /// The thread's own way into its channel, for the staging threads' reports.
+    events: mpsc::Sender<Event>,
+    /// Requests being staged or staged, by arrival.
+    pending: BTreeMap<u64, Pending>,
+    next_request: u64,
+    /// The jobs of the pending requests. A request about one of them waits in `deferred`
+    /// until that record is committed, so each job's records reach the disk in order and
+    /// never share a temporary file.
+    writing: HashSet<JobId>,
+    deferred: VecDeque<Request>,
+    /// The threads that stage job files.
+    pool: StagePool,
 }
 
 impl Persister {
@@ -360,13 +432,22 @@ impl Persister {
         Ok(())
     }
 
-    fn run(mut self, inbox: mpsc::Receiver<Request>) {
-        let mut batch = Vec::new();
+    /// The thread's loop. A request's job files are staged as soon as it arrives (by the
+    /// staging threads, each file fsynced; or, with syncfs, written here); whenever the
+    /// thread has taken everything waiting for it, every request whose files are all staged
+    /// is committed as one group: renamed into place, one fsync of `jobs/`, answered. So the
+    /// fsyncs of new requests go on while a group is committed, and under load a group
+    /// grows, which makes the cost per job fall.
+    fn run(mut self, inbox: mpsc::Receiver<Event>) {
+        let mut closed = false;
         loop {
+            if closed && self.pending.is_empty() && self.deferred.is_empty() {
+                break;
+            }
             let first = if self.queue_dirty {
                 let wait = self.queue_due().saturating_duration_since(Instant::now());
                 match inbox.recv_timeout(wait) {
-                    Ok(request) => request,
+                    Ok(event) => event,
                     Err(RecvTimeoutError::Timeout) => {
                         self.flush_queue_file();
                         continue;
@@ -375,25 +456,34 @@ impl Persister {
                 }
             } else {
                 match inbox.recv() {
-                    Ok(request) => request,
+                    Ok(event) => event,
                     Err(_) => break,
                 }
             };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
+            let mut turn = vec![first];
+            while turn.len() < MAX_BATCH {
                 match inbox.try_recv() {
-                    Ok(request) => batch.push(request),
+                    Ok(event) => turn.push(event),
                     Err(_) => break,
                 }
             }
-            let result = match &self.broken {
-                Some(reason) => Err(StoreError::Fatal(reason.clone())),
-                None => self.write_batch(&batch),
-            };
-            for request in batch.drain(..) {
-                // A requester that went away no longer needs the answer.
-                let _ = request.respond_to.send(result.clone());
+            // A few files while nothing else is being written are staged here, as a
+            // sequence of single requests always was: handing them to another thread would
+            // cost more than it overlaps, and it keeps every write of a light load on this
+            // thread (the crash-point tests count system calls per thread).
+            let changes: usize = turn
+                .iter()
+                .map(|e| match e {
+                    Event::Request(r) => r.changes.len(),
+                    _ => 0,
+                })
+                .sum();
+            let alone =
+                changes <= STAGE_ALONE && self.pending.is_empty() && self.pool.in_flight == 0;
+            for event in turn {
+                closed |= self.take(event, alone);
             }
+            self.commit_ready();
             if self.queue_dirty && Instant::now() >= self.queue_due() {
                 self.flush_queue_file();
             }
@@ -402,6 +492,236 @@ impl Persister {
             self.flush_queue_file();
         }
         debug!("store stopped: every handle is gone");
+    }
+
+    /// Takes one event; true when it says that every handle is gone. `alone`: stage a
+    /// request's files on this thread.
+    fn take(&mut self, event: Event, alone: bool) -> bool {
+        match event {
+            Event::Request(request) => self.accept(request, alone),
+            Event::Staged {
+                request,
+                change,
+                result,
+            } => {
+                self.pool.in_flight -= 1;
+                let result = result.expect("staging a file does not panic");
+                let pending = self
+                    .pending
+                    .get_mut(&request)
+                    .expect("a staged file belongs to a pending request");
+                pending.staged[change] = Some(result);
+                pending.outstanding -= 1;
+            }
+            Event::Closed => return true,
+        }
+        false
+    }
+
+    /// Starts staging a request's files (here when `alone`, else by the staging threads),
+    /// unless the store is broken (refused at once) or a record of one of its jobs is still
+    /// pending (it waits for that one).
+    fn accept(&mut self, mut request: Request, alone: bool) {
+        if let Some(reason) = &self.broken {
+            let _ = request
+                .respond_to
+                .send(Err(StoreError::Fatal(reason.clone())));
+            return;
+        }
+        // The last record of a job in the request is the one that counts.
+        let mut index: HashMap<JobId, usize> = HashMap::new();
+        let mut changes: Vec<Change> = Vec::with_capacity(request.changes.len());
+        for change in request.changes.drain(..) {
+            match index.get(&change.job.id) {
+                Some(&i) => changes[i] = change,
+                None => {
+                    index.insert(change.job.id, changes.len());
+                    changes.push(change);
+                }
+            }
+        }
+        request.changes = changes;
+        if request
+            .changes
+            .iter()
+            .any(|c| self.writing.contains(&c.job.id))
+        {
+            self.deferred.push_back(request);
+            return;
+        }
+        let number = self.next_request;
+        self.next_request += 1;
+        let count = request.changes.len();
+        self.writing
+            .extend(request.changes.iter().map(|c| c.job.id));
+        let changes = Arc::new(request.changes);
+        let mut staged: Vec<Option<Result<Staged, WriteError>>> =
+            (0..count).map(|_| None).collect();
+        let mut outstanding = count;
+        if alone && self.sync == SyncMode::Fsync {
+            for (slot, change) in staged.iter_mut().zip(changes.iter()) {
+                *slot = Some(stage(&self.jobs_dir, change, self.sync));
+            }
+        }
+        let handed = !alone
+            && self.sync == SyncMode::Fsync
+            && count > 0
+            && self
+                .pool
+                .stage(number, &changes, &self.jobs_dir, &self.events, self.sync);
+        if !handed {
+            // Without a per-file fsync there is nothing to overlap but CPU work, which the
+            // HTTP side needs too: the store thread writes these files itself, when it
+            // commits them (and any file, should no staging thread start).
+            outstanding = 0;
+        }
+        self.pending.insert(
+            number,
+            Pending {
+                changes,
+                staged,
+                outstanding,
+                ranks: request.ranks,
+                respond_to: request.respond_to,
+                _slot: request._slot,
+                arrived: Instant::now(),
+            },
+        );
+    }
+
+    /// Commits the requests whose files are all staged, in arrival order, as one group, and
+    /// starts the deferred requests that no longer wait; again while that leaves some ready.
+    fn commit_ready(&mut self) {
+        loop {
+            // In arrival order only, up to the first request still being staged: a job must not
+            // become durable (and reach queue.json) before one that arrived ahead of it,
+            // since replay places the queued jobs queue.json does not name after those it
+            // does.
+            let ready: Vec<u64> = self
+                .pending
+                .iter()
+                .take_while(|(_, p)| p.outstanding == 0)
+                .map(|(number, _)| *number)
+                .collect();
+            if ready.is_empty() {
+                return;
+            }
+
+            let group: Vec<Pending> = ready
+                .iter()
+                .filter_map(|number| self.pending.remove(number))
+                .collect();
+            let done: Vec<JobId> = group
+                .iter()
+                .flat_map(|p| p.changes.iter().map(|c| c.job.id))
+                .collect();
+            self.commit(group);
+            for id in done {
+                self.writing.remove(&id);
+            }
+            for request in std::mem::take(&mut self.deferred) {
+                self.accept(request, false);
+            }
+        }
+    }
+
+    /// Makes a group of staged requests durable and answers them. A request with a file
+    /// that could not be staged is refused alone (its other files removed); after a fatal
+    /// error every request is refused.
+    fn commit(&mut self, group: Vec<Pending>) {
+        let oldest = group.iter().map(|p| p.arrived).min();
+        let mut ready: Vec<(Pending, Vec<Staged>)> = Vec::with_capacity(group.len());
+        for mut pending in group {
+            for (slot, change) in pending.staged.iter_mut().zip(pending.changes.iter()) {
+                if slot.is_none() && self.broken.is_none() {
+                    *slot = Some(stage(&self.jobs_dir, change, self.sync));
+                }
+            }
+            let mut files = Vec::with_capacity(pending.staged.len());
+            let mut first_error: Option<WriteError> = None;
+            for result in pending.staged.drain(..).flatten() {
+                match result {
+                    Ok(file) => files.push(file),
+                    Err(e) => {
+                        let replace = match &first_error {
+                            None => true,
+                            Some(prev) => e.is_fatal() && !prev.is_fatal(),
+                        };
+                        if replace {
+                            first_error = Some(e);
+                        }
+                    }
+                }
+            }
+            match first_error {
+                None => ready.push((pending, files)),
+                Some(e) => {
+                    for file in files {
+                        fsio::discard(file);
+                    }
+                    let error = self.fail(e);
+                    let _ = pending.respond_to.send(Err(error));
+                }
+            }
+        }
+        let answer = |ready: Vec<(Pending, Vec<Staged>)>, result: Result<(), StoreError>| {
+            for (pending, _) in ready {
+                let _ = pending.respond_to.send(result.clone());
+            }
+        };
+        if let Some(reason) = &self.broken {
+            for file in ready.iter_mut().flat_map(|(_, files)| files.drain(..)) {
+                fsio::discard(file);
+            }
+            let error = StoreError::Fatal(reason.clone());
+            answer(ready, Err(error));
+            return;
+        }
+        let jobs: usize = ready.iter().map(|(_, files)| files.len()).sum();
+        if jobs > 0 {
+            if self.sync == SyncMode::Syncfs
+                && let Err(e) = fsio::sync_filesystem(&self.jobs_dir)
+            {
+                for file in ready.iter_mut().flat_map(|(_, files)| files.drain(..)) {
+                    fsio::discard(file);
+                }
+                let error = self.fail(e);
+                answer(ready, Err(error));
+                return;
+            }
+            for (renamed, file) in ready.iter().flat_map(|(_, files)| files).enumerate() {
+                if let Err(e) = fsio::publish(file) {
+                    let error = self.fail(e);
+                    let error = if renamed == 0 {
+                        error
+                    } else {
+                        error.outcome_unknown()
+                    };
+                    answer(ready, Err(error));
+                    return;
+                }
+            }
+            if let Err(e) = fsio::sync_dir(&self.jobs_dir) {
+                let error = self.fail(e).outcome_unknown();
+                answer(ready, Err(error));
+                return;
+            }
+        }
+        for (pending, _) in &ready {
+            for change in pending.changes.iter() {
+                let old = self.queue.place(change.job.id, change.placement);
+                self.queue_dirty |= old != change.placement;
+            }
+            self.rerank(&pending.ranks);
+        }
+        if jobs > 0 {
+            METRICS.batch_jobs.observe(jobs as f64);
+            if let Some(oldest) = oldest {
+                METRICS.flush.observe_duration(oldest.elapsed());
+            }
+            debug!(requests = ready.len(), jobs, "batch durable");
+        }
+        answer(ready, Ok(()));
     }
 
     /// When `queue.json` may be rewritten next.
@@ -441,54 +761,9 @@ impl Persister {
         Ok(())
     }
 
-    /// Makes every job record of the batch durable, or none of them.
-    fn write_batch(&mut self, batch: &[Request]) -> Result<(), StoreError> {
-        // The last record of a job in the batch is the one that counts.
-        let mut last: HashMap<JobId, &Change> = HashMap::new();
-        let mut ids = Vec::new();
-        for change in batch.iter().flat_map(|r| &r.changes) {
-            if last.insert(change.job.id, change).is_none() {
-                ids.push(change.job.id);
-            }
-        }
-        let changes: Vec<&Change> = ids.iter().map(|id| last[id]).collect();
-        let started = Instant::now();
-        if changes.is_empty() {
-            self.rerank(batch);
-            return Ok(());
-        }
-
-        let staged = match stage_all(&self.jobs_dir, &changes, self.sync) {
-            Ok(staged) => staged,
-            Err(e) => return Err(self.fail(e)),
-        };
-        for (i, s) in staged.iter().enumerate() {
-            if let Err(e) = fsio::publish(s) {
-                let error = self.fail(e);
-                return Err(if i == 0 {
-                    error
-                } else {
-                    error.outcome_unknown()
-                });
-            }
-        }
-        if let Err(e) = fsio::sync_dir(&self.jobs_dir) {
-            return Err(self.fail(e).outcome_unknown());
-        }
-        for change in &changes {
-            let old = self.queue.place(change.job.id, change.placement);
-            self.queue_dirty |= old != change.placement;
-        }
-        self.rerank(batch);
-        METRICS.batch_jobs.observe(ids.len() as f64);
-        METRICS.flush.observe_duration(started.elapsed());
-        debug!(requests = batch.len(), jobs = ids.len(), "batch durable");
-        Ok(())
-    }
-
-    /// Applies the batch's re-rankings to the jobs the mirror holds as queued.
-    fn rerank(&mut self, batch: &[Request]) {
-        for (id, rank) in batch.iter().flat_map(|r| &r.ranks) {
+    /// Applies re-rankings to the jobs the mirror holds as queued.
+    fn rerank(&mut self, ranks: &[(JobId, u64)]) {
+        for (id, rank) in ranks {
             if matches!(self.queue.placed.get(id), Some(Placement::Queued(_))) {
                 let old = self.queue.place(*id, Placement::Queued(*rank));
                 self.queue_dirty |= old != Placement::Queued(*rank);
@@ -509,70 +784,124 @@ impl Persister {
     }
 }
 
-/// Stages every change's job file, in parallel when there are several, and makes them
-/// durable: each by its own fsync, or all by one syncfs. On any error the files already
-/// staged are removed and the first error is returned, a fatal one first.
-fn stage_all(
-    jobs_dir: &Path,
-    changes: &[&Change],
+/// The threads that stage job files with an fsync each, started as the load first needs
+/// them and kept for the store's life (spawning them for every batch was a tenth of the
+/// daemon's CPU time). They take one file at a time from a shared queue and report it on
+/// the store's channel; they end when the pool is dropped.
+#[derive(Default)]
+struct StagePool {
+    tasks: Option<mpsc::Sender<StageTask>>,
+    queue: Option<Arc<Mutex<mpsc::Receiver<StageTask>>>>,
+    threads: usize,
+    /// Files handed out and not reported yet.
+    in_flight: usize,
+}
+
+/// One change of a request to stage: `changes[change]`.
+struct StageTask {
+    request: u64,
+    change: usize,
+    changes: Arc<Vec<Change>>,
+    jobs_dir: Arc<Path>,
+    events: mpsc::Sender<Event>,
     sync: SyncMode,
-) -> Result<Vec<Staged>, WriteError> {
-    let stage = |change: &Change| {
-        let name = format!("{}.json", change.job.id);
-        let bytes = change.job.to_file_bytes();
-        match sync {
-            SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
-            SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
-        }
-    };
-    let results: Vec<Result<Staged, WriteError>> = if changes.len() <= 2 {
-        changes.iter().map(|c| stage(c)).collect()
-    } else {
-        let threads = changes.len().min(STAGE_THREADS);
-        let per_thread = changes.len().div_ceil(threads);
-        thread::scope(|scope| {
-            let handles: Vec<_> = changes
-                .chunks(per_thread)
-                .map(|chunk| {
-                    scope.spawn(move || chunk.iter().map(|c| stage(c)).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("staging a file does not panic"))
-                .collect()
-        })
-    };
-    let mut staged = Vec::with_capacity(results.len());
-    let mut first_error: Option<WriteError> = None;
-    for result in results {
-        match result {
-            Ok(s) => staged.push(s),
-            Err(e) => {
-                let replace = match &first_error {
-                    None => true,
-                    Some(prev) => e.is_fatal() && !prev.is_fatal(),
-                };
-                if replace {
-                    first_error = Some(e);
+}
+
+impl StageTask {
+    fn run(self) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            stage(&self.jobs_dir, &self.changes[self.change], self.sync)
+        }))
+        .ok();
+        // The store thread holds the channel open until every report is in.
+        let _ = self.events.send(Event::Staged {
+            request: self.request,
+            change: self.change,
+            result,
+        });
+    }
+}
+
+/// Writes a change's job file to its temporary name; fsyncs it unless the batch is made
+/// durable by one syncfs.
+fn stage(jobs_dir: &Path, change: &Change, sync: SyncMode) -> Result<Staged, WriteError> {
+    let name = format!("{}.json", change.job.id);
+    let bytes = change.job.to_file_bytes();
+    match sync {
+        SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
+        SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
+    }
+}
+
+impl StagePool {
+    /// Starts threads up to `wanted` (at most [`STAGE_THREADS`]), as far as the system gives
+    /// them; returns how many there are.
+    fn grow(&mut self, wanted: usize) -> usize {
+        let wanted = wanted.min(STAGE_THREADS);
+        while self.threads < wanted {
+            let queue = match &self.queue {
+                Some(queue) => Arc::clone(queue),
+                None => {
+                    let (tasks, queue) = mpsc::channel();
+                    self.tasks = Some(tasks);
+                    Arc::clone(self.queue.insert(Arc::new(Mutex::new(queue))))
+                }
+            };
+            let spawned = thread::Builder::new()
+                .name("store-stage".into())
+                .spawn(move || {
+                    loop {
+                        let task = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match task {
+                            Ok(task) => task.run(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => self.threads += 1,
+                Err(e) => {
+                    warn!(error = %e, threads = self.threads, "cannot start another staging thread; staging with fewer");
+                    break;
                 }
             }
         }
+        self.threads
     }
-    if first_error.is_none()
-        && sync == SyncMode::Syncfs
-        && let Err(e) = fsio::sync_filesystem(jobs_dir)
-    {
-        first_error = Some(e);
-    }
-    match first_error {
-        None => Ok(staged),
-        Some(e) => {
-            for s in staged {
-                fsio::discard(s);
-            }
-            Err(e)
+
+    /// Hands every change of request `request` to the staging threads; false (nothing
+    /// handed) when there are none.
+    fn stage(
+        &mut self,
+        request: u64,
+        changes: &Arc<Vec<Change>>,
+        jobs_dir: &Arc<Path>,
+        events: &mpsc::Sender<Event>,
+        sync: SyncMode,
+    ) -> bool {
+        if self.grow(self.in_flight + changes.len()) == 0 {
+            return false;
         }
+        let Some(tasks) = &self.tasks else {
+            return false;
+        };
+        for change in 0..changes.len() {
+            let task = StageTask {
+                request,
+                change,
+                changes: Arc::clone(changes),
+                jobs_dir: Arc::clone(jobs_dir),
+                events: events.clone(),
+                sync,
+            };
+            // The threads hold the queue until the pool is dropped, so this cannot fail
+            // while one of them lives; if none does, the file is staged here.
+            if let Err(mpsc::SendError(task)) = tasks.send(task) {
+                task.run();
+            }
+            self.in_flight += 1;
+        }
+        true
     }
 }
 

@@ -439,13 +439,13 @@ impl Worker {
                 }
                 info!(job_id = %id, attempts = job.attempts, "job was running when the daemon stopped; requeued first");
                 job.requeue_interrupted(true, now);
-                queue.insert_queued(rank, id);
+                queue.insert_queued(rank, id, plan::needs(&config, job));
                 changes.push(Change {
                     job: job.clone(),
                     placement: Placement::Queued(rank),
                 });
             } else {
-                queue.insert_queued(rank, id);
+                queue.insert_queued(rank, id, plan::needs(&config, job));
             }
             report.requeued += 1;
         }
@@ -743,7 +743,8 @@ impl Worker {
                 info!(job_id = %id, model = %job.model, "job queued");
                 METRICS.enqueued.inc();
                 self.settle_claim(id, true);
-                self.queue.insert_queued(rank, id);
+                self.queue
+                    .insert_queued(rank, id, plan::needs(&self.config, &job));
                 self.put(job.clone());
                 let _ = respond_to.send(Ok(Submitted::Created(job)));
             }
@@ -824,7 +825,8 @@ impl Worker {
             }
             (Pending::Requeue { job, rank }, Ok(())) => {
                 info!(job_id = %id, "interrupted job written back to run first at the next boot");
-                self.queue.insert_queued(rank, id);
+                self.queue
+                    .insert_queued(rank, id, plan::needs(&self.config, &job));
                 self.put(job);
             }
             (

@@ -15,8 +15,13 @@
 //! jobs start first in either order. Deadline ranks compare deadlines to the second, then
 //! arrival: the same order [`crate::store::replay::deadline_order`] gives from the job files
 //! alone, so the queue can still be rebuilt from them.
+//!
+//! The queued jobs are also indexed by the GPUs they take and by deadline, so that a backfill
+//! scan can skip the jobs it would pass over anyway ([`Queue::backfill_candidates`]) instead
+//! of walking the whole queue at every turn of the worker's loop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::iter::Peekable;
 
 use crate::config::Order;
 use crate::job::{JobId, Timestamp};
@@ -34,6 +39,14 @@ const SEQ_BITS: u32 = 29;
 /// Bits for a deadline's Unix second: enough until the year 2242.
 const SECOND_BITS: u32 = 33;
 
+/// What the start policy asks of a queued job besides its place, fixed when the job is
+/// accepted: the GPUs it takes (0 without GPU accounting) and its deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub gpus: usize,
+    pub deadline: Option<Timestamp>,
+}
+
 #[derive(Debug)]
 pub struct Queue {
     order: Order,
@@ -41,6 +54,11 @@ pub struct Queue {
     running: BTreeSet<(u64, JobId)>,
     /// Where each job is: its rank and whether it runs.
     place: HashMap<JobId, (u64, bool)>,
+    /// What each queued job needs, and the queued jobs by the GPUs they take and by deadline:
+    /// the indexes of [`Queue::backfill_candidates`].
+    needs: HashMap<JobId, Needs>,
+    by_gpus: BTreeMap<usize, BTreeSet<(u64, JobId)>>,
+    by_deadline: BTreeSet<(Timestamp, u64, JobId)>,
     /// The next FIFO rank.
     next_rank: u64,
     next_start: u64,
@@ -55,6 +73,9 @@ impl Queue {
             queued: BTreeSet::new(),
             running: BTreeSet::new(),
             place: HashMap::new(),
+            needs: HashMap::new(),
+            by_gpus: BTreeMap::new(),
+            by_deadline: BTreeSet::new(),
             next_rank: FIRST_QUEUED_RANK,
             next_start: 0,
             next_seq: 0,
@@ -87,10 +108,18 @@ impl Queue {
         rank
     }
 
-    pub fn insert_queued(&mut self, rank: u64, id: JobId) {
+    pub fn insert_queued(&mut self, rank: u64, id: JobId, needs: Needs) {
         self.remove(id);
         self.queued.insert((rank, id));
         self.place.insert(id, (rank, false));
+        self.needs.insert(id, needs);
+        self.by_gpus
+            .entry(needs.gpus)
+            .or_default()
+            .insert((rank, id));
+        if let Some(deadline) = needs.deadline {
+            self.by_deadline.insert((deadline, rank, id));
+        }
         if (FIRST_QUEUED_RANK..DEADLINE_RANKS).contains(&rank) {
             self.next_rank = self.next_rank.max(rank + 1);
         }
@@ -114,7 +143,10 @@ impl Queue {
             }
             let rank = self.arrival_rank(deadline);
             if self.place.get(&id) != Some(&(rank, false)) {
-                self.insert_queued(rank, id);
+                // Every job here is queued already, so it has its needs; the default (no
+                // GPUs, no deadline) would only make it a candidate of every scan.
+                let needs = self.needs.get(&id).copied().unwrap_or_default();
+                self.insert_queued(rank, id, needs);
                 moved.push((id, rank));
             }
         }
@@ -151,8 +183,64 @@ impl Queue {
                 self.running.remove(&(rank, id));
             } else {
                 self.queued.remove(&(rank, id));
+                let needs = self.needs.remove(&id).unwrap_or_default();
+                if let Some(same) = self.by_gpus.get_mut(&needs.gpus) {
+                    same.remove(&(rank, id));
+                    if same.is_empty() {
+                        self.by_gpus.remove(&needs.gpus);
+                    }
+                }
+                if let Some(deadline) = needs.deadline {
+                    self.by_deadline.remove(&(deadline, rank, id));
+                }
             }
         }
+    }
+
+    /// The queued jobs, in queue order, that a backfill scan with `free` GPUs free (of
+    /// `total`) could stop at by `now`: those that may fit (at most `free` GPUs), those that
+    /// can never fit (more than `total`), and those whose deadline has passed. Backfill passes
+    /// over every other job without effect ([`super::schedule::choose`]), so a scan of these
+    /// alone decides the same, in time that does not grow with the queue's length.
+    pub fn backfill_candidates(
+        &self,
+        free: usize,
+        total: usize,
+        now: Timestamp,
+    ) -> impl Iterator<Item = (u64, JobId)> + '_ {
+        let mut overdue: Vec<(u64, JobId)> = self
+            .by_deadline
+            .iter()
+            .take_while(|(deadline, _, _)| *deadline <= now)
+            .map(|(_, rank, id)| (*rank, *id))
+            .collect();
+        overdue.sort_unstable();
+        type Source<'a> = Peekable<Box<dyn Iterator<Item = (u64, JobId)> + 'a>>;
+        let mut sources: Vec<Source<'_>> = self
+            .by_gpus
+            .iter()
+            .filter(|(gpus, _)| **gpus <= free || **gpus > total)
+            .map(|(_, same)| {
+                (Box::new(same.iter().copied()) as Box<dyn Iterator<Item = _>>).peekable()
+            })
+            .collect();
+        sources.push((Box::new(overdue.into_iter()) as Box<dyn Iterator<Item = _>>).peekable());
+        // Merged by rank; an overdue job that may also fit comes from two sources, once.
+        let mut last = None;
+        std::iter::from_fn(move || {
+            loop {
+                let (first, _) = sources
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, source)| source.peek().map(|item| (i, *item)))
+                    .min_by_key(|(_, item)| *item)?;
+                let item = sources[first].next()?;
+                if last != Some(item) {
+                    last = Some(item);
+                    return Some(item);
+                }
+            }
+        })
     }
 
     /// The queued jobs in the order they start, with their ranks.
@@ -202,7 +290,7 @@ mod tests {
         let mut q = Queue::new(Order::Fifo);
         for n in 1..=4 {
             let rank = q.arrival_rank(Some(at(100 - n as i64)));
-            q.insert_queued(rank, id(n));
+            q.insert_queued(rank, id(n), Needs::default());
         }
         let first = q.next_start_rank();
         q.start(id(2), first);
@@ -212,15 +300,15 @@ mod tests {
         assert_eq!(q.queued(), vec![id(3), id(4)], "fifo ignores deadlines");
         // The later start is interrupted first; the order is still by start.
         let r1 = q.requeue_rank(id(1));
-        q.insert_queued(r1, id(1));
+        q.insert_queued(r1, id(1), Needs::default());
         let r2 = q.requeue_rank(id(2));
-        q.insert_queued(r2, id(2));
+        q.insert_queued(r2, id(2), Needs::default());
         assert_eq!(q.queued(), vec![id(2), id(1), id(3), id(4)]);
         assert!(q.running().is_empty());
         q.remove(id(3));
         assert_eq!(q.queued(), vec![id(2), id(1), id(4)]);
         let rank = q.arrival_rank(None);
-        q.insert_queued(rank, id(5));
+        q.insert_queued(rank, id(5), Needs::default());
         assert_eq!(q.queued(), vec![id(2), id(1), id(4), id(5)]);
     }
 
@@ -238,7 +326,7 @@ mod tests {
         ];
         for (n, deadline) in arrivals {
             let rank = q.arrival_rank(deadline);
-            q.insert_queued(rank, id(n));
+            q.insert_queued(rank, id(n), Needs::default());
         }
         assert_eq!(q.queued(), vec![id(3), id(4), id(6), id(2), id(1), id(5)]);
         // An offer looks at the place its job would get without taking it.
@@ -247,13 +335,13 @@ mod tests {
             q.peek_arrival_rank(Some(at(200)))
         );
         let rank = q.arrival_rank(Some(at(200)));
-        q.insert_queued(rank, id(7));
+        q.insert_queued(rank, id(7), Needs::default());
         assert_eq!(q.queued()[..4], [id(3), id(4), id(7), id(6)]);
         // A job a graceful stop interrupted goes before every deadline.
         let start = q.next_start_rank();
         q.start(id(2), start);
         let back = q.requeue_rank(id(2));
-        q.insert_queued(back, id(2));
+        q.insert_queued(back, id(2), Needs::default());
         assert_eq!(q.queued()[0], id(2));
     }
 
@@ -262,7 +350,7 @@ mod tests {
         let mut q = Queue::new(Order::Deadline);
         // The replay order as the store placed it: the crash-interrupted job 9 first.
         for (i, n) in [9, 1, 2, 3].into_iter().enumerate() {
-            q.insert_queued(FIRST_QUEUED_RANK + i as u64, id(n));
+            q.insert_queued(FIRST_QUEUED_RANK + i as u64, id(n), Needs::default());
         }
         let sorted = [
             (id(9), Some(at(900)), true),
@@ -275,11 +363,11 @@ mod tests {
         assert_eq!(q.queued(), vec![id(9), id(3), id(1), id(2)]);
         // Arrivals after boot come after the jobs of the same second that were there.
         let rank = q.arrival_rank(Some(at(10)));
-        q.insert_queued(rank, id(4));
+        q.insert_queued(rank, id(4), Needs::default());
         assert_eq!(q.queued(), vec![id(9), id(3), id(4), id(1), id(2)]);
         // Under fifo, nothing moves at boot.
         let mut fifo = Queue::new(Order::Fifo);
-        fifo.insert_queued(FIRST_QUEUED_RANK, id(1));
+        fifo.insert_queued(FIRST_QUEUED_RANK, id(1), Needs::default());
         assert!(
             fifo.rank_by_deadline([(id(1), Some(at(1)), false)])
                 .is_empty()
@@ -293,5 +381,98 @@ mod tests {
         assert!(deadline_rank(Some(-5), 0) == deadline_rank(Some(0), 0));
         assert_eq!(deadline_rank(None, u64::MAX), u64::MAX);
         assert!(deadline_rank(Some(7), 3) < deadline_rank(Some(8), 0));
+    }
+
+    #[test]
+    fn a_backfill_scan_of_the_candidates_decides_what_a_scan_of_the_whole_queue_does() {
+        use crate::worker::schedule::{Capacity, Waiting, choose};
+        // A small deterministic generator: the same cases every run.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        for case in 0..300 {
+            let total = next(5) as usize;
+            let mut q = Queue::new(if case % 2 == 0 {
+                Order::Fifo
+            } else {
+                Order::Deadline
+            });
+            let mut needs = HashMap::new();
+            for n in 0..next(40) as u128 {
+                let gpus = if total == 0 {
+                    0
+                } else {
+                    next(total as u64 + 2) as usize
+                };
+                let deadline = (next(3) > 0).then(|| at(next(100) as i64));
+                let rank = q.arrival_rank(deadline);
+                let need = Needs { gpus, deadline };
+                q.insert_queued(rank, id(n), need);
+                needs.insert(id(n), need);
+                if next(6) == 0 {
+                    q.remove(id(n));
+                    needs.remove(&id(n));
+                }
+            }
+            let free: Vec<u32> = (0..next(total as u64 + 1) as u32).collect();
+            let now = at(next(120) as i64);
+            let capacity = Capacity {
+                slots: 1 + next(3) as usize,
+                free_gpus: &free,
+                total_gpus: total,
+                backfill: true,
+            };
+            let waiting = |(_, id): (u64, JobId)| Waiting {
+                key: id,
+                gpus: needs[&id].gpus,
+                deadline: needs[&id].deadline,
+                present: true,
+            };
+            let whole = choose(q.queued_ranked().map(waiting), now, capacity);
+            let candidates = q.backfill_candidates(free.len(), total, now);
+            assert_eq!(
+                choose(candidates.map(waiting), now, capacity),
+                whole,
+                "case {case}"
+            );
+        }
+    }
+
+    #[test]
+    fn backfill_candidates_leave_out_the_jobs_that_fit_nowhere_in_time() {
+        let mut q = Queue::new(Order::Fifo);
+        let cases = [
+            (1, 2, None),
+            (2, 1, None),
+            (3, 2, Some(at(5))),
+            (4, 9, None),
+            (5, 0, None),
+            (6, 2, Some(at(50))),
+        ];
+        for (n, gpus, deadline) in cases {
+            let rank = q.arrival_rank(deadline);
+            q.insert_queued(rank, id(n), Needs { gpus, deadline });
+        }
+        fn ids(q: &Queue, free: usize, now: Timestamp) -> Vec<JobId> {
+            q.backfill_candidates(free, 4, now)
+                .map(|(_, id)| id)
+                .collect()
+        }
+        // One GPU free at 10: the one-GPU job, the overdue one, the too-big one, the GPU-less.
+        assert_eq!(ids(&q, 1, at(10)), vec![id(2), id(3), id(4), id(5)]);
+        assert_eq!(ids(&q, 0, at(0)), vec![id(4), id(5)]);
+        assert_eq!(
+            ids(&q, 2, at(0)),
+            vec![id(1), id(2), id(3), id(4), id(5), id(6)]
+        );
+        // Removed and started jobs leave the indexes too.
+        q.remove(id(4));
+        let start = q.next_start_rank();
+        q.start(id(3), start);
+        assert_eq!(ids(&q, 0, at(100)), vec![id(5), id(6)]);
     }
 }
