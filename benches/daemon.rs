@@ -25,7 +25,9 @@
 //! Settings: TW_BENCH_RUNS (5), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
 //! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000), TW_BENCH_TMPFS (/dev/shm), and
 //! TW_BENCH_ONLY=enqueue, which measures only the empty-queue enqueue and its yardsticks (for
-//! comparing one change with another; BENCHMARKS.md quotes full runs). The daemon is the
+//! comparing one change with another; BENCHMARKS.md quotes full runs), and TW_BENCH_KEEP,
+//! which leaves the runs' files in place when the bench ends, so that a bench started right
+//! after it does not pay for their removal. The daemon is the
 //! release binary, or the one TW_BENCH_DAEMON names (a build of another commit, to compare
 //! two in the same conditions), started on temporary data dirs under TMPDIR (same filesystem
 //! as the yardsticks).
@@ -215,8 +217,23 @@ async fn measure_enqueue(
     jobs: usize,
     offset: usize,
 ) -> f64 {
+    let groups_before = store_groups(http, &daemon.base).await;
     let (daemon_before, client_before) = (daemon.cpu_seconds(), own_cpu_seconds());
+    let machine_before = machine_busy();
     let rate = enqueue_rate(http, &daemon.base, jobs, offset).await;
+    let machine_after = machine_busy();
+    s.add(
+        &format!("{name}: cores busy"),
+        cores_busy(machine_before, machine_after),
+    );
+    let groups_after = store_groups(http, &daemon.base).await;
+    let groups = groups_after.1 - groups_before.1;
+    if groups > 0.0 {
+        s.add(
+            &format!("{name}: jobs per group"),
+            (groups_after.0 - groups_before.0) / groups,
+        );
+    }
     let per_job = |seconds: f64| seconds / jobs as f64 * 1e6;
     s.add(name, rate);
     s.add(
@@ -228,6 +245,72 @@ async fn measure_enqueue(
         per_job(own_cpu_seconds() - client_before),
     );
     rate
+}
+
+/// The whole machine's CPU time from `/proc/stat`, in ticks: (busy, busy + idle), where
+/// idle includes waiting for I/O. Every process and kernel thread counts, so the fsyncs'
+/// work in the block layer's kernel threads and interrupts is seen too.
+fn machine_busy() -> (f64, f64) {
+    let stat = fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .expect("cpu line")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().take(8).sum();
+    let idle = fields[3] + fields[4];
+    (total - idle, total)
+}
+
+/// Runs `work`, a yardstick in this process that returns a rate, and records it as `name`
+/// with this process's CPU time per job and the machine's busy cores meanwhile.
+fn measure_loop(s: &mut Samples, name: &str, jobs: usize, work: impl FnOnce() -> f64) -> f64 {
+    let (cpu_before, machine_before) = (own_cpu_seconds(), machine_busy());
+    let rate = work();
+    let (cpu_after, machine_after) = (own_cpu_seconds(), machine_busy());
+    s.add(name, rate);
+    s.add(
+        &format!("{name}: CPU"),
+        (cpu_after - cpu_before) / jobs as f64 * 1e6,
+    );
+    s.add(
+        &format!("{name}: cores busy"),
+        cores_busy(machine_before, machine_after),
+    );
+    rate
+}
+
+/// How many cores were busy on average between two [`machine_busy`] readings.
+fn cores_busy(before: (f64, f64), after: (f64, f64)) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (after.0 - before.0) / (after.1 - before.1) * cores as f64
+}
+
+/// The store's group commits so far, from `/metrics`: (job records written, groups).
+async fn store_groups(http: &reqwest::Client, base: &str) -> (f64, f64) {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                name.ends_with(suffix).then(|| value.parse::<f64>().ok())?
+            })
+            .unwrap_or(0.0)
+    };
+    (
+        value("store_batch_jobs_sum"),
+        value("store_batch_jobs_count"),
+    )
 }
 
 /// Jobs per second for `jobs` submissions from `CLIENTS` concurrent clients.
@@ -517,36 +600,24 @@ async fn main() {
         settle();
         s.add("sqlite", sqlite_rate(dir.path(), jobs));
         settle();
-        let loop1 = disk_loop_rate(dir.path(), jobs, 1);
+        let loop1 = measure_loop(&mut s, "disk loop, 1 thread", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 1)
+        });
         settle();
-        let cpu_before = own_cpu_seconds();
-        let loop4 = disk_loop_rate(dir.path(), jobs, 4);
-        s.add(
-            "disk loop, 4 threads: CPU",
-            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
-        );
+        let loop4 = measure_loop(&mut s, "disk loop, 4 threads", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 4)
+        });
+        s.add("disk loop", loop1.max(loop4));
         settle();
         // Not part of the yardstick: the same loop with as many threads as the daemon's
         // staging pool, for what the disk gives at that concurrency.
-        let cpu_before = own_cpu_seconds();
-        s.add(
-            "disk loop, 16 threads",
-            disk_loop_rate(dir.path(), jobs, 16),
-        );
-        s.add(
-            "disk loop, 16 threads: CPU",
-            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
-        );
-        s.add("disk loop, 1 thread", loop1);
-        s.add("disk loop, 4 threads", loop4);
-        s.add("disk loop", loop1.max(loop4));
+        measure_loop(&mut s, "disk loop, 16 threads", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 16)
+        });
         settle();
-        let cpu_before = own_cpu_seconds();
-        s.add("syncfs loop", syncfs_loop_rate(dir.path(), jobs));
-        s.add(
-            "syncfs loop: CPU",
-            (own_cpu_seconds() - cpu_before) / jobs as f64 * 1e6,
-        );
+        measure_loop(&mut s, "syncfs loop", jobs, || {
+            syncfs_loop_rate(dir.path(), jobs)
+        });
         settle();
         if !quick {
             s.add(
@@ -663,7 +734,15 @@ async fn main() {
         kept.push(dir);
     }
 
-    drop(kept);
+    if std::env::var_os("TW_BENCH_KEEP").is_some() {
+        // Comparisons run one after another: removing this run's files would slow the next
+        // one's file creation (see above), so they stay for the caller to remove later.
+        for dir in kept {
+            eprintln!("kept {}", dir.keep().display());
+        }
+    } else {
+        drop(kept);
+    }
     print_table(&s, runs, jobs, quick, boot_jobs, long_queue);
 }
 
@@ -694,9 +773,19 @@ fn print_table(
     let disk_loop = s.median("disk loop");
     let cpu = |name: &str| {
         format!(
-            "CPU per job: daemon {:.0} µs, client {:.0} µs",
+            "CPU per job: daemon {:.0} µs, client {:.0} µs; cores busy {:.2} of {}; {:.1} jobs per group",
             s.median(&format!("{name}: daemon CPU")),
-            s.median(&format!("{name}: client CPU"))
+            s.median(&format!("{name}: client CPU")),
+            s.median(&format!("{name}: cores busy")),
+            std::thread::available_parallelism().map_or(1, usize::from),
+            s.median(&format!("{name}: jobs per group")),
+        )
+    };
+    let by_loop = |name: &str| {
+        format!(
+            "CPU per file {:.0} µs; cores busy {:.2}",
+            s.median(&format!("{name}: CPU")),
+            s.median(&format!("{name}: cores busy")),
         )
     };
     println!("\n| measure (median of {runs} runs) | value | ratio |");
@@ -729,21 +818,22 @@ fn print_table(
         "| SQLite WAL synchronous=FULL, 1 txn per job, 1 thread, in-process | {sqlite:.0} jobs/s | |"
     );
     println!(
-        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {disk_loop:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | CPU per file, 4 threads: {:.0} µs |",
+        "| disk loop (temp file, fsync, rename; dir fsync per 64), best of 1 and 4 threads | {disk_loop:.0} jobs/s (1 thread {:.0}, 4 threads {:.0}) | 1 thread: {}; 4 threads: {} |",
         s.median("disk loop, 1 thread"),
         s.median("disk loop, 4 threads"),
-        s.median("disk loop, 4 threads: CPU"),
+        by_loop("disk loop, 1 thread"),
+        by_loop("disk loop, 4 threads"),
     );
     println!(
-        "| the same loop with 16 threads (the daemon's staging pool), not part of the yardstick | {:.0} jobs/s | CPU per file: {:.0} µs |",
+        "| the same loop with 16 threads (the daemon's staging pool), not part of the yardstick | {:.0} jobs/s | {} |",
         s.median("disk loop, 16 threads"),
-        s.median("disk loop, 16 threads: CPU"),
+        by_loop("disk loop, 16 threads"),
     );
     println!(
-        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2}; CPU per file: {:.0} µs |",
+        "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2}; {} |",
         s.median("syncfs loop"),
         enqueue_syncfs / s.median("syncfs loop"),
-        s.median("syncfs loop: CPU")
+        by_loop("syncfs loop")
     );
     println!(
         "| enqueue latency, 1 client | p50 {:.2} ms, p99 {:.2} ms | |",
