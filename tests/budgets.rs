@@ -843,3 +843,46 @@ async fn an_unclaimed_reservation_expires_and_the_queue_goes_on() {
     app.wait_status(3, "Completed").await;
     app.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn estimates_follow_every_change_at_once() {
+    // The clock stands still: estimates kept from a moment ago must not outlive a change.
+    let _hold = hold_clock();
+    let sandbox = Sandbox::new();
+    let app = sandbox.start(&Setup::default()).await;
+    sandbox.hold(1);
+    app.submit(&job(1, "TextJob", Some(3.0), None)).await;
+    app.wait_status(1, "Running").await;
+    sandbox.hold(2);
+    app.submit(&job(2, "TextJob", Some(5.0), None)).await;
+    app.submit(&job(3, "TextJob", Some(8.0), None)).await;
+
+    // Job 3 waits for job 1 (ends at its deadline, 3 hours) and job 2 (at its own).
+    let job2_deadline = app.job(2).await["deadline"].clone();
+    assert_eq!(app.estimate(2).await.0, at(180.0));
+    assert_eq!(app.estimate(3).await.0, job2_deadline);
+    assert_eq!(app.estimate(3).await.0, job2_deadline, "asked again");
+
+    // A submission behind it changes nothing for job 3, and has its own estimate at once.
+    app.submit(&job(4, "TextJob", Some(12.0), None)).await;
+    assert_eq!(app.estimate(4).await.0, app.job(3).await["deadline"]);
+
+    // Job 2 cancelled: job 3 moves up in the same instant.
+    let cancelled = app
+        .send(Method::POST, &format!("/v1/jobs/{}/cancel", id(2)), None)
+        .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    assert_eq!(app.estimate(3).await.0, at(180.0));
+    assert_eq!(app.estimate(2).await, ("none".into(), "none".into()));
+
+    // Job 1 ends early: job 3 starts, and its estimate is its end, at its deadline.
+    sandbox.hold(3);
+    sandbox.release(1);
+    app.wait_status(3, "Running").await;
+    let job3_deadline = app.job(3).await["deadline"].as_str().unwrap().to_string();
+    assert_eq!(app.estimate(3).await, ("none".into(), job3_deadline.clone()));
+    assert_eq!(app.estimate(4).await.0, job3_deadline);
+    sandbox.release(3);
+    app.wait_status(3, "Completed").await;
+    app.stop().await;
+}

@@ -108,6 +108,19 @@ impl Command {
             _ => None,
         }
     }
+
+    /// Whether the command only reads: answering it changes nothing the estimates depend on.
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Get { .. }
+                | Command::List { .. }
+                | Command::Queue { .. }
+                | Command::Ping { .. }
+                | Command::Estimates { .. }
+                | Command::LogPath { .. }
+        )
+    }
 }
 
 /// The answer to a submission.
@@ -370,6 +383,9 @@ pub struct Worker {
     clock: Clock,
     /// Places held for the jobs of accepted offers.
     reservations: Reservations,
+    /// The last estimates of every queued and running job, and when they were made; dropped
+    /// by every change (see [`plan::ESTIMATES_REUSE`]).
+    estimates_cache: Option<(Timestamp, HashMap<JobId, Estimate>)>,
 }
 
 impl Worker {
@@ -487,6 +503,7 @@ impl Worker {
             last_created,
             clock: Clock::system(),
             reservations: Reservations::default(),
+            estimates_cache: None,
         };
         Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
     }
@@ -522,12 +539,17 @@ impl Worker {
             }
             let retry = self.retry_at;
             let wake = self.reservation_wakeup();
+            // Whatever this turn takes may change the estimates, unless it only reads.
+            let mut changed = true;
             tokio::select! {
                 _ = self.shutdown.cancelled(), if !stopping => {
                     stopping = true;
                     self.stop_all();
                 }
-                Some(command) = self.inbox.recv() => self.handle(command),
+                Some(command) = self.inbox.recv() => {
+                    changed = !command.reads_only();
+                    self.handle(command);
+                }
                 Some(event) = self.events.recv() => self.on_exit(event),
                 Some(done) = self.stage_done.recv() => self.handle(Command::StageDone(done)),
                 Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
@@ -539,7 +561,10 @@ impl Worker {
                 _ = sleep_until(wake), if !stopping && wake.is_some() => {}
             }
             if !stopping {
-                self.start_ready_jobs();
+                changed |= self.start_ready_jobs();
+            }
+            if changed {
+                self.estimates_cache = None;
             }
         }
         info!("worker stopped");
@@ -876,22 +901,24 @@ impl Worker {
     /// that cannot run (out of time, too many GPUs) as the scan reaches them. Not while a
     /// refused write waits for its retry: the storage is in trouble, and starting would only
     /// hammer it.
-    fn start_ready_jobs(&mut self) {
+    fn start_ready_jobs(&mut self) -> bool {
         let now = self.clock.now();
-        self.expire_reservations(now);
+        let mut changed = self.expire_reservations(now);
         if self.retry_at.is_some() {
-            return;
+            return changed;
         }
         while self.running.len() + self.starting < self.config.max_concurrent {
             let (id, gpus) = match self.next_start(now) {
                 Choice::Start { key, gpus } => (key, gpus),
                 Choice::OutOfTime(id) => {
+                    changed = true;
                     let reason = self.out_of_time_reason(id);
                     self.fail_queued(id, reason);
                     continue;
                 }
                 Choice::TooBig(id) => {
                     // Queued when more GPUs were configured: it can never start here.
+                    changed = true;
                     let need = self.jobs.get(&id).map_or(0, |j| self.gpus_needed(j));
                     self.fail_queued(
                         id,
@@ -902,11 +929,12 @@ impl Worker {
                     );
                     continue;
                 }
-                Choice::Wait => return,
+                Choice::Wait => return changed,
             };
             let Some(job) = self.jobs.get(&id) else {
-                return;
+                return changed;
             };
+            changed = true;
             let mut job = job.clone();
             let waited = job
                 .updated_at
@@ -920,6 +948,7 @@ impl Worker {
             self.starting += 1;
             self.write(Pending::Start { job, rank, waited });
         }
+        changed
     }
 
     /// GPUs a job takes: none without GPU accounting, else what it asks for (one by default).

@@ -20,6 +20,10 @@ use crate::job::{Job, JobId, Status, Timestamp, format_timestamp};
 use crate::metrics::METRICS;
 use crate::store::replay;
 
+/// How long estimates are reused while nothing changes. They move with the clock only for
+/// the jobs expected to start at once, and by no more than this.
+pub const ESTIMATES_REUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
 /// When a job is expected to start and to end, as the API shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Estimate {
@@ -263,18 +267,33 @@ impl Worker {
         schedule::forecast(&outlook, &busy, &waiting, until)
     }
 
-    /// Estimates for the queued and running jobs (only `of`'s, when given).
-    pub(super) fn estimates(&self, of: Option<JobId>) -> HashMap<JobId, Estimate> {
+    /// Estimates for the queued and running jobs (only `of`'s, when given). The forecast
+    /// covers the whole queue, so it is kept until the state changes or for
+    /// [`ESTIMATES_REUSE`]: polling the jobs of a long queue costs one forecast, not one
+    /// each.
+    pub(super) fn estimates(&mut self, of: Option<JobId>) -> HashMap<JobId, Estimate> {
         let now = self.clock.now();
-        let mut estimates = HashMap::new();
-        if of.is_none_or(|id| {
-            self.jobs
-                .get(&id)
-                .is_some_and(|j| j.status == Status::Queued)
-        }) {
-            let forecast = self.forecast(now, None, of.map(Place::Job));
-            for (place, forecast) in forecast {
-                let Place::Job(id) = place else { continue };
+        let fresh = self.estimates_cache.as_ref().is_some_and(|(made, _)| {
+            let age = now - *made;
+            age >= chrono::TimeDelta::zero() && age < ESTIMATES_REUSE
+        });
+        if !fresh {
+            self.estimates_cache = Some((now, self.estimate_all(now)));
+        }
+        let all = &self.estimates_cache.as_ref().expect("made above").1;
+        match of {
+            None => all.clone(),
+            Some(id) => all.get(&id).map(|e| (id, *e)).into_iter().collect(),
+        }
+    }
+
+    /// Estimates for every queued and running job at `now`.
+    fn estimate_all(&self, now: Timestamp) -> HashMap<JobId, Estimate> {
+        let mut estimates: HashMap<JobId, Estimate> = self
+            .forecast(now, None, None)
+            .into_iter()
+            .filter_map(|(place, forecast)| {
+                let Place::Job(id) = place else { return None };
                 let estimate = match forecast {
                     Forecast::Starts { start, finish } => Estimate {
                         start: Some(start),
@@ -282,14 +301,10 @@ impl Worker {
                     },
                     Forecast::OutOfTime { .. } | Forecast::Never => Estimate::default(),
                 };
-                estimates.insert(id, estimate);
-            }
-        }
-        for id in self
-            .gpus_in_use
-            .keys()
-            .filter(|id| of.is_none_or(|of| of == **id))
-        {
+                Some((id, estimate))
+            })
+            .collect();
+        for id in self.gpus_in_use.keys() {
             if self
                 .jobs
                 .get(id)
@@ -301,9 +316,6 @@ impl Worker {
                 };
                 estimates.insert(*id, estimate);
             }
-        }
-        if let Some(id) = of {
-            estimates.retain(|k, _| *k == id);
         }
         estimates
     }
@@ -457,11 +469,14 @@ impl Worker {
     }
 
     /// Drops the reservations that expired unclaimed.
-    pub(super) fn expire_reservations(&mut self, now: Timestamp) {
-        for gone in self.reservations.expire(now) {
+    /// Lets go of the reservations unclaimed at their expiry; true if there were any.
+    pub(super) fn expire_reservations(&mut self, now: Timestamp) -> bool {
+        let expired = self.reservations.expire(now);
+        for gone in &expired {
             info!(reservation = %gone.id, model = %gone.model, "reservation expired unclaimed");
             METRICS.reservations_expired.inc();
         }
+        !expired.is_empty()
     }
 
     /// When the loop should wake to let an expired reservation's place go.
