@@ -8,11 +8,14 @@
 //!   measured in the same run: SQLite (WAL, `synchronous=FULL`, one committed transaction per
 //!   job, one thread, in-process) and the disk's limit for per-job files (write a job-sized
 //!   file to a temporary name, fsync, rename, one directory fsync per 64; best of 1 and 4
-//!   threads; the same loop with 16 threads is reported beside it, not part of it);
+//!   threads; the same loop with 16 threads is reported beside it, not part of it, and so
+//!   are 16 threads writing into one directory as the daemon's staging threads do, once with
+//!   temporary names and renames and once with unnamed files (`O_TMPFILE`) linked into place);
 //! - the CPU ceiling: the same enqueue with the data dir on tmpfs (`TW_BENCH_TMPFS`, default
 //!   `/dev/shm`), where an fsync costs nothing, so the rate is what the daemon's own CPU (and
 //!   the bench's client, on the same cores) allows; with the CPU time per job of the daemon
-//!   and of the client for every enqueue measurement;
+//!   and of the client, the machine's busy cores and the store's mean group size for every
+//!   enqueue measurement;
 //! - the same enqueue with 50,000 jobs already queued: worker paused, and worker running with
 //!   backfill and its one GPU taken, so that every turn of its loop looks for a job to start;
 //! - the seed's scheme (every change rewrites the job file and the whole `queue.json`, no
@@ -464,6 +467,70 @@ fn disk_loop_rate(dir: &Path, jobs: usize, threads: usize) -> f64 {
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
+/// How the daemon's staging threads write: `threads` threads into one directory (the disk
+/// loop gives each thread its own), each file fsynced, a directory fsync per 64. With
+/// `linked`, each file is created unnamed (`O_TMPFILE`), fsynced and linked into place
+/// (`linkat`) instead of created under a temporary name and renamed: an fsync of a newly
+/// named file on ext4 without a journal also syncs its directory, and an unnamed one's does
+/// not. Not part of the yardstick: what another way of publishing a new file would give.
+fn shared_dir_loop_rate(dir: &Path, jobs: usize, threads: usize, linked: bool) -> f64 {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let body = job_body(0).into_bytes();
+    let d = dir.join(format!(
+        "shared-{threads}-{}",
+        if linked { "linked" } else { "renamed" }
+    ));
+    fs::create_dir_all(&d).expect("loop dir");
+    let dir_file = fs::File::open(&d).expect("open dir");
+    let dir_name = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("dir name");
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (body, d, dir_file, dir_name) = (&body, &d, &dir_file, &dir_name);
+            scope.spawn(move || {
+                for n in (t..jobs).step_by(threads) {
+                    let target = d.join(format!("{n}.json"));
+                    if linked {
+                        // SAFETY: open with a valid C string; the descriptor is owned by the
+                        // File made from it.
+                        let fd = unsafe {
+                            libc::open(dir_name.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY, 0o644)
+                        };
+                        assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
+                        let mut f = unsafe { fs::File::from_raw_fd(fd) };
+                        f.write_all(body).expect("write");
+                        f.sync_all().expect("fsync");
+                        let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+                            .expect("target name");
+                        // SAFETY: linkat with an open descriptor and valid C strings.
+                        let rc = unsafe {
+                            libc::linkat(
+                                f.as_raw_fd(),
+                                c"".as_ptr(),
+                                libc::AT_FDCWD,
+                                target.as_ptr(),
+                                libc::AT_EMPTY_PATH,
+                            )
+                        };
+                        assert_eq!(rc, 0, "linkat: {}", std::io::Error::last_os_error());
+                    } else {
+                        let temp = d.join(format!(".{n}.tmp"));
+                        let mut f = fs::File::create(&temp).expect("create");
+                        f.write_all(body).expect("write");
+                        f.sync_all().expect("fsync");
+                        fs::rename(&temp, &target).expect("rename");
+                    }
+                    if n % 64 == 63 {
+                        dir_file.sync_all().expect("dir fsync");
+                    }
+                }
+            });
+        }
+    });
+    dir_file.sync_all().expect("dir fsync");
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
 /// The other way to make a batch durable: write a batch of 64 temporary files without
 /// fsync, one syncfs(2) for the whole filesystem, rename them, one directory fsync.
 fn syncfs_loop_rate(dir: &Path, jobs: usize) -> f64 {
@@ -613,6 +680,14 @@ async fn main() {
         // staging pool, for what the disk gives at that concurrency.
         measure_loop(&mut s, "disk loop, 16 threads", jobs, || {
             disk_loop_rate(dir.path(), jobs, 16)
+        });
+        settle();
+        measure_loop(&mut s, "one dir, 16 threads, renamed", jobs, || {
+            shared_dir_loop_rate(dir.path(), jobs, 16, false)
+        });
+        settle();
+        measure_loop(&mut s, "one dir, 16 threads, linked", jobs, || {
+            shared_dir_loop_rate(dir.path(), jobs, 16, true)
         });
         settle();
         measure_loop(&mut s, "syncfs loop", jobs, || {
@@ -828,6 +903,17 @@ fn print_table(
         "| the same loop with 16 threads (the daemon's staging pool), not part of the yardstick | {:.0} jobs/s | {} |",
         s.median("disk loop, 16 threads"),
         by_loop("disk loop, 16 threads"),
+    );
+    println!(
+        "| the 16 threads in one directory, as the daemon's staging threads write `jobs/`: temporary name, fsync, rename | {:.0} jobs/s | {} |",
+        s.median("one dir, 16 threads, renamed"),
+        by_loop("one dir, 16 threads, renamed"),
+    );
+    println!(
+        "| the same with each file created unnamed (`O_TMPFILE`), fsynced and linked into place (`linkat`), not part of the daemon | {:.0} jobs/s | linked / renamed = {:.2}; {} |",
+        s.median("one dir, 16 threads, linked"),
+        s.median("one dir, 16 threads, linked") / s.median("one dir, 16 threads, renamed"),
+        by_loop("one dir, 16 threads, linked"),
     );
     println!(
         "| batches of 64 files made durable by one syncfs (no per-file fsync), 1 thread | {:.0} jobs/s | syncfs daemon / syncfs loop = {:.2}; {} |",
