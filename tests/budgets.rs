@@ -880,7 +880,10 @@ async fn estimates_follow_every_change_at_once() {
     sandbox.release(1);
     app.wait_status(3, "Running").await;
     let job3_deadline = app.job(3).await["deadline"].as_str().unwrap().to_string();
-    assert_eq!(app.estimate(3).await, ("none".into(), job3_deadline.clone()));
+    assert_eq!(
+        app.estimate(3).await,
+        ("none".into(), job3_deadline.clone())
+    );
     assert_eq!(app.estimate(4).await.0, job3_deadline);
     sandbox.release(3);
     app.wait_status(3, "Completed").await;
