@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Daemon, Sandbox, pid_alive, secs, wait_until};
+use support::{Daemon, Sandbox, normalise, pid_alive, secs, stage_lines, wait_until};
 
 const FAKE_DOCKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/fake-docker");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
@@ -466,40 +466,6 @@ fn stages_done(job: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The log with the times taken out: `started at T` becomes `started`, `ended after D: how`
-/// becomes `ended: how`, `followed again at T: why` becomes `followed again: why`.
-fn normalise(log: &str) -> Vec<String> {
-    log.lines()
-        .map(|line| {
-            if !line.starts_with("==> ") {
-                return line.to_string();
-            }
-            if let Some(at) = line.find(" started at ") {
-                return format!("{} started", &line[..at]);
-            }
-            if let Some(at) = line.find(" followed again at ") {
-                let why = line[at..].split_once(": ").map_or("", |(_, why)| why);
-                return format!("{} followed again: {why}", &line[..at]);
-            }
-            if let Some(at) = line.find(" ended after ") {
-                let how = line[at..].split_once(": ").map_or("", |(_, how)| how);
-                return format!("{} ended: {how}", &line[..at]);
-            }
-            line.to_string()
-        })
-        .collect()
-}
-
-/// What a recorder stage that ran through prints, with its header and footer.
-fn stage_lines(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
-    vec![
-        format!("==> stage {stage} ({index}/3) started"),
-        format!("{stage}: working on {job} (attempt {attempt})"),
-        format!("{stage}: done"),
-        format!("==> stage {stage} ended: exit status 0"),
-    ]
 }
 
 fn rot13(text: &str) -> String {

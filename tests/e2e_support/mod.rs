@@ -92,6 +92,49 @@ pub fn text_job(command: &str) -> Value {
     })
 }
 
+/// A job log with the times taken out: `started at T` becomes `started`, `ended after D: how`
+/// becomes `ended: how`, `followed again at T: why` becomes `followed again: why`.
+pub fn normalise(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|line| {
+            if !line.starts_with("==> ") {
+                return line.to_string();
+            }
+            if let Some(at) = line.find(" started at ") {
+                return format!("{} started", &line[..at]);
+            }
+            if let Some(at) = line.find(" followed again at ") {
+                let why = line[at..].split_once(": ").map_or("", |(_, why)| why);
+                return format!("{} followed again: {why}", &line[..at]);
+            }
+            if let Some(at) = line.find(" ended after ") {
+                let how = line[at..].split_once(": ").map_or("", |(_, how)| how);
+                return format!("{} ended: {how}", &line[..at]);
+            }
+            line.to_string()
+        })
+        .collect()
+}
+
+/// The first lines a pipeline stage prints, normalised: its header, then what the stage
+/// script and the recorder image both say first.
+pub fn stage_begins(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
+    vec![
+        format!("==> stage {stage} ({index}/3) started"),
+        format!("{stage}: working on {job} (attempt {attempt})"),
+    ]
+}
+
+/// What a pipeline stage that ran through prints, with its header and footer, normalised.
+pub fn stage_lines(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
+    let mut lines = stage_begins(stage, index, job, attempt);
+    lines.extend([
+        format!("{stage}: done"),
+        format!("==> stage {stage} ended: exit status 0"),
+    ]);
+    lines
+}
+
 /// The settings a test varies; the rest of the config is fixed.
 #[derive(Clone, Debug)]
 pub struct Settings {
