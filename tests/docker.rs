@@ -781,6 +781,56 @@ const JOB_ENV: [&str; 13] = [
     "STAGE",
 ];
 
+/// [`JOB_ENV`] and `extra`: the environment of a container that gets more than the job.
+fn job_env_and(extra: &[&'static str]) -> Vec<&'static str> {
+    JOB_ENV.iter().chain(extra).copied().collect()
+}
+
+/// The god examples' mounts: the shared checkpoint cache and the job's outputs.
+fn god_mounts(id: &str, owner: &str) -> (String, String) {
+    (
+        format!("{owner}/god/checkpoints:/cache:rw"),
+        format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw"),
+    )
+}
+
+/// The start of a god example's `docker run` of download (the cache) or upload (one GPU
+/// and the job's outputs), up to the job's variables.
+fn god_head(id: &str, stage: &str, owner: &str) -> Vec<String> {
+    let (cache, outputs) = god_mounts(id, owner);
+    let options = match stage {
+        "download" => strings(&["-v", &cache]),
+        "upload" => strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+        _ => panic!("god_head is for download and upload, not {stage}"),
+    };
+    concat(&[&run_head(id, stage, owner), &options])
+}
+
+/// The start of a god example's `docker run` of train, up to the job's variables: one GPU,
+/// `memory`, up to 8 of the host's CPUs, no network, and both mounts.
+fn god_train_head(id: &str, owner: &str, memory: &str) -> Vec<String> {
+    let (cache, outputs) = god_mounts(id, owner);
+    let cpus = format!("{}", 8f64.min(host_cpus()));
+    let options = strings(&[
+        "--gpus",
+        "\"device=0\"",
+        "--memory",
+        memory,
+        "--cpus",
+        &cpus,
+        "--network",
+        "none",
+        "-v",
+        &cache,
+        "-v",
+        &outputs,
+    ]);
+    concat(&[&run_head(id, "train", owner), &options])
+}
+
+/// What a god example's train container gets between its job variables and its image.
+const GOD_TRAIN_HARDENING: [&str; 2] = ["--security-opt=no-new-privileges", "--cap-drop=ALL"];
+
 fn concat(parts: &[&[String]]) -> Vec<String> {
     parts.iter().flat_map(|p| p.iter().cloned()).collect()
 }
@@ -800,7 +850,6 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
         "expected_repo_name": REPO,
         "hours_to_complete": 6,
     });
-    let cpus = format!("{}", 8f64.min(host_cpus()));
     let expected = |id: &str, owner: &str| {
         let vars = |stage| {
             job_vars(
@@ -814,12 +863,9 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 stage,
             )
         };
-        let cache = format!("{owner}/god/checkpoints:/cache:rw");
-        let outputs = format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw");
         [
             concat(&[
-                &run_head(id, "download", owner),
-                &strings(&["-v", &cache]),
+                &god_head(id, "download", owner),
                 &vars("download"),
                 &strings(&[
                     "trainer-downloader",
@@ -836,25 +882,10 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 ]),
             ]),
             concat(&[
-                &run_head(id, "train", owner),
-                &strings(&[
-                    "--gpus",
-                    "\"device=0\"",
-                    "--memory",
-                    "64g",
-                    "--cpus",
-                    &cpus,
-                    "--network",
-                    "none",
-                    "-v",
-                    &cache,
-                    "-v",
-                    &outputs,
-                ]),
+                &god_train_head(id, owner, "64g"),
                 &vars("train"),
+                &strings(&GOD_TRAIN_HARDENING),
                 &strings(&[
-                    "--security-opt=no-new-privileges",
-                    "--cap-drop=ALL",
                     "standalone-text-trainer",
                     "--task-id",
                     id,
@@ -875,8 +906,7 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 ]),
             ]),
             concat(&[
-                &run_head(id, "upload", owner),
-                &strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+                &god_head(id, "upload", owner),
                 &vars("upload"),
                 &strings(&[
                     "-e",
@@ -895,17 +925,13 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
             ]),
         ]
     };
-    let upload_env: Vec<&str> = JOB_ENV
-        .iter()
-        .copied()
-        .chain([
-            "HUGGINGFACE_TOKEN",
-            "HUGGINGFACE_USERNAME",
-            "WANDB_TOKEN",
-            "LOCAL_FOLDER",
-            "TASK_ID",
-        ])
-        .collect();
+    let upload_env = job_env_and(&[
+        "HUGGINGFACE_TOKEN",
+        "HUGGINGFACE_USERNAME",
+        "WANDB_TOKEN",
+        "LOCAL_FOLDER",
+        "TASK_ID",
+    ]);
     example_pipeline(
         "god-text.toml",
         [
@@ -933,7 +959,6 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
         "expected_repo_name": REPO,
         "hours_to_complete": 1,
     });
-    let cpus = format!("{}", 8f64.min(host_cpus()));
     let expected = |id: &str, owner: &str| {
         let vars = |stage| {
             job_vars(
@@ -947,12 +972,9 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 stage,
             )
         };
-        let cache = format!("{owner}/god/checkpoints:/cache:rw");
-        let outputs = format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw");
         [
             concat(&[
-                &run_head(id, "download", owner),
-                &strings(&["-v", &cache]),
+                &god_head(id, "download", owner),
                 &vars("download"),
                 &strings(&[
                     "trainer-downloader",
@@ -967,25 +989,10 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 ]),
             ]),
             concat(&[
-                &run_head(id, "train", owner),
-                &strings(&[
-                    "--gpus",
-                    "\"device=0\"",
-                    "--memory",
-                    "32g",
-                    "--cpus",
-                    &cpus,
-                    "--network",
-                    "none",
-                    "-v",
-                    &cache,
-                    "-v",
-                    &outputs,
-                ]),
+                &god_train_head(id, owner, "32g"),
                 &vars("train"),
+                &strings(&GOD_TRAIN_HARDENING),
                 &strings(&[
-                    "--security-opt=no-new-privileges",
-                    "--cap-drop=ALL",
                     "standalone-image-trainer",
                     "--task-id",
                     id,
@@ -1002,8 +1009,7 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 ]),
             ]),
             concat(&[
-                &run_head(id, "upload", owner),
-                &strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+                &god_head(id, "upload", owner),
                 &vars("upload"),
                 &strings(&["-e", "HUGGINGFACE_TOKEN", "-e", "HUGGINGFACE_USERNAME"]),
                 &env_args(&[
@@ -1016,17 +1022,13 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
             ]),
         ]
     };
-    let upload_env: Vec<&str> = JOB_ENV
-        .iter()
-        .copied()
-        .chain([
-            "HUGGINGFACE_TOKEN",
-            "HUGGINGFACE_USERNAME",
-            "HF_REPO_SUBFOLDER",
-            "LOCAL_FOLDER",
-            "TASK_ID",
-        ])
-        .collect();
+    let upload_env = job_env_and(&[
+        "HUGGINGFACE_TOKEN",
+        "HUGGINGFACE_USERNAME",
+        "HF_REPO_SUBFOLDER",
+        "LOCAL_FOLDER",
+        "TASK_ID",
+    ]);
     example_pipeline(
         "god-image.toml",
         [
