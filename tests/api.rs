@@ -12,19 +12,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use training_worker::api::{self, AppState};
-use training_worker::config::{ExecutorConfig, WorkerConfig};
-use training_worker::executor::Executor;
-use training_worker::store::{Opened, Store};
-use training_worker::worker::{Boot, Worker};
+use training_worker::config::WorkerConfig;
+
+use app_support::{Assembly, executor_config};
+
+#[allow(dead_code)]
+mod app_support;
 
 // ---------------------------------------------------------------------------------------
 // The app
@@ -113,20 +112,7 @@ impl App {
     }
 
     async fn send(&self, request: Request<Body>) -> Reply {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("the router is infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body readable")
-            .to_bytes();
+        let (status, headers, body) = app_support::call(&self.router, request).await;
         Reply {
             status,
             headers,
@@ -193,49 +179,29 @@ impl App {
 async fn spawn_app(options: Options) -> App {
     let root = tempfile::tempdir().expect("tempdir");
     let data = root.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let shutdown = CancellationToken::new();
-    let Opened {
-        handle, recovered, ..
-    } = Store::open(&data, CancellationToken::new()).expect("store opens");
-    let executor_config = ExecutorConfig {
-        command: options.command,
-        timeout: Duration::from_secs(60),
-        kill_grace: Duration::from_secs(2),
-        pass_env: Vec::new(),
-        stages: Vec::new(),
-        docker: None,
-        adopt_running: false,
-    };
-    let exec_data = data.clone();
-    let (worker_handle, worker, _report) = Worker::boot(
-        WorkerConfig {
-            max_concurrent: options.max_concurrent,
-            max_attempts: 3,
-            gpus: Vec::new(),
-            backfill: false,
-            ..WorkerConfig::default()
+    let parts = app_support::assemble(
+        &data,
+        Assembly {
+            executor: executor_config(options.command, Duration::from_secs(60)),
+            worker: WorkerConfig {
+                max_concurrent: options.max_concurrent,
+                max_attempts: 3,
+                gpus: Vec::new(),
+                backfill: false,
+                ..WorkerConfig::default()
+            },
+            clock: None,
+            api_token: options.api_token,
+            max_body_bytes: options.max_body_bytes,
         },
-        handle,
-        move |events| Executor::new(executor_config, exec_data, events, TaskTracker::new()),
-        Boot {
-            jobs: recovered.jobs,
-            order: recovered.order,
-            adopted: Default::default(),
-        },
-        shutdown.clone(),
     )
-    .await
-    .expect("worker boots");
-    let worker_task = tokio::spawn(worker.run());
-    let state = AppState::new(options.api_token, options.max_body_bytes, shutdown.clone());
-    state.set_worker(worker_handle);
+    .await;
     App {
-        router: api::router(state),
+        router: parts.router,
         root,
         data,
-        shutdown,
-        worker_task: Some(worker_task),
+        shutdown: parts.shutdown,
+        worker_task: Some(parts.worker),
     }
 }
 

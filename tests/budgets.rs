@@ -18,20 +18,20 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
-use training_worker::api::{self, AppState};
-use training_worker::config::{ExecutorConfig, OfferConfig, Order, WorkerConfig};
-use training_worker::executor::Executor;
+use training_worker::config::{OfferConfig, Order, WorkerConfig};
 use training_worker::metrics::METRICS;
-use training_worker::store::{Opened, Store};
-use training_worker::worker::{Boot, Clock, Worker};
+use training_worker::worker::Clock;
+
+use app_support::{Assembly, executor_config};
+
+#[allow(dead_code)]
+mod app_support;
 
 /// The moment the tests' clocks start at.
 const T0: &str = "2030-01-01T00:00:00Z";
@@ -203,59 +203,34 @@ impl Sandbox {
 
     /// Boots a worker on the data dir, as the daemon does.
     async fn start(&self, setup: &Setup) -> App {
-        std::fs::create_dir_all(self.data()).expect("the data dir");
-        let Opened {
-            handle,
-            recovered,
-            thread,
-        } = Store::open(&self.data(), CancellationToken::new()).expect("the store opens");
         let script = format!(
             "while [ -e '{}/hold-'\"$JOB_ID\" ]; do sleep 0.02; done",
             self.root.path().display()
         );
-        let executor_config = ExecutorConfig {
-            command: vec!["/bin/sh".into(), "-c".into(), script],
-            timeout: hours(24.0),
-            kill_grace: Duration::from_secs(2),
-            pass_env: Vec::new(),
-            stages: Vec::new(),
-            docker: None,
-            adopt_running: false,
-        };
-        let config = WorkerConfig {
-            max_concurrent: setup.max_concurrent,
-            gpus: setup.gpus.clone(),
-            order: setup.order,
-            assumed_duration: setup.assumed,
-            offers: setup.offers.clone(),
-            ..WorkerConfig::default()
-        };
-        let shutdown = CancellationToken::new();
-        let trainers = TaskTracker::new();
-        let data = self.data();
-        let tracker = trainers.clone();
-        let (handle, worker, _report) = Worker::boot(
-            config,
-            handle,
-            move |events| Executor::new(executor_config, data, events, tracker),
-            Boot {
-                jobs: recovered.jobs,
-                order: recovered.order,
-                adopted: Default::default(),
+        let parts = app_support::assemble(
+            &self.data(),
+            Assembly {
+                executor: executor_config(vec!["/bin/sh".into(), "-c".into(), script], hours(24.0)),
+                worker: WorkerConfig {
+                    max_concurrent: setup.max_concurrent,
+                    gpus: setup.gpus.clone(),
+                    order: setup.order,
+                    assumed_duration: setup.assumed,
+                    offers: setup.offers.clone(),
+                    ..WorkerConfig::default()
+                },
+                clock: Some(self.clock.clone()),
+                api_token: None,
+                max_body_bytes: 1024 * 1024,
             },
-            shutdown.clone(),
         )
-        .await
-        .expect("the worker boots");
-        let worker = tokio::spawn(worker.with_clock(self.clock.clone()).run());
-        let state = AppState::new(None, 1024 * 1024, shutdown.clone());
-        state.set_worker(handle);
+        .await;
         App {
-            router: api::router(state),
-            shutdown,
-            worker,
-            store: thread,
-            trainers,
+            router: parts.router,
+            shutdown: parts.shutdown,
+            worker: parts.worker,
+            store: parts.store,
+            trainers: parts.trainers,
         }
     }
 }
@@ -270,20 +245,8 @@ impl App {
             }
             None => Body::empty(),
         };
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body).expect("a request"))
-            .await
-            .expect("the router is infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("a body")
-            .to_bytes();
+        let request = request.body(body).expect("a request");
+        let (status, headers, bytes) = app_support::call(&self.router, request).await;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Reply {
             status,
@@ -880,7 +843,10 @@ async fn estimates_follow_every_change_at_once() {
     sandbox.release(1);
     app.wait_status(3, "Running").await;
     let job3_deadline = app.job(3).await["deadline"].as_str().unwrap().to_string();
-    assert_eq!(app.estimate(3).await, ("none".into(), job3_deadline.clone()));
+    assert_eq!(
+        app.estimate(3).await,
+        ("none".into(), job3_deadline.clone())
+    );
     assert_eq!(app.estimate(4).await.0, job3_deadline);
     sandbox.release(3);
     app.wait_status(3, "Completed").await;

@@ -643,16 +643,37 @@ impl Totals {
     }
 }
 
-/// Sweeps K = 1, 2, ... for one system call during the workload, until it completes
-/// [`CLEAN_RUNS_TO_STOP`] times in a row. With [`AttachAt::Ready`], K is strace's `when`;
-/// with `AttachAt::Request`, K is the request before which strace attaches (`when=1`).
-async fn sweep_workload(name: &str, syscall: &str, paths: Paths, per_request: bool) -> u32 {
+/// Runs `one(K)` for K = 1, 2, ... until [`CLEAN_RUNS_TO_STOP`] runs in a row did not crash,
+/// and reports the totals of the runs that did. `one` says whether its run crashed and what
+/// the recovery after it found.
+async fn sweep(name: &str, mut one: impl AsyncFnMut(u32) -> (bool, Recovery)) -> Totals {
     let started = Instant::now();
     let mut totals = Totals::default();
     let mut clean_runs = 0;
     let mut k = 1;
     while clean_runs < CLEAN_RUNS_TO_STOP {
         assert!(k <= MAX_K, "{name}: still crashing at K = {k}");
+        let (crashed, found) = one(k).await;
+        if crashed {
+            clean_runs = 0;
+            totals.add(&found);
+        } else {
+            if clean_runs == 0 {
+                totals.clean_from = k;
+            }
+            clean_runs += 1;
+        }
+        k += 1;
+    }
+    totals.report(name, started);
+    totals
+}
+
+/// Sweeps K = 1, 2, ... for one system call during the workload, until it completes
+/// [`CLEAN_RUNS_TO_STOP`] times in a row. With [`AttachAt::Ready`], K is strace's `when`;
+/// with `AttachAt::Request`, K is the request before which strace attaches (`when=1`).
+async fn sweep_workload(name: &str, syscall: &str, paths: Paths, per_request: bool) -> u32 {
+    let totals = sweep(name, async |k| {
         let sandbox = Sandbox::new();
         let work_config = sandbox.path().join("workload.toml");
         let recover_config = sandbox.path().join("recover.toml");
@@ -679,18 +700,9 @@ async fn sweep_workload(name: &str, syscall: &str, paths: Paths, per_request: bo
         // No trainer outlives the daemon that started it, killed this way or not.
         sandbox.assert_no_trainers_left().await;
         let found = verify(&sandbox, &recover_config, &ledger, crashed).await;
-        if crashed {
-            clean_runs = 0;
-            totals.add(&found);
-        } else {
-            if clean_runs == 0 {
-                totals.clean_from = k;
-            }
-            clean_runs += 1;
-        }
-        k += 1;
-    }
-    totals.report(name, started);
+        (crashed, found)
+    })
+    .await;
     totals.crashes
 }
 
@@ -776,13 +788,8 @@ async fn crash_during_the_recovery_boot() {
     let all_started = Instant::now();
     let mut crashes = 0;
     for (syscall, paths) in channels {
-        let started = Instant::now();
         let name = format!("boot: {syscall} ({paths:?})");
-        let mut totals = Totals::default();
-        let mut clean_runs = 0;
-        let mut k = 1;
-        while clean_runs < CLEAN_RUNS_TO_STOP {
-            assert!(k <= MAX_K, "{name}: still crashing at K = {k}");
+        let totals = sweep(&name, async |k| {
             let sandbox = Sandbox::new();
             let recover_config = sandbox.path().join("recover.toml");
             write_config(&recover_config, &quiet(0));
@@ -829,18 +836,9 @@ async fn crash_during_the_recovery_boot() {
             };
             drop(d);
             let found = verify(&sandbox, &recover_config, &run, crashed).await;
-            if crashed {
-                clean_runs = 0;
-                totals.add(&found);
-            } else {
-                if clean_runs == 0 {
-                    totals.clean_from = k;
-                }
-                clean_runs += 1;
-            }
-            k += 1;
-        }
-        totals.report(&name, started);
+            (crashed, found)
+        })
+        .await;
         crashes += totals.crashes;
     }
     report(&format!(

@@ -7,9 +7,9 @@
 //!
 //! Each test has its own sandbox: a data dir, a config, and the fake's state dir, which
 //! reaches the docker CLI as `DOCKER_FAKE_STATE` through the daemon's environment (the
-//! daemon passes every `DOCKER_*` variable of its own to the CLI). The harness's daemon
-//! takes no extra environment, so the daemon is spawned here, the same way. Every wait polls
-//! a condition with a deadline; every container a test leaves is removed when it ends.
+//! daemon passes every `DOCKER_*` variable of its own to the CLI); the sandbox gives it to
+//! every daemon it starts. Every wait polls a condition with a deadline; every container a
+//! test leaves is removed when it ends.
 
 #[allow(dead_code)]
 #[path = "e2e_support/mod.rs"]
@@ -19,13 +19,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Sandbox, pid_alive, secs, wait_until};
+use support::{Daemon, Sandbox, normalise, pid_alive, secs, stage_lines, wait_until};
 
 const FAKE_DOCKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/fake-docker");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
@@ -33,8 +32,6 @@ const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
 const RECORDER: &str = include_str!("trainers/images/recorder.sh");
 const STAGES: [&str; 3] = ["download", "train", "upload"];
 const MODEL: &str = "Qwen/Qwen2.5-0.5B";
-const POLL: Duration = Duration::from_millis(25);
-const READY_WITHIN: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------
 // The sandbox, the fake's state, the daemon
@@ -47,7 +44,6 @@ struct World {
     sandbox: Sandbox,
     /// The value of HUGGINGFACE_TOKEN in the daemon's environment.
     secret: String,
-    spawned: AtomicUsize,
 }
 
 impl World {
@@ -56,10 +52,18 @@ impl World {
         let world = World {
             sandbox,
             secret: format!("hf_{}", uuid::Uuid::new_v4().simple()),
-            spawned: AtomicUsize::new(0),
         };
         fs::create_dir_all(world.state().join("images")).expect("create the images dir");
         fs::create_dir_all(world.sandbox.data_dir()).expect("create the data dir");
+        // Nothing of the test's own environment may steer the daemon or the fake.
+        for prefix in ["DOCKER_", "HUGGINGFACE_", "WANDB_"] {
+            world.sandbox.remove_env_prefix(prefix);
+        }
+        let sandbox = &world.sandbox;
+        sandbox.set_env("DOCKER_FAKE_STATE", world.state().display().to_string());
+        sandbox.set_env("HUGGINGFACE_TOKEN", world.secret.as_str());
+        sandbox.set_env("HUGGINGFACE_USERNAME", "tw-tests");
+        sandbox.set_env("WANDB_TOKEN", "wandb-test-value");
         world
     }
 
@@ -260,75 +264,10 @@ impl World {
         fs::read_to_string(path).unwrap_or_default()
     }
 
-    fn stderr_path(&self, n: usize) -> PathBuf {
-        self.path().join(format!("daemon-{n}.stderr"))
-    }
-
-    /// Starts a daemon on a free port with `env` added to its environment and waits until
-    /// it is ready. A port taken between choosing and binding (exit 69) is retried.
-    async fn start(&self, env: &[(&str, &str)]) -> Daemon {
-        for _ in 0..5 {
-            if let Some(daemon) = self.spawn(env).await {
-                return daemon;
-            }
-        }
-        panic!("the daemon could not bind a free port in 5 tries");
-    }
-
-    async fn spawn(&self, env: &[(&str, &str)]) -> Option<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("find a free port")
-            .port();
-        let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
-        let stderr_path = self.stderr_path(n);
-        let stderr = fs::File::create(&stderr_path).expect("create the stderr file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_training-worker"));
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(self.sandbox.config_file())
-            .arg("--data-dir")
-            .arg(self.sandbox.data_dir())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .current_dir(self.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        // Nothing of the test's own environment may steer the daemon or the fake.
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if ["TRAINING_WORKER_", "DOCKER_", "HUGGINGFACE_", "WANDB_"]
-                .iter()
-                .any(|p| text.starts_with(p))
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
-            .env("DOCKER_FAKE_STATE", self.state())
-            .env("HUGGINGFACE_TOKEN", &self.secret)
-            .env("HUGGINGFACE_USERNAME", "tw-tests")
-            .env("WANDB_TOKEN", "wandb-test-value");
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let child = command.spawn().expect("run the training-worker binary");
-        let mut daemon = Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(secs(10))
-                .build()
-                .expect("build an HTTP client"),
-            stderr_path,
-        };
-        daemon.wait_ready().await.then_some(daemon)
+    /// Starts a daemon in the sandbox and waits until it is ready (`/readyz` says 200, which
+    /// is after the containers were reconciled).
+    async fn start(&self) -> Daemon {
+        self.sandbox.start().await
     }
 }
 
@@ -369,137 +308,23 @@ struct Note {
     at: u128,
 }
 
-/// A running `training-worker serve`; SIGKILLed when dropped.
-struct Daemon {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-    stderr_path: PathBuf,
+/// Submits a job, expects 201, returns its id.
+async fn submit(daemon: &Daemon, body: Value) -> String {
+    let reply = daemon.post_job(&body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "submit {body}: {}",
+        reply.text
+    );
+    reply.json()["job_id"].as_str().expect("job_id").to_string()
 }
 
-impl Daemon {
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Waits until it listens on its own port and `/readyz` says 200 (which is after the
-    /// containers were reconciled). `false` when the port was taken (exit 69).
-    async fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + READY_WITHIN;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the daemon") {
-                let stderr = self.stderr();
-                if status.code() == Some(69) && stderr.contains("cannot listen") {
-                    return false;
-                }
-                panic!("the daemon exited during start ({status}); stderr:\n{stderr}");
-            }
-            if self.stderr().contains("listening; replaying the data dir") {
-                let ready = self
-                    .client
-                    .get(format!("{}/readyz", self.base))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == StatusCode::OK);
-                if ready {
-                    return true;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon was not ready within {READY_WITHIN:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// SIGKILL, as a crash would, and reap it.
-    fn kill(mut self) {
-        // SAFETY: kill only sends a signal; the child is reaped right after.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGKILL);
-        }
-        self.child.wait().expect("reap the daemon");
-    }
-
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (StatusCode, String) {
-        let mut request = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base));
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = response.status();
-        let text = response.text().await.expect("read the body");
-        (status, text)
-    }
-
-    /// Submits a job, expects 201, returns its id.
-    async fn submit(&self, body: Value) -> String {
-        let (status, text) = self
-            .request(reqwest::Method::POST, "/v1/jobs", Some(&body))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "submit {body}: {text}");
-        let job: Value = serde_json::from_str(&text).expect("a job");
-        job["job_id"].as_str().expect("job_id").to_string()
-    }
-
-    async fn job(&self, id: &str) -> Value {
-        let (status, text) = self
-            .request(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None)
-            .await;
-        assert_eq!(status, StatusCode::OK, "job {id}: {text}");
-        serde_json::from_str(&text).expect("a job")
-    }
-
-    async fn cancel(&self, id: &str) -> Value {
-        let (status, text) = self
-            .request(
-                reqwest::Method::POST,
-                &format!("/v1/jobs/{id}/cancel"),
-                None,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "cancel {id}: {text}");
-        serde_json::from_str(&text).expect("a job")
-    }
-
-    /// Waits until job `id` has `status`; a different final status fails at once.
-    async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
-        wait_until(format_args!("job {id} is {status}"), timeout, async || {
-            let job = self.job(id).await;
-            let now = job["status"].as_str().expect("status").to_string();
-            if now != status && ["Completed", "Failed", "Cancelled"].contains(&now.as_str()) {
-                panic!("job {id} ended {now}, not {status}: {job}");
-            }
-            (now == status).then_some(job)
-        })
-        .await
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill only sends a signal.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGKILL);
-            }
-            let _ = self.child.wait();
-        }
-    }
+/// Cancels a job, expects 200, returns the job.
+async fn cancel(daemon: &Daemon, id: &str) -> Value {
+    let reply = daemon.cancel(id).await;
+    assert_eq!(reply.status, StatusCode::OK, "cancel {id}: {}", reply.text);
+    reply.json()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -641,40 +466,6 @@ fn stages_done(job: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The log with the times taken out: `started at T` becomes `started`, `ended after D: how`
-/// becomes `ended: how`, `followed again at T: why` becomes `followed again: why`.
-fn normalise(log: &str) -> Vec<String> {
-    log.lines()
-        .map(|line| {
-            if !line.starts_with("==> ") {
-                return line.to_string();
-            }
-            if let Some(at) = line.find(" started at ") {
-                return format!("{} started", &line[..at]);
-            }
-            if let Some(at) = line.find(" followed again at ") {
-                let why = line[at..].split_once(": ").map_or("", |(_, why)| why);
-                return format!("{} followed again: {why}", &line[..at]);
-            }
-            if let Some(at) = line.find(" ended after ") {
-                let how = line[at..].split_once(": ").map_or("", |(_, how)| how);
-                return format!("{} ended: {how}", &line[..at]);
-            }
-            line.to_string()
-        })
-        .collect()
-}
-
-/// What a recorder stage that ran through prints, with its header and footer.
-fn stage_lines(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
-    vec![
-        format!("==> stage {stage} ({index}/3) started"),
-        format!("{stage}: working on {job} (attempt {attempt})"),
-        format!("{stage}: done"),
-        format!("==> stage {stage} ended: exit status 0"),
-    ]
 }
 
 fn rot13(text: &str) -> String {
@@ -856,8 +647,8 @@ async fn example_pipeline(
 ) {
     let world = World::new();
     install_example(&world, file, &images);
-    let daemon = world.start(&[]).await;
-    let id = daemon.submit(body).await;
+    let daemon = world.start().await;
+    let id = submit(&daemon, body).await;
     let done = daemon.wait_status(&id, "Completed", secs(60)).await;
     assert_eq!(done["attempts"], 1, "{done}");
     assert_eq!(gpu_ids(&done), BTreeSet::from([0]), "{done}");
@@ -990,6 +781,56 @@ const JOB_ENV: [&str; 13] = [
     "STAGE",
 ];
 
+/// [`JOB_ENV`] and `extra`: the environment of a container that gets more than the job.
+fn job_env_and(extra: &[&'static str]) -> Vec<&'static str> {
+    JOB_ENV.iter().chain(extra).copied().collect()
+}
+
+/// The god examples' mounts: the shared checkpoint cache and the job's outputs.
+fn god_mounts(id: &str, owner: &str) -> (String, String) {
+    (
+        format!("{owner}/god/checkpoints:/cache:rw"),
+        format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw"),
+    )
+}
+
+/// The start of a god example's `docker run` of download (the cache) or upload (one GPU
+/// and the job's outputs), up to the job's variables.
+fn god_head(id: &str, stage: &str, owner: &str) -> Vec<String> {
+    let (cache, outputs) = god_mounts(id, owner);
+    let options = match stage {
+        "download" => strings(&["-v", &cache]),
+        "upload" => strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+        _ => panic!("god_head is for download and upload, not {stage}"),
+    };
+    concat(&[&run_head(id, stage, owner), &options])
+}
+
+/// The start of a god example's `docker run` of train, up to the job's variables: one GPU,
+/// `memory`, up to 8 of the host's CPUs, no network, and both mounts.
+fn god_train_head(id: &str, owner: &str, memory: &str) -> Vec<String> {
+    let (cache, outputs) = god_mounts(id, owner);
+    let cpus = format!("{}", 8f64.min(host_cpus()));
+    let options = strings(&[
+        "--gpus",
+        "\"device=0\"",
+        "--memory",
+        memory,
+        "--cpus",
+        &cpus,
+        "--network",
+        "none",
+        "-v",
+        &cache,
+        "-v",
+        &outputs,
+    ]);
+    concat(&[&run_head(id, "train", owner), &options])
+}
+
+/// What a god example's train container gets between its job variables and its image.
+const GOD_TRAIN_HARDENING: [&str; 2] = ["--security-opt=no-new-privileges", "--cap-drop=ALL"];
+
 fn concat(parts: &[&[String]]) -> Vec<String> {
     parts.iter().flat_map(|p| p.iter().cloned()).collect()
 }
@@ -1009,7 +850,6 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
         "expected_repo_name": REPO,
         "hours_to_complete": 6,
     });
-    let cpus = format!("{}", 8f64.min(host_cpus()));
     let expected = |id: &str, owner: &str| {
         let vars = |stage| {
             job_vars(
@@ -1023,12 +863,9 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 stage,
             )
         };
-        let cache = format!("{owner}/god/checkpoints:/cache:rw");
-        let outputs = format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw");
         [
             concat(&[
-                &run_head(id, "download", owner),
-                &strings(&["-v", &cache]),
+                &god_head(id, "download", owner),
                 &vars("download"),
                 &strings(&[
                     "trainer-downloader",
@@ -1045,25 +882,10 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 ]),
             ]),
             concat(&[
-                &run_head(id, "train", owner),
-                &strings(&[
-                    "--gpus",
-                    "\"device=0\"",
-                    "--memory",
-                    "64g",
-                    "--cpus",
-                    &cpus,
-                    "--network",
-                    "none",
-                    "-v",
-                    &cache,
-                    "-v",
-                    &outputs,
-                ]),
+                &god_train_head(id, owner, "64g"),
                 &vars("train"),
+                &strings(&GOD_TRAIN_HARDENING),
                 &strings(&[
-                    "--security-opt=no-new-privileges",
-                    "--cap-drop=ALL",
                     "standalone-text-trainer",
                     "--task-id",
                     id,
@@ -1084,8 +906,7 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 ]),
             ]),
             concat(&[
-                &run_head(id, "upload", owner),
-                &strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+                &god_head(id, "upload", owner),
                 &vars("upload"),
                 &strings(&[
                     "-e",
@@ -1104,17 +925,13 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
             ]),
         ]
     };
-    let upload_env: Vec<&str> = JOB_ENV
-        .iter()
-        .copied()
-        .chain([
-            "HUGGINGFACE_TOKEN",
-            "HUGGINGFACE_USERNAME",
-            "WANDB_TOKEN",
-            "LOCAL_FOLDER",
-            "TASK_ID",
-        ])
-        .collect();
+    let upload_env = job_env_and(&[
+        "HUGGINGFACE_TOKEN",
+        "HUGGINGFACE_USERNAME",
+        "WANDB_TOKEN",
+        "LOCAL_FOLDER",
+        "TASK_ID",
+    ]);
     example_pipeline(
         "god-text.toml",
         [
@@ -1142,7 +959,6 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
         "expected_repo_name": REPO,
         "hours_to_complete": 1,
     });
-    let cpus = format!("{}", 8f64.min(host_cpus()));
     let expected = |id: &str, owner: &str| {
         let vars = |stage| {
             job_vars(
@@ -1156,12 +972,9 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 stage,
             )
         };
-        let cache = format!("{owner}/god/checkpoints:/cache:rw");
-        let outputs = format!("{owner}/god/outputs/{id}:/app/checkpoints/:rw");
         [
             concat(&[
-                &run_head(id, "download", owner),
-                &strings(&["-v", &cache]),
+                &god_head(id, "download", owner),
                 &vars("download"),
                 &strings(&[
                     "trainer-downloader",
@@ -1176,25 +989,10 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 ]),
             ]),
             concat(&[
-                &run_head(id, "train", owner),
-                &strings(&[
-                    "--gpus",
-                    "\"device=0\"",
-                    "--memory",
-                    "32g",
-                    "--cpus",
-                    &cpus,
-                    "--network",
-                    "none",
-                    "-v",
-                    &cache,
-                    "-v",
-                    &outputs,
-                ]),
+                &god_train_head(id, owner, "32g"),
                 &vars("train"),
+                &strings(&GOD_TRAIN_HARDENING),
                 &strings(&[
-                    "--security-opt=no-new-privileges",
-                    "--cap-drop=ALL",
                     "standalone-image-trainer",
                     "--task-id",
                     id,
@@ -1211,8 +1009,7 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 ]),
             ]),
             concat(&[
-                &run_head(id, "upload", owner),
-                &strings(&["--gpus", "\"device=0\"", "-v", &outputs]),
+                &god_head(id, "upload", owner),
                 &vars("upload"),
                 &strings(&["-e", "HUGGINGFACE_TOKEN", "-e", "HUGGINGFACE_USERNAME"]),
                 &env_args(&[
@@ -1225,17 +1022,13 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
             ]),
         ]
     };
-    let upload_env: Vec<&str> = JOB_ENV
-        .iter()
-        .copied()
-        .chain([
-            "HUGGINGFACE_TOKEN",
-            "HUGGINGFACE_USERNAME",
-            "HF_REPO_SUBFOLDER",
-            "LOCAL_FOLDER",
-            "TASK_ID",
-        ])
-        .collect();
+    let upload_env = job_env_and(&[
+        "HUGGINGFACE_TOKEN",
+        "HUGGINGFACE_USERNAME",
+        "HF_REPO_SUBFOLDER",
+        "LOCAL_FOLDER",
+        "TASK_ID",
+    ]);
     example_pipeline(
         "god-image.toml",
         [
@@ -1258,7 +1051,7 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
 /// `max_concurrent = 1`, whatever would still run for an earlier job has run before it.
 async fn sentinel_completes(daemon: &Daemon, n: u128) {
     let sentinel = id(n);
-    daemon.submit(job(&sentinel, 1)).await;
+    submit(daemon, job(&sentinel, 1)).await;
     daemon.wait_status(&sentinel, "Completed", secs(30)).await;
 }
 
@@ -1267,13 +1060,13 @@ async fn sentinel_completes(daemon: &Daemon, n: u128) {
 async fn cancel_during_train(world: &World, daemon: &Daemon) -> (String, Note, Instant) {
     let a = id(1);
     world.hold(&a, "train");
-    daemon.submit(job(&a, 1)).await;
+    submit(daemon, job(&a, 1)).await;
     let train = world.started(&a, "train", 1).await;
     assert_eq!(
         world.own_containers().get(&container(&a, "train")),
         Some(&"running".to_string())
     );
-    let cancelled = daemon.cancel(&a).await;
+    let cancelled = cancel(daemon, &a).await;
     let at = Instant::now();
     assert_eq!(cancelled["status"], "Cancelled", "{cancelled}");
     (a, train, at)
@@ -1327,7 +1120,7 @@ async fn assert_cancelled_during_train(world: &World, daemon: &Daemon, a: &str) 
 async fn a_cancel_stops_the_running_container_and_later_stages_never_start() {
     let world = World::new();
     Pipeline::default().install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let (a, train, _) = cancel_during_train(&world, &daemon).await;
     world.container_gone(&container(&a, "train")).await;
     assert!(!pid_alive(train.pid), "train's process is gone");
@@ -1353,7 +1146,8 @@ async fn a_cancel_stops_the_running_container_and_later_stages_never_start() {
 async fn a_cancel_escalates_to_sigkill_when_the_container_ignores_sigterm() {
     let world = World::new();
     Pipeline::default().install(&world);
-    let daemon = world.start(&[("DOCKER_FAKE_IGNORE_TERM", "1")]).await;
+    world.sandbox.set_env("DOCKER_FAKE_IGNORE_TERM", "1");
+    let daemon = world.start().await;
     let (a, train, cancelled_at) = cancel_during_train(&world, &daemon).await;
     world.container_gone(&container(&a, "train")).await;
     let took = cancelled_at.elapsed();
@@ -1380,10 +1174,10 @@ async fn a_container_past_its_stage_timeout_is_stopped_and_fails_the_job() {
         ..Pipeline::default()
     }
     .install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let a = id(1);
     world.hold(&a, "train");
-    daemon.submit(job(&a, 1)).await;
+    submit(&daemon, job(&a, 1)).await;
     let train = world.started(&a, "train", 1).await;
     let failed = daemon.wait_status(&a, "Failed", secs(20)).await;
     assert_eq!(
@@ -1438,12 +1232,12 @@ async fn a_crashed_daemons_running_container_is_adopted_on_its_gpus_without_a_se
         ..Pipeline::default()
     }
     .install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let a = id(1);
     let train = container(&a, "train");
     world.hold(&a, "train");
     world.tick(&a, "train");
-    daemon.submit(job(&a, 1)).await;
+    submit(&daemon, job(&a, 1)).await;
     world.started(&a, "train", 1).await;
     let before = daemon.job(&a).await;
     assert_eq!(gpu_ids(&before), BTreeSet::from([0]), "{before}");
@@ -1470,7 +1264,7 @@ async fn a_crashed_daemons_running_container_is_adopted_on_its_gpus_without_a_se
     )
     .await;
 
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let stderr = daemon.stderr();
     assert!(
         log_line(&stderr, "container still runs; adopted", &train).is_some(),
@@ -1490,8 +1284,8 @@ async fn a_crashed_daemons_running_container_is_adopted_on_its_gpus_without_a_se
     // GPU 0 is the adopted job's: the next job gets GPU 1, and one more has to wait.
     let (b, c) = (id(2), id(3));
     world.hold(&b, "train");
-    daemon.submit(job(&b, 1)).await;
-    daemon.submit(job(&c, 1)).await;
+    submit(&daemon, job(&b, 1)).await;
+    submit(&daemon, job(&c, 1)).await;
     world.started(&b, "train", 1).await;
     assert_eq!(gpu_ids(&daemon.job(&b).await), BTreeSet::from([1]));
     for stage in ["download", "train"] {
@@ -1600,18 +1394,18 @@ async fn an_adopted_container_keeps_the_stage_timeout_counted_from_its_own_start
         ..Pipeline::default()
     }
     .install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let a = id(1);
     let name = container(&a, "train");
     world.hold(&a, "train");
-    daemon.submit(job(&a, 1)).await;
+    submit(&daemon, job(&a, 1)).await;
     let train = world.started(&a, "train", 1).await;
     wait_until("train has run 4 of its 6 s", secs(10), async || {
         (now_us() >= train.at + 4_000_000).then_some(())
     })
     .await;
     daemon.kill();
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     assert!(
         log_line(&daemon.stderr(), "container still runs; adopted", &name).is_some(),
         "{}",
@@ -1640,14 +1434,14 @@ async fn without_adoption_boot_removes_old_containers_and_the_stage_runs_again()
     let world = World::new();
     Pipeline::default().install(&world);
     world.image_script("idle", "#!/bin/sh\nexec sleep 600\n");
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let done = id(9);
-    daemon.submit(job(&done, 1)).await;
+    submit(&daemon, job(&done, 1)).await;
     daemon.wait_status(&done, "Completed", secs(30)).await;
     let a = id(1);
     let train = container(&a, "train");
     world.hold(&a, "train");
-    daemon.submit(job(&a, 1)).await;
+    submit(&daemon, job(&a, 1)).await;
     let first = world.started(&a, "train", 1).await;
     daemon.kill();
     assert_eq!(
@@ -1683,7 +1477,7 @@ async fn without_adoption_boot_removes_old_containers_and_the_stage_runs_again()
     }
     let calls_before = world.calls().len();
 
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let stderr = daemon.stderr();
     for (name, reason) in [
         (train.as_str(), "adopt_running is off; the stage runs again"),
@@ -1759,7 +1553,7 @@ async fn without_adoption_boot_removes_old_containers_and_the_stage_runs_again()
 /// and leaves no container; `says` must be in its error message.
 async fn run_failure(world: &World, daemon: &Daemon, says: &str) {
     let a = id(1);
-    daemon.submit(job(&a, 1)).await;
+    submit(daemon, job(&a, 1)).await;
     let failed = daemon.wait_status(&a, "Failed", secs(20)).await;
     let message = failed["error_message"].as_str().expect("an error message");
     assert!(
@@ -1789,7 +1583,8 @@ async fn run_failure(world: &World, daemon: &Daemon, says: &str) {
 async fn a_failing_docker_run_fails_the_job_and_leaves_no_container() {
     let world = World::new();
     Pipeline::default().install(&world);
-    let daemon = world.start(&[("DOCKER_FAKE_FAIL_RUN", "1")]).await;
+    world.sandbox.set_env("DOCKER_FAKE_FAIL_RUN", "1");
+    let daemon = world.start().await;
     run_failure(&world, &daemon, "OCI runtime create failed").await;
 }
 
@@ -1801,7 +1596,7 @@ async fn an_unknown_image_fails_the_job_saying_why() {
         ..Pipeline::default()
     }
     .install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     // What docker says: "Unable to find image 'no-such-image:latest' locally", then
     // "docker: Error response from daemon: pull access denied for no-such-image, ...",
     // then "See 'docker run --help'.".
@@ -1822,14 +1617,14 @@ async fn concurrent_containers_never_share_a_gpu() {
         ..Pipeline::default()
     }
     .install(&world);
-    let daemon = world.start(&[]).await;
+    let daemon = world.start().await;
     let counts = [1, 2, 1, 1, 2, 1, 2, 1, 1];
     let mut jobs = Vec::new();
     for (n, count) in counts.iter().enumerate() {
         let job_id = id(n as u128 + 1);
         let mut body = job(&job_id, *count);
         body["model"] = json!("sleep:0.3");
-        daemon.submit(body).await;
+        submit(&daemon, body).await;
         jobs.push((job_id, *count));
     }
     for (job_id, _) in &jobs {

@@ -4,6 +4,7 @@
 //! Each test owns a sandbox (its own dir, config and port), so they run in parallel. Nothing
 //! sleeps blindly: every wait polls a condition with a deadline.
 
+#[allow(dead_code)]
 #[path = "e2e_support/mod.rs"]
 mod support;
 

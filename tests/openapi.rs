@@ -14,18 +14,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
-use training_worker::api::{self, AppState, OPENAPI_JSON, ROUTES};
-use training_worker::config::{ExecutorConfig, WorkerConfig};
-use training_worker::executor::Executor;
-use training_worker::store::{Opened, Store};
-use training_worker::worker::{Boot, Worker};
+use training_worker::api::{OPENAPI_JSON, ROUTES};
+use training_worker::config::WorkerConfig;
+
+use app_support::{Assembly, executor_config};
+
+#[allow(dead_code)]
+mod app_support;
 
 const TOKEN: &str = "s3cret";
 const METHODS: &[&str] = &[
@@ -51,47 +50,30 @@ impl Drop for App {
 /// The app as `daemon::run` assembles it, with an API token and a paused queue.
 async fn spawn_app() -> App {
     let root = tempfile::tempdir().expect("tempdir");
-    let data = root.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let shutdown = CancellationToken::new();
-    let Opened {
-        handle, recovered, ..
-    } = Store::open(&data, CancellationToken::new()).expect("store opens");
-    let executor_config = ExecutorConfig {
-        command: vec!["/bin/sh".into(), "-c".into(), "exit 0".into()],
-        timeout: Duration::from_secs(60),
-        kill_grace: Duration::from_secs(2),
-        pass_env: Vec::new(),
-        stages: Vec::new(),
-        docker: None,
-        adopt_running: false,
-    };
-    let (worker_handle, worker, _report) = Worker::boot(
-        WorkerConfig {
-            max_concurrent: 0,
-            max_attempts: 3,
-            gpus: Vec::new(),
-            backfill: false,
-            ..WorkerConfig::default()
+    let parts = app_support::assemble(
+        &root.path().join("data"),
+        Assembly {
+            executor: executor_config(
+                vec!["/bin/sh".into(), "-c".into(), "exit 0".into()],
+                Duration::from_secs(60),
+            ),
+            worker: WorkerConfig {
+                max_concurrent: 0,
+                max_attempts: 3,
+                gpus: Vec::new(),
+                backfill: false,
+                ..WorkerConfig::default()
+            },
+            clock: None,
+            api_token: Some(TOKEN.into()),
+            max_body_bytes: 1024 * 1024,
         },
-        handle,
-        move |events| Executor::new(executor_config, data, events, TaskTracker::new()),
-        Boot {
-            jobs: recovered.jobs,
-            order: recovered.order,
-            adopted: Default::default(),
-        },
-        shutdown.clone(),
     )
-    .await
-    .expect("worker boots");
-    tokio::spawn(worker.run());
-    let state = AppState::new(Some(TOKEN.into()), 1024 * 1024, shutdown.clone());
-    state.set_worker(worker_handle);
+    .await;
     App {
-        router: api::router(state),
+        router: parts.router,
         _root: root,
-        shutdown,
+        shutdown: parts.shutdown,
     }
 }
 
@@ -130,25 +112,12 @@ impl App {
             }
             None => Body::empty(),
         };
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body).expect("a request"))
-            .await
-            .expect("the router is infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("a body")
-            .to_bytes()
-            .to_vec();
+        let request = request.body(body).expect("a request");
+        let (status, headers, body) = app_support::call(&self.router, request).await;
         Reply {
             status,
             headers,
-            body,
+            body: body.to_vec(),
         }
     }
 }

@@ -69,6 +69,44 @@ fn sandbox_with(max_concurrent: usize) -> (Sandbox, PathBuf) {
     (sandbox, config)
 }
 
+/// Like [`sandbox_with`], with the data dir made and named as the daemon resolves it (strace
+/// matches the paths it is given to the daemon's).
+fn sandbox_with_data_dir(max_concurrent: usize) -> (Sandbox, PathBuf, PathBuf) {
+    let (sandbox, config) = sandbox_with(max_concurrent);
+    fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
+    let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+    (sandbox, config, data)
+}
+
+/// A tmpfs of `size` mounted on `target`, or `None` once the test is reported skipped.
+fn tmpfs_or_skip(test: &str, target: &Path, size: &str) -> Option<Mount> {
+    Mount::tmpfs(target, size)
+        .map_err(|e| skip(test, &format!("cannot mount a tmpfs: {e}")))
+        .ok()
+}
+
+/// A sandbox as [`sandbox_with`] makes it, its data dir a 512 KiB tmpfs (the mount is last,
+/// so that it is undone first); `None` once the test is reported skipped.
+fn small_disk_sandbox(
+    test: &str,
+    max_concurrent: usize,
+) -> Option<(Sandbox, PathBuf, PathBuf, Mount)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let (sandbox, config) = sandbox_with(max_concurrent);
+    let data = sandbox.data_dir();
+    let mount = tmpfs_or_skip(test, &data, "512k")?;
+    Some((sandbox, config, data, mount))
+}
+
+/// `dir` bind-mounted read-only over itself, or `None` once the test is reported skipped.
+fn read_only_or_skip(test: &str, dir: &Path) -> Option<Mount> {
+    Mount::bind_read_only(dir)
+        .map_err(|e| skip(test, &format!("cannot make a read-only bind mount: {e}")))
+        .ok()
+}
+
 async fn submit(d: &TestDaemon, id: &str, model: &str) {
     let reply = d.post_job(&job_body(id, model)).await;
     assert_eq!(reply.status, StatusCode::CREATED, "submit {id}: {reply:?}");
@@ -105,6 +143,23 @@ async fn assert_no_trace(d: &TestDaemon, data: &Path, id: &str) {
         !running.iter().chain(&queued).any(|q| q == id),
         "refused job {id} is in the queue"
     );
+}
+
+/// Three rounds of submitting each of `ids`: every one refused, with no trace of the job
+/// after it. `what(id, round)` names a submission in a failure.
+async fn assert_submissions_refused(
+    d: &TestDaemon,
+    data: &Path,
+    ids: &[&str],
+    what: impl Fn(&str, u32) -> String,
+) {
+    for attempt in 0..3 {
+        for x in ids {
+            let reply = d.post_job(&job_body(x, "ok")).await;
+            assert_refused(&reply, &what(x, attempt));
+            assert_no_trace(d, data, x).await;
+        }
+    }
 }
 
 /// No temporary or empty file in jobs/ or the data dir, nothing quarantined.
@@ -173,14 +228,8 @@ impl Drop for Filler {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
     const TEST: &str = "a_full_disk_refuses_writes_keeps_reads_and_recovers";
-    if !root_or_skip(TEST) {
+    let Some((sandbox, config, data, _mount)) = small_disk_sandbox(TEST, 0) else {
         return;
-    }
-    let (sandbox, config) = sandbox_with(0);
-    let data = sandbox.data_dir();
-    let _mount = match Mount::tmpfs(&data, "512k") {
-        Ok(mount) => mount,
-        Err(e) => return skip(TEST, &format!("cannot mount a tmpfs: {e}")),
     };
     let mut d = TestDaemon::start(&sandbox, &config, "daemon").await;
     let kept = vec![id(1), id(2)];
@@ -190,16 +239,10 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
 
     let filler = Filler::fill(&data.join("filler"));
     let (refused, never) = (id(3), id(4));
-    for attempt in 0..3 {
-        for x in [&refused, &never] {
-            let reply = d.post_job(&job_body(x, "ok")).await;
-            assert_refused(
-                &reply,
-                &format!("submit {x} on a full disk (try {attempt})"),
-            );
-            assert_no_trace(&d, &data, x).await;
-        }
-    }
+    assert_submissions_refused(&d, &data, &[&refused, &never], |x, attempt| {
+        format!("submit {x} on a full disk (try {attempt})")
+    })
+    .await;
     let reply = d.cancel(&kept[0]).await;
     assert_refused(&reply, "cancel on a full disk");
     // A resubmission of a stored job needs no write: the safe client retry still answers.
@@ -249,14 +292,8 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_disk_stores_exactly_the_acknowledged_jobs() {
     const TEST: &str = "a_nearly_full_disk_stores_exactly_the_acknowledged_jobs";
-    if !root_or_skip(TEST) {
+    let Some((sandbox, config, data, _mount)) = small_disk_sandbox(TEST, 0) else {
         return;
-    }
-    let (sandbox, config) = sandbox_with(0);
-    let data = sandbox.data_dir();
-    let _mount = match Mount::tmpfs(&data, "512k") {
-        Ok(mount) => mount,
-        Err(e) => return skip(TEST, &format!("cannot mount a tmpfs: {e}")),
     };
     let mut d = TestDaemon::start(&sandbox, &config, "daemon").await;
     let kept = id(1);
@@ -317,14 +354,8 @@ async fn a_nearly_full_disk_stores_exactly_the_acknowledged_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_is_recorded_once_space_returns() {
     const TEST: &str = "an_outcome_is_recorded_once_space_returns";
-    if !root_or_skip(TEST) {
+    let Some((sandbox, config, data, _mount)) = small_disk_sandbox(TEST, 1) else {
         return;
-    }
-    let (sandbox, config) = sandbox_with(1);
-    let data = sandbox.data_dir();
-    let _mount = match Mount::tmpfs(&data, "512k") {
-        Ok(mount) => mount,
-        Err(e) => return skip(TEST, &format!("cannot mount a tmpfs: {e}")),
     };
     let mut d = TestDaemon::start(&sandbox, &config, "daemon").await;
     let (job, next) = (id(1), id(2));
@@ -408,14 +439,19 @@ async fn daemon_under_strace(
         let ids: Vec<&str> = acked.iter().map(String::as_str).collect();
         sandbox.wait_queue_file(&[], &ids).await;
     }
-    let strace = Strace::attach(
+    let strace = attach_strace(sandbox, &d, &filter).await;
+    (d, strace)
+}
+
+/// strace attached to the daemon with `filter`, its log in the sandbox.
+async fn attach_strace(sandbox: &Sandbox, d: &TestDaemon, filter: &[String]) -> Strace {
+    Strace::attach(
         d.pid(),
-        &filter,
+        filter,
         Path::new("/dev/null"),
         &sandbox.path().join("strace.log"),
     )
-    .await;
-    (d, strace)
+    .await
 }
 
 /// strace options that make `syscall` fail with `error` on `paths` (every time, or from the
@@ -452,18 +488,15 @@ async fn injected_write_errors_are_refused_and_leave_nothing() {
     ];
     for (syscall, error) in cases {
         let what = format!("{syscall} fails with {error}");
-        let (sandbox, config) = sandbox_with(0);
-        fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
-        let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+        let (sandbox, config, data) = sandbox_with_data_dir(0);
         let acked = vec![id(1), id(2)];
         let x = id(3);
         let filter = fail_filter(syscall, error, "1+", &[temp_of(&data, &x)]);
         let (mut d, strace) = daemon_under_strace(&sandbox, &config, &acked, filter).await;
-        for attempt in 0..3 {
-            let reply = d.post_job(&job_body(&x, "ok")).await;
-            assert_refused(&reply, &format!("{what}: submit (try {attempt})"));
-            assert_no_trace(&d, &data, &x).await;
-        }
+        assert_submissions_refused(&d, &data, &[&x], |_, attempt| {
+            format!("{what}: submit (try {attempt})")
+        })
+        .await;
         assert_reads_work(&d, &acked).await;
         assert_no_leftovers(&data, &what);
         assert!(d.alive(), "{what}: the daemon exited:\n{}", d.stderr());
@@ -483,21 +516,13 @@ async fn injected_write_errors_are_refused_and_leave_nothing() {
 /// queue.json catches up once writes work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_queue_file_write_is_retried_and_catches_up() {
-    let (sandbox, config) = sandbox_with(0);
-    fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
-    let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+    let (sandbox, config, data) = sandbox_with_data_dir(0);
     let acked = vec![id(1)];
     let mut d = TestDaemon::start(&sandbox, &config, "daemon").await;
     submit(&d, &acked[0], "ok").await;
     sandbox.wait_queue_file(&[], &[&acked[0]]).await;
     let filter = fail_filter("write", "ENOSPC", "1+", &[data.join(".queue.json.tmp")]);
-    let strace = Strace::attach(
-        d.pid(),
-        &filter,
-        Path::new("/dev/null"),
-        &sandbox.path().join("strace.log"),
-    )
-    .await;
+    let strace = attach_strace(&sandbox, &d, &filter).await;
     let x = id(2);
     submit(&d, &x, "ok").await;
     // Refused, and tried again (not given up on): wait for a few refusals.
@@ -529,9 +554,7 @@ async fn a_refused_queue_file_write_is_retried_and_catches_up() {
 /// must not start, the job stays Queued, and once writes work it starts, once, as attempt 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_record_does_not_start_the_trainer() {
-    let (sandbox, config) = sandbox_with(1);
-    fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
-    let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+    let (sandbox, config, data) = sandbox_with_data_dir(1);
     let x = id(1);
     // Write 1 is the submission's record; the starts come after.
     let filter = fail_filter("write", "ENOSPC", "2+", &[temp_of(&data, &x)]);
@@ -578,9 +601,7 @@ async fn fatal_fault(
     syscall: &str,
     target: fn(&Path, &str) -> PathBuf,
 ) -> FatalCase {
-    let (sandbox, config) = sandbox_with(0);
-    fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
-    let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+    let (sandbox, config, data) = sandbox_with_data_dir(0);
     let acked = vec![id(1), id(2), id(3)];
     let x = id(4);
     let filter = fail_filter(syscall, "EIO", "1", &[target(&data, &x)]);
@@ -717,9 +738,7 @@ async fn a_503_after_a_failed_fsync_of_the_jobs_dir_is_not_followed_by_the_job()
 /// acknowledged (its job file is durable); the daemon still exits 74, and the job replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_of_the_queue_file_exits_74_and_keeps_acknowledged_jobs() {
-    let (sandbox, config) = sandbox_with(0);
-    fs::create_dir_all(sandbox.data_dir()).expect("create the data dir");
-    let data = fs::canonicalize(sandbox.data_dir()).expect("the data dir");
+    let (sandbox, config, data) = sandbox_with_data_dir(0);
     let acked = vec![id(1)];
     let filter = fail_filter("fsync", "EIO", "1", &[data.join(".queue.json.tmp")]);
     let (mut d, mut strace) = daemon_under_strace(&sandbox, &config, &acked, filter).await;
@@ -782,19 +801,14 @@ async fn a_read_only_data_dir_refuses_writes_until_it_is_writable_again() {
     for j in &kept {
         submit(&d, j, "ok").await;
     }
-    let mount = match Mount::bind_read_only(&data) {
-        Ok(mount) => mount,
-        Err(e) => return skip(TEST, &format!("cannot make a read-only bind mount: {e}")),
+    let Some(mount) = read_only_or_skip(TEST, &data) else {
+        return;
     };
     let x = id(3);
-    for attempt in 0..3 {
-        let reply = d.post_job(&job_body(&x, "ok")).await;
-        assert_refused(
-            &reply,
-            &format!("submit on a read-only data dir (try {attempt})"),
-        );
-        assert_no_trace(&d, &data, &x).await;
-    }
+    assert_submissions_refused(&d, &data, &[&x], |_, attempt| {
+        format!("submit on a read-only data dir (try {attempt})")
+    })
+    .await;
     let reply = d.cancel(&kept[0]).await;
     assert_refused(&reply, "cancel on a read-only data dir");
     assert_reads_work(&d, &kept).await;
@@ -853,9 +867,8 @@ async fn a_read_only_data_dir_at_boot_exits_74_with_one_line() {
             submit(&d, &kept, "ok").await;
             d.stop_gracefully().await;
         }
-        let mount = match Mount::bind_read_only(&data) {
-            Ok(mount) => mount,
-            Err(e) => return skip(TEST, &format!("cannot make a read-only bind mount: {e}")),
+        let Some(mount) = read_only_or_skip(TEST, &data) else {
+            return;
         };
         let mut d = TestDaemon::spawn(&sandbox, &config, "read-only");
         let status = d.wait_exit(secs(20)).await;
@@ -890,9 +903,8 @@ fn the_filler_leaves_no_space() {
     }
     let dir = tempfile::tempdir().expect("a temp dir");
     let target = dir.path().join("mnt");
-    let _mount = match Mount::tmpfs(&target, "512k") {
-        Ok(mount) => mount,
-        Err(e) => return skip(TEST, &format!("cannot mount a tmpfs: {e}")),
+    let Some(_mount) = tmpfs_or_skip(TEST, &target, "512k") else {
+        return;
     };
     let filler = Filler::fill(&target.join("filler"));
     let err = fs::write(target.join("more"), vec![1u8; 100]).expect_err("no space left");

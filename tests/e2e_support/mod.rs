@@ -10,6 +10,7 @@ use std::fmt::Display;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,49 @@ pub fn text_job(command: &str) -> Value {
     })
 }
 
+/// A job log with the times taken out: `started at T` becomes `started`, `ended after D: how`
+/// becomes `ended: how`, `followed again at T: why` becomes `followed again: why`.
+pub fn normalise(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|line| {
+            if !line.starts_with("==> ") {
+                return line.to_string();
+            }
+            if let Some(at) = line.find(" started at ") {
+                return format!("{} started", &line[..at]);
+            }
+            if let Some(at) = line.find(" followed again at ") {
+                let why = line[at..].split_once(": ").map_or("", |(_, why)| why);
+                return format!("{} followed again: {why}", &line[..at]);
+            }
+            if let Some(at) = line.find(" ended after ") {
+                let how = line[at..].split_once(": ").map_or("", |(_, how)| how);
+                return format!("{} ended: {how}", &line[..at]);
+            }
+            line.to_string()
+        })
+        .collect()
+}
+
+/// The first lines a pipeline stage prints, normalised: its header, then what the stage
+/// script and the recorder image both say first.
+pub fn stage_begins(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
+    vec![
+        format!("==> stage {stage} ({index}/3) started"),
+        format!("{stage}: working on {job} (attempt {attempt})"),
+    ]
+}
+
+/// What a pipeline stage that ran through prints, with its header and footer, normalised.
+pub fn stage_lines(stage: &str, index: usize, job: &str, attempt: u32) -> Vec<String> {
+    let mut lines = stage_begins(stage, index, job, attempt);
+    lines.extend([
+        format!("{stage}: done"),
+        format!("==> stage {stage} ended: exit status 0"),
+    ]);
+    lines
+}
+
 /// The settings a test varies; the rest of the config is fixed.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -127,6 +171,17 @@ pub struct Record {
 pub struct Sandbox {
     dir: tempfile::TempDir,
     spawned: AtomicUsize,
+    /// What the next daemons get on top of (or instead of) the test's own environment.
+    env: Mutex<DaemonEnv>,
+}
+
+/// Changes to the environment the daemon inherits from the test.
+#[derive(Default)]
+struct DaemonEnv {
+    /// Prefixes of names that are removed, like `TRAINING_WORKER_` always is.
+    removed_prefixes: Vec<String>,
+    /// Variables set after the removals, in the order given.
+    set: Vec<(String, String)>,
 }
 
 impl Default for Sandbox {
@@ -145,6 +200,7 @@ impl Sandbox {
         let sandbox = Sandbox {
             dir,
             spawned: AtomicUsize::new(0),
+            env: Mutex::new(DaemonEnv::default()),
         };
         fs::create_dir_all(sandbox.records_dir()).expect("create the records dir");
         sandbox.configure(&Settings::default());
@@ -170,6 +226,19 @@ impl Sandbox {
     /// Where the stub trainer writes: `$TW_DATA_DIR/../trainer-records`.
     pub fn records_dir(&self) -> PathBuf {
         self.path().join("trainer-records")
+    }
+
+    /// Sets `name` to `value` in the environment of every daemon spawned from now on.
+    pub fn set_env(&self, name: &str, value: impl Into<String>) {
+        let mut env = self.env.lock().expect("the env lock");
+        env.set.push((name.to_string(), value.into()));
+    }
+
+    /// Removes every variable whose name starts with `prefix` from the environment the
+    /// daemons spawned from now on inherit; [`Sandbox::set_env`] may still set such names.
+    pub fn remove_env_prefix(&self, prefix: &str) {
+        let mut env = self.env.lock().expect("the env lock");
+        env.removed_prefixes.push(prefix.to_string());
     }
 
     /// Writes the config file the next daemon reads.
@@ -232,11 +301,20 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(stderr);
         // The daemon reads TRAINING_WORKER_*; the test's own environment must not steer it.
+        let env = self.env.lock().expect("the env lock");
         for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TRAINING_WORKER_") {
+            let text = name.to_string_lossy();
+            if std::iter::once("TRAINING_WORKER_")
+                .chain(env.removed_prefixes.iter().map(String::as_str))
+                .any(|prefix| text.starts_with(prefix))
+            {
                 command.env_remove(name);
             }
         }
+        for (name, value) in &env.set {
+            command.env(name, value);
+        }
+        drop(env);
         let child = command.spawn().expect("run the training-worker binary");
         let client = reqwest::Client::builder()
             .no_proxy()
