@@ -236,6 +236,9 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
     for j in &kept {
         submit(&d, j, "ok").await;
     }
+    // queue.json follows the job files a moment later; its rename after the disk is filled
+    // would free the old file's page and let a job in.
+    sandbox.wait_queue_file(&[], &[&kept[0], &kept[1]]).await;
 
     let filler = Filler::fill(&data.join("filler"));
     let (refused, never) = (id(3), id(4));
@@ -363,6 +366,9 @@ async fn an_outcome_is_recorded_once_space_returns() {
     submit(&d, &job, "ok").await;
     sandbox.trainer_started(&job, 1).await;
     submit(&d, &next, "ok").await;
+    // The last rewrite of queue.json lands before the disk is filled: its rename would free
+    // the old file's page and let a job in.
+    sandbox.wait_queue_file(&[&job], &[&next]).await;
 
     let filler = Filler::fill(&data.join("filler"));
     let reply = d.post_job(&job_body(&id(3), "ok")).await;
