@@ -20,8 +20,8 @@ use crate::job::{Job, JobId, Status, Timestamp, format_timestamp};
 use crate::metrics::METRICS;
 use crate::store::replay;
 
-/// How long estimates are reused while nothing changes. They move with the clock only for
-/// the jobs expected to start at once, and by no more than this.
+/// How long estimates are reused while nothing changes. Only what the clock alone moves can
+/// be stale within it, by no more than this: a start expected "now", a deadline that passes.
 pub const ESTIMATES_REUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 /// When a job is expected to start and to end, as the API shows it.
