@@ -432,9 +432,10 @@ impl Run {
                 _ => Duration::ZERO,
             };
             let left = self.job.time_left(chrono::Utc::now());
+            let limit_left = limit.saturating_sub(ran_before);
             let (timeout, budget_bound) = match left {
-                Some(left) if left < limit.saturating_sub(ran_before) => (left, true),
-                _ => (limit.saturating_sub(ran_before), false),
+                Some(left) if left < limit_left => (left, true),
+                _ => (limit_left, false),
             };
             if timeout.is_zero() && budget_bound {
                 let _ = writeln!(

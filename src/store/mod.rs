@@ -139,11 +139,11 @@ struct Request {
 /// What reaches the persistence thread, in one channel so that it waits on one thing.
 enum Event {
     Request(Request),
-    /// A staging thread has written one change of a request (`None`: it panicked).
+    /// A staging thread has written one change of a request.
     Staged {
         request: u64,
         change: usize,
-        result: Option<Result<Staged, WriteError>>,
+        result: Result<Staged, WriteError>,
     },
     /// The last handle is gone: answer what was sent, then stop.
     Closed,
@@ -255,8 +255,9 @@ impl Store {
             queue.place(*id, Placement::Queued(FIRST_QUEUED_RANK + rank as u64));
         }
         let (events, inbox) = mpsc::channel();
+        let jobs_dir: Arc<Path> = data_dir.join(JOBS_DIR).into();
         let mut thread_state = Persister {
-            jobs_dir: data_dir.join(JOBS_DIR).into(),
+            jobs_dir: Arc::clone(&jobs_dir),
             data_dir,
             queue,
             queue_dirty: false,
@@ -265,12 +266,11 @@ impl Store {
             sync,
             fatal,
             broken: None,
-            events: events.clone(),
             pending: BTreeMap::new(),
             next_request: 0,
             writing: HashSet::new(),
             deferred: VecDeque::new(),
-            pool: StagePool::default(),
+            pool: StagePool::new(Arc::clone(&jobs_dir), events.clone()),
         };
         thread_state
             .clean(&recovered)
@@ -370,8 +370,6 @@ struct Persister {
     fatal: CancellationToken,
     /// Set after a fatal error: every later request is refused with it.
     broken: Option<String>,
-    /// The thread's own way into its channel, for the staging threads' reports.
-    events: mpsc::Sender<Event>,
     /// Requests being staged or staged, by arrival.
     pending: BTreeMap<u64, Pending>,
     next_request: u64,
@@ -505,7 +503,6 @@ impl Persister {
                 result,
             } => {
                 self.pool.in_flight -= 1;
-                let result = result.expect("staging a file does not panic");
                 let pending = self
                     .pending
                     .get_mut(&request)
@@ -566,9 +563,7 @@ impl Persister {
         let handed = !alone
             && self.sync == SyncMode::Fsync
             && count > 0
-            && self
-                .pool
-                .stage(number, &changes, &self.jobs_dir, &self.events, self.sync);
+            && self.pool.stage(number, &changes);
         if !handed {
             // Without a per-file fsync there is nothing to overlap but CPU work, which the
             // HTTP side needs too: the store thread writes these files itself, when it
@@ -788,38 +783,26 @@ impl Persister {
 /// them and kept for the store's life (spawning them for every batch was a tenth of the
 /// daemon's CPU time). They take one file at a time from a shared queue and report it on
 /// the store's channel; they end when the pool is dropped.
-#[derive(Default)]
 struct StagePool {
-    tasks: Option<mpsc::Sender<StageTask>>,
-    queue: Option<Arc<Mutex<mpsc::Receiver<StageTask>>>>,
+    jobs_dir: Arc<Path>,
+    /// Where the threads report, the store thread's own channel.
+    events: mpsc::Sender<Event>,
+    /// The shared queue, made with the first thread; the pool holds both ends, so sending
+    /// on it cannot fail.
+    queue: Option<(mpsc::Sender<StageTask>, SharedTasks)>,
     threads: usize,
     /// Files handed out and not reported yet.
     in_flight: usize,
 }
+
+/// The receiving end of the staging queue, shared by the staging threads.
+type SharedTasks = Arc<Mutex<mpsc::Receiver<StageTask>>>;
 
 /// One change of a request to stage: `changes[change]`.
 struct StageTask {
     request: u64,
     change: usize,
     changes: Arc<Vec<Change>>,
-    jobs_dir: Arc<Path>,
-    events: mpsc::Sender<Event>,
-    sync: SyncMode,
-}
-
-impl StageTask {
-    fn run(self) {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            stage(&self.jobs_dir, &self.changes[self.change], self.sync)
-        }))
-        .ok();
-        // The store thread holds the channel open until every report is in.
-        let _ = self.events.send(Event::Staged {
-            request: self.request,
-            change: self.change,
-            result,
-        });
-    }
 }
 
 /// Writes a change's job file to its temporary name; fsyncs it unless the batch is made
@@ -834,28 +817,54 @@ fn stage(jobs_dir: &Path, change: &Change, sync: SyncMode) -> Result<Staged, Wri
 }
 
 impl StagePool {
+    fn new(jobs_dir: Arc<Path>, events: mpsc::Sender<Event>) -> StagePool {
+        StagePool {
+            jobs_dir,
+            events,
+            queue: None,
+            threads: 0,
+            in_flight: 0,
+        }
+    }
+
     /// Starts threads up to `wanted` (at most [`STAGE_THREADS`]), as far as the system gives
     /// them; returns how many there are.
     fn grow(&mut self, wanted: usize) -> usize {
         let wanted = wanted.min(STAGE_THREADS);
         while self.threads < wanted {
-            let queue = match &self.queue {
-                Some(queue) => Arc::clone(queue),
-                None => {
-                    let (tasks, queue) = mpsc::channel();
-                    self.tasks = Some(tasks);
-                    Arc::clone(self.queue.insert(Arc::new(Mutex::new(queue))))
-                }
-            };
+            let queue = Arc::clone(
+                &self
+                    .queue
+                    .get_or_insert_with(|| {
+                        let (tasks, queue) = mpsc::channel();
+                        (tasks, Arc::new(Mutex::new(queue)))
+                    })
+                    .1,
+            );
+            let (jobs_dir, events) = (Arc::clone(&self.jobs_dir), self.events.clone());
             let spawned = thread::Builder::new()
                 .name("store-stage".into())
                 .spawn(move || {
                     loop {
                         let task = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        match task {
-                            Ok(task) => task.run(),
-                            Err(_) => return,
-                        }
+                        let Ok(task) = task else { return };
+                        let change = &task.changes[task.change];
+                        let result =
+                            std::panic::catch_unwind(|| stage(&jobs_dir, change, SyncMode::Fsync))
+                                .unwrap_or_else(|_| {
+                                    // Whether its file was written and fsynced is unknown: fatal,
+                                    // like a failed fsync, so the daemon restarts and replays.
+                                    Err(WriteError::Sync {
+                                        path: jobs_dir.to_path_buf(),
+                                        source: io::Error::other("staging a job file panicked"),
+                                    })
+                                });
+                        // The store thread holds the channel open until every report is in.
+                        let _ = events.send(Event::Staged {
+                            request: task.request,
+                            change: task.change,
+                            result,
+                        });
                     }
                 });
             match spawned {
@@ -871,18 +880,11 @@ impl StagePool {
 
     /// Hands every change of request `request` to the staging threads; false (nothing
     /// handed) when there are none.
-    fn stage(
-        &mut self,
-        request: u64,
-        changes: &Arc<Vec<Change>>,
-        jobs_dir: &Arc<Path>,
-        events: &mpsc::Sender<Event>,
-        sync: SyncMode,
-    ) -> bool {
+    fn stage(&mut self, request: u64, changes: &Arc<Vec<Change>>) -> bool {
         if self.grow(self.in_flight + changes.len()) == 0 {
             return false;
         }
-        let Some(tasks) = &self.tasks else {
+        let Some((tasks, _)) = &self.queue else {
             return false;
         };
         for change in 0..changes.len() {
@@ -890,15 +892,10 @@ impl StagePool {
                 request,
                 change,
                 changes: Arc::clone(changes),
-                jobs_dir: Arc::clone(jobs_dir),
-                events: events.clone(),
-                sync,
             };
-            // The threads hold the queue until the pool is dropped, so this cannot fail
-            // while one of them lives; if none does, the file is staged here.
-            if let Err(mpsc::SendError(task)) = tasks.send(task) {
-                task.run();
-            }
+            tasks
+                .send(task)
+                .expect("the pool holds the receiving end of its queue");
             self.in_flight += 1;
         }
         true
