@@ -439,80 +439,41 @@ fn sqlite_rate(dir: &Path, jobs: usize) -> f64 {
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Write a job-sized file to a temporary name, fsync, rename; one directory fsync per 64.
-fn disk_loop_rate(dir: &Path, jobs: usize, threads: usize) -> f64 {
+/// Where and how a disk loop's threads write their files.
+#[derive(Clone, Copy, PartialEq)]
+enum Files {
+    /// Each thread in its own directory, to a temporary name, fsynced, renamed: the
+    /// yardstick.
+    OwnDirs,
+    /// All threads in one directory, as the store's staging threads write `jobs/`: on ext4
+    /// without a journal, the fsync of a newly named file also syncs its directory.
+    OneDir,
+    /// One directory, each file created unnamed (`O_TMPFILE`), fsynced, then linked into
+    /// place (`linkat`): no name, so its fsync leaves the directory alone. Not what the
+    /// daemon does; what that way of publishing a new file would give.
+    OneDirLinked,
+}
+
+/// `threads` threads write `jobs` job-sized files the way `files` says, each fsynced, with
+/// one fsync of the directory per 64 files.
+fn disk_loop_rate(dir: &Path, jobs: usize, threads: usize, files: Files) -> f64 {
     let body = job_body(0).into_bytes();
     let started = Instant::now();
     std::thread::scope(|scope| {
         for t in 0..threads {
             let body = &body;
             scope.spawn(move || {
-                let d = dir.join(format!("loop-{threads}-{t}"));
+                let d = match files {
+                    Files::OwnDirs => dir.join(format!("loop-{threads}-{t}")),
+                    Files::OneDir => dir.join(format!("shared-{threads}")),
+                    Files::OneDirLinked => dir.join(format!("shared-{threads}-linked")),
+                };
                 fs::create_dir_all(&d).expect("loop dir");
                 let dir_file = fs::File::open(&d).expect("open dir");
                 for n in (t..jobs).step_by(threads) {
-                    let temp = d.join(format!(".{n}.tmp"));
-                    let mut f = fs::File::create(&temp).expect("create");
-                    f.write_all(body).expect("write");
-                    f.sync_all().expect("fsync");
-                    fs::rename(&temp, d.join(format!("{n}.json"))).expect("rename");
-                    if n % 64 == 63 {
-                        dir_file.sync_all().expect("dir fsync");
-                    }
-                }
-                dir_file.sync_all().expect("dir fsync");
-            });
-        }
-    });
-    jobs as f64 / started.elapsed().as_secs_f64()
-}
-
-/// How the daemon's staging threads write: `threads` threads into one directory (the disk
-/// loop gives each thread its own), each file fsynced, a directory fsync per 64. With
-/// `linked`, each file is created unnamed (`O_TMPFILE`), fsynced and linked into place
-/// (`linkat`) instead of created under a temporary name and renamed: an fsync of a newly
-/// named file on ext4 without a journal also syncs its directory, and an unnamed one's does
-/// not. Not part of the yardstick: what another way of publishing a new file would give.
-fn shared_dir_loop_rate(dir: &Path, jobs: usize, threads: usize, linked: bool) -> f64 {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let body = job_body(0).into_bytes();
-    let d = dir.join(format!(
-        "shared-{threads}-{}",
-        if linked { "linked" } else { "renamed" }
-    ));
-    fs::create_dir_all(&d).expect("loop dir");
-    let dir_file = fs::File::open(&d).expect("open dir");
-    let dir_name = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("dir name");
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            let (body, d, dir_file, dir_name) = (&body, &d, &dir_file, &dir_name);
-            scope.spawn(move || {
-                for n in (t..jobs).step_by(threads) {
                     let target = d.join(format!("{n}.json"));
-                    if linked {
-                        // SAFETY: open with a valid C string; the descriptor is owned by the
-                        // File made from it.
-                        let fd = unsafe {
-                            libc::open(dir_name.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY, 0o644)
-                        };
-                        assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
-                        let mut f = unsafe { fs::File::from_raw_fd(fd) };
-                        f.write_all(body).expect("write");
-                        f.sync_all().expect("fsync");
-                        let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-                            .expect("target name");
-                        // SAFETY: linkat with an open descriptor and valid C strings.
-                        let rc = unsafe {
-                            libc::linkat(
-                                f.as_raw_fd(),
-                                c"".as_ptr(),
-                                libc::AT_FDCWD,
-                                target.as_ptr(),
-                                libc::AT_EMPTY_PATH,
-                            )
-                        };
-                        assert_eq!(rc, 0, "linkat: {}", std::io::Error::last_os_error());
+                    if files == Files::OneDirLinked {
+                        write_linked(&d, &target, body);
                     } else {
                         let temp = d.join(format!(".{n}.tmp"));
                         let mut f = fs::File::create(&temp).expect("create");
@@ -524,11 +485,37 @@ fn shared_dir_loop_rate(dir: &Path, jobs: usize, threads: usize, linked: bool) -
                         dir_file.sync_all().expect("dir fsync");
                     }
                 }
+                dir_file.sync_all().expect("dir fsync");
             });
         }
     });
-    dir_file.sync_all().expect("dir fsync");
     jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Creates an unnamed file in `dir` (`O_TMPFILE`), writes and fsyncs it, and links it in as
+/// `target`.
+fn write_linked(dir: &Path, target: &Path, body: &[u8]) {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c_path = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("a path");
+    let (dir, target) = (c_path(dir), c_path(target));
+    // SAFETY: open with a valid C string; the descriptor is owned by the File made from it.
+    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY, 0o644) };
+    assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
+    let mut f = unsafe { fs::File::from_raw_fd(fd) };
+    f.write_all(body).expect("write");
+    f.sync_all().expect("fsync");
+    // SAFETY: linkat with an open descriptor and valid C strings.
+    let rc = unsafe {
+        libc::linkat(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    assert_eq!(rc, 0, "linkat: {}", std::io::Error::last_os_error());
 }
 
 /// The other way to make a batch durable: write a batch of 64 temporary files without
@@ -668,26 +655,26 @@ async fn main() {
         s.add("sqlite", sqlite_rate(dir.path(), jobs));
         settle();
         let loop1 = measure_loop(&mut s, "disk loop, 1 thread", jobs, || {
-            disk_loop_rate(dir.path(), jobs, 1)
+            disk_loop_rate(dir.path(), jobs, 1, Files::OwnDirs)
         });
         settle();
         let loop4 = measure_loop(&mut s, "disk loop, 4 threads", jobs, || {
-            disk_loop_rate(dir.path(), jobs, 4)
+            disk_loop_rate(dir.path(), jobs, 4, Files::OwnDirs)
         });
         s.add("disk loop", loop1.max(loop4));
         settle();
         // Not part of the yardstick: the same loop with as many threads as the daemon's
         // staging pool, for what the disk gives at that concurrency.
         measure_loop(&mut s, "disk loop, 16 threads", jobs, || {
-            disk_loop_rate(dir.path(), jobs, 16)
+            disk_loop_rate(dir.path(), jobs, 16, Files::OwnDirs)
         });
         settle();
         measure_loop(&mut s, "one dir, 16 threads, renamed", jobs, || {
-            shared_dir_loop_rate(dir.path(), jobs, 16, false)
+            disk_loop_rate(dir.path(), jobs, 16, Files::OneDir)
         });
         settle();
         measure_loop(&mut s, "one dir, 16 threads, linked", jobs, || {
-            shared_dir_loop_rate(dir.path(), jobs, 16, true)
+            disk_loop_rate(dir.path(), jobs, 16, Files::OneDirLinked)
         });
         settle();
         measure_loop(&mut s, "syncfs loop", jobs, || {
