@@ -835,6 +835,44 @@ fn concat(parts: &[&[String]]) -> Vec<String> {
     parts.iter().flat_map(|p| p.iter().cloned()).collect()
 }
 
+/// What differs between the god examples' three containers: the downloader's and the
+/// trainer's commands, the trainer's memory, and the uploader's secrets (passed by name)
+/// and settings.
+struct GodRuns<'a> {
+    download: &'a [&'a str],
+    memory: &'a str,
+    train: &'a [&'a str],
+    secrets: &'a [&'a str],
+    upload_env: &'a [(&'a str, String)],
+}
+
+impl GodRuns<'_> {
+    /// The three `docker run` lines, each with the job's variables for its stage (`vars`).
+    fn lines(&self, id: &str, owner: &str, vars: impl Fn(&str) -> Vec<String>) -> [Vec<String>; 3] {
+        let secrets: Vec<&str> = self.secrets.iter().flat_map(|name| ["-e", name]).collect();
+        [
+            concat(&[
+                &god_head(id, "download", owner),
+                &vars("download"),
+                &strings(self.download),
+            ]),
+            concat(&[
+                &god_train_head(id, owner, self.memory),
+                &vars("train"),
+                &strings(&GOD_TRAIN_HARDENING),
+                &strings(self.train),
+            ]),
+            concat(&[
+                &god_head(id, "upload", owner),
+                &vars("upload"),
+                &strings(&secrets),
+                &env_args(self.upload_env),
+                &strings(&["hf-uploader"]),
+            ]),
+        ]
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command_lines() {
     const TEXT_MODEL: &str = "Qwen/Qwen2-0.5B";
@@ -851,7 +889,7 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
         "hours_to_complete": 6,
     });
     let expected = |id: &str, owner: &str| {
-        let vars = |stage| {
+        let vars = |stage: &str| {
             job_vars(
                 id,
                 owner,
@@ -863,67 +901,48 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
                 stage,
             )
         };
-        [
-            concat(&[
-                &god_head(id, "download", owner),
-                &vars("download"),
-                &strings(&[
-                    "trainer-downloader",
-                    "--task-id",
-                    id,
-                    "--model",
-                    TEXT_MODEL,
-                    "--dataset",
-                    DATASET,
-                    "--file-format",
-                    "s3",
-                    "--task-type",
-                    "InstructTextTask",
-                ]),
-            ]),
-            concat(&[
-                &god_train_head(id, owner, "64g"),
-                &vars("train"),
-                &strings(&GOD_TRAIN_HARDENING),
-                &strings(&[
-                    "standalone-text-trainer",
-                    "--task-id",
-                    id,
-                    "--model",
-                    TEXT_MODEL,
-                    "--dataset",
-                    DATASET,
-                    "--dataset-type",
-                    DATASET_TYPE,
-                    "--task-type",
-                    "InstructTextTask",
-                    "--file-format",
-                    "s3",
-                    "--hours-to-complete",
-                    "6",
-                    "--expected-repo-name",
-                    REPO,
-                ]),
-            ]),
-            concat(&[
-                &god_head(id, "upload", owner),
-                &vars("upload"),
-                &strings(&[
-                    "-e",
-                    "HUGGINGFACE_TOKEN",
-                    "-e",
-                    "HUGGINGFACE_USERNAME",
-                    "-e",
-                    "WANDB_TOKEN",
-                ]),
-                &env_args(&[
-                    ("EXPECTED_REPO_NAME", REPO.to_string()),
-                    ("LOCAL_FOLDER", format!("/app/checkpoints/{id}/{REPO}")),
-                    ("TASK_ID", id.to_string()),
-                ]),
-                &strings(&["hf-uploader"]),
-            ]),
-        ]
+        GodRuns {
+            download: &[
+                "trainer-downloader",
+                "--task-id",
+                id,
+                "--model",
+                TEXT_MODEL,
+                "--dataset",
+                DATASET,
+                "--file-format",
+                "s3",
+                "--task-type",
+                "InstructTextTask",
+            ],
+            memory: "64g",
+            train: &[
+                "standalone-text-trainer",
+                "--task-id",
+                id,
+                "--model",
+                TEXT_MODEL,
+                "--dataset",
+                DATASET,
+                "--dataset-type",
+                DATASET_TYPE,
+                "--task-type",
+                "InstructTextTask",
+                "--file-format",
+                "s3",
+                "--hours-to-complete",
+                "6",
+                "--expected-repo-name",
+                REPO,
+            ],
+            secrets: &["HUGGINGFACE_TOKEN", "HUGGINGFACE_USERNAME", "WANDB_TOKEN"],
+            upload_env: &[
+                ("EXPECTED_REPO_NAME", REPO.to_string()),
+                ("LOCAL_FOLDER", format!("/app/checkpoints/{id}/{REPO}")),
+                ("TASK_ID", id.to_string()),
+            ],
+        }
+        .lines(id, owner, vars)
     };
     let upload_env = job_env_and(&[
         "HUGGINGFACE_TOKEN",
@@ -960,7 +979,7 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
         "hours_to_complete": 1,
     });
     let expected = |id: &str, owner: &str| {
-        let vars = |stage| {
+        let vars = |stage: &str| {
             job_vars(
                 id,
                 owner,
@@ -972,55 +991,43 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
                 stage,
             )
         };
-        [
-            concat(&[
-                &god_head(id, "download", owner),
-                &vars("download"),
-                &strings(&[
-                    "trainer-downloader",
-                    "--task-id",
-                    id,
-                    "--model",
-                    IMAGE_MODEL,
-                    "--dataset",
-                    ZIP,
-                    "--task-type",
-                    "ImageTask",
-                ]),
-            ]),
-            concat(&[
-                &god_train_head(id, owner, "32g"),
-                &vars("train"),
-                &strings(&GOD_TRAIN_HARDENING),
-                &strings(&[
-                    "standalone-image-trainer",
-                    "--task-id",
-                    id,
-                    "--model",
-                    IMAGE_MODEL,
-                    "--dataset-zip",
-                    ZIP,
-                    "--model-type",
-                    "sdxl",
-                    "--expected-repo-name",
-                    REPO,
-                    "--hours-to-complete",
-                    "1",
-                ]),
-            ]),
-            concat(&[
-                &god_head(id, "upload", owner),
-                &vars("upload"),
-                &strings(&["-e", "HUGGINGFACE_TOKEN", "-e", "HUGGINGFACE_USERNAME"]),
-                &env_args(&[
-                    ("EXPECTED_REPO_NAME", REPO.to_string()),
-                    ("HF_REPO_SUBFOLDER", "checkpoints".to_string()),
-                    ("LOCAL_FOLDER", format!("/app/checkpoints/{id}/{REPO}")),
-                    ("TASK_ID", id.to_string()),
-                ]),
-                &strings(&["hf-uploader"]),
-            ]),
-        ]
+        GodRuns {
+            download: &[
+                "trainer-downloader",
+                "--task-id",
+                id,
+                "--model",
+                IMAGE_MODEL,
+                "--dataset",
+                ZIP,
+                "--task-type",
+                "ImageTask",
+            ],
+            memory: "32g",
+            train: &[
+                "standalone-image-trainer",
+                "--task-id",
+                id,
+                "--model",
+                IMAGE_MODEL,
+                "--dataset-zip",
+                ZIP,
+                "--model-type",
+                "sdxl",
+                "--expected-repo-name",
+                REPO,
+                "--hours-to-complete",
+                "1",
+            ],
+            secrets: &["HUGGINGFACE_TOKEN", "HUGGINGFACE_USERNAME"],
+            upload_env: &[
+                ("EXPECTED_REPO_NAME", REPO.to_string()),
+                ("HF_REPO_SUBFOLDER", "checkpoints".to_string()),
+                ("LOCAL_FOLDER", format!("/app/checkpoints/{id}/{REPO}")),
+                ("TASK_ID", id.to_string()),
+            ],
+        }
+        .lines(id, owner, vars)
     };
     let upload_env = job_env_and(&[
         "HUGGINGFACE_TOKEN",
