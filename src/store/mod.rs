@@ -525,19 +525,22 @@ impl Persister {
                 .send(Err(StoreError::Fatal(reason.clone())));
             return;
         }
-        // The last record of a job in the request is the one that counts.
-        let mut index: HashMap<JobId, usize> = HashMap::new();
-        let mut changes: Vec<Change> = Vec::with_capacity(request.changes.len());
-        for change in request.changes.drain(..) {
-            match index.get(&change.job.id) {
-                Some(&i) => changes[i] = change,
-                None => {
-                    index.insert(change.job.id, changes.len());
-                    changes.push(change);
+        // The last record of a job in the request is the one that counts. (An enqueue has
+        // one record, and nothing to merge.)
+        if request.changes.len() > 1 {
+            let mut index: HashMap<JobId, usize> = HashMap::new();
+            let mut changes: Vec<Change> = Vec::with_capacity(request.changes.len());
+            for change in request.changes.drain(..) {
+                match index.get(&change.job.id) {
+                    Some(&i) => changes[i] = change,
+                    None => {
+                        index.insert(change.job.id, changes.len());
+                        changes.push(change);
+                    }
                 }
             }
+            request.changes = changes;
         }
-        request.changes = changes;
         if request
             .changes
             .iter()
@@ -983,6 +986,41 @@ mod tests {
         opened.thread.join().unwrap();
         let rec = replay::replay(dir.path()).unwrap();
         assert_eq!(rec.order, vec![b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn the_last_record_of_a_job_in_one_request_is_the_one_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Store::open(dir.path(), CancellationToken::new()).unwrap();
+        let store = opened.handle.clone();
+        let (a, b) = (job(1), job(2));
+        let mut running = a.clone();
+        running.start(chrono::Utc::now(), None);
+        store
+            .commit(vec![
+                Change {
+                    job: a.clone(),
+                    placement: Placement::Queued(0),
+                },
+                Change {
+                    job: b.clone(),
+                    placement: Placement::Queued(1),
+                },
+                Change {
+                    job: running,
+                    placement: Placement::Running(0),
+                },
+            ])
+            .await
+            .unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(
+            &fs::read(dir.path().join(JOBS_DIR).join(format!("{}.json", a.id))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(Job::from_stored(stored).unwrap().status, Status::Running);
+        queue_file_becomes(dir.path(), &[a.id], &[b.id]);
+        drop((store, opened.handle));
+        opened.thread.join().unwrap();
     }
 
     #[tokio::test]
