@@ -914,6 +914,13 @@ mod tests {
         crate::job::sample_job(n)
     }
 
+    fn change(job: &Job, placement: Placement) -> Change {
+        Change {
+            job: job.clone(),
+            placement,
+        }
+    }
+
     fn queue_file(dir: &Path) -> QueueFile {
         serde_json::from_slice(&fs::read(dir.join(QUEUE_FILE)).unwrap()).unwrap()
     }
@@ -946,14 +953,8 @@ mod tests {
         let (a, b) = (job(1), job(2));
         store
             .commit(vec![
-                Change {
-                    job: a.clone(),
-                    placement: Placement::Queued(0),
-                },
-                Change {
-                    job: b.clone(),
-                    placement: Placement::Queued(1),
-                },
+                change(&a, Placement::Queued(0)),
+                change(&b, Placement::Queued(1)),
             ])
             .await
             .unwrap();
@@ -970,10 +971,7 @@ mod tests {
         let mut running = b.clone();
         running.start(chrono::Utc::now(), None);
         store
-            .commit(vec![Change {
-                job: running,
-                placement: Placement::Running(0),
-            }])
+            .commit(vec![change(&running, Placement::Running(0))])
             .await
             .unwrap();
         queue_file_becomes(dir.path(), &[b.id], &[a.id]);
@@ -998,18 +996,9 @@ mod tests {
         running.start(chrono::Utc::now(), None);
         store
             .commit(vec![
-                Change {
-                    job: a.clone(),
-                    placement: Placement::Queued(0),
-                },
-                Change {
-                    job: b.clone(),
-                    placement: Placement::Queued(1),
-                },
-                Change {
-                    job: running,
-                    placement: Placement::Running(0),
-                },
+                change(&a, Placement::Queued(0)),
+                change(&b, Placement::Queued(1)),
+                change(&running, Placement::Running(0)),
             ])
             .await
             .unwrap();
