@@ -181,6 +181,12 @@ pub struct ExecutorConfig {
     pub kill_grace: Duration,
     /// Names of daemon environment variables a trainer receives.
     pub pass_env: Vec<String>,
+    /// A job's log is rotated when it reaches this size (the previous part kept as
+    /// `<job_id>.log.1`); 0: never.
+    pub max_log_bytes: u64,
+    /// The program run as each trainer's supervisor (`training-worker supervise`): this
+    /// binary. Not a setting; tests that run the executor inside another binary set it.
+    pub supervisor: PathBuf,
 }
 
 /// One named step of the pipeline.
@@ -301,6 +307,7 @@ struct FileExecutor {
     timeout: Option<String>,
     kill_grace: Option<String>,
     pass_env: Option<Vec<String>>,
+    max_log_bytes: Option<String>,
     docker: Option<String>,
     adopt_running: Option<bool>,
     #[serde(default)]
@@ -563,6 +570,15 @@ impl Config {
                 humantime::format_duration(shutdown_grace)
             )));
         }
+        let max_log_bytes = match var("EXECUTOR_MAX_LOG_BYTES").or(file.executor.max_log_bytes) {
+            None => DEFAULT_MAX_LOG_BYTES,
+            Some(text) if text.trim() == "0" => 0,
+            Some(text) => parse_bytes(&text).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "executor.max_log_bytes: {text:?} is not a size like \"1g\" or \"512m\" (0: no limit)"
+                ))
+            })?,
+        };
         let pass_env: Vec<String> = match var("EXECUTOR_PASS_ENV") {
             Some(v) => v
                 .split(',')
@@ -618,6 +634,8 @@ impl Config {
                 timeout,
                 kill_grace,
                 pass_env,
+                max_log_bytes,
+                supervisor: PathBuf::from(crate::executor::supervisor::THIS_BINARY),
             },
         })
     }
@@ -907,6 +925,10 @@ fn parse_stage(
 
 /// A size as docker writes it: a number with an optional `b`, `k`, `m`, `g` or `t` (powers
 /// of 1024), in bytes.
+/// `executor.max_log_bytes` unless set: a trainer that prints a progress bar per step for
+/// days fills no disk.
+const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
+
 pub fn parse_bytes(text: &str) -> Option<u64> {
     let text = text.trim().to_ascii_lowercase();
     let text = text

@@ -170,6 +170,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
                 program.clone(),
                 &data_dir,
                 &config.executor.pass_env,
+                config.executor.supervisor.clone(),
             );
             executor::docker::reconcile(
                 &docker,
@@ -204,7 +205,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
             return stop_after_failure(shutdown, tracker, Exit::Storage).await;
         }
     };
-    tracker.spawn(worker.run());
+    let worker_task = tracker.spawn(worker.run());
     state.set_worker(handle.clone());
     info!(
         jobs = report.loaded,
@@ -258,6 +259,15 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
     if fatal.is_cancelled() {
         error!("stopped after a fatal storage error; restart to replay from disk");
+        return Exit::Storage;
+    }
+    // Finished with the tracker; what it says is whether the stop was clean.
+    let unwritten = worker_task.await.map_or(0, |stopped| stopped.unwritten);
+    if unwritten > 0 {
+        error!(
+            jobs = unwritten,
+            "stopped, but interrupted jobs could not be written back; the next boot counts their starts"
+        );
         return Exit::Storage;
     }
     info!("stopped");

@@ -7,6 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use training_worker::client;
 use training_worker::config::{Config, LogFormat, Overrides};
 use training_worker::daemon::{self, Exit};
+use training_worker::executor::supervisor;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +51,22 @@ enum Commands {
         /// The shell
         shell: clap_complete::Shell,
     },
+    /// The process the daemon runs beside each trainer (see ARCHITECTURE.md); not for
+    /// people.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
+    // The supervisor starts beside every trainer: straight to it, without clap's parsing of
+    // the trainer's argv or anything else the daemon sets up.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == supervisor::SUBCOMMAND) {
+        return supervisor::main(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Commands::Serve {
@@ -69,6 +83,7 @@ fn main() -> ExitCode {
         Commands::Check { data_dir } => check(&data_dir.unwrap_or_else(|| "data".into())),
         Commands::Client(command) => client::run(command),
         Commands::Completions { shell } => completions(shell),
+        Commands::Supervise { args } => supervisor::main(args.into_iter()),
     }
 }
 

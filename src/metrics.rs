@@ -120,6 +120,9 @@ pub struct Metrics {
     pub quarantined: Counter,
     /// Writes the store refused (disk full, I/O error): each a 503 or a retry.
     pub store_refusals: Counter,
+    /// Trainers that could not be started (a missing program, no descriptors left): each
+    /// put its job back in the queue, uncounted, and paused the starts for a while.
+    pub spawn_failures: Counter,
     /// From arrival (or requeue) to start.
     pub queue_wait: Histogram,
     /// From start to end, for every end (completed, failed, cancelled, stopped).
@@ -154,6 +157,7 @@ impl Metrics {
             recovered: Counter::new(),
             quarantined: Counter::new(),
             store_refusals: Counter::new(),
+            spawn_failures: Counter::new(),
             queue_wait: Histogram::new(&SECONDS_BUCKETS),
             run_time: Histogram::new(&SECONDS_BUCKETS),
             batch_jobs: Histogram::new(&BATCH_BUCKETS),
@@ -266,6 +270,11 @@ impl Metrics {
                 "store_refused_writes_total",
                 "Writes the storage refused (disk full, I/O error); nothing was stored.",
                 &self.store_refusals,
+            ),
+            (
+                "trainer_spawn_failures_total",
+                "Trainers that could not be started; each job went back to the queue, its attempt not counted.",
+                &self.spawn_failures,
             ),
         ] {
             let _ = writeln!(out, "# HELP training_worker_{name} {help}");
@@ -380,7 +389,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 17, "{text}");
+        assert_eq!(families.len(), 18, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

@@ -53,7 +53,7 @@ struct App {
     root: TempDir,
     data: PathBuf,
     shutdown: CancellationToken,
-    worker_task: Option<JoinHandle<()>>,
+    worker_task: Option<JoinHandle<training_worker::worker::Stopped>>,
 }
 
 impl App {
@@ -1069,6 +1069,8 @@ async fn path_traversal_never_reads_or_writes_outside_the_data_dir() {
     let app = spawn_app(Options::default()).await;
     let job = app.submit(&diffusion_job()).await;
     let id = id_of(&job);
+    // queue.json follows the job file a moment later; the snapshot below must not race it.
+    app.queue_file_becomes((vec![], vec![id.clone()])).await;
     // Bait: files a traversal would reach from the data dir or from jobs/ or logs/.
     std::fs::create_dir_all(app.root.path().join("etc")).unwrap();
     std::fs::write(app.root.path().join("etc/passwd"), "root:x:0:0:bait\n").unwrap();
@@ -1218,7 +1220,10 @@ async fn the_queue_lists_queued_ids_in_submission_order() {
     let app = spawn_app(Options::default()).await;
     let empty = app.get("/v1/queue").await;
     assert_eq!(empty.status, StatusCode::OK);
-    assert_eq!(empty.json(), json!({"running": [], "queued": []}));
+    assert_eq!(
+        empty.json(),
+        json!({"running": [], "queued": [], "paused": "starts are paused (worker.max_concurrent = 0)", "waiting": {}})
+    );
 
     let mut submitted = Vec::new();
     for n in 0..5 {
@@ -1234,7 +1239,7 @@ async fn the_queue_lists_queued_ids_in_submission_order() {
     let view = reply.json();
     assert_eq!(
         view.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["running", "queued"]
+        ["running", "queued", "paused", "waiting"]
     );
     assert_eq!(ids(&view["running"]), Vec::<String>::new());
     assert_eq!(ids(&view["queued"]), submitted);
@@ -1275,7 +1280,11 @@ async fn cancel_is_durable_before_the_reply_and_refused_when_finished() {
     app.queue_file_becomes((vec![], vec![b.clone()])).await;
 
     let view = app.get("/v1/queue").await.json();
-    assert_eq!(view, json!({"running": [], "queued": [b]}));
+    let paused = "starts are paused (worker.max_concurrent = 0)";
+    assert_eq!(
+        view,
+        json!({"running": [], "queued": [b], "paused": paused, "waiting": {b.as_str(): paused}})
+    );
     let got = app.get(&format!("/v1/jobs/{a}")).await.json();
     assert_eq!(got["status"], "Cancelled");
 
@@ -1697,7 +1706,11 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
         .await
         .expect_error(StatusCode::NOT_FOUND, &failed);
     let view = app.get("/v1/queue").await.json();
-    assert_eq!(view, json!({"running": [], "queued": [a]}));
+    let paused = "starts are paused (worker.max_concurrent = 0)";
+    assert_eq!(
+        view,
+        json!({"running": [], "queued": [a], "paused": paused, "waiting": {a.as_str(): paused}})
+    );
     app.queue_file_becomes(queue_before).await;
     // A cancel cannot be stored either, and leaves the job queued.
     app.post_empty(&format!("/v1/jobs/{a}/cancel"))
@@ -1772,7 +1785,10 @@ async fn a_completed_job_serves_its_log_and_cannot_be_cancelled() {
     let listed = app.get("/v1/jobs?status=Completed").await.json();
     assert_eq!(job_ids(&listed), [id.as_str()]);
     let view = app.get("/v1/queue").await.json();
-    assert_eq!(view, json!({"running": [], "queued": []}));
+    assert_eq!(
+        view,
+        json!({"running": [], "queued": [], "paused": null, "waiting": {}})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1808,7 +1824,15 @@ async fn cancelling_a_running_job_stops_its_trainer_and_it_stays_cancelled() {
     app.wait_for(&id, "Running", |j| j["status"] == "Running")
         .await;
     let view = app.get("/v1/queue").await.json();
-    assert_eq!(view, json!({"running": [id], "queued": [next]}));
+    assert_eq!(
+        view,
+        json!({
+            "running": [id],
+            "queued": [next],
+            "paused": null,
+            "waiting": {next.as_str(): "the one slot is busy (worker.max_concurrent = 1)"},
+        })
+    );
     // Wait for the trainer's own output, so that it is surely running.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !app
@@ -1830,7 +1854,15 @@ async fn cancelling_a_running_job_stops_its_trainer_and_it_stays_cancelled() {
     assert_eq!(reply.json()["status"], "Cancelled");
     assert!(reply.json()["error_message"].is_string());
     assert_eq!(on_disk["status"], "Cancelled");
-    assert!(!app.queue_file().0.contains(&id));
+    // queue.json follows the job files, off the acknowledgement path.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.queue_file().0.contains(&id) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue.json still lists the cancelled job as running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The trainer is stopped (the executor notes its end in the log) well before its
     // 60 s sleep, and the job stays Cancelled.
@@ -1854,7 +1886,10 @@ async fn cancelling_a_running_job_stops_its_trainer_and_it_stays_cancelled() {
     assert_eq!(job["attempts"], 1);
     assert_eq!(app.read_job_file(&id)["status"], "Cancelled");
     let view = app.get("/v1/queue").await.json();
-    assert_eq!(view, json!({"running": [next], "queued": []}));
+    assert_eq!(
+        view,
+        json!({"running": [next], "queued": [], "paused": null, "waiting": {}})
+    );
     // Stop the second trainer so that no sleep outlives the test.
     let reply = app.post_empty(&format!("/v1/jobs/{next}/cancel")).await;
     assert_eq!(reply.status, StatusCode::OK);

@@ -154,7 +154,7 @@ struct Sandbox {
 struct App {
     router: Router,
     shutdown: CancellationToken,
-    worker: JoinHandle<()>,
+    worker: JoinHandle<training_worker::worker::Stopped>,
     store: std::thread::JoinHandle<()>,
     trainers: TaskTracker,
 }

@@ -292,7 +292,12 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
     // queue: in the order the jobs will start; --json is the API's object.
     let out = run(at(&url, &["queue"])).await;
     let lines: Vec<&str> = out.assert_ok().stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{out:?}");
+    assert_eq!(lines.len(), 4, "{out:?}");
+    // Nothing starts in this daemon, and the view says why.
+    assert_eq!(
+        lines[3], "paused: starts are paused (worker.max_concurrent = 0)",
+        "{out:?}"
+    );
     assert!(
         lines[0].contains("  DEADLINE  EST. START  MODEL"),
         "{out:?}"
@@ -319,7 +324,10 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
     assert_eq!(job["status"], "Cancelled", "{job}");
     assert_eq!(job, daemon.job(a).await);
     let out = run(at(&url, &["queue"])).await;
-    assert_eq!(out.assert_ok().stdout, "the queue is empty\n");
+    assert_eq!(
+        out.assert_ok().stdout,
+        "the queue is empty\npaused: starts are paused (worker.max_concurrent = 0)\n"
+    );
 
     // A job that does not exist is exit 3 for every command about one job.
     let nobody = "7d444840-9dc0-11d1-b245-5ffdce74fad2";

@@ -243,8 +243,12 @@ async fn stages_run_in_order_with_rendered_placeholders_and_each_is_recorded_bef
     let done = daemon.wait_status(&a, "Completed", secs(15)).await;
     assert_eq!(done["attempts"], 1, "{done}");
     assert_eq!(done["error_message"], Value::Null, "{done}");
-    // The last stage is not recorded: the job's status says it finished.
-    assert_eq!(stages_done(&done), ["download", "train"], "{done}");
+    // The last stage is recorded with the end, like every other stage before it.
+    assert_eq!(
+        stages_done(&done),
+        ["download", "train", "upload"],
+        "{done}"
+    );
     assert_eq!(sandbox.job_file(&a), done, "the API shows the job file");
 
     let mut expected = Vec::new();

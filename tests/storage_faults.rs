@@ -918,3 +918,33 @@ fn the_filler_leaves_no_space() {
     drop(filler);
     fs::write(target.join("more"), vec![1u8; 100]).expect("space is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_that_cannot_write_the_job_back_exits_74() {
+    const TEST: &str = "a_graceful_stop_that_cannot_write_the_job_back_exits_74";
+    if !root_or_skip(TEST) {
+        return;
+    }
+    let (sandbox, config, data) = sandbox_with_data_dir(1);
+    let mut d = TestDaemon::start(&sandbox, &config, "daemon").await;
+    let x = id(1);
+    submit(&d, &x, "sleep:300").await;
+    d.wait_status(&x, "Running", secs(10)).await;
+    let Some(_mount) = read_only_or_skip(TEST, &data.join("jobs")) else {
+        return;
+    };
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(secs(20)).await;
+    assert_eq!(status.code(), Some(74), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("cannot write the interrupted job back"),
+        "{}",
+        d.stderr()
+    );
+    // Nothing was lost: the record still says Running, which the next boot replays as an
+    // interrupted start.
+    assert_eq!(
+        read_job_file(&data, &x).expect("its file")["status"],
+        "Running"
+    );
+}

@@ -357,9 +357,17 @@ async fn list(
 async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let view = state.worker()?.queue().await?;
     let ids = |ids: Vec<JobId>| ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>();
-    Ok(Json(
-        json!({"running": ids(view.running), "queued": ids(view.queued)}),
-    ))
+    let waiting: serde_json::Map<String, Value> = view
+        .waiting
+        .into_iter()
+        .map(|(id, reason)| (id.to_string(), Value::String(reason)))
+        .collect();
+    Ok(Json(json!({
+        "running": ids(view.running),
+        "queued": ids(view.queued),
+        "paused": view.paused,
+        "waiting": waiting,
+    })))
 }
 
 async fn cancel(
@@ -401,23 +409,7 @@ async fn logs(
     let Some((path, status)) = state.worker()?.log_path(id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => Some(file),
-        // A job that has not started yet has no output yet.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(ApiError::Internal(format!(
-                "cannot open {}: {e}",
-                path.display()
-            )));
-        }
-    };
-    let (body, size) = match file {
-        None => (Body::empty(), 0),
-        Some(file) => read_log(file, &params)
-            .await
-            .map_err(|e| ApiError::Internal(format!("cannot read {}: {e}", path.display())))?,
-    };
+    let (body, size) = read_rotated_log(&path, &params).await?;
     Ok((
         [
             (
@@ -436,6 +428,70 @@ async fn logs(
         body,
     )
         .into_response())
+}
+
+/// A job's log across its rotations (see `executor::supervisor::LogWriter`): offsets count
+/// the job's whole output, so a follower's next offset stays right when the log rotates
+/// under it. A follower behind the current file gets the rest of the rotated part first;
+/// what was rotated away twice is gone, and it goes on from what is left.
+async fn read_rotated_log(
+    path: &std::path::Path,
+    params: &LogParams,
+) -> Result<(Body, u64), ApiError> {
+    let cannot = |e: std::io::Error, path: &std::path::Path| {
+        ApiError::Internal(format!("cannot read {}: {e}", path.display()))
+    };
+    let offsets = crate::executor::supervisor::LogOffsets::new(path);
+    let base = offsets.base();
+    if let Some(offset) = params.offset.filter(|o| *o < base) {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let rotated = offsets.rotated();
+        match tokio::fs::File::open(&rotated).await {
+            Ok(mut old) => {
+                let len = old.metadata().await.map_err(|e| cannot(e, &rotated))?.len();
+                let start = offset.saturating_sub(base.saturating_sub(len)).min(len);
+                old.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|e| cannot(e, &rotated))?;
+                // The rest of the rotated part, then the current log as far as it is now.
+                let (current, size) = match tokio::fs::File::open(path).await {
+                    Ok(file) => {
+                        let size = file.metadata().await.map_err(|e| cannot(e, path))?.len();
+                        (Some(file), size)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, 0),
+                    Err(e) => return Err(cannot(e, path)),
+                };
+                let old = old.take(len - start);
+                let body = match current {
+                    Some(file) => Body::from_stream(tokio_util::io::ReaderStream::new(
+                        old.chain(file.take(size)),
+                    )),
+                    None => Body::from_stream(tokio_util::io::ReaderStream::new(old)),
+                };
+                return Ok((body, base + size));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(cannot(e, &rotated)),
+        }
+    }
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        // A job that has not started yet has no output yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Body::empty(), base)),
+        Err(e) => {
+            return Err(ApiError::Internal(format!(
+                "cannot open {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let within = LogParams {
+        tail: params.tail,
+        offset: params.offset.map(|o| o.saturating_sub(base)),
+    };
+    let (body, size) = read_log(file, &within).await.map_err(|e| cannot(e, path))?;
+    Ok((body, base + size))
 }
 
 /// The part of a log the parameters ask for, streamed (a trainer's log can be far larger

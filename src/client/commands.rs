@@ -214,8 +214,14 @@ async fn queue(api: &Api, style: &Style, json: bool) -> Result<Exit, ClientError
     } else {
         emit(&render::queue_table(&running, &queued, Utc::now(), style))?;
     }
+    // Asked last: the reasons are about the queue as it is now.
+    let view = api.queue().await?;
+    emit(&render::wait_reasons(&view, WAIT_REASONS_SHOWN))?;
     Ok(Exit::Success)
 }
+
+/// How many queued jobs `queue` says the reason for; the others wait behind them.
+const WAIT_REASONS_SHOWN: usize = 10;
 
 async fn cancel(api: &Api, style: &Style, id: JobId, json: bool) -> Result<Exit, ClientError> {
     let job = api.cancel(id).await?;

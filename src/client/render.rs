@@ -418,9 +418,77 @@ pub fn queue_table(
     )
 }
 
+/// Why the queue does not move, from `GET /v1/queue`: the reason starts are paused, or why
+/// each of the first `shown` queued jobs waits. Empty when nothing waits.
+pub fn wait_reasons(view: &serde_json::Value, shown: usize) -> String {
+    let mut out = String::new();
+    if let Some(paused) = view["paused"].as_str() {
+        out.push_str(&format!("paused: {}\n", printable(paused)));
+        return out;
+    }
+    let order: Vec<&str> = view["queued"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(|id| id.as_str()).collect())
+        .unwrap_or_default();
+    let reasons = &view["waiting"];
+    for id in order.iter().take(shown) {
+        if let Some(reason) = reasons[*id].as_str() {
+            if out.is_empty() {
+                out.push_str("why they wait:\n");
+            }
+            out.push_str(&format!("  {id}  {}\n", printable(reason)));
+        }
+    }
+    if order.len() > shown && !out.is_empty() {
+        out.push_str(&format!(
+            "  … and {} more behind them\n",
+            order.len() - shown
+        ));
+    }
+    out
+}
+
+/// `text` with control characters shown as escapes, so that no text from the daemon can
+/// move the cursor or clear a terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<char>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_says_why_it_waits() {
+        let view = serde_json::json!({
+            "running": ["r"],
+            "queued": ["a", "b", "c"],
+            "paused": null,
+            "waiting": {"a": "the one slot is busy", "b": "waits behind job a", "c": "waits behind job a"},
+        });
+        assert_eq!(
+            wait_reasons(&view, 2),
+            "why they wait:\n  a  the one slot is busy\n  b  waits behind job a\n  … and 1 more behind them\n"
+        );
+        let paused = serde_json::json!({
+            "running": [], "queued": ["a"], "paused": "trainers cannot be started (\u{1b}[2J)",
+            "waiting": {"a": "x"},
+        });
+        assert_eq!(
+            wait_reasons(&paused, 10),
+            "paused: trainers cannot be started (\\u{1b}[2J)\n"
+        );
+        let empty = serde_json::json!({"running": [], "queued": [], "paused": null, "waiting": {}});
+        assert_eq!(wait_reasons(&empty, 10), "");
+    }
     use serde_json::json;
 
     fn at(text: &str) -> DateTime<Utc> {

@@ -13,7 +13,6 @@
 //! from its own environment, so it never appears on a command line, in a log or on disk.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime};
@@ -22,8 +21,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::supervisor::{self, Supervised};
 use super::template::Values;
-use super::{Adoption, BASE_ENV, OWNER_ENV, Outcome, kill_group, tie_to_daemon};
+use super::{Adoption, BASE_ENV, Log, OWNER_ENV, Outcome, kill_group, tie_to_daemon};
 use crate::config::{DockerStage, Stage, StageRun};
 use crate::job::{Job, JobId, Status, Timestamp};
 
@@ -49,6 +49,8 @@ pub fn container_name(job_id: JobId, stage: &str) -> String {
 #[derive(Clone)]
 pub struct DockerCli {
     program: PathBuf,
+    /// The program that runs `docker logs -f` under a supervisor, as for trainers.
+    supervisor: PathBuf,
     /// The CLI's environment: a small base, `DOCKER_*` (host, context, config), the
     /// `pass_env` values (for `-e NAME`), and the owner mark, so that a CLI process left
     /// behind by a killed daemon is found at boot.
@@ -57,6 +59,22 @@ pub struct DockerCli {
     owner: String,
     /// The host's CPUs: docker refuses a `--cpus` above it, so per-GPU shares are capped.
     host_cpus: f64,
+}
+
+/// Why a CLI call gave no answer.
+enum CliError {
+    /// The CLI could not be run at all.
+    NotRun(String),
+    /// It ran and failed, or did not answer in time.
+    Failed(String),
+}
+
+impl CliError {
+    fn into_message(self) -> String {
+        match self {
+            CliError::NotRun(m) | CliError::Failed(m) => m,
+        }
+    }
 }
 
 impl std::fmt::Debug for DockerCli {
@@ -89,7 +107,12 @@ pub enum Decision {
 }
 
 impl DockerCli {
-    pub fn new(program: PathBuf, data_dir: &Path, pass_env: &[String]) -> DockerCli {
+    pub fn new(
+        program: PathBuf,
+        data_dir: &Path,
+        pass_env: &[String],
+        supervisor: PathBuf,
+    ) -> DockerCli {
         let mut env: Vec<(String, String)> = Vec::new();
         for name in BASE_ENV.iter().copied().map(String::from).chain(
             std::env::vars()
@@ -111,6 +134,7 @@ impl DockerCli {
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         DockerCli {
             program,
+            supervisor,
             env,
             owner,
             host_cpus: if online > 0 { online as f64 } else { f64::MAX },
@@ -134,27 +158,41 @@ impl DockerCli {
         args: &[S],
         limit: Duration,
     ) -> Result<String, String> {
+        self.try_output(args, limit)
+            .await
+            .map_err(CliError::into_message)
+    }
+
+    /// [`DockerCli::output`], telling a CLI that could not be run from one that failed.
+    async fn try_output<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        limit: Duration,
+    ) -> Result<String, CliError> {
         let child = self
             .command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
+            .map_err(|e| CliError::NotRun(format!("cannot run {}: {e}", self.program.display())))?;
         let pid = child.id();
         match tokio::time::timeout(limit, child.wait_with_output()).await {
             Ok(Ok(output)) if output.status.success() => {
                 Ok(String::from_utf8_lossy(&output.stdout).into_owned())
             }
-            Ok(Ok(output)) => Err(failure(&output)),
-            Ok(Err(e)) => Err(format!("cannot wait for {}: {e}", self.program.display())),
+            Ok(Ok(output)) => Err(CliError::Failed(failure(&output))),
+            Ok(Err(e)) => Err(CliError::Failed(format!(
+                "cannot wait for {}: {e}",
+                self.program.display()
+            ))),
             Err(_) => {
                 if let Some(pid) = pid {
                     kill_group(pid, libc::SIGKILL);
                 }
-                Err(format!(
+                Err(CliError::Failed(format!(
                     "no answer within {}",
                     humantime::format_duration(limit)
-                ))
+                )))
             }
         }
     }
@@ -234,7 +272,7 @@ impl DockerCli {
         &self,
         name: &str,
         args: &[String],
-        log: &File,
+        log: &Log,
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
@@ -244,13 +282,20 @@ impl DockerCli {
         if let Err(e) = self.remove(name).await {
             warn!(container = name, error = %e, "cannot remove an old container");
         }
-        if let Err(e) = self.output(args, CLI_TIMEOUT).await {
-            let mut log = log;
-            let _ =
-                std::io::Write::write_fmt(&mut log, format_args!("==> docker run failed: {e}\n"));
+        if let Err(e) = self.try_output(args, CLI_TIMEOUT).await {
+            let not_run = matches!(e, CliError::NotRun(_));
+            let e = e.into_message();
+            log.line(&format!("==> docker run failed: {e}"));
             // It may have been created before the failure; it must not linger.
             let _ = self.remove(name).await;
-            return Outcome::SpawnFailed(format!("docker run: {e}"));
+            let e = format!("docker run: {e}");
+            // A CLI that cannot be run is the box's trouble; a docker run that failed is
+            // this start's.
+            return if not_run {
+                Outcome::SpawnFailed(e)
+            } else {
+                Outcome::Refused(e)
+            };
         }
         info!(container = name, "container started");
         self.follow(name, None, log, timeout, grace, stop).await
@@ -262,7 +307,7 @@ impl DockerCli {
         &self,
         name: &str,
         since: Option<SystemTime>,
-        log: &File,
+        log: &Log,
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
@@ -276,12 +321,21 @@ impl DockerCli {
             );
         }
         logs_args.push(name.to_string());
-        let logs = match (log.try_clone(), log.try_clone()) {
-            (Ok(out), Ok(err)) => self.command(&logs_args).stdout(out).stderr(err).spawn(),
-            (Err(e), _) | (_, Err(e)) => Err(e),
+        // Under a supervisor like a trainer: it caps and rotates the log the same way.
+        let mut argv = vec![self.program.clone().into_os_string()];
+        argv.extend(logs_args.iter().map(std::ffi::OsString::from));
+        let args = supervisor::Args {
+            log: log.path.clone(),
+            max_log_bytes: log.max_bytes,
+            grace: Duration::ZERO,
+            argv,
+        };
+        let logs = match Supervised::spawn(&self.supervisor, &args, &self.env) {
+            Ok(mut logs) => logs.started().await.map(|_| logs),
+            Err(e) => Err(e.to_string()),
         };
         let mut logs = match logs {
-            Ok(child) => Some(child),
+            Ok(logs) => Some(logs),
             Err(e) => {
                 warn!(container = name, error = %e, "cannot follow the container's output");
                 None
@@ -323,15 +377,13 @@ impl DockerCli {
         {
             kill_group(pid, libc::SIGKILL);
         }
-        if let Some(child) = logs.as_mut()
-            && tokio::time::timeout(LOGS_DRAIN, child.wait())
+        if let Some(logs) = logs.as_mut()
+            && tokio::time::timeout(LOGS_DRAIN, logs.ended())
                 .await
                 .is_err()
+            && let Err(e) = logs.stop(Duration::ZERO).await
         {
-            if let Some(pid) = child.id() {
-                kill_group(pid, libc::SIGKILL);
-            }
-            let _ = child.wait().await;
+            warn!(container = name, error = %e, "cannot stop following the container's output");
         }
         if let Err(e) = self.remove(name).await {
             warn!(container = name, error = %e, "cannot remove the finished container");
@@ -597,7 +649,12 @@ mod tests {
 
     #[test]
     fn run_args_carry_names_labels_limits_and_no_secret_values() {
-        let mut cli = DockerCli::new("docker".into(), Path::new("/srv/tw"), &[]);
+        let mut cli = DockerCli::new(
+            "docker".into(),
+            Path::new("/srv/tw"),
+            &[],
+            "supervise".into(),
+        );
         cli.host_cpus = 64.0;
         let job = running_job(1, Some(vec![2, 3]));
         let stage = docker_stage("train");

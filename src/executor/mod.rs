@@ -19,18 +19,18 @@
 
 pub mod docker;
 pub mod orphans;
+pub mod supervisor;
 pub mod template;
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +40,7 @@ use crate::config::{ExecutorConfig, Stage, StageRun};
 use crate::job::{Job, JobId};
 use crate::store::replay::{JOBS_DIR, LOGS_DIR};
 use docker::DockerCli;
+use supervisor::{LogOffsets, Report, Supervised};
 use template::{Template, Values};
 
 /// The variable that marks a trainer as started by the daemon of one data dir.
@@ -62,8 +63,12 @@ pub enum Outcome {
     TimedOut(Duration),
     /// It was stopped on request (cancel or shutdown).
     Stopped,
-    /// It could not be started at all.
+    /// It could not be started at all: its program could not be run (missing, no
+    /// descriptors left). The box's trouble, not the job's: the job goes back to the queue.
     SpawnFailed(String),
+    /// Its start was refused: `docker run` ran and failed (an unknown image, say). The
+    /// job fails.
+    Refused(String),
     /// The job's time budget (`hours_to_complete`) ran out while it ran; it ran this long.
     OutOfTime(Duration),
     /// Its container could no longer be followed (the docker CLI failed).
@@ -95,6 +100,8 @@ pub struct StageDone {
 pub struct Reports {
     pub events: mpsc::Sender<Event>,
     pub stage_done: mpsc::Sender<StageDone>,
+    /// A trainer of this job is running: trainers can be started again.
+    pub started: mpsc::Sender<JobId>,
 }
 
 impl Event {
@@ -124,7 +131,9 @@ impl Event {
                 humantime::format_duration(*after)
             )),
             Outcome::Stopped => Some("trainer was stopped".into()),
-            Outcome::SpawnFailed(e) => Some(format!("could not start the trainer: {e}")),
+            Outcome::SpawnFailed(e) | Outcome::Refused(e) => {
+                Some(format!("could not start the trainer: {e}"))
+            }
             Outcome::OutOfTime(after) => Some(format!(
                 "the time budget (hours_to_complete) ran out; stopped after {}{said}",
                 humantime::format_duration(*after)
@@ -186,6 +195,10 @@ struct Context {
     timeout: Duration,
     kill_grace: Duration,
     pass_env: Vec<String>,
+    /// A job's log is rotated at this size (0: never); see [`supervisor::LogWriter`].
+    max_log_bytes: u64,
+    /// The program that runs as every trainer's supervisor.
+    supervisor: PathBuf,
     docker: Option<DockerCli>,
     reports: Reports,
 }
@@ -222,9 +235,14 @@ impl Executor {
                 },
             }]
         };
-        let docker = config
-            .docker
-            .map(|program| DockerCli::new(program, &data_dir, &config.pass_env));
+        let docker = config.docker.map(|program| {
+            DockerCli::new(
+                program,
+                &data_dir,
+                &config.pass_env,
+                config.supervisor.clone(),
+            )
+        });
         Executor {
             context: Arc::new(Context {
                 stages,
@@ -233,6 +251,8 @@ impl Executor {
                 timeout: config.timeout,
                 kill_grace: config.kill_grace,
                 pass_env: config.pass_env,
+                max_log_bytes: config.max_log_bytes,
+                supervisor: config.supervisor,
                 docker,
                 reports,
             }),
@@ -282,6 +302,13 @@ impl Executor {
 impl Context {
     fn log_path(&self, id: JobId) -> PathBuf {
         self.data_dir.join(LOGS_DIR).join(format!("{id}.log"))
+    }
+
+    fn log(&self, id: JobId) -> Log {
+        Log {
+            path: self.log_path(id),
+            max_bytes: self.max_log_bytes,
+        }
     }
 
     /// The `pass_env` names a stage gets.
@@ -361,7 +388,7 @@ impl Run {
     async fn run(self, stop: CancellationToken) -> Event {
         let job_id = self.job.id;
         let context = &self.context;
-        let log_path = context.log_path(job_id);
+        let log = context.log(job_id);
         let header = match &self.adoption {
             None => format!(
                 "==> attempt {} started at {}",
@@ -381,16 +408,13 @@ impl Run {
         let since = self
             .adoption
             .as_ref()
-            .and_then(|_| std::fs::metadata(&log_path).ok())
+            .and_then(|_| std::fs::metadata(&log.path).ok())
             .and_then(|m| m.modified().ok());
-        let mut log = match open_log(&log_path, &header) {
-            Ok(log) => log,
-            Err(e) => {
-                let msg = format!("cannot open log {}: {e}", log_path.display());
-                warn!(%job_id, error = %msg, "trainer not started");
-                return self.event(Outcome::SpawnFailed(msg), None, None);
-            }
-        };
+        if let Err(e) = log.try_line(&header) {
+            let msg = format!("cannot open log {}: {e}", log.path.display());
+            warn!(%job_id, error = %msg, "trainer not started");
+            return self.event(Outcome::SpawnFailed(msg), None, None);
+        }
         let total = context.stages.len();
         let first = match &self.adoption {
             Some(adopted) => context
@@ -400,19 +424,20 @@ impl Run {
                 .unwrap_or(total),
             None => 0,
         };
+        let mut last_stage = None;
         for (i, stage) in context.stages.iter().enumerate().skip(first) {
             let adopted = (i == first)
                 .then_some(self.adoption.as_ref())
                 .flatten()
                 .map(|a| a.container.clone());
             let named = context.staged.then(|| stage.name.clone());
+            last_stage = named.clone();
             if adopted.is_none() && context.staged && self.job.stages_done.contains(&stage.name) {
-                let _ = writeln!(
-                    log,
+                log.line(&format!(
                     "==> stage {} ({}/{total}): finished in an earlier attempt; skipped",
                     stage.name,
                     i + 1
-                );
+                ));
                 continue;
             }
             if stop.is_cancelled() {
@@ -438,24 +463,22 @@ impl Run {
                 _ => (limit_left, false),
             };
             if timeout.is_zero() && budget_bound {
-                let _ = writeln!(
-                    log,
+                log.line(&format!(
                     "==> the time budget ran out before {} could start",
                     describe_stage(context.staged, &stage.name)
-                );
+                ));
                 return self.event(Outcome::OutOfTime(Duration::ZERO), None, named);
             }
             // An adopted stage's start is in the log already, under the earlier attempt.
             if context.staged && adopted.is_none() {
-                let _ = writeln!(
-                    log,
+                log.line(&format!(
                     "==> stage {} ({}/{total}) started at {}",
                     stage.name,
                     i + 1,
                     crate::job::format_timestamp(&chrono::Utc::now())
-                );
+                ));
             }
-            let offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
+            let offset = log.position();
             let started = Instant::now()
                 .checked_sub(ran_before)
                 .unwrap_or_else(Instant::now);
@@ -464,16 +487,7 @@ impl Run {
                 StageRun::Process { argv } => {
                     let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
                     let env = context.process_environment(&self.job, stage);
-                    run_process(
-                        job_id,
-                        &argv,
-                        &env,
-                        &log,
-                        timeout,
-                        context.kill_grace,
-                        &stop,
-                    )
-                    .await
+                    run_process(context, job_id, &argv, &env, &log, timeout, &stop).await
                 }
                 StageRun::Docker(spec) => {
                     let Some(docker) = &context.docker else {
@@ -507,6 +521,10 @@ impl Run {
                     }
                 }
             };
+            if !matches!(outcome, Outcome::SpawnFailed(_) | Outcome::Refused(_)) {
+                // A container stage ran, at least: its start worked.
+                let _ = context.reports.started.try_send(job_id);
+            }
             if let Outcome::TimedOut(_) = outcome {
                 outcome = if budget_bound {
                     Outcome::OutOfTime(timeout + ran_before)
@@ -515,14 +533,13 @@ impl Run {
                 };
             }
             // Read before the footer below, which would otherwise be the last line.
-            let last_line = last_line(&log_path, offset);
-            let _ = writeln!(
-                log,
+            let last_line = log.last_line(offset);
+            log.line(&format!(
                 "==> {} ended after {}: {}",
                 describe_stage(context.staged, &stage.name),
                 humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
                 describe(&outcome)
-            );
+            ));
             info!(%job_id, stage = %stage.name, outcome = describe(&outcome), "trainer ended");
             if outcome != Outcome::Exited(0) {
                 return self.event(outcome, last_line, named);
@@ -531,7 +548,8 @@ impl Run {
                 return self.event(Outcome::Stopped, None, named);
             }
         }
-        self.event(Outcome::Exited(0), None, None)
+        // A success names the last stage too, so that the finished job records it.
+        self.event(Outcome::Exited(0), None, last_stage)
     }
 
     /// Has the worker record `stage` as finished; true once it is durable. False when the
@@ -570,66 +588,69 @@ fn describe_stage(staged: bool, name: &str) -> String {
     }
 }
 
-/// Runs one process stage to its end: its own process group, output to `log`, stopped
-/// (SIGTERM, SIGKILL after `grace`) on timeout or on request.
+/// Runs one process stage to its end under a supervisor, which writes its output to the
+/// log and kills its whole tree when it ends, is stopped (SIGTERM, SIGKILL after `grace`)
+/// on timeout or request, or loses its daemon.
 async fn run_process(
+    context: &Context,
     job_id: JobId,
     argv: &[String],
     env: &[(String, String)],
-    log: &File,
+    log: &Log,
     timeout: Duration,
-    grace: Duration,
     stop: &CancellationToken,
 ) -> Outcome {
-    let mut child = match spawn_process(argv, env, log) {
-        Ok(child) => child,
+    let grace = context.kill_grace;
+    let args = supervisor::Args {
+        log: log.path.clone(),
+        max_log_bytes: log.max_bytes,
+        grace,
+        argv: argv.iter().map(std::ffi::OsString::from).collect(),
+    };
+    let started = match Supervised::spawn(&context.supervisor, &args, env) {
+        Ok(mut trainer) => trainer.started().await.map(|pid| (trainer, pid)),
+        Err(e) => Err(format!("cannot start the supervisor: {e}")),
+    };
+    let (mut trainer, pid) = match started {
+        Ok(started) => started,
         Err(e) => {
             warn!(%job_id, error = %e, "trainer could not be started");
-            let mut log = log;
-            let _ = writeln!(log, "==> could not start {}: {e}", argv[0]);
-            return Outcome::SpawnFailed(e.to_string());
+            log.line(&format!("==> could not start {}: {e}", argv[0]));
+            return Outcome::SpawnFailed(e);
         }
     };
-    let pid = child.id();
     info!(%job_id, pid, "trainer started");
-    let outcome = tokio::select! {
-        status = child.wait() => match status {
-            Ok(status) => from_status(status),
-            Err(e) => Outcome::SpawnFailed(format!("cannot wait for the trainer: {e}")),
-        },
+    // Full only if the worker is far behind; then it learns it from the next start.
+    let _ = context.reports.started.try_send(job_id);
+    let stopped = tokio::select! {
+        end = trainer.ended() => return from_report(end),
         _ = tokio::time::sleep(timeout) => {
             warn!(%job_id, timeout = %humantime::format_duration(timeout), "trainer timed out; stopping it");
-            terminate(&mut child, pid, grace).await;
             Outcome::TimedOut(timeout)
         }
         _ = stop.cancelled() => {
             info!(%job_id, "stopping trainer");
-            terminate(&mut child, pid, grace).await;
             Outcome::Stopped
         }
     };
-    // Whatever the leader did, nothing of its group may stay behind.
-    if let Some(pid) = pid {
-        kill_group(pid, libc::SIGKILL);
+    if let Err(e) = trainer.stop(grace).await {
+        warn!(%job_id, error = %e, "the trainer's stop was not reported");
     }
-    outcome
+    stopped
 }
 
-fn spawn_process(argv: &[String], env: &[(String, String)], log: &File) -> io::Result<Child> {
-    let mut command = Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log.try_clone()?);
-    tie_to_daemon(&mut command);
-    command.spawn()
+fn from_report(end: Result<Report, String>) -> Outcome {
+    match end {
+        Ok(Report::Exited(code)) => Outcome::Exited(code),
+        Ok(Report::Signalled(sig)) => Outcome::Signalled(sig),
+        Ok(other) => Outcome::Lost(format!("unexpected report {other:?}")),
+        Err(e) => Outcome::Lost(e),
+    }
 }
 
-/// A process group of its own, and death with the daemon: every child the executor spawns
-/// gets both, so a stop reaches all of it and a killed daemon leaves nothing behind.
+/// A process group of its own, and death with the daemon: every docker CLI call the
+/// executor spawns gets both, so a stop reaches all of it and a killed daemon leaves
+/// nothing behind.
 fn tie_to_daemon(command: &mut Command) {
     command.process_group(0).kill_on_drop(false);
     // SAFETY: the closure runs in the child between fork and exec and only makes
@@ -649,21 +670,52 @@ fn tie_to_daemon(command: &mut Command) {
     }
 }
 
-/// Opens the log for appending and writes the attempt's header.
-fn open_log(path: &Path, header: &str) -> io::Result<File> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(file, "{header}")?;
-    Ok(file)
+/// A job's log as the executor writes it: its own lines (headers, footers) between the
+/// trainer's output, which the supervisor appends and rotates.
+pub struct Log {
+    pub path: PathBuf,
+    pub max_bytes: u64,
 }
 
-fn from_status(status: ExitStatus) -> Outcome {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => Outcome::Exited(code),
-        (None, Some(sig)) => Outcome::Signalled(sig),
-        (None, None) => Outcome::Exited(-1),
+impl Log {
+    /// Appends `text` as a line of its own: after a newline when the log does not end with
+    /// one (a trainer's last line without it), so that a marker always starts a line.
+    fn try_line(&self, text: &str) -> io::Result<()> {
+        // Opened for each line: the supervisor may have rotated the file since.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        let len = file.metadata()?.len();
+        let mut last = [0u8; 1];
+        let glued = len > 0 && file.read_at(&mut last, len - 1).is_ok() && last[0] != b'\n';
+        let mut line = String::with_capacity(text.len() + 2);
+        if glued {
+            line.push('\n');
+        }
+        line.push_str(text);
+        line.push('\n');
+        file.write_all(line.as_bytes())
+    }
+
+    /// [`Log::try_line`] where a failure only costs the line.
+    fn line(&self, text: &str) {
+        if let Err(e) = self.try_line(text) {
+            warn!(path = %self.path.display(), error = %e, "cannot write to a job's log");
+        }
+    }
+
+    /// Where the log ends now, counted in the job's whole output (across rotations).
+    fn position(&self) -> u64 {
+        let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        LogOffsets::new(&self.path).base() + len
+    }
+
+    /// The last non-empty line written after `position` (a [`Log::position`]).
+    fn last_line(&self, position: u64) -> Option<String> {
+        let base = LogOffsets::new(&self.path).base();
+        last_line(&self.path, position.saturating_sub(base))
     }
 }
 
@@ -675,24 +727,12 @@ fn describe(outcome: &Outcome) -> String {
             format!("timed out after {}", humantime::format_duration(*after))
         }
         Outcome::Stopped => "stopped on request".into(),
-        Outcome::SpawnFailed(e) => format!("not started: {e}"),
+        Outcome::SpawnFailed(e) | Outcome::Refused(e) => format!("not started: {e}"),
         Outcome::OutOfTime(after) => format!(
             "stopped after {}: the time budget ran out",
             humantime::format_duration(*after)
         ),
         Outcome::Lost(e) => format!("lost: {e}"),
-    }
-}
-
-/// SIGTERM to the group, SIGKILL after the grace, and wait for the leader either way.
-async fn terminate(child: &mut Child, pid: Option<u32>, grace: Duration) {
-    let Some(pid) = pid else {
-        return;
-    };
-    kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        kill_group(pid, libc::SIGKILL);
-        let _ = child.wait().await;
     }
 }
 
@@ -712,7 +752,7 @@ fn last_line(path: &Path, offset: u64) -> Option<String> {
     const TAIL: u64 = 64 * 1024;
     let mut file = File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
-    let start = offset.max(len.saturating_sub(TAIL));
+    let start = offset.min(len).max(len.saturating_sub(TAIL));
     file.seek(SeekFrom::Start(start)).ok()?;
     let mut bytes = Vec::new();
     file.take(TAIL).read_to_end(&mut bytes).ok()?;
@@ -737,14 +777,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         std::fs::write(&path, "old attempt\n").unwrap();
-        let mut file = open_log(&path, "==> attempt 2").unwrap();
-        let offset = file.seek(SeekFrom::End(0)).unwrap();
+        let log = Log {
+            path: path.clone(),
+            max_bytes: 0,
+        };
+        log.try_line("==> attempt 2").unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let offset = log.position();
         assert_eq!(last_line(&path, offset), None);
         file.write_all(b"step 1\nstep 2\n\n  \n").unwrap();
         assert_eq!(last_line(&path, offset).as_deref(), Some("step 2"));
         file.write_all("é".repeat(1000).as_bytes()).unwrap();
         let long = last_line(&path, offset).unwrap();
         assert_eq!(long.chars().count(), LAST_LINE_MAX + 1);
+    }
+
+    #[test]
+    fn a_marker_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        std::fs::write(&path, "50% done").unwrap();
+        let log = Log {
+            path: path.clone(),
+            max_bytes: 0,
+        };
+        log.try_line("==> trainer ended").unwrap();
+        log.try_line("==> next").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "50% done\n==> trainer ended\n==> next\n"
+        );
     }
 
     #[test]

@@ -44,6 +44,11 @@ use schedule::Choice;
 /// How long to wait before retrying a write the store refused (disk full, I/O error).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// After a trainer could not be started, the wait before the next try; it doubles with
+/// every failed try, up to [`SPAWN_RETRY_MAX`].
+const SPAWN_RETRY_FIRST: Duration = Duration::from_millis(500);
+const SPAWN_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// The capacity of the worker's inbox. Senders wait when it is full, which is how load
 /// reaches the HTTP clients instead of memory.
 const INBOX_CAPACITY: usize = 1024;
@@ -80,11 +85,13 @@ enum Command {
     /// From the executor, not a client: a stage has finished and must be recorded before
     /// the next one starts.
     StageDone(StageDone),
-    /// From the worker itself: a graceful stop ended this job's trainer; write it back to
-    /// the queue. A command, so that it waits for a write in flight (a stage's record) and
-    /// is built from the job as that write left it.
+    /// From the worker itself: a graceful stop ended this job's trainer, or its trainer
+    /// could not be started; write it back to the queue, the start not counted. A command,
+    /// so that it waits for a write in flight (a stage's record) and is built from the job
+    /// as that write left it.
     Interrupted {
         id: JobId,
+        shutdown: bool,
     },
     Estimates {
         of: Option<JobId>,
@@ -104,7 +111,7 @@ impl Command {
             Command::Submit { job, .. } => Some(job.id),
             Command::Cancel { id, .. } => Some(*id),
             Command::StageDone(done) => Some(done.job_id),
-            Command::Interrupted { id } => Some(*id),
+            Command::Interrupted { id, .. } => Some(*id),
             _ => None,
         }
     }
@@ -149,11 +156,38 @@ pub enum WorkerError {
     Invalid(crate::job::FieldError),
 }
 
-/// The queue as `queue.json` shows it.
+/// The queue as `queue.json` shows it, and why its queued jobs wait.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueView {
     pub running: Vec<JobId>,
     pub queued: Vec<JobId>,
+    /// Why no job starts at all now, when that is so (trainers cannot be started, the
+    /// storage refused a write, the daemon is stopping).
+    pub paused: Option<String>,
+    /// Why each queued job has not started, in queue order.
+    pub waiting: Vec<(JobId, String)>,
+}
+
+/// What the worker's loop left undone when it ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stopped {
+    /// Interrupted jobs that could not be written back as Queued: their records still say
+    /// Running, so the next boot counts the cut start as an attempt.
+    pub unwritten: usize,
+}
+
+/// Trainers cannot be started now (the program is missing, no descriptors are left): the
+/// box's trouble, not a job's. Starts pause, then one job at a time tries again.
+#[derive(Debug, Clone)]
+struct SpawnTrouble {
+    /// What the last failed start said.
+    error: String,
+    /// Failed starts in a row.
+    failures: u32,
+    /// When the next try may start.
+    retry_at: Instant,
+    /// The job whose start is the current try: no other starts until it has answered.
+    probe: Option<JobId>,
 }
 
 /// The cloneable way to the worker. The actor runs until shutdown is requested and its
@@ -287,6 +321,8 @@ enum Pending {
     Requeue {
         job: Job,
         rank: u64,
+        /// Why: a graceful stop (true), or a trainer that could not be started (false).
+        shutdown: bool,
     },
     StageDone {
         job: Job,
@@ -386,6 +422,14 @@ pub struct Worker {
     /// The last estimates of every queued and running job, and when they were made; dropped
     /// by every change (see [`plan::ESTIMATES_REUSE`]).
     estimates_cache: Option<(Timestamp, HashMap<JobId, Estimate>)>,
+    /// From the executor: a trainer started, so trainers can be started.
+    started: mpsc::Receiver<JobId>,
+    /// Set while trainers cannot be started.
+    spawn_trouble: Option<SpawnTrouble>,
+    /// Jobs whose trainer did not start and whose requeue the store refused; retried.
+    unrequeued: Vec<JobId>,
+    /// Interrupted jobs a graceful stop could not write back.
+    unwritten: usize,
 }
 
 impl Worker {
@@ -402,6 +446,7 @@ impl Worker {
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let (events_tx, events) = mpsc::channel(INBOX_CAPACITY);
         let (stage_done_tx, stage_done) = mpsc::channel(INBOX_CAPACITY);
+        let (started_tx, started) = mpsc::channel(INBOX_CAPACITY);
         let now = chrono::Utc::now();
         let mut report = BootReport {
             loaded: boot.jobs.len(),
@@ -481,6 +526,7 @@ impl Worker {
             executor: executor_for(Reports {
                 events: events_tx,
                 stage_done: stage_done_tx,
+                started: started_tx,
             }),
             config,
             store,
@@ -504,6 +550,10 @@ impl Worker {
             clock: Clock::system(),
             reservations: Reservations::default(),
             estimates_cache: None,
+            started,
+            spawn_trouble: None,
+            unrequeued: Vec::new(),
+            unwritten: 0,
         };
         Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
     }
@@ -515,8 +565,8 @@ impl Worker {
     }
 
     /// The actor's loop. Ends after shutdown was requested, every trainer has stopped and
-    /// every change has landed.
-    pub async fn run(mut self) {
+    /// every change has landed, and says what it could not write.
+    pub async fn run(mut self) -> Stopped {
         // Here, on a runtime thread of the actor's own, not in boot: the executor's children
         // are tied to the thread that spawns them.
         for (id, adoption) in std::mem::take(&mut self.adopted) {
@@ -539,6 +589,11 @@ impl Worker {
             }
             let retry = self.retry_at;
             let wake = self.reservation_wakeup();
+            let spawn_retry = self
+                .spawn_trouble
+                .as_ref()
+                .filter(|t| t.probe.is_none())
+                .map(|t| t.retry_at);
             // Whatever this turn takes may change the estimates, unless it only reads.
             let mut changed = true;
             tokio::select! {
@@ -552,6 +607,7 @@ impl Worker {
                 }
                 Some(event) = self.events.recv() => self.on_exit(event),
                 Some(done) = self.stage_done.recv() => self.handle(Command::StageDone(done)),
+                Some(id) = self.started.recv() => self.trainer_started(id),
                 Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.retry_at = None;
@@ -559,6 +615,8 @@ impl Worker {
                 }
                 // An expired reservation lets its place go: the start below looks again.
                 _ = sleep_until(wake), if !stopping && wake.is_some() => {}
+                // Time for the next try at starting a trainer: the start below makes it.
+                _ = sleep_until(spawn_retry), if !stopping && spawn_retry.is_some() => {}
             }
             if !stopping {
                 changed |= self.start_ready_jobs();
@@ -568,6 +626,9 @@ impl Worker {
             }
         }
         info!("worker stopped");
+        Stopped {
+            unwritten: self.unwritten,
+        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -588,10 +649,7 @@ impl Worker {
                 let _ = respond_to.send(self.list(status, limit));
             }
             Command::Queue { respond_to } => {
-                let _ = respond_to.send(QueueView {
-                    running: self.queue.running(),
-                    queued: self.queue.queued(),
-                });
+                let _ = respond_to.send(self.queue_view());
             }
             Command::Cancel { id, respond_to } => self.cancel(id, respond_to),
             Command::Ping { respond_to } => {
@@ -611,10 +669,10 @@ impl Worker {
                 let _ = respond_to.send(path);
             }
             Command::StageDone(done) => self.record_stage(done),
-            Command::Interrupted { id } => {
+            Command::Interrupted { id, shutdown } => {
                 if let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) {
                     let job = job.clone();
-                    self.write_requeue(job);
+                    self.write_requeue(job, shutdown);
                 }
             }
         }
@@ -736,12 +794,16 @@ impl Worker {
         }));
     }
 
-    /// Writes a running job back as Queued at the head, for a graceful stop: the cut start is
-    /// not counted.
-    fn write_requeue(&mut self, mut job: Job) {
+    /// Writes a running job back as Queued at its place at the head, for a graceful stop or
+    /// a trainer that could not be started: the cut start is not counted.
+    fn write_requeue(&mut self, mut job: Job, shutdown: bool) {
         job.requeue_interrupted(false, chrono::Utc::now());
         let rank = self.queue.requeue_rank(job.id);
-        self.write(Pending::Requeue { job, rank });
+        self.write(Pending::Requeue {
+            job,
+            rank,
+            shutdown,
+        });
     }
 
     /// Replaces a job's record in memory with its durable one, keeping the status gauges.
@@ -786,7 +848,7 @@ impl Worker {
                     self.gpus_in_use.remove(&id);
                     self.put(job.clone());
                     // The job stays busy: commands waiting for it wait for this write too.
-                    self.write_requeue(job);
+                    self.write_requeue(job, true);
                     return;
                 }
                 info!(job_id = %id, attempt = job.attempts, "job started");
@@ -805,6 +867,7 @@ impl Worker {
             (Pending::Start { .. }, Err(e)) => {
                 self.starting -= 1;
                 self.gpus_in_use.remove(&id);
+                self.probe_answered(id);
                 warn!(job_id = %id, error = %e, "cannot record the start; the job stays queued");
                 self.schedule_retry();
             }
@@ -848,8 +911,19 @@ impl Worker {
                 }
                 let _ = respond_to.send(Err(e.into()));
             }
-            (Pending::Requeue { job, rank }, Ok(())) => {
-                info!(job_id = %id, "interrupted job written back to run first at the next boot");
+            (
+                Pending::Requeue {
+                    job,
+                    rank,
+                    shutdown,
+                },
+                Ok(()),
+            ) => {
+                if shutdown {
+                    info!(job_id = %id, "interrupted job written back to run first at the next boot");
+                } else {
+                    info!(job_id = %id, attempts = job.attempts, "job back in the queue at its place; its start did not count");
+                }
                 self.queue
                     .insert_queued(rank, id, plan::needs(&self.config, &job));
                 self.put(job);
@@ -885,9 +959,22 @@ impl Worker {
                 });
                 self.schedule_retry();
             }
-            (Pending::Requeue { .. }, Err(e)) => {
-                // The record still says Running, which the next boot treats as a crash.
-                warn!(job_id = %id, error = %e, "cannot write the interrupted job back; the next boot will count this start");
+            (Pending::Requeue { shutdown: true, .. }, Err(e)) => {
+                // The record still says Running, which the next boot treats as a crash: the
+                // daemon cannot promise a clean stop any more.
+                error!(job_id = %id, error = %e, "cannot write the interrupted job back; the next boot will count this start");
+                self.unwritten += 1;
+            }
+            (
+                Pending::Requeue {
+                    shutdown: false, ..
+                },
+                Err(e),
+            ) => {
+                // Still Running on disk, with no trainer: retried like an outcome.
+                warn!(job_id = %id, error = %e, "cannot put the job whose trainer did not start back in the queue; will retry");
+                self.unrequeued.push(id);
+                self.schedule_retry();
             }
         }
         if let Some(waiting) = self.busy.remove(&id) {
@@ -905,6 +992,13 @@ impl Worker {
         let now = self.clock.now();
         let mut changed = self.expire_reservations(now);
         if self.retry_at.is_some() {
+            return changed;
+        }
+        if self
+            .spawn_trouble
+            .as_ref()
+            .is_some_and(|t| t.probe.is_some() || Instant::now() < t.retry_at)
+        {
             return changed;
         }
         while self.running.len() + self.starting < self.config.max_concurrent {
@@ -947,8 +1041,151 @@ impl Worker {
             let rank = self.queue.next_start_rank();
             self.starting += 1;
             self.write(Pending::Start { job, rank, waited });
+            if let Some(trouble) = self.spawn_trouble.as_mut() {
+                // One try at a time until a trainer starts again.
+                trouble.probe = Some(id);
+                break;
+            }
         }
         changed
+    }
+
+    /// A trainer could not be started: the box's trouble, not the job's. Its job goes back
+    /// to its place in the queue, the start not counted, and starts pause for a while
+    /// that grows with every failed try. Logged once per episode.
+    fn spawn_failed(&mut self, id: JobId, error: &str) {
+        METRICS.spawn_failures.inc();
+        let failures = self.spawn_trouble.as_ref().map_or(0, |t| t.failures) + 1;
+        let wait = SPAWN_RETRY_FIRST
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(SPAWN_RETRY_MAX);
+        if failures == 1 {
+            warn!(job_id = %id, error = %error, "a trainer could not be started; its job stays queued, the start not counted, and starts are retried with backoff until one works");
+        }
+        self.spawn_trouble = Some(SpawnTrouble {
+            error: error.to_string(),
+            failures,
+            retry_at: Instant::now() + wait,
+            probe: None,
+        });
+        self.handle(Command::Interrupted {
+            id,
+            shutdown: false,
+        });
+    }
+
+    /// A trainer is running: trainers can be started, so starts go on as usual.
+    fn trainer_started(&mut self, id: JobId) {
+        if let Some(trouble) = self.spawn_trouble.take() {
+            info!(job_id = %id, failed_tries = trouble.failures, "a trainer started again; starts resume");
+        }
+    }
+
+    /// The try at a start is over without a running trainer (its record failed, or it was
+    /// stopped first): the next try may go.
+    fn probe_answered(&mut self, id: JobId) {
+        if let Some(trouble) = self.spawn_trouble.as_mut()
+            && trouble.probe == Some(id)
+        {
+            trouble.probe = None;
+        }
+    }
+
+    /// The queue, and why each queued job waits.
+    fn queue_view(&mut self) -> QueueView {
+        let queued = self.queue.queued();
+        let paused = if let Some(trouble) = &self.spawn_trouble {
+            let next = trouble.retry_at.saturating_duration_since(Instant::now());
+            Some(format!(
+                "trainers cannot be started ({}); {} failed tries, the next {}",
+                trouble.error,
+                trouble.failures,
+                match trouble.probe {
+                    Some(id) => format!("is under way with job {id}"),
+                    None => format!(
+                        "in {}",
+                        humantime::format_duration(Duration::from_secs(next.as_secs().max(1)))
+                    ),
+                }
+            ))
+        } else if self.config.max_concurrent == 0 {
+            Some("starts are paused (worker.max_concurrent = 0)".to_string())
+        } else if self.retry_at.is_some() {
+            Some("the storage refused a write; starts resume once it is retried".to_string())
+        } else if self.shutdown.is_cancelled() {
+            Some("the daemon is stopping".to_string())
+        } else {
+            None
+        };
+        let waiting = if paused.is_some() || queued.is_empty() {
+            queued
+                .iter()
+                .map(|id| (*id, paused.clone().unwrap_or_default()))
+                .collect()
+        } else {
+            self.wait_reasons(&queued)
+        };
+        QueueView {
+            running: self.queue.running(),
+            queued,
+            paused,
+            waiting,
+        }
+    }
+
+    /// Why each of `queued` (in queue order) has not started, from the worker's state.
+    fn wait_reasons(&mut self, queued: &[JobId]) -> Vec<(JobId, String)> {
+        let now = self.clock.now();
+        let estimates = self.estimates(None);
+        let slots_full = self.running.len() + self.starting >= self.config.max_concurrent;
+        let stopping: Vec<JobId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.stop_reason == Some(StopReason::Cancel))
+            .map(|(id, _)| *id)
+            .collect();
+        let free = self.free_gpus().len();
+        let reserved = self.reservations.held(now).count();
+        let mut ahead: Option<JobId> = None;
+        let mut reasons = Vec::with_capacity(queued.len());
+        for id in queued {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let estimate = estimates.get(id).and_then(|e| e.start);
+            let reason = match (job.deadline, estimate) {
+                (Some(deadline), Some(start)) if start > deadline => format!(
+                    "its deadline ({}) cannot be met: its turn comes at about {}",
+                    crate::job::format_timestamp(&deadline),
+                    crate::job::format_timestamp(&start)
+                ),
+                (Some(deadline), None) if deadline <= now => {
+                    "its deadline has passed; it fails instead of starting".to_string()
+                }
+                _ if slots_full && !stopping.is_empty() => format!(
+                    "a slot is held by cancelled job {} until its trainer has stopped",
+                    stopping[0]
+                ),
+                _ if slots_full && self.config.max_concurrent == 1 => {
+                    "the one slot is busy (worker.max_concurrent = 1)".to_string()
+                }
+                _ if slots_full => format!(
+                    "all {n} slots are busy (worker.max_concurrent = {n})",
+                    n = self.config.max_concurrent
+                ),
+                _ if self.gpus_needed(job) > free => {
+                    format!("needs {} GPUs and {free} are free", self.gpus_needed(job))
+                }
+                _ if reserved > 0 => format!("{reserved} place(s) are held for accepted offers"),
+                _ => match ahead {
+                    Some(before) => format!("waits behind job {before}"),
+                    None => "about to start".to_string(),
+                },
+            };
+            ahead.get_or_insert(*id);
+            reasons.push((*id, reason));
+        }
+        reasons
     }
 
     /// GPUs a job takes: none without GPU accounting, else what it asks for (one by default).
@@ -980,6 +1217,7 @@ impl Worker {
     /// A trainer has ended: record how, unless the job's fate was already decided.
     fn on_exit(&mut self, event: Event) {
         let id = event.job_id;
+        self.probe_answered(id);
         let stop_reason = self.running.remove(&id).and_then(|r| r.stop_reason);
         // The trainer is gone: its GPUs are free, whatever happens to the record.
         self.gpus_in_use.remove(&id);
@@ -996,7 +1234,12 @@ impl Worker {
             return;
         }
         if stop_reason == Some(StopReason::Shutdown) && event.outcome == Outcome::Stopped {
-            self.handle(Command::Interrupted { id });
+            self.handle(Command::Interrupted { id, shutdown: true });
+            return;
+        }
+        if let Outcome::SpawnFailed(error) = &event.outcome {
+            let error = error.clone();
+            self.spawn_failed(id, &error);
             return;
         }
         self.record_outcome(event);
@@ -1020,6 +1263,13 @@ impl Worker {
         } else {
             Status::Failed
         };
+        if status == Status::Completed
+            && let Some(stage) = &event.stage
+            && !job.stages_done.contains(stage)
+        {
+            // The last stage is recorded with the end, not before it like the others.
+            job.stages_done.push(stage.clone());
+        }
         job.finish(status, message, self.clock.now());
         self.write(Pending::Finish { job });
         // Kept until the finish lands, so a failed write can be retried.
@@ -1029,6 +1279,12 @@ impl Worker {
     fn retry_unrecorded(&mut self) {
         for done in std::mem::take(&mut self.unrecorded_stages) {
             self.handle(Command::StageDone(done));
+        }
+        for id in std::mem::take(&mut self.unrequeued) {
+            self.handle(Command::Interrupted {
+                id,
+                shutdown: false,
+            });
         }
         let ids: Vec<JobId> = self.unrecorded.keys().copied().collect();
         for id in ids {

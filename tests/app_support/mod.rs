@@ -31,6 +31,9 @@ pub fn executor_config(command: Vec<String>, timeout: Duration) -> ExecutorConfi
         stages: Vec::new(),
         docker: None,
         adopt_running: false,
+        max_log_bytes: 0,
+        // This test binary is not the daemon's: the supervisor is the real one.
+        supervisor: env!("CARGO_BIN_EXE_training-worker").into(),
     }
 }
 
@@ -49,7 +52,7 @@ pub struct Parts {
     pub router: Router,
     pub shutdown: CancellationToken,
     /// The worker's task.
-    pub worker: JoinHandle<()>,
+    pub worker: JoinHandle<training_worker::worker::Stopped>,
     /// The store's persistence thread; it ends once every store handle is dropped.
     pub store: std::thread::JoinHandle<()>,
     /// The executor's trainer tasks.

@@ -542,6 +542,11 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// The daemon's address, as a client's `--server` takes it.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
