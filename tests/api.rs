@@ -1520,6 +1520,45 @@ async fn with_a_token_every_v1_call_needs_the_bearer_header() {
     assert_eq!(app.get("/readyz").await.status, StatusCode::OK);
 }
 
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_in_any_case_and_the_token_exactly() {
+    let app = spawn_app(Options {
+        api_token: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    let queue = |auth: &str| {
+        request(
+            Method::GET,
+            "/v1/queue",
+            &[("authorization", auth)],
+            Body::empty(),
+        )
+    };
+    // RFC 7235 2.1: the scheme's name is case-insensitive; the token is not.
+    for auth in [
+        "Bearer s3cret",
+        "bearer s3cret",
+        "BEARER s3cret",
+        "bEaReR s3cret",
+        "Bearer  s3cret",
+    ] {
+        let reply = app.send(queue(auth)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{auth:?}: {}", reply.text());
+    }
+    for auth in [
+        "bearer S3CRET",
+        "BEARER nope",
+        "bearer",
+        "bearers3cret",
+        "Bearers s3cret",
+    ] {
+        app.send(queue(auth))
+            .await
+            .expect_error(StatusCode::UNAUTHORIZED, "token");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Routing errors, robustness
 // ---------------------------------------------------------------------------------------
