@@ -272,29 +272,39 @@ async fn stop_after_failure(shutdown: CancellationToken, tracker: TaskTracker, e
     exit
 }
 
-/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves when
-/// either arrives. Installed before anything else, so that a stop during boot is graceful
-/// too. A second signal exits at once: everything acknowledged is already durable, so
-/// nothing is lost by not waiting.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now, and returns a future that resolves
+/// when one arrives. Installed before anything else, so that a stop during boot is graceful
+/// too. SIGHUP is a stop like the others: it is what a closing terminal or SSH session sends
+/// a foreground daemon, and its default action would kill the daemon mid-run, counting the
+/// running job's start as a crash. A second SIGTERM or SIGINT exits at once: everything
+/// acknowledged is already durable, so nothing is lost by not waiting. A second SIGHUP does
+/// not: a hangup often comes twice (from the terminal and from the shell passing it on to its
+/// jobs), and nobody asked for haste.
 pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let installed = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     );
     async move {
-        let (Ok(mut term), Ok(mut int)) = installed else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = installed else {
             error!("cannot install signal handlers; stop the daemon with SIGKILL");
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => info!(signal = "SIGTERM", "stop signal"),
+            _ = int.recv() => info!(signal = "SIGINT", "stop signal"),
+            _ = hup.recv() => info!(signal = "SIGHUP", "stop signal"),
         }
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    // Tokio keeps the handler installed, so a later SIGHUP is only noted.
+                    _ = hup.recv() => info!(signal = "SIGHUP", "already stopping"),
+                }
             }
             warn!("second stop signal; exiting now");
             std::process::exit(Exit::Unclean as i32);

@@ -318,6 +318,50 @@ async fn sigterm_stops_the_trainer_writes_the_job_back_and_it_runs_first_next_ti
     assert_eq!(job["attempts"], 1, "{job}");
 }
 
+/// A terminal or SSH session that closes sends SIGHUP to a foreground daemon, often twice
+/// (the terminal, then the shell passing it on): a graceful stop like SIGTERM, not a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_a_graceful_stop_like_sigterm_even_when_it_comes_twice() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings {
+        shutdown_grace: "10s",
+        kill_grace: "2s",
+        ..Settings::default()
+    });
+    let daemon = sandbox.start().await;
+
+    let a = daemon.submit(diffusion_job("once/sleep:60")).await;
+    let b = daemon.submit(diffusion_job("ok")).await;
+    let pid = sandbox.trainer_started(&a, 1).await;
+
+    daemon.signal(libc::SIGHUP);
+    let (status, took) = daemon.stop_with(libc::SIGHUP, secs(15)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a hangup is a graceful stop: {status}"
+    );
+    assert!(took < secs(10), "stopped within shutdown_grace: {took:?}");
+    assert!(
+        sandbox.record_pid("term", &a, 1).is_some(),
+        "the trainer got SIGTERM"
+    );
+    assert!(!pid_alive(pid), "the trainer is gone once the daemon is");
+    sandbox.assert_no_trainers_left().await;
+
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Queued", "{file}");
+    assert_eq!(
+        file["attempts"], 0,
+        "a start cut by a stop is taken back: {file}"
+    );
+    assert_eq!(sandbox.queue_file(), (vec![], vec![a.clone(), b.clone()]));
+
+    let daemon = sandbox.start().await;
+    daemon.wait_status(&b, "Completed", secs(20)).await;
+    assert_eq!(sandbox.starts(), starts(&[(&a, 1), (&a, 1), (&b, 1)]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_kills_a_trainer_that_ignores_it_after_kill_grace_and_still_exits_0() {
     let sandbox = Sandbox::new();
