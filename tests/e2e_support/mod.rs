@@ -296,12 +296,19 @@ impl Sandbox {
             .current_dir(self.path())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         // The daemon reads TRAINING_WORKER_*; the test's own environment must not steer it.
         let env = self.env.lock().expect("the env lock");
+        // Plain logs, unless the test removes it to see what the daemon does by itself.
+        if !env
+            .removed_prefixes
+            .iter()
+            .any(|p| "NO_COLOR".starts_with(p.as_str()))
+        {
+            command.env("NO_COLOR", "1");
+        }
         for (name, _) in std::env::vars_os() {
             let text = name.to_string_lossy();
             if std::iter::once("TRAINING_WORKER_")
