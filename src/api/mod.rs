@@ -21,7 +21,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
+use tracing::{Span, debug, error};
 
 pub use error::ApiError;
 
@@ -138,8 +140,24 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_panic| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
         .with_state(state)
+}
+
+/// The trace layer's word on a failed response. It counts every 5xx as a failure, and by
+/// default logs each at ERROR, which means "an operator must act". A 503 is the API saying
+/// by design that it cannot take the request now (booting, stopping, storage refusing
+/// writes): where that needs an operator, the code that decided it has already logged why,
+/// once (a refused write at WARN, a fatal storage error at ERROR). Everything else, a 500
+/// above all, is a bug or an unexpected failure and stays at ERROR.
+fn log_failure(class: ServerErrorsFailureClass, latency: std::time::Duration, _span: &Span) {
+    let latency_ms = latency.as_millis() as u64;
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            debug!(classification = %class, latency_ms, "response refused (503)");
+        }
+        _ => error!(classification = %class, latency_ms, "response failed"),
+    }
 }
 
 async fn require_token(
@@ -549,6 +567,94 @@ async fn method_not_allowed() -> ApiError {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// A log sink: what the subscriber of [`capture_logs`] writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// Logs everything down to DEBUG into the returned sink, on this thread, while the
+    /// guard lives (a `#[tokio::test]` runs on one thread).
+    fn capture_logs() -> (tracing::subscriber::DefaultGuard, Captured) {
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (tracing::subscriber::set_default(subscriber), sink)
+    }
+
+    async fn status_of(router: &Router, uri: &str) -> StatusCode {
+        let request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn the_trace_layer_logs_designed_503s_below_error() {
+        let (_guard, logs) = capture_logs();
+        let shutdown = CancellationToken::new();
+        let router = router(AppState::new(None, 1024, shutdown.clone()));
+        // Not ready yet: /readyz and /v1/ say 503 by design.
+        assert_eq!(
+            status_of(&router, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(&router, "/v1/queue").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Stopping: the same.
+        shutdown.cancel();
+        assert_eq!(
+            status_of(&router, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let text = logs.text();
+        assert_eq!(text.matches("response refused (503)").count(), 3, "{text}");
+        assert!(
+            !text.contains("ERROR"),
+            "a designed 503 logged as an error:\n{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_trace_layer_logs_other_5xx_at_error() {
+        let (_guard, logs) = capture_logs();
+        let router = Router::new()
+            .route("/boom", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
+            .route("/gateway", get(|| async { StatusCode::BAD_GATEWAY }))
+            .layer(TraceLayer::new_for_http().on_failure(log_failure));
+        for uri in ["/boom", "/gateway"] {
+            assert!(status_of(&router, uri).await.is_server_error());
+        }
+        let text = logs.text();
+        let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 2, "{text}");
+        assert!(
+            errors.iter().all(|l| l.contains("response failed")),
+            "{text}"
+        );
+    }
 
     async fn read(text: &str, tail: Option<usize>, offset: Option<u64>) -> (String, u64) {
         let dir = tempfile::tempdir().unwrap();
