@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, serve};
 use crate::config::Config;
 use crate::executor::{self, Executor};
 use crate::metrics::METRICS;
@@ -94,6 +94,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         );
     }
 
+    let nofile = raise_descriptor_limit();
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -102,6 +103,18 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     let address = listener.local_addr().unwrap_or(config.listen);
+    let limits = serve::Limits {
+        header_read_timeout: config.api.header_read_timeout,
+        max_connections: serve::connection_cap(config.api.max_connections, nofile),
+    };
+    if limits.max_connections < config.api.max_connections {
+        warn!(
+            configured = config.api.max_connections,
+            max_connections = limits.max_connections,
+            nofile,
+            "api.max_connections lowered to fit the descriptor limit"
+        );
+    }
 
     let shutdown = CancellationToken::new();
     let fatal = CancellationToken::new();
@@ -114,16 +127,15 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     {
         let router = api::router(state.clone());
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, "HTTP server failed");
-            }
-        });
+        tracker.spawn(serve::serve(listener, router, limits, shutdown));
     }
-    info!(%address, data_dir = %data_dir.display(), "listening; replaying the data dir");
+    info!(
+        %address,
+        data_dir = %data_dir.display(),
+        max_connections = limits.max_connections,
+        nofile,
+        "listening; replaying the data dir"
+    );
     // A no-op unless a service manager (systemd, Type=notify) set NOTIFY_SOCKET.
     let notifier = Notifier::from_env();
     notifier.status("replaying the data dir");
@@ -262,6 +274,43 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
     info!("stopped");
     Exit::Graceful
+}
+
+/// Raises the soft limit on open descriptors to the hard limit, and returns the soft limit
+/// now in force. A shell's soft limit (often 1024) is a default for interactive programs;
+/// the daemon's clients, job files and trainers all need descriptors, and the hard limit is
+/// what the administrator allows.
+fn raise_descriptor_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let e = std::io::Error::last_os_error();
+        warn!(error = %e, "cannot read the descriptor limit (RLIMIT_NOFILE); assuming 1024");
+        return 1024;
+    }
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    if soft >= hard {
+        return soft;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let e = std::io::Error::last_os_error();
+        warn!(soft, hard, error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the soft limit");
+        return soft;
+    }
+    info!(
+        from = soft,
+        nofile = hard,
+        "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit"
+    );
+    hard
 }
 
 /// Boot failed after the API started: stop it and return `exit`.

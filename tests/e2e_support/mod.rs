@@ -182,6 +182,8 @@ struct DaemonEnv {
     removed_prefixes: Vec<String>,
     /// Variables set after the removals, in the order given.
     set: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft, hard) to start under, as after a shell's `ulimit -n`.
+    nofile: Option<(u64, u64)>,
 }
 
 impl Default for Sandbox {
@@ -239,6 +241,11 @@ impl Sandbox {
     pub fn remove_env_prefix(&self, prefix: &str) {
         let mut env = self.env.lock().expect("the env lock");
         env.removed_prefixes.push(prefix.to_string());
+    }
+
+    /// Starts the daemons spawned from now on under RLIMIT_NOFILE `soft` and `hard`.
+    pub fn set_nofile_limit(&self, soft: u64, hard: u64) {
+        self.env.lock().expect("the env lock").nofile = Some((soft, hard));
     }
 
     /// Writes the config file the next daemon reads.
@@ -320,6 +327,22 @@ impl Sandbox {
         }
         for (name, value) in &env.set {
             command.env(name, value);
+        }
+        if let Some((soft, hard)) = env.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         drop(env);
         let child = command.spawn().expect("run the training-worker binary");
@@ -547,6 +570,14 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The address it listens on.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the base URL is http://<address>")
     }
 
     pub fn stderr(&self) -> String {
