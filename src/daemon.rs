@@ -5,6 +5,11 @@
 //! then trainers left by a dead one are killed; then the listener is bound, so `/healthz`
 //! answers and `/readyz` says 503 during a long replay; then replay, the boot writes, and
 //! only then does the worker start jobs and `/v1/` accept requests.
+//!
+//! Stop order is the reverse. On a signal `/readyz` says 503 and submissions, cancels and
+//! offers are refused with 503 while the worker stops its trainers and writes their jobs
+//! back; the listener stays open meanwhile, so that a load balancer sees the daemon stopping
+//! rather than gone. Only then does the listener close, and the store flush and end.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -117,6 +122,10 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
 
     let shutdown = CancellationToken::new();
+    // Closes the listener: only once the worker has stopped, after `shutdown`, so that
+    // during the stop clients get 503s (and `/readyz` says "stopping") instead of a refused
+    // connection.
+    let close_http = CancellationToken::new();
     let fatal = CancellationToken::new();
     let tracker = TaskTracker::new();
     let state = AppState::new(
@@ -124,11 +133,12 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         config.max_body_bytes,
         shutdown.clone(),
     );
-    {
-        let router = api::router(state.clone());
-        let shutdown = shutdown.clone();
-        tracker.spawn(serve::serve(listener, router, limits, shutdown));
-    }
+    tracker.spawn(serve::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        close_http.clone(),
+    ));
     info!(
         %address,
         data_dir = %data_dir.display(),
@@ -165,11 +175,11 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             error!(error = %e, "cannot open the data dir");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
         Err(e) => {
             error!(error = %e, "replay failed");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
     };
     let quarantined = opened.recovered.damaged.len();
@@ -213,10 +223,10 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         Ok(booted) => booted,
         Err(e) => {
             error!(error = %e, "cannot write the recovered state");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
     };
-    tracker.spawn(worker.run());
+    let worker_task = tracker.spawn(worker.run());
     state.set_worker(handle.clone());
     info!(
         jobs = report.loaded,
@@ -252,8 +262,13 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     let deadline = Instant::now() + grace;
     // The API's state holds the last worker handle outside the tracker's tasks.
     drop(state);
+    // The worker stops its trainers and writes their jobs back meanwhile; then the listener
+    // closes. A worker that does not end in time is reported by the wait below.
+    let _ = tokio::time::timeout(grace, worker_task).await;
+    close_http.cancel();
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, tracker.wait()).await.is_err() {
         error!(grace = %humantime::format_duration(grace), "shutdown did not finish within shutdown_grace; exiting anyway, the next boot replays");
         return Exit::Unclean;
     }
@@ -314,8 +329,14 @@ fn raise_descriptor_limit() -> u64 {
 }
 
 /// Boot failed after the API started: stop it and return `exit`.
-async fn stop_after_failure(shutdown: CancellationToken, tracker: TaskTracker, exit: Exit) -> Exit {
+async fn stop_after_failure(
+    shutdown: CancellationToken,
+    close_http: CancellationToken,
+    tracker: TaskTracker,
+    exit: Exit,
+) -> Exit {
     shutdown.cancel();
+    close_http.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     exit

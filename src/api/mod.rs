@@ -39,7 +39,8 @@ pub struct AppState {
     /// Required as `Authorization: Bearer <token>` on `/v1/` when set.
     api_token: Option<Arc<str>>,
     max_body_bytes: usize,
-    /// Cancelled when the daemon begins to stop; `/readyz` then answers 503.
+    /// Cancelled when the daemon begins to stop; `/readyz` then answers 503, and so do
+    /// submissions, cancels and offers.
     shutdown: CancellationToken,
     /// Bounds how many bodies are parsed at once. A 1 MiB body of tiny JSON values takes
     /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
@@ -75,6 +76,17 @@ impl AppState {
         self.worker.get().ok_or(ApiError::Unavailable(
             "not ready: the data dir is being replayed",
         ))
+    }
+
+    /// The worker, for a request that would change something (a submission, a cancel, an
+    /// offer). Refused once the daemon is stopping: the listener stays open while the
+    /// worker writes the interrupted jobs back, and what is taken now would only be
+    /// stopped again, or queued behind a stop the client does not know about. Reads go on.
+    fn worker_for_change(&self) -> Result<&WorkerHandle, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::Unavailable("the daemon is shutting down"));
+        }
+        self.worker()
     }
 }
 
@@ -244,7 +256,7 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let job = Job::from_submission(json_body(&state, body).await?, chrono::Utc::now())?;
-    let worker = state.worker()?;
+    let worker = state.worker_for_change()?;
     let id = job.id;
     let submitted = worker
         .submit(job)
@@ -270,7 +282,7 @@ async fn offer(
 ) -> Result<Json<Value>, ApiError> {
     require_json(&headers)?;
     let offer = Offer::from_json(json_body(&state, body).await?)?;
-    let answer = state.worker()?.offer(offer).await?;
+    let answer = state.worker_for_change()?.offer(offer).await?;
     Ok(Json(answer.to_json()))
 }
 
@@ -395,7 +407,7 @@ async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(path)?;
-    let job = state.worker()?.cancel(id).await?;
+    let job = state.worker_for_change()?.cancel(id).await?;
     Ok(Json(job))
 }
 

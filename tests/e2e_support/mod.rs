@@ -672,6 +672,35 @@ impl Daemon {
         Reply { status, text }
     }
 
+    /// GET `path`, or `None` when no answer came (the daemon gone, its listener closed).
+    pub async fn try_get(&self, path: &str) -> Option<Reply> {
+        self.try_request(reqwest::Method::GET, path, None).await
+    }
+
+    /// POST `path` with a JSON `body`, or `None` when no answer came.
+    pub async fn try_post(&self, path: &str, body: &Value) -> Option<Reply> {
+        self.try_request(reqwest::Method::POST, path, Some(body))
+            .await
+    }
+
+    async fn try_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Option<Reply> {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.ok()?;
+        let status = response.status();
+        let text = response.text().await.ok()?;
+        Some(Reply { status, text })
+    }
+
     /// GET `path`, whatever it answers.
     pub async fn get(&self, path: &str) -> Reply {
         self.request(reqwest::Method::GET, path, None).await
