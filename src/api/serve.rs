@@ -9,7 +9,8 @@
 //!   answers are in progress at once, and beyond them an excess connection is closed at once.
 //! - The cap is kept below the descriptor limit ([`connection_cap`]), so that job files,
 //!   logs and trainers always find descriptors however many clients connect.
-//! - An accept that fails for want of descriptors or memory backs off instead of spinning.
+//! - An accept that fails for want of descriptors or memory backs off instead of spinning,
+//!   with one warning per episode.
 //!
 //! `close` ends it: the listener is closed, idle connections are closed, requests in progress
 //! get [`DRAIN`] to finish.
@@ -78,8 +79,8 @@ pub fn connection_cap(configured: usize, nofile: u64) -> usize {
         .max(1)
 }
 
-/// Refusals answered at once under a cap of `max_connections`: a quarter of the reserve's
-/// share at most, so that a flood of refusals cannot eat the descriptors kept for jobs.
+/// Refusals answered at once under a cap of `max_connections`: at most 16, and a quarter of
+/// a small cap, so that a flood of refusals cannot eat the descriptors kept for jobs.
 fn refusal_slots(max_connections: usize) -> usize {
     REFUSALS_AT_ONCE.min(max_connections / 4).max(1)
 }
@@ -115,22 +116,23 @@ pub async fn serve(
                 }
                 stream
             }
-            Err(e) if is_resource_shortage(&e) => {
+            // A connection reset before it was accepted, and the like: that client's problem.
+            Err(e) if is_client_error(&e) => {
+                debug!(error = %e, "accept failed");
+                continue;
+            }
+            Err(e) => {
                 if !starved {
                     starved = true;
-                    warn!(error = %e, max_connections = limits.max_connections, "cannot accept connections: out of descriptors or memory; backing off");
+                    warn!(error = %e, max_connections = limits.max_connections, "cannot accept connections; backing off");
                 }
-                // The waiting connections stay in the backlog; spinning on accept would only
-                // take the CPU the rest of the daemon needs to free descriptors.
+                // Out of descriptors or memory, most likely. The waiting connections stay in
+                // the backlog; retrying at once would only take the CPU the rest of the
+                // daemon needs to free them.
                 tokio::select! {
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
                     _ = close.cancelled() => break,
                 }
-                continue;
-            }
-            // A connection reset before it was accepted, and the like: that client's problem.
-            Err(e) => {
-                debug!(error = %e, "accept failed");
                 continue;
             }
         };
@@ -221,12 +223,27 @@ async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
     }
 }
 
-/// Errors of accept(2) that say the process or the system is out of something, which
-/// retrying at once does not fix.
-fn is_resource_shortage(e: &std::io::Error) -> bool {
+/// Errors of accept(2) that belong to the one connection it was taking (accept(2) passes
+/// pending network errors on), so the next accept may go on at once. Anything else (out of
+/// descriptors: EMFILE, ENFILE; out of memory: ENOBUFS, ENOMEM) would fail again at once.
+fn is_client_error(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP
+                | libc::ETIMEDOUT
+        )
     )
 }
 
@@ -247,6 +264,15 @@ mod tests {
         assert_eq!(connection_cap(512, 64), 32);
         assert_eq!(connection_cap(512, 1), 1);
         assert_eq!(connection_cap(512, 0), 1);
+    }
+
+    #[test]
+    fn only_a_connection_s_own_errors_are_retried_at_once() {
+        let os = std::io::Error::from_raw_os_error;
+        assert!(is_client_error(&os(libc::ECONNABORTED)));
+        for shortage in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!is_client_error(&os(shortage)), "{shortage}");
+        }
     }
 
     #[test]
