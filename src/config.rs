@@ -89,8 +89,30 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How batches of job files are made durable.
     pub store_sync: SyncMode,
+    pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub executor: ExecutorConfig,
+}
+
+/// How the HTTP server treats its connections (`[api]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// How long a client may take to send a request's headers (and an idle connection may
+    /// wait for its next request) before the daemon closes it; a slow or stalled client
+    /// holds a descriptor for no longer than this.
+    pub header_read_timeout: Duration,
+    /// The most connections served at once; more are answered 503 and closed. The daemon
+    /// lowers it to fit its descriptor limit (see `api::serve::connection_cap`).
+    pub max_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -266,6 +288,8 @@ struct FileConfig {
     #[serde(default)]
     store: FileStore,
     #[serde(default)]
+    api: FileApi,
+    #[serde(default)]
     worker: FileWorker,
     #[serde(default)]
     executor: FileExecutor,
@@ -277,6 +301,13 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileStore {
     sync: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApi {
+    header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -347,6 +378,8 @@ pub const ENV_KEYS: &[&str] = &[
     "SHUTDOWN_GRACE",
     "LOG_FORMAT",
     "STORE_SYNC",
+    "API_HEADER_READ_TIMEOUT",
+    "API_MAX_CONNECTIONS",
     "WORKER_MAX_CONCURRENT",
     "WORKER_MAX_ATTEMPTS",
     "WORKER_GPUS",
@@ -450,6 +483,7 @@ impl Config {
                 "store.sync: {sync_text:?} is not \"fsync\" or \"syncfs\""
             ))
         })?;
+        let api = api(&var, file.api)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
             Some(v) => parse_number("worker.max_concurrent", &v)?,
             None => file.worker.max_concurrent.unwrap_or(1),
@@ -617,6 +651,7 @@ impl Config {
             shutdown_grace,
             log_format,
             store_sync,
+            api,
             worker: WorkerConfig {
                 max_concurrent,
                 max_attempts,
@@ -728,6 +763,33 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
             })
             .unwrap_or_default();
         ConfigError::new(format!("config file {}{at}: {msg}", path.display()))
+    })
+}
+
+/// The `[api]` settings.
+fn api(var: &impl Fn(&str) -> Option<String>, file: FileApi) -> Result<ApiConfig, ConfigError> {
+    let header_read_timeout = duration(
+        "api.header_read_timeout",
+        var("API_HEADER_READ_TIMEOUT").or(file.header_read_timeout),
+        "10s",
+    )?;
+    if header_read_timeout.is_zero() {
+        return Err(ConfigError::new(
+            "api.header_read_timeout: must be longer than 0s",
+        ));
+    }
+    let max_connections = match var("API_MAX_CONNECTIONS") {
+        Some(v) => parse_number("api.max_connections", &v)?,
+        None => file
+            .max_connections
+            .unwrap_or(ApiConfig::default().max_connections),
+    };
+    if max_connections == 0 {
+        return Err(ConfigError::new("api.max_connections: must be at least 1"));
+    }
+    Ok(ApiConfig {
+        header_read_timeout,
+        max_connections,
     })
 }
 
@@ -1192,6 +1254,16 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             ("[offers]\nquota = 3", "quota"),
             ("[store]\nsync = \"sometimes\"", "store.sync"),
             (
+                "[api]\nheader_read_timeout = \"0s\"",
+                "api.header_read_timeout",
+            ),
+            (
+                "[api]\nheader_read_timeout = \"soon\"",
+                "api.header_read_timeout",
+            ),
+            ("[api]\nmax_connections = 0", "api.max_connections"),
+            ("[api]\nmax_conections = 10", "max_conections"),
+            (
                 "shutdown_grace = \"5s\"\n[executor]\nkill_grace = \"5s\"",
                 "executor.kill_grace",
             ),
@@ -1274,6 +1346,32 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
         assert_eq!(c.api_token, None);
         assert_eq!(c.worker, builtin.worker);
         assert_eq!(builtin.worker, WorkerConfig::default());
+        assert_eq!(c.api, builtin.api);
+        assert_eq!(builtin.api, ApiConfig::default());
+    }
+
+    #[test]
+    fn api_limits_come_from_the_file_and_the_environment() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join(DEFAULT_CONFIG_FILE),
+            "[api]\nheader_read_timeout = \"3s\"\nmax_connections = 40\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.api.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.api.max_connections, 40);
+        let c = load(
+            dir.path(),
+            &[
+                ("TRAINING_WORKER_API_HEADER_READ_TIMEOUT", "1m"),
+                ("TRAINING_WORKER_API_MAX_CONNECTIONS", "7"),
+            ],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.api.max_connections, 7);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! then trainers left by a dead one are killed; then the listener is bound, so `/healthz`
 //! answers and `/readyz` says 503 during a long replay; then replay, the boot writes, and
 //! only then does the worker start jobs and `/v1/` accept requests.
+//!
+//! Stop order is the reverse. On a signal `/readyz` says 503 and submissions, cancels and
+//! offers are refused with 503 while the worker stops its trainers and writes their jobs
+//! back; the listener stays open meanwhile, so that a load balancer sees the daemon stopping
+//! rather than gone. Only then does the listener close, and the store flush and end.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, serve};
 use crate::config::Config;
 use crate::executor::{self, Executor};
 use crate::metrics::METRICS;
@@ -94,6 +99,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         );
     }
 
+    let nofile = raise_descriptor_limit();
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -102,8 +108,24 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     let address = listener.local_addr().unwrap_or(config.listen);
+    let limits = serve::Limits {
+        header_read_timeout: config.api.header_read_timeout,
+        max_connections: serve::connection_cap(config.api.max_connections, nofile),
+    };
+    if limits.max_connections < config.api.max_connections {
+        warn!(
+            configured = config.api.max_connections,
+            max_connections = limits.max_connections,
+            nofile,
+            "api.max_connections lowered to fit the descriptor limit"
+        );
+    }
 
     let shutdown = CancellationToken::new();
+    // Closes the listener: only once the worker has stopped, after `shutdown`, so that
+    // during the stop clients get 503s (and `/readyz` says "stopping") instead of a refused
+    // connection.
+    let close_http = CancellationToken::new();
     let fatal = CancellationToken::new();
     let tracker = TaskTracker::new();
     let state = AppState::new(
@@ -111,19 +133,19 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         config.max_body_bytes,
         shutdown.clone(),
     );
-    {
-        let router = api::router(state.clone());
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, "HTTP server failed");
-            }
-        });
-    }
-    info!(%address, data_dir = %data_dir.display(), "listening; replaying the data dir");
+    tracker.spawn(serve::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        close_http.clone(),
+    ));
+    info!(
+        %address,
+        data_dir = %data_dir.display(),
+        max_connections = limits.max_connections,
+        nofile,
+        "listening; replaying the data dir"
+    );
     // A no-op unless a service manager (systemd, Type=notify) set NOTIFY_SOCKET.
     let notifier = Notifier::from_env();
     notifier.status("replaying the data dir");
@@ -153,11 +175,11 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             error!(error = %e, "cannot open the data dir");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
         Err(e) => {
             error!(error = %e, "replay failed");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
     };
     let quarantined = opened.recovered.damaged.len();
@@ -202,7 +224,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         Ok(booted) => booted,
         Err(e) => {
             error!(error = %e, "cannot write the recovered state");
-            return stop_after_failure(shutdown, tracker, Exit::Storage).await;
+            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
         }
     };
     let worker_task = tracker.spawn(worker.run());
@@ -241,8 +263,13 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     let deadline = Instant::now() + grace;
     // The API's state holds the last worker handle outside the tracker's tasks.
     drop(state);
+    // The worker stops its trainers and writes their jobs back meanwhile; then the listener
+    // closes. A worker that does not end in time is reported by the wait below.
+    let stopped = tokio::time::timeout(grace, worker_task).await;
+    close_http.cancel();
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, tracker.wait()).await.is_err() {
         error!(grace = %humantime::format_duration(grace), "shutdown did not finish within shutdown_grace; exiting anyway, the next boot replays");
         return Exit::Unclean;
     }
@@ -261,8 +288,11 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         error!("stopped after a fatal storage error; restart to replay from disk");
         return Exit::Storage;
     }
-    // Finished with the tracker; what it says is whether the stop was clean.
-    let unwritten = worker_task.await.map_or(0, |stopped| stopped.unwritten);
+    // What the worker said when it ended: whether the stop was clean.
+    let unwritten = match stopped {
+        Ok(Ok(stopped)) => stopped.unwritten,
+        _ => 0,
+    };
     if unwritten > 0 {
         error!(
             jobs = unwritten,
@@ -274,37 +304,90 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     Exit::Graceful
 }
 
+/// Raises the soft limit on open descriptors to the hard limit, and returns the soft limit
+/// now in force. A shell's soft limit (often 1024) is a default for interactive programs;
+/// the daemon's clients, job files and trainers all need descriptors, and the hard limit is
+/// what the administrator allows.
+fn raise_descriptor_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let e = std::io::Error::last_os_error();
+        warn!(error = %e, "cannot read the descriptor limit (RLIMIT_NOFILE); assuming 1024");
+        return 1024;
+    }
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    if soft >= hard {
+        return soft;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let e = std::io::Error::last_os_error();
+        warn!(soft, hard, error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the soft limit");
+        return soft;
+    }
+    info!(
+        from = soft,
+        nofile = hard,
+        "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit"
+    );
+    hard
+}
+
 /// Boot failed after the API started: stop it and return `exit`.
-async fn stop_after_failure(shutdown: CancellationToken, tracker: TaskTracker, exit: Exit) -> Exit {
+async fn stop_after_failure(
+    shutdown: CancellationToken,
+    close_http: CancellationToken,
+    tracker: TaskTracker,
+    exit: Exit,
+) -> Exit {
     shutdown.cancel();
+    close_http.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     exit
 }
 
-/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves when
-/// either arrives. Installed before anything else, so that a stop during boot is graceful
-/// too. A second signal exits at once: everything acknowledged is already durable, so
-/// nothing is lost by not waiting.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now, and returns a future that resolves
+/// when one arrives. Installed before anything else, so that a stop during boot is graceful
+/// too. SIGHUP is a stop like the others: it is what a closing terminal or SSH session sends
+/// a foreground daemon, and its default action would kill the daemon mid-run, counting the
+/// running job's start as a crash. A second SIGTERM or SIGINT exits at once: everything
+/// acknowledged is already durable, so nothing is lost by not waiting. A second SIGHUP does
+/// not: a hangup often comes twice (from the terminal and from the shell passing it on to its
+/// jobs), and nobody asked for haste.
 pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let installed = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     );
     async move {
-        let (Ok(mut term), Ok(mut int)) = installed else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = installed else {
             error!("cannot install signal handlers; stop the daemon with SIGKILL");
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => info!(signal = "SIGTERM", "stop signal"),
+            _ = int.recv() => info!(signal = "SIGINT", "stop signal"),
+            _ = hup.recv() => info!(signal = "SIGHUP", "stop signal"),
         }
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    // Tokio keeps the handler installed, so a later SIGHUP is only noted.
+                    _ = hup.recv() => info!(signal = "SIGHUP", "already stopping"),
+                }
             }
             warn!("second stop signal; exiting now");
             std::process::exit(Exit::Unclean as i32);

@@ -143,6 +143,14 @@ pub struct Metrics {
     /// Reservations whose job arrived, and those that expired without it.
     pub reservations_claimed: Counter,
     pub reservations_expired: Counter,
+    /// HTTP connections being served now.
+    http_connections_open: AtomicI64,
+    /// The most HTTP connections served at once (`[api] max_connections`, bounded by the
+    /// descriptor limit), set once the listener is up.
+    http_connections_max: AtomicU64,
+    /// Connections turned away at the cap (answered 503, or closed when even that would
+    /// take too many descriptors).
+    pub http_connections_refused: Counter,
 }
 
 impl Metrics {
@@ -169,7 +177,27 @@ impl Metrics {
             offers_refused: Counter::new(),
             reservations_claimed: Counter::new(),
             reservations_expired: Counter::new(),
+            http_connections_open: AtomicI64::new(0),
+            http_connections_max: AtomicU64::new(0),
+            http_connections_refused: Counter::new(),
         }
+    }
+
+    pub fn http_connection_opened(&self) {
+        self.http_connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn http_connection_closed(&self) {
+        self.http_connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn http_connections_open(&self) -> i64 {
+        self.http_connections_open.load(Ordering::Relaxed)
+    }
+
+    pub fn set_http_connections_max(&self, max: usize) {
+        self.http_connections_max
+            .store(max as u64, Ordering::Relaxed);
     }
 
     /// A job missed its deadline: `queued`, it failed instead of starting; else it ended late.
@@ -276,6 +304,11 @@ impl Metrics {
                 "Trainers that could not be started; each job went back to the queue, its attempt not counted.",
                 &self.spawn_failures,
             ),
+            (
+                "http_connections_refused_total",
+                "HTTP connections turned away because max_connections were open (answered 503, or closed).",
+                &self.http_connections_refused,
+            ),
         ] {
             let _ = writeln!(out, "# HELP training_worker_{name} {help}");
             let _ = writeln!(out, "# TYPE training_worker_{name} counter");
@@ -346,6 +379,22 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE training_worker_{name} histogram");
             histogram.render(&mut out, &format!("training_worker_{name}"));
         }
+        for (name, help, value) in [
+            (
+                "http_connections_open",
+                "HTTP connections being served now.",
+                self.http_connections_open(),
+            ),
+            (
+                "http_connections_max",
+                "The most HTTP connections served at once: [api] max_connections, lowered to fit the descriptor limit.",
+                self.http_connections_max.load(Ordering::Relaxed) as i64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
+            let _ = writeln!(out, "# TYPE training_worker_{name} gauge");
+            let _ = writeln!(out, "training_worker_{name} {value}");
+        }
         let _ = writeln!(
             out,
             "# HELP training_worker_replay_seconds How long the replay of the data dir took at boot."
@@ -389,7 +438,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 18, "{text}");
+        assert_eq!(families.len(), 21, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

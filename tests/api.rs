@@ -1430,6 +1430,67 @@ async fn after_shutdown_readyz_is_503_and_writes_are_refused() {
     assert_eq!(app.read_job_file(&id)["status"], "Queued");
 }
 
+#[tokio::test]
+async fn while_the_worker_stops_readyz_is_503_changes_are_refused_and_reads_go_on() {
+    // A trainer that ignores SIGTERM keeps the worker stopping for the 2 s kill grace.
+    let mut app = spawn_app(Options {
+        max_concurrent: 1,
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "trap '' TERM; sleep 30".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let running = id_of(&app.submit(&diffusion_job()).await);
+    let queued = id_of(&app.submit(&diffusion_job()).await);
+    app.wait_for(&running, "Running", |job| job["status"] == "Running")
+        .await;
+    app.shutdown.cancel();
+    let worker = app.worker_task.take().unwrap();
+    assert!(!worker.is_finished(), "the worker waits for its trainer");
+
+    assert_eq!(
+        app.get("/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let submitted = with(
+        diffusion_job(),
+        "job_id",
+        uuid::Uuid::new_v4().to_string().into(),
+    );
+    app.post_json("/v1/jobs", &submitted)
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    app.post_empty(&format!("/v1/jobs/{queued}/cancel"))
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    app.post_json(
+        "/v1/offers",
+        &json!({"type": "DiffusionJob", "model": "m", "hours_to_complete": 1}),
+    )
+    .await
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    // The worker still answers what is asked of it, until it has stopped.
+    if !worker.is_finished() {
+        assert_eq!(
+            app.get(&format!("/v1/jobs/{queued}")).await.status,
+            StatusCode::OK
+        );
+    }
+
+    tokio::time::timeout(Duration::from_secs(15), worker)
+        .await
+        .expect("the worker stops after its trainer's kill grace")
+        .expect("the worker did not panic");
+    let mut files = vec![format!("{running}.json"), format!("{queued}.json")];
+    files.sort();
+    assert_eq!(app.job_files(), files, "nothing was stored during the stop");
+    assert_eq!(app.read_job_file(&queued)["status"], "Queued");
+    assert_eq!(app.read_job_file(&running)["status"], "Queued");
+}
+
 // ---------------------------------------------------------------------------------------
 // The API token
 // ---------------------------------------------------------------------------------------
@@ -1527,6 +1588,45 @@ async fn with_a_token_every_v1_call_needs_the_bearer_header() {
     // Health and readiness need no token.
     assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
     assert_eq!(app.get("/readyz").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_in_any_case_and_the_token_exactly() {
+    let app = spawn_app(Options {
+        api_token: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    let queue = |auth: &str| {
+        request(
+            Method::GET,
+            "/v1/queue",
+            &[("authorization", auth)],
+            Body::empty(),
+        )
+    };
+    // RFC 7235 2.1: the scheme's name is case-insensitive; the token is not.
+    for auth in [
+        "Bearer s3cret",
+        "bearer s3cret",
+        "BEARER s3cret",
+        "bEaReR s3cret",
+        "Bearer  s3cret",
+    ] {
+        let reply = app.send(queue(auth)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{auth:?}: {}", reply.text());
+    }
+    for auth in [
+        "bearer S3CRET",
+        "BEARER nope",
+        "bearer",
+        "bearers3cret",
+        "Bearers s3cret",
+    ] {
+        app.send(queue(auth))
+            .await
+            .expect_error(StatusCode::UNAUTHORIZED, "token");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

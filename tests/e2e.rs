@@ -318,6 +318,50 @@ async fn sigterm_stops_the_trainer_writes_the_job_back_and_it_runs_first_next_ti
     assert_eq!(job["attempts"], 1, "{job}");
 }
 
+/// A terminal or SSH session that closes sends SIGHUP to a foreground daemon, often twice
+/// (the terminal, then the shell passing it on): a graceful stop like SIGTERM, not a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_a_graceful_stop_like_sigterm_even_when_it_comes_twice() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings {
+        shutdown_grace: "10s",
+        kill_grace: "2s",
+        ..Settings::default()
+    });
+    let daemon = sandbox.start().await;
+
+    let a = daemon.submit(diffusion_job("once/sleep:60")).await;
+    let b = daemon.submit(diffusion_job("ok")).await;
+    let pid = sandbox.trainer_started(&a, 1).await;
+
+    daemon.signal(libc::SIGHUP);
+    let (status, took) = daemon.stop_with(libc::SIGHUP, secs(15)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a hangup is a graceful stop: {status}"
+    );
+    assert!(took < secs(10), "stopped within shutdown_grace: {took:?}");
+    assert!(
+        sandbox.record_pid("term", &a, 1).is_some(),
+        "the trainer got SIGTERM"
+    );
+    assert!(!pid_alive(pid), "the trainer is gone once the daemon is");
+    sandbox.assert_no_trainers_left().await;
+
+    let file = sandbox.job_file(&a);
+    assert_eq!(file["status"], "Queued", "{file}");
+    assert_eq!(
+        file["attempts"], 0,
+        "a start cut by a stop is taken back: {file}"
+    );
+    assert_eq!(sandbox.queue_file(), (vec![], vec![a.clone(), b.clone()]));
+
+    let daemon = sandbox.start().await;
+    daemon.wait_status(&b, "Completed", secs(20)).await;
+    assert_eq!(sandbox.starts(), starts(&[(&a, 1), (&a, 1), (&b, 1)]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_kills_a_trainer_that_ignores_it_after_kill_grace_and_still_exits_0() {
     let sandbox = Sandbox::new();
@@ -349,6 +393,63 @@ async fn sigterm_kills_a_trainer_that_ignores_it_after_kill_grace_and_still_exit
     let file = sandbox.job_file(&stubborn);
     assert_eq!(file["status"], "Queued", "{file}");
     assert_eq!(file["attempts"], 0, "{file}");
+}
+
+/// During a graceful stop the daemon still answers: `/readyz` says 503 (a load balancer takes
+/// it out of rotation instead of seeing connections refused), submissions are refused with
+/// 503, and the listener closes only once the interrupted job is written back. Designed 503s
+/// are not logged as errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_stopping_the_daemon_answers_readyz_503_and_refuses_submissions() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings {
+        shutdown_grace: "15s",
+        kill_grace: "3s",
+        ..Settings::default()
+    });
+    let mut daemon = sandbox.start().await;
+    let stubborn = daemon.submit(diffusion_job("once/hang:60")).await;
+    sandbox.trainer_started(&stubborn, 1).await;
+    wait_until("the trainer ignores SIGTERM", secs(5), async || {
+        daemon
+            .logs(&stubborn)
+            .await
+            .contains("ignoring SIGTERM")
+            .then_some(())
+    })
+    .await;
+
+    daemon.signal(libc::SIGTERM);
+    let stopping = wait_until("/readyz says 503 while stopping", secs(10), async || {
+        let reply = daemon.try_get("/readyz").await?;
+        (reply.status == StatusCode::SERVICE_UNAVAILABLE).then_some(reply)
+    })
+    .await;
+    assert_eq!(stopping.json()["status"], "stopping", "{stopping:?}");
+    let refused = daemon
+        .try_post("/v1/jobs", &diffusion_job("ok"))
+        .await
+        .expect("the daemon answers during its stop");
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert!(refused.text.contains("shutting down"), "{refused:?}");
+
+    let status = daemon.wait_exit(secs(20)).await;
+    assert_eq!(status.code(), Some(0), "graceful stop exits 0");
+    let file = sandbox.job_file(&stubborn);
+    assert_eq!(file["status"], "Queued", "{file}");
+    assert_eq!(file["attempts"], 0, "{file}");
+    let files = fs::read_dir(sandbox.jobs_dir()).expect("jobs/").count();
+    assert_eq!(files, 1, "nothing was stored during the stop");
+    let stderr = daemon.stderr();
+    assert!(
+        !stderr.lines().any(|l| l.contains(" ERROR ")),
+        "a designed 503 logged as an error:\n{stderr}"
+    );
+    sandbox.assert_no_trainers_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

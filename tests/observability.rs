@@ -359,3 +359,25 @@ async fn rust_log_sets_the_level_and_a_long_replay_reports_progress() {
         "RUST_LOG=warn still logged info:\n{text}"
     );
 }
+
+/// Colour codes belong on a terminal only: in a file (a journal, `2> log`, a pipe) they are
+/// escape bytes that break grep and log shippers. The test's stderr is a file, and NO_COLOR
+/// is not set, so only the daemon's own choice keeps them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let sandbox = Sandbox::new();
+    sandbox.remove_env_prefix("NO_COLOR");
+    let daemon = sandbox.start().await;
+    // Lines at several levels, with fields: what the formatter would colour.
+    let id = daemon.submit(diffusion_job("fail:2")).await;
+    daemon.wait_status(&id, "Failed", secs(20)).await;
+    let (status, _) = daemon.terminate(secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read(sandbox.path().join("daemon-1.stderr")).expect("the daemon's stderr");
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("job failed"), "{text}");
+    assert!(
+        !log.contains(&0x1b),
+        "an ESC byte in a log written to a file:\n{text:?}"
+    );
+}

@@ -5,6 +5,7 @@
 //! at the path the worker names.
 
 mod error;
+pub mod serve;
 
 use std::sync::{Arc, OnceLock};
 
@@ -21,7 +22,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
+use tracing::{Span, debug, error};
 
 pub use error::ApiError;
 
@@ -36,7 +39,8 @@ pub struct AppState {
     /// Required as `Authorization: Bearer <token>` on `/v1/` when set.
     api_token: Option<Arc<str>>,
     max_body_bytes: usize,
-    /// Cancelled when the daemon begins to stop; `/readyz` then answers 503.
+    /// Cancelled when the daemon begins to stop; `/readyz` then answers 503, and so do
+    /// submissions, cancels and offers.
     shutdown: CancellationToken,
     /// Bounds how many bodies are parsed at once. A 1 MiB body of tiny JSON values takes
     /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
@@ -72,6 +76,17 @@ impl AppState {
         self.worker.get().ok_or(ApiError::Unavailable(
             "not ready: the data dir is being replayed",
         ))
+    }
+
+    /// The worker, for a request that would change something (a submission, a cancel, an
+    /// offer). Refused once the daemon is stopping: the listener stays open while the
+    /// worker writes the interrupted jobs back, and what is taken now would only be
+    /// stopped again, or queued behind a stop the client does not know about. Reads go on.
+    fn worker_for_change(&self) -> Result<&WorkerHandle, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::Unavailable("the daemon is shutting down"));
+        }
+        self.worker()
     }
 }
 
@@ -138,8 +153,24 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_panic| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
         .with_state(state)
+}
+
+/// The trace layer's word on a failed response. It counts every 5xx as a failure, and by
+/// default logs each at ERROR, which means "an operator must act". A 503 is the API saying
+/// by design that it cannot take the request now (booting, stopping, storage refusing
+/// writes): where that needs an operator, the code that decided it has already logged why,
+/// once (a refused write at WARN, a fatal storage error at ERROR). Everything else, a 500
+/// above all, is a bug or an unexpected failure and stays at ERROR.
+fn log_failure(class: ServerErrorsFailureClass, latency: std::time::Duration, _span: &Span) {
+    let latency_ms = latency.as_millis() as u64;
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            debug!(classification = %class, latency_ms, "response refused (503)");
+        }
+        _ => error!(classification = %class, latency_ms, "response failed"),
+    }
 }
 
 async fn require_token(
@@ -152,13 +183,22 @@ async fn require_token(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             return Err(ApiError::Unauthorized);
         }
     }
     Ok(next.run(request).await)
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme's name is
+/// case-insensitive (RFC 7235 2.1), so `bearer` and `BEARER` are the same scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// Compares without an early exit, so the time taken does not reveal the matching prefix.
@@ -216,7 +256,7 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let job = Job::from_submission(json_body(&state, body).await?, chrono::Utc::now())?;
-    let worker = state.worker()?;
+    let worker = state.worker_for_change()?;
     let id = job.id;
     let submitted = worker
         .submit(job)
@@ -242,7 +282,7 @@ async fn offer(
 ) -> Result<Json<Value>, ApiError> {
     require_json(&headers)?;
     let offer = Offer::from_json(json_body(&state, body).await?)?;
-    let answer = state.worker()?.offer(offer).await?;
+    let answer = state.worker_for_change()?.offer(offer).await?;
     Ok(Json(answer.to_json()))
 }
 
@@ -375,7 +415,7 @@ async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(path)?;
-    let job = state.worker()?.cancel(id).await?;
+    let job = state.worker_for_change()?.cancel(id).await?;
     Ok(Json(job))
 }
 
@@ -596,6 +636,94 @@ async fn method_not_allowed() -> ApiError {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// A log sink: what the subscriber of [`capture_logs`] writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// Logs everything down to DEBUG into the returned sink, on this thread, while the
+    /// guard lives (a `#[tokio::test]` runs on one thread).
+    fn capture_logs() -> (tracing::subscriber::DefaultGuard, Captured) {
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (tracing::subscriber::set_default(subscriber), sink)
+    }
+
+    async fn status_of(router: &Router, uri: &str) -> StatusCode {
+        let request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn the_trace_layer_logs_designed_503s_below_error() {
+        let (_guard, logs) = capture_logs();
+        let shutdown = CancellationToken::new();
+        let router = router(AppState::new(None, 1024, shutdown.clone()));
+        // Not ready yet: /readyz and /v1/ say 503 by design.
+        assert_eq!(
+            status_of(&router, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(&router, "/v1/queue").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Stopping: the same.
+        shutdown.cancel();
+        assert_eq!(
+            status_of(&router, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let text = logs.text();
+        assert_eq!(text.matches("response refused (503)").count(), 3, "{text}");
+        assert!(
+            !text.contains("ERROR"),
+            "a designed 503 logged as an error:\n{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_trace_layer_logs_other_5xx_at_error() {
+        let (_guard, logs) = capture_logs();
+        // A fallback, not a route: every route of the API is in ROUTES (tests/openapi.rs).
+        for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::BAD_GATEWAY] {
+            let router = Router::new()
+                .fallback(move || async move { status })
+                .layer(TraceLayer::new_for_http().on_failure(log_failure));
+            assert_eq!(status_of(&router, "/anything").await, status);
+        }
+        let text = logs.text();
+        let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 2, "{text}");
+        assert!(
+            errors.iter().all(|l| l.contains("response failed")),
+            "{text}"
+        );
+    }
 
     async fn read(text: &str, tail: Option<usize>, offset: Option<u64>) -> (String, u64) {
         let dir = tempfile::tempdir().unwrap();

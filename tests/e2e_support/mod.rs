@@ -182,6 +182,8 @@ struct DaemonEnv {
     removed_prefixes: Vec<String>,
     /// Variables set after the removals, in the order given.
     set: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft, hard) to start under, as after a shell's `ulimit -n`.
+    nofile: Option<(u64, u64)>,
 }
 
 impl Default for Sandbox {
@@ -241,6 +243,11 @@ impl Sandbox {
         env.removed_prefixes.push(prefix.to_string());
     }
 
+    /// Starts the daemons spawned from now on under RLIMIT_NOFILE `soft` and `hard`.
+    pub fn set_nofile_limit(&self, soft: u64, hard: u64) {
+        self.env.lock().expect("the env lock").nofile = Some((soft, hard));
+    }
+
     /// Writes the config file the next daemon reads.
     pub fn configure(&self, s: &Settings) {
         let command = serde_json::to_string(STUB_TRAINER).expect("a string serialises");
@@ -296,12 +303,19 @@ impl Sandbox {
             .current_dir(self.path())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         // The daemon reads TRAINING_WORKER_*; the test's own environment must not steer it.
         let env = self.env.lock().expect("the env lock");
+        // Plain logs, unless the test removes it to see what the daemon does by itself.
+        if !env
+            .removed_prefixes
+            .iter()
+            .any(|p| "NO_COLOR".starts_with(p.as_str()))
+        {
+            command.env("NO_COLOR", "1");
+        }
         for (name, _) in std::env::vars_os() {
             let text = name.to_string_lossy();
             if std::iter::once("TRAINING_WORKER_")
@@ -313,6 +327,22 @@ impl Sandbox {
         }
         for (name, value) in &env.set {
             command.env(name, value);
+        }
+        if let Some((soft, hard)) = env.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         drop(env);
         let child = command.spawn().expect("run the training-worker binary");
@@ -547,6 +577,14 @@ impl Daemon {
         &self.base
     }
 
+    /// The address it listens on.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the base URL is http://<address>")
+    }
+
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -637,6 +675,35 @@ impl Daemon {
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
         Reply { status, text }
+    }
+
+    /// GET `path`, or `None` when no answer came (the daemon gone, its listener closed).
+    pub async fn try_get(&self, path: &str) -> Option<Reply> {
+        self.try_request(reqwest::Method::GET, path, None).await
+    }
+
+    /// POST `path` with a JSON `body`, or `None` when no answer came.
+    pub async fn try_post(&self, path: &str, body: &Value) -> Option<Reply> {
+        self.try_request(reqwest::Method::POST, path, Some(body))
+            .await
+    }
+
+    async fn try_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Option<Reply> {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.ok()?;
+        let status = response.status();
+        let text = response.text().await.ok()?;
+        Some(Reply { status, text })
     }
 
     /// GET `path`, whatever it answers.
