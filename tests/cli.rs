@@ -353,6 +353,39 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_a_job_are_shown_escaped_and_json_stays_exact() {
+    let sandbox = paused();
+    let daemon = sandbox.start().await;
+    let url = server(&daemon);
+    // ESC [2J clears a terminal; ESC ] 0 ; ... BEL sets its title.
+    let model = "org/m\u{1b}[2Jodel";
+    let mut job = text_job(model);
+    job["dataset"] = json!("d\u{1b}]0;pwned\u{7}.json");
+    let id = daemon.submit(job).await;
+
+    // `finish` also holds every output free of a raw ESC.
+    for args in [vec!["status", id.as_str()], vec!["list"], vec!["queue"]] {
+        let out = run(at(&url, &args)).await;
+        let text = &out.assert_ok().stdout;
+        assert!(text.contains("org/m\\u{1b}[2Jodel"), "{args:?}: {text}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: {text:?}"
+        );
+    }
+    let out = run(at(&url, &["status", &id])).await;
+    assert!(
+        out.stdout.contains("d\\u{1b}]0;pwned\\u{7}.json"),
+        "{}",
+        out.stdout
+    );
+    let out = run(at(&url, &["status", &id, "--json"])).await;
+    assert_eq!(out.assert_ok().json()["model"], model);
+    let out = run(at(&url, &["list", "--json"])).await;
+    assert_eq!(out.assert_ok().json()[0]["model"], model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_exit_codes_tell_completed_failed_cancelled_and_timed_out() {
     let sandbox = Sandbox::new();
     let daemon = sandbox.start().await;
