@@ -38,6 +38,7 @@ enum Commands {
         log_format: Option<String>,
     },
     /// Check a data dir offline: report every problem and exit 1 if there is one.
+    #[command(after_help = CHECK_EXIT_CODES_HELP)]
     Check {
         /// Data directory [default: $TRAINING_WORKER_DATA_DIR, else data]
         #[arg(long, value_name = "DIR", env = "TRAINING_WORKER_DATA_DIR")]
@@ -86,7 +87,19 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
     }
 }
 
+const CHECK_EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   the data dir is clean (notes may still be printed)
+  1   problems found, one `problem:` line each; a directory that is not a data dir is one
+  2   usage: bad arguments
+  74  the data dir cannot be read (missing, not a directory, no permission)
+  78  the data dir given is blank";
+
 fn check(data_dir: &std::path::Path) -> ExitCode {
+    if data_dir.as_os_str().to_string_lossy().trim().is_empty() {
+        eprintln!("error: --data-dir: blank; name a directory (the default is \"data\")");
+        return Exit::Config.into();
+    }
     match training_worker::check::check(data_dir) {
         Ok(report) => {
             print!("{}", report.render(data_dir));

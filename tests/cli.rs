@@ -577,6 +577,52 @@ async fn the_token_and_the_server_come_from_the_environment() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_what_serve_refuses_and_documents_its_exit_codes() {
+    let out = run(client(&["check", "--help"])).await;
+    let help = &out.assert_ok().stdout;
+    for code in ["0   ", "1   ", "2   ", "74  ", "78  "] {
+        assert!(help.contains(&format!("\n  {code}")), "{code:?} in {help}");
+    }
+
+    let sandbox = Sandbox::new();
+    let check = |dir: &std::path::Path| {
+        let dir = dir.to_str().expect("a UTF-8 path").to_string();
+        async move { run(client(&["check", "--data-dir", &dir])).await }
+    };
+    // A directory no daemon ever ran on is not a clean data dir.
+    let empty = sandbox.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = check(&empty).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.contains("problem: not a data dir"), "{out:?}");
+
+    // What serve cannot start on, each named by its path.
+    let data = sandbox.path().join("data");
+    std::fs::create_dir_all(data.join("jobs")).unwrap();
+    std::fs::write(data.join("logs"), b"").unwrap();
+    std::fs::create_dir(data.join("lock")).unwrap();
+    let out = check(&data).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains("problem: logs: a regular file"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("problem: lock: a directory"), "{out:?}");
+    std::fs::remove_dir(data.join("jobs")).unwrap();
+    std::fs::write(data.join("jobs"), b"").unwrap();
+    let out = check(&data).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains("problem: jobs: a regular file"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr, "", "{out:?}");
+
+    let out = check(&sandbox.path().join("absent")).await;
+    out.assert_error(74, "cannot read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_help_are_printed() {
     let out = run(client(&["completions", "bash"])).await;
     let script = &out.assert_ok().stdout;
