@@ -28,8 +28,10 @@ enum Commands {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
         /// Data directory [default: data]
+        // A String, not a PathBuf, so that an empty value reaches the configuration and is
+        // refused there with exit 78 like the file's and the variable's.
         #[arg(long, value_name = "DIR")]
-        data_dir: Option<std::path::PathBuf>,
+        data_dir: Option<String>,
         /// Listen address [default: 127.0.0.1:8787]
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
             log_format,
         } => serve(Overrides {
             config_file: config,
-            data_dir,
+            data_dir: data_dir.map(std::path::PathBuf::from),
             listen,
             log_format,
         }),
@@ -132,6 +134,12 @@ fn serve(overrides: Overrides) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    // Logged only now that tracing is set up: the file refuses unknown keys, and a typo in
+    // a variable must not go unnoticed either.
+    let names = std::env::vars_os().map(|(name, _)| name.to_string_lossy().into_owned());
+    for variable in training_worker::config::unknown_variables(names) {
+        tracing::warn!(%variable, "unknown environment variable ignored; see the configuration table in README.md for the names read");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
