@@ -68,8 +68,40 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
             format!("{} is not a directory", data_dir.display()),
         ));
     }
-    let recovered = replay::replay(data_dir)?;
     let mut report = Report::default();
+    // What `serve` refuses to start on (Store::open creates the three directories, the lock
+    // is opened as a file): reported here so that check never passes a dir serve rejects.
+    let mut layout_ok = true;
+    for dir in [JOBS_DIR, LOGS_DIR, QUARANTINE_DIR] {
+        if let Some(what) = kind_other_than(&data_dir.join(dir), Kind::Dir) {
+            report.problems.push(format!(
+                "{dir}: {what} where a directory belongs; serve refuses to start"
+            ));
+            layout_ok = false;
+        }
+    }
+    if let Some(what) = kind_other_than(&data_dir.join(LOCK_FILE), Kind::File) {
+        report.problems.push(format!(
+            "{LOCK_FILE}: {what} where the lock file belongs; serve refuses to start"
+        ));
+        layout_ok = false;
+    }
+    let markers = [JOBS_DIR, QUEUE_FILE, LOCK_FILE];
+    if !markers
+        .iter()
+        .any(|name| fs::symlink_metadata(data_dir.join(name)).is_ok())
+    {
+        report.problems.push(format!(
+            "not a data dir: it has no {JOBS_DIR}/, {QUEUE_FILE} or {LOCK_FILE} (no daemon ever ran on it; check the path)"
+        ));
+        return Ok(report);
+    }
+    // Replay cannot read job files from a `jobs` that is not a directory; the problem with
+    // it is already reported.
+    if !layout_ok && kind_other_than(&data_dir.join(JOBS_DIR), Kind::Dir).is_some() {
+        return Ok(report);
+    }
+    let recovered = replay::replay(data_dir)?;
     let relative = |path: &Path| {
         path.strip_prefix(data_dir)
             .unwrap_or(path)
@@ -263,6 +295,34 @@ fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// What is at `path` when it exists and is not of `kind` (symbolic links followed, as
+/// `serve` follows them), e.g. "a regular file".
+fn kind_other_than(path: &Path, kind: Kind) -> Option<&'static str> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A dangling symbolic link: serve cannot use it either.
+            return fs::symlink_metadata(path)
+                .is_ok()
+                .then_some("a symbolic link to nothing");
+        }
+        Err(_) => return Some("something that cannot be read"),
+    };
+    match kind {
+        Kind::Dir if meta.is_dir() => None,
+        Kind::File if meta.is_file() => None,
+        _ if meta.is_dir() => Some("a directory"),
+        _ if meta.is_file() => Some("a regular file"),
+        _ => Some("a special file"),
+    }
+}
+
 fn lock_is_held(data_dir: &Path) -> bool {
     let Ok(file) = fs::File::open(data_dir.join(LOCK_FILE)) else {
         return false;
@@ -397,6 +457,69 @@ mod tests {
             let report = check(dir.path()).unwrap();
             assert_eq!(report.is_clean(), clean, "{}", report.render(dir.path()));
         }
+    }
+
+    #[test]
+    fn what_serve_refuses_to_start_on_is_a_problem_naming_the_path() {
+        let cases: &[(&str, bool, &str)] = &[
+            (
+                LOGS_DIR,
+                false,
+                "logs: a regular file where a directory belongs",
+            ),
+            (
+                QUARANTINE_DIR,
+                false,
+                "quarantine: a regular file where a directory belongs",
+            ),
+            (
+                JOBS_DIR,
+                false,
+                "jobs: a regular file where a directory belongs",
+            ),
+            (
+                LOCK_FILE,
+                true,
+                "lock: a directory where the lock file belongs",
+            ),
+        ];
+        for (name, as_dir, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join(JOBS_DIR)).ok();
+            let path = dir.path().join(name);
+            let _ = fs::remove_dir(&path);
+            if *as_dir {
+                fs::create_dir(&path).unwrap();
+            } else {
+                fs::write(&path, b"x").unwrap();
+            }
+            let report = check(dir.path()).unwrap();
+            let text = report.render(dir.path());
+            assert!(!report.is_clean(), "{name}: {text}");
+            assert!(text.contains(&format!("problem: {expected}")), "{text}");
+            assert!(text.contains("serve refuses to start"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_data_dir_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = check(dir.path()).unwrap();
+        assert!(!report.is_clean());
+        assert!(
+            report.problems[0].starts_with("not a data dir"),
+            "{:?}",
+            report.problems
+        );
+        fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+        fs::create_dir(dir.path().join("src")).unwrap();
+        assert!(!check(dir.path()).unwrap().is_clean());
+        // A daemon that was stopped right after taking the lock left a data dir all the same.
+        fs::remove_dir(dir.path().join("src")).unwrap();
+        fs::remove_file(dir.path().join("notes.txt")).unwrap();
+        fs::write(dir.path().join(LOCK_FILE), b"").unwrap();
+        let report = check(dir.path()).unwrap();
+        assert!(report.is_clean(), "{}", report.render(dir.path()));
     }
 
     #[test]

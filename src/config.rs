@@ -4,7 +4,7 @@
 //! variables, command-line flags. Every problem is a [`ConfigError`] naming the setting, which
 //! the daemon turns into exit code 78.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -188,9 +188,10 @@ const MAX_RESERVE_FOR: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug)]
 pub struct ExecutorConfig {
-    /// The trainer's argv; the program resolved to an absolute path at load time. Used when
-    /// no stages are configured.
-    pub command: Vec<String>,
+    /// The trainer's argv: the program resolved to an absolute path at load time, the
+    /// arguments `{placeholder}` templates like a stage's. Used (as a one-stage pipeline)
+    /// when no stages are configured; empty when there are stages.
+    pub command: Vec<Template>,
     /// `[[executor.stages]]`: the pipeline each job runs, in order; empty: the single command.
     pub stages: Vec<Stage>,
     /// The docker CLI, resolved at load time; set only when a stage is a container.
@@ -368,6 +369,14 @@ struct FileStage {
     pass_env: Option<Vec<String>>,
 }
 
+/// The built-in `executor.command`: the demo trainer of a checkout of the repository,
+/// relative to the working directory like every relative program path.
+pub const DEMO_TRAINER: &str = "config/demo-trainer.sh";
+
+/// Variables with the prefix that only the command-line client reads (`SERVER`); the
+/// daemon does not warn about them, since both often share one shell.
+const CLIENT_ENV_KEYS: &[&str] = &["SERVER"];
+
 /// The environment variables read, without the prefix, for error messages and docs.
 pub const ENV_KEYS: &[&str] = &[
     "CONFIG",
@@ -408,6 +417,9 @@ impl Config {
         cwd: &Path,
     ) -> Result<Config, ConfigError> {
         let var = |key: &str| env(&format!("{ENV_PREFIX}{key}")).filter(|v| !v.is_empty());
+        // An error names the setting as the operator wrote it: the variable when one is set
+        // (it wins over the file), else the file's key.
+        let name_of = |key: &str| setting_name(&var, key);
 
         let explicit_file = overrides
             .config_file
@@ -425,23 +437,32 @@ impl Config {
             }
         };
 
-        let data_dir = overrides
-            .data_dir
-            .clone()
-            .or_else(|| var("DATA_DIR").map(PathBuf::from))
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("data"));
-        let listen_text = overrides
-            .listen
-            .clone()
-            .or_else(|| var("LISTEN"))
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:8787".into());
-        let listen = listen_text.parse().map_err(|_| {
-            ConfigError::new(format!(
-                "listen: {listen_text:?} is not an address like 127.0.0.1:8787"
-            ))
-        })?;
+        // Read without `var`'s filter: an empty variable is a mistake here, not "unset",
+        // since joined to the working directory it would make that the data dir.
+        let data_dir_var = format!("{ENV_PREFIX}DATA_DIR");
+        let (data_dir, data_dir_name) = match (&overrides.data_dir, env(&data_dir_var)) {
+            (Some(flag), _) => (flag.clone(), "--data-dir".to_string()),
+            (None, Some(v)) => (PathBuf::from(v), data_dir_var),
+            (None, None) => match file.data_dir {
+                Some(path) => (path, "data_dir".to_string()),
+                None => (PathBuf::from("data"), "data_dir".to_string()),
+            },
+        };
+        if data_dir.as_os_str().to_string_lossy().trim().is_empty() {
+            return Err(ConfigError::new(format!(
+                "{data_dir_name}: empty; name a directory (the default is \"data\")"
+            )));
+        }
+        let (listen_text, listen_name) = match &overrides.listen {
+            Some(flag) => (flag.clone(), "--listen".to_string()),
+            None => (
+                var("LISTEN")
+                    .or(file.listen)
+                    .unwrap_or_else(|| "127.0.0.1:8787".into()),
+                name_of("listen"),
+            ),
+        };
+        let listen = listen_address(&listen_name, &listen_text)?;
         // An explicitly empty variable clears a token set in the file.
         let api_token = match env(&format!("{ENV_PREFIX}API_TOKEN")) {
             Some(token) => Some(token),
@@ -449,29 +470,38 @@ impl Config {
         }
         .filter(|t| !t.is_empty());
         let max_body_bytes = match var("MAX_BODY_BYTES") {
-            Some(v) => parse_number("max_body_bytes", &v)?,
+            Some(v) => parse_number(&name_of("max_body_bytes"), &v)?,
             None => file.max_body_bytes.unwrap_or(1024 * 1024),
         };
         if max_body_bytes == 0 {
-            return Err(ConfigError::new("max_body_bytes: must be at least 1"));
+            return Err(ConfigError::new(format!(
+                "{}: must be at least 1",
+                name_of("max_body_bytes")
+            )));
         }
         let shutdown_grace = duration(
-            "shutdown_grace",
+            &name_of("shutdown_grace"),
             var("SHUTDOWN_GRACE").or(file.shutdown_grace),
             "20s",
         )?;
         if shutdown_grace.is_zero() {
-            return Err(ConfigError::new("shutdown_grace: must be longer than 0s"));
+            return Err(ConfigError::new(format!(
+                "{}: must be longer than 0s",
+                name_of("shutdown_grace")
+            )));
         }
-        let log_format_text = overrides
-            .log_format
-            .clone()
-            .or_else(|| var("LOG_FORMAT"))
-            .or(file.log_format)
-            .unwrap_or_else(|| "text".into());
+        let (log_format_text, log_format_name) = match &overrides.log_format {
+            Some(flag) => (flag.clone(), "--log-format".to_string()),
+            None => (
+                var("LOG_FORMAT")
+                    .or(file.log_format)
+                    .unwrap_or_else(|| "text".into()),
+                name_of("log_format"),
+            ),
+        };
         let log_format = LogFormat::parse(&log_format_text).ok_or_else(|| {
             ConfigError::new(format!(
-                "log_format: {log_format_text:?} is not \"text\" or \"json\""
+                "{log_format_name}: {log_format_text:?} is not \"text\" or \"json\""
             ))
         })?;
 
@@ -480,38 +510,43 @@ impl Config {
             .unwrap_or_else(|| "fsync".into());
         let store_sync = SyncMode::parse(sync_text.trim()).ok_or_else(|| {
             ConfigError::new(format!(
-                "store.sync: {sync_text:?} is not \"fsync\" or \"syncfs\""
+                "{}: {sync_text:?} is not \"fsync\" or \"syncfs\"",
+                name_of("store.sync")
             ))
         })?;
         let api = api(&var, file.api)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
-            Some(v) => parse_number("worker.max_concurrent", &v)?,
+            Some(v) => parse_number(&name_of("worker.max_concurrent"), &v)?,
             None => file.worker.max_concurrent.unwrap_or(1),
         };
         let max_attempts = match var("WORKER_MAX_ATTEMPTS") {
-            Some(v) => parse_number("worker.max_attempts", &v)?,
+            Some(v) => parse_number(&name_of("worker.max_attempts"), &v)?,
             None => file.worker.max_attempts.unwrap_or(3),
         };
         if max_attempts == 0 {
-            return Err(ConfigError::new("worker.max_attempts: must be at least 1"));
+            return Err(ConfigError::new(format!(
+                "{}: must be at least 1",
+                name_of("worker.max_attempts")
+            )));
         }
         let gpus = match var("WORKER_GPUS") {
             Some(v) => v
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(|s| parse_number("worker.gpus", s))
+                .map(|s| parse_number(&name_of("worker.gpus"), s))
                 .collect::<Result<Vec<u32>, _>>()?,
             None => file.worker.gpus.unwrap_or_default(),
         };
         let mut seen = std::collections::HashSet::new();
         if let Some(twice) = gpus.iter().find(|id| !seen.insert(**id)) {
             return Err(ConfigError::new(format!(
-                "worker.gpus: GPU {twice} is listed twice"
+                "{}: GPU {twice} is listed twice",
+                name_of("worker.gpus")
             )));
         }
         let backfill = match var("WORKER_BACKFILL") {
-            Some(v) => parse_bool("worker.backfill", &v)?,
+            Some(v) => parse_bool(&name_of("worker.backfill"), &v)?,
             None => file.worker.backfill.unwrap_or(false),
         };
         let order_text = var("WORKER_ORDER")
@@ -519,11 +554,12 @@ impl Config {
             .unwrap_or_else(|| "fifo".into());
         let order = Order::parse(order_text.trim()).ok_or_else(|| {
             ConfigError::new(format!(
-                "worker.order: {order_text:?} is not \"fifo\" or \"deadline\""
+                "{}: {order_text:?} is not \"fifo\" or \"deadline\"",
+                name_of("worker.order")
             ))
         })?;
         let assumed_duration = duration(
-            "worker.assumed_duration",
+            &name_of("worker.assumed_duration"),
             var("WORKER_ASSUMED_DURATION").or(file.worker.assumed_duration),
             "1h",
         )?;
@@ -531,30 +567,43 @@ impl Config {
         if assumed_duration.is_zero()
             || assumed_duration.as_secs_f64() > crate::job::MAX_HOURS * 3600.0
         {
-            return Err(ConfigError::new(
-                "worker.assumed_duration: must be longer than 0s and at most 8760h (a year)",
-            ));
+            return Err(ConfigError::new(format!(
+                "{}: must be longer than 0s and at most 8760h (a year)",
+                name_of("worker.assumed_duration")
+            )));
         }
         let offers = offers(&var, file.offers)?;
 
+        let command_name = name_of("executor.command");
         let command_given = var("EXECUTOR_COMMAND").is_some() || file.executor.command.is_some();
         if command_given && !file.executor.stages.is_empty() {
-            return Err(ConfigError::new(
-                "executor.command: set either executor.command or [[executor.stages]], not both",
-            ));
+            return Err(ConfigError::new(format!(
+                "{command_name}: set either executor.command or [[executor.stages]], not both",
+            )));
         }
         let command = match var("EXECUTOR_COMMAND") {
-            Some(v) => parse_command(&v)?,
+            Some(v) => parse_command(&command_name, &v)?,
             None => file
                 .executor
                 .command
-                .unwrap_or_else(|| vec!["config/demo-trainer.sh".into()]),
+                .unwrap_or_else(|| vec![DEMO_TRAINER.into()]),
         };
         let path_var = env("PATH");
         let command = if file.executor.stages.is_empty() {
-            resolve_command("executor.command", command, cwd, path_var.as_deref())?
+            command_templates(&command_name, command, cwd, path_var.as_deref()).map_err(|e| {
+                if command_given {
+                    e
+                } else {
+                    // Only a checkout of the repository has the demo trainer: say what to set
+                    // rather than only that a file is missing.
+                    ConfigError::new(format!(
+                        "executor.command: not set, and the built-in default {DEMO_TRAINER} (the repository's demo trainer) is not in the working directory {}; set executor.command in a config file (--config) or {ENV_PREFIX}EXECUTOR_COMMAND",
+                        cwd.display()
+                    ))
+                }
+            })?
         } else {
-            command
+            Vec::new()
         };
         let stages = file
             .executor
@@ -581,26 +630,31 @@ impl Config {
             }
         };
         let adopt_running = match var("EXECUTOR_ADOPT_RUNNING") {
-            Some(v) => parse_bool("executor.adopt_running", &v)?,
+            Some(v) => parse_bool(&name_of("executor.adopt_running"), &v)?,
             None => file.executor.adopt_running.unwrap_or(false),
         };
         let timeout = duration(
-            "executor.timeout",
+            &name_of("executor.timeout"),
             var("EXECUTOR_TIMEOUT").or(file.executor.timeout),
             "24h",
         )?;
         if timeout.is_zero() {
-            return Err(ConfigError::new("executor.timeout: must be longer than 0s"));
+            return Err(ConfigError::new(format!(
+                "{}: must be longer than 0s",
+                name_of("executor.timeout")
+            )));
         }
         let kill_grace = duration(
-            "executor.kill_grace",
+            &name_of("executor.kill_grace"),
             var("EXECUTOR_KILL_GRACE").or(file.executor.kill_grace),
             "10s",
         )?;
         if kill_grace >= shutdown_grace {
             return Err(ConfigError::new(format!(
-                "executor.kill_grace ({}) must be shorter than shutdown_grace ({}), so that a graceful stop can stop trainers in time",
+                "{} ({}) must be shorter than {} ({}), so that a graceful stop can stop trainers in time",
+                name_of("executor.kill_grace"),
                 humantime::format_duration(kill_grace),
+                name_of("shutdown_grace"),
                 humantime::format_duration(shutdown_grace)
             )));
         }
@@ -625,7 +679,8 @@ impl Config {
         for name in &pass_env {
             if !is_env_name(name) {
                 return Err(ConfigError::new(format!(
-                    "executor.pass_env: {name:?} is not an environment variable name"
+                    "{}: {name:?} is not an environment variable name",
+                    name_of("executor.pass_env")
                 )));
             }
         }
@@ -682,6 +737,7 @@ fn offers(
     file: FileOffers,
 ) -> Result<OfferConfig, ConfigError> {
     let defaults = OfferConfig::default();
+    let name_of = |key: &str| setting_name(var, key);
     let list = |key: &str, file: Option<Vec<String>>, default: Vec<String>| match var(key) {
         Some(v) => v
             .split(',')
@@ -693,46 +749,54 @@ fn offers(
     };
     let job_types = list("OFFERS_JOB_TYPES", file.job_types, defaults.job_types);
     if job_types.is_empty() {
-        return Err(ConfigError::new(
-            "offers.job_types: empty, so no offer could be accepted; list TextJob, DiffusionJob or both",
-        ));
+        return Err(ConfigError::new(format!(
+            "{}: empty, so no offer could be accepted; list TextJob, DiffusionJob or both",
+            name_of("offers.job_types")
+        )));
     }
     if let Some(unknown) = job_types.iter().find(|t| !JOB_TYPES.contains(&t.as_str())) {
         return Err(ConfigError::new(format!(
-            "offers.job_types: {unknown:?} is not a job type; TextJob or DiffusionJob"
+            "{}: {unknown:?} is not a job type; TextJob or DiffusionJob",
+            name_of("offers.job_types")
         )));
     }
     let models = list("OFFERS_MODELS", file.models, defaults.models);
     if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
-        return Err(ConfigError::new(
-            "offers.models: must list at least one non-empty pattern (\"*\" takes any model)",
-        ));
+        return Err(ConfigError::new(format!(
+            "{}: must list at least one non-empty pattern (\"*\" takes any model)",
+            name_of("offers.models")
+        )));
     }
     let max_hours = match var("OFFERS_MAX_HOURS") {
         Some(v) => v.trim().parse::<f64>().map_err(|_| {
-            ConfigError::new(format!("offers.max_hours: {v:?} is not a number of hours"))
+            ConfigError::new(format!(
+                "{}: {v:?} is not a number of hours",
+                name_of("offers.max_hours")
+            ))
         })?,
         None => file.max_hours.unwrap_or(defaults.max_hours),
     };
     if !(max_hours > 0.0 && max_hours <= crate::job::MAX_HOURS) {
         return Err(ConfigError::new(format!(
-            "offers.max_hours: {max_hours} must be above 0 and at most {} (a year)",
+            "{}: {max_hours} must be above 0 and at most {} (a year)",
+            name_of("offers.max_hours"),
             crate::job::MAX_HOURS
         )));
     }
     let max_wait = duration(
-        "offers.max_wait",
+        &name_of("offers.max_wait"),
         var("OFFERS_MAX_WAIT").or(file.max_wait),
         "1h",
     )?;
     let reserve_for = duration(
-        "offers.reserve_for",
+        &name_of("offers.reserve_for"),
         var("OFFERS_RESERVE_FOR").or(file.reserve_for),
         "30s",
     )?;
     if reserve_for > MAX_RESERVE_FOR {
         return Err(ConfigError::new(format!(
-            "offers.reserve_for: {} is longer than {}; a reservation holds back the jobs behind it, so keep it short",
+            "{}: {} is longer than {}; a reservation holds back the jobs behind it, so keep it short",
+            name_of("offers.reserve_for"),
             humantime::format_duration(reserve_for),
             humantime::format_duration(MAX_RESERVE_FOR)
         )));
@@ -808,17 +872,91 @@ fn duration(key: &str, text: Option<String>, default: &str) -> Result<Duration, 
     })
 }
 
-/// The command as a JSON array (`["python3", "train.py"]`) or words split on whitespace.
-fn parse_command(text: &str) -> Result<Vec<String>, ConfigError> {
+/// The command as a JSON array (`["python3", "train.py"]`) or words split the way a POSIX
+/// shell splits them (`'my trainer.sh' --flag "a b"` is three), without expanding anything.
+fn parse_command(name: &str, text: &str) -> Result<Vec<String>, ConfigError> {
     if text.trim_start().starts_with('[') {
-        serde_json::from_str(text).map_err(|e| {
+        serde_json::from_str(text)
+            .map_err(|e| ConfigError::new(format!("{name}: not a JSON array of strings: {e}")))
+    } else {
+        shell_words::split(text).map_err(|e| {
             ConfigError::new(format!(
-                "executor.command: not a JSON array of strings: {e}"
+                "{name}: {text:?} cannot be split into words ({e}); close every quote, or give a JSON array"
             ))
         })
-    } else {
-        Ok(text.split_whitespace().map(String::from).collect())
     }
+}
+
+/// The single `executor.command` as a one-stage pipeline's argv: the program resolved (see
+/// [`resolve_command`]) and literal, the arguments templates like a process stage's.
+fn command_templates(
+    name: &str,
+    command: Vec<String>,
+    cwd: &Path,
+    path_var: Option<&str>,
+) -> Result<Vec<Template>, ConfigError> {
+    if command.first().is_some_and(|p| p.contains('{')) {
+        return Err(ConfigError::new(format!(
+            "{name}: the program (first entry) cannot hold placeholders"
+        )));
+    }
+    let command = resolve_command(name, command, cwd, path_var)?;
+    let mut argv = vec![Template::literal(&command[0])];
+    for arg in &command[1..] {
+        argv.push(Template::parse(arg).map_err(|e| ConfigError::new(format!("{name}: {e}")))?);
+    }
+    Ok(argv)
+}
+
+/// How an error names `key` (`worker.max_concurrent`): by its environment variable
+/// (`TRAINING_WORKER_WORKER_MAX_CONCURRENT`) when that is set, since it wins over the file.
+fn setting_name(var: &impl Fn(&str) -> Option<String>, key: &str) -> String {
+    let suffix = key.replace('.', "_").to_ascii_uppercase();
+    if var(&suffix).is_some() {
+        format!("{ENV_PREFIX}{suffix}")
+    } else {
+        key.to_string()
+    }
+}
+
+/// `listen`: an address, or a host name and port resolved now (`localhost:8787`). Of the
+/// addresses a name has, the first IPv4 one is taken, else the first: the client's default
+/// server is `127.0.0.1`, and `localhost` often resolves to `::1` first.
+fn listen_address(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let bad = |why: String| {
+        ConfigError::new(format!(
+            "{name}: {text:?} is not an address like 127.0.0.1:8787 or localhost:8787 ({why})"
+        ))
+    };
+    let addresses: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .collect();
+    addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .ok_or_else(|| bad("the name resolves to no address".into()))
+}
+
+/// The names of `TRAINING_WORKER_*` variables among `names` that neither the daemon nor
+/// the client reads: a typo there would otherwise be silently ignored, unlike one in the
+/// file.
+pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX).is_some_and(|suffix| {
+                !ENV_KEYS.contains(&suffix) && !CLIENT_ENV_KEYS.contains(&suffix)
+            })
+        })
+        .collect();
+    unknown.sort();
+    unknown
 }
 
 fn parse_bool(key: &str, text: &str) -> Result<bool, ConfigError> {
@@ -1035,8 +1173,13 @@ fn resolve_command(
     let resolved = if program.contains('/') {
         let candidate = cwd.join(program);
         if !is_executable(&candidate) {
+            let relative = if Path::new(program).is_relative() {
+                " (a relative path is taken from the working directory)"
+            } else {
+                ""
+            };
             return Err(ConfigError::new(format!(
-                "{key}: {} is not an executable file",
+                "{key}: {} is not an executable file{relative}",
                 candidate.display()
             )));
         }
@@ -1153,11 +1296,230 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
         assert_eq!(c.executor.kill_grace, Duration::from_secs(10));
         assert_eq!(
             c.executor.command,
+            vec![Template::literal(
+                &dir.path().join("config/demo-trainer.sh").to_string_lossy()
+            )]
+        );
+    }
+
+    #[test]
+    fn without_a_trainer_the_error_says_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(dir.path(), &[], Overrides::default())
+            .unwrap_err()
+            .to_string();
+        for text in [
+            "executor.command",
+            "config/demo-trainer.sh",
+            "working directory",
+            "--config",
+            "TRAINING_WORKER_EXECUTOR_COMMAND",
+        ] {
+            assert!(err.contains(text), "{text:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_data_dir_is_an_error_in_every_layer() {
+        let dir = setup();
+        let flag = |text: &str| Overrides {
+            data_dir: Some(text.into()),
+            ..Overrides::default()
+        };
+        for (file, env, overrides, name) in [
+            ("data_dir = \"\"", None, Overrides::default(), "data_dir"),
+            ("data_dir = \"  \"", None, Overrides::default(), "data_dir"),
+            (
+                "",
+                Some(""),
+                Overrides::default(),
+                "TRAINING_WORKER_DATA_DIR",
+            ),
+            (
+                "",
+                Some(" "),
+                Overrides::default(),
+                "TRAINING_WORKER_DATA_DIR",
+            ),
+            ("", None, flag(""), "--data-dir"),
+            ("data_dir = \"ok\"", Some("ok"), flag(" "), "--data-dir"),
+        ] {
+            std::fs::write(dir.path().join(DEFAULT_CONFIG_FILE), file).unwrap();
+            let env: Vec<(&str, &str)> = env
+                .map(|v| ("TRAINING_WORKER_DATA_DIR", v))
+                .into_iter()
+                .collect();
+            let err = load(dir.path(), &env, overrides).unwrap_err().to_string();
+            assert!(err.starts_with(name) && err.contains("empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn errors_from_a_variable_name_the_variable() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join(DEFAULT_CONFIG_FILE),
+            "[worker]\nmax_concurrent = 2\n",
+        )
+        .unwrap();
+        for (variable, value) in [
+            ("TRAINING_WORKER_WORKER_MAX_CONCURRENT", "x"),
+            ("TRAINING_WORKER_WORKER_MAX_ATTEMPTS", "0"),
+            ("TRAINING_WORKER_WORKER_GPUS", "0,a"),
+            ("TRAINING_WORKER_WORKER_BACKFILL", "maybe"),
+            ("TRAINING_WORKER_WORKER_ORDER", "lifo"),
+            ("TRAINING_WORKER_MAX_BODY_BYTES", "lots"),
+            ("TRAINING_WORKER_SHUTDOWN_GRACE", "soon"),
+            ("TRAINING_WORKER_LOG_FORMAT", "xml"),
+            ("TRAINING_WORKER_STORE_SYNC", "never"),
+            ("TRAINING_WORKER_LISTEN", "nowhere"),
+            ("TRAINING_WORKER_EXECUTOR_TIMEOUT", "0s"),
+            ("TRAINING_WORKER_EXECUTOR_KILL_GRACE", "1h"),
+            ("TRAINING_WORKER_EXECUTOR_PASS_ENV", "A B"),
+            ("TRAINING_WORKER_EXECUTOR_ADOPT_RUNNING", "yes"),
+            ("TRAINING_WORKER_EXECUTOR_COMMAND", "./missing.sh"),
+            ("TRAINING_WORKER_EXECUTOR_COMMAND", "[1]"),
+            ("TRAINING_WORKER_OFFERS_MAX_HOURS", "many"),
+            ("TRAINING_WORKER_OFFERS_JOB_TYPES", "ImageJob"),
+            ("TRAINING_WORKER_OFFERS_RESERVE_FOR", "2h"),
+        ] {
+            let err = load(dir.path(), &[(variable, value)], Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{variable}: "))
+                    || err.starts_with(&format!("{variable} (")),
+                "{variable}={value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_command_variable_splits_words_as_a_shell_does() {
+        let dir = setup();
+        let trainer = dir.path().join("my trainer.sh");
+        std::fs::copy(dir.path().join("config/demo-trainer.sh"), &trainer).unwrap();
+        let env = [(
+            "TRAINING_WORKER_EXECUTOR_COMMAND",
+            "'./my trainer.sh' --flag \"a b\" --id={job_id}",
+        )];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        let argv: Vec<String> = c
+            .executor
+            .command
+            .iter()
+            .map(|t| format!("{t:?}"))
+            .collect();
+        assert_eq!(
+            argv,
             vec![
-                dir.path()
-                    .join("config/demo-trainer.sh")
-                    .to_string_lossy()
-                    .into_owned()
+                format!("{:?}", dir.path().join("./my trainer.sh").to_string_lossy()),
+                "\"--flag\"".into(),
+                "\"a b\"".into(),
+                "\"--id={job_id}\"".into(),
+            ]
+        );
+        let err = load(
+            dir.path(),
+            &[("TRAINING_WORKER_EXECUTOR_COMMAND", "'my trainer.sh --flag")],
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("TRAINING_WORKER_EXECUTOR_COMMAND: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_single_command_takes_the_templates_of_stages() {
+        let dir = setup();
+        std::fs::write(
+            dir.path().join(DEFAULT_CONFIG_FILE),
+            "[executor]\ncommand = [\"config/demo-trainer.sh\", \"--task-id={job_id}\", \"--x\"]\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        let argv = &c.executor.command;
+        assert!(argv[0].is_literal() && !argv[1].is_literal() && argv[2].is_literal());
+        assert_eq!(format!("{:?}", argv[1]), "\"--task-id={job_id}\"");
+        for (text, name) in [
+            (
+                "[executor]\ncommand = [\"config/demo-trainer.sh\", \"{jobid}\"]",
+                "executor.command: ",
+            ),
+            (
+                "[executor]\ncommand = [\"config/{stage}.sh\"]",
+                "executor.command: ",
+            ),
+        ] {
+            std::fs::write(dir.path().join(DEFAULT_CONFIG_FILE), text).unwrap();
+            let err = load(dir.path(), &[], Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(name), "{text}: {err}");
+        }
+        std::fs::remove_file(dir.path().join(DEFAULT_CONFIG_FILE)).unwrap();
+        let env = [(
+            "TRAINING_WORKER_EXECUTOR_COMMAND",
+            "config/demo-trainer.sh {model",
+        )];
+        let err = load(dir.path(), &env, Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("TRAINING_WORKER_EXECUTOR_COMMAND: ") && err.contains("unclosed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_host_names_resolved_at_load() {
+        let dir = setup();
+        let listen = |text: &str| {
+            load(
+                dir.path(),
+                &[],
+                Overrides {
+                    listen: Some(text.into()),
+                    ..Overrides::default()
+                },
+            )
+        };
+        let c = listen("localhost:8787").unwrap();
+        assert!(
+            c.listen.ip().is_loopback() && c.listen.is_ipv4(),
+            "{}",
+            c.listen
+        );
+        assert_eq!(c.listen.port(), 8787);
+        assert_eq!(
+            listen("[::1]:9").unwrap().listen,
+            "[::1]:9".parse().unwrap()
+        );
+        for bad in ["localhost", "no-such-host.invalid:8787", "localhost:port"] {
+            let err = listen(bad).unwrap_err().to_string();
+            assert!(err.starts_with("--listen: ") && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_variables_are_those_with_the_prefix_that_nothing_reads() {
+        let names = [
+            "TRAINING_WORKER_WORKER_SLOTS",
+            "TRAINING_WORKER_DATA_DIR",
+            "TRAINING_WORKER_SERVER",
+            "TRAINING_WORKER_API_TOKEN",
+            "TRAINING_WORKER_LISTEN_ADDR",
+            "PATH",
+            "TRAINING_WORKERS",
+        ];
+        assert_eq!(
+            unknown_variables(names.map(String::from)),
+            vec![
+                "TRAINING_WORKER_LISTEN_ADDR".to_string(),
+                "TRAINING_WORKER_WORKER_SLOTS".into()
             ]
         );
     }

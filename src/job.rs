@@ -499,6 +499,18 @@ impl Job {
         let Value::Object(mut object) = value else {
             return Err(FieldError::new("body", "must be a JSON object (a job)"));
         };
+        // Problems are reported in the order the job format lists its fields (type, job_id,
+        // model, status, then the rest), so a client that fixes them one at a time meets
+        // them in the order it reads the documentation.
+        job_type(&object)?;
+        let id = match object.get("job_id") {
+            None | Some(Value::Null) => JobId::new_random(),
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e: InvalidJobId| FieldError::new("job_id", e.to_string()))?,
+            Some(_) => return Err(FieldError::new("job_id", "must be a UUID string")),
+        };
+        trainer_value("model", &required_string(&object, "model")?)?;
         match object.get("status") {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if s == "Queued" => {}
@@ -509,13 +521,6 @@ impl Job {
                 ));
             }
         }
-        let id = match object.get("job_id") {
-            None | Some(Value::Null) => JobId::new_random(),
-            Some(Value::String(s)) => s
-                .parse()
-                .map_err(|e: InvalidJobId| FieldError::new("job_id", e.to_string()))?,
-            Some(_) => return Err(FieldError::new("job_id", "must be a UUID string")),
-        };
         for key in [
             "error_message",
             "attempts",
@@ -534,7 +539,7 @@ impl Job {
             // shift_remove keeps the order of the remaining (possibly unknown) fields.
             object.shift_remove(key);
         }
-        let mut job = Job::from_fields(id, object)?;
+        let mut job = Job::from_fields(id, object, Source::Submission)?;
         job.status = Status::Queued;
         job.accept(now);
         Ok(job)
@@ -591,7 +596,7 @@ impl Job {
                 .ok_or_else(|| FieldError::new("stages_done", "must be stage names (strings)"))?,
             Some(_) => return Err(FieldError::new("stages_done", "must be an array or null")),
         };
-        let mut job = Job::from_fields(id, object)?;
+        let mut job = Job::from_fields(id, object, Source::File)?;
         job.status = status;
         job.deadline = deadline;
         job.stages_done = stages_done;
@@ -605,20 +610,30 @@ impl Job {
         Ok(job)
     }
 
-    /// The part both readers share: type, model and the kind's fields; unknown keys to `extra`.
-    fn from_fields(id: JobId, mut object: Map<String, Value>) -> Result<Job, FieldError> {
-        let type_name = match object.get("type") {
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) | None => {
-                return Err(FieldError::new(
-                    "type",
-                    "required, \"TextJob\" or \"DiffusionJob\"",
-                ));
-            }
+    /// The part both readers share: type, model and the kind's fields, in the order the job
+    /// format lists them; unknown keys to `extra`. A submission's values must also be able to
+    /// reach a trainer (see [`trainer_value`]); a stored job is read as it is, so that a file
+    /// written before that rule is still served rather than quarantined.
+    fn from_fields(
+        id: JobId,
+        mut object: Map<String, Value>,
+        source: Source,
+    ) -> Result<Job, FieldError> {
+        let for_trainer = |field: &str, value: &str| match source {
+            Source::Submission => trainer_value(field, value),
+            Source::File => Ok(()),
         };
+        let type_name = job_type(&object)?;
+        let model = required_string(&object, "model")?;
+        for_trainer("model", &model)?;
+        let expected_repo_name = optional_string(&object, "expected_repo_name")?;
+        if let Some(name) = &expected_repo_name {
+            for_trainer("expected_repo_name", name)?;
+        }
         let kind = match type_name {
-            "TextJob" => {
+            JobType::Text => {
                 let dataset = required_string(&object, "dataset")?;
+                for_trainer("dataset", &dataset)?;
                 let dataset_type = match object.get("dataset_type") {
                     None | Some(Value::Null) => {
                         return Err(FieldError::new(
@@ -628,6 +643,8 @@ impl Job {
                     }
                     Some(v) => DatasetType::parse(v)?,
                 };
+                // The trainer gets the object as JSON text (DATASET_TYPE, {dataset_type_json}).
+                for_trainer("dataset_type", dataset_type.as_json_text())?;
                 let file_format = match object.get("file_format") {
                     Some(Value::String(s)) => FileFormat::parse(s).ok_or_else(|| {
                         FieldError::new(
@@ -648,8 +665,9 @@ impl Job {
                     file_format,
                 }
             }
-            "DiffusionJob" => {
+            JobType::Diffusion => {
                 let dataset_zip = required_string(&object, "dataset_zip")?;
+                for_trainer("dataset_zip", &dataset_zip)?;
                 let model_type = match object.get("model_type") {
                     None | Some(Value::Null) => ModelType::Sdxl,
                     Some(Value::String(s)) if s == "sdxl" => ModelType::Sdxl,
@@ -666,15 +684,7 @@ impl Job {
                     model_type,
                 }
             }
-            other => {
-                return Err(FieldError::new(
-                    "type",
-                    format!("unknown job type {other:?}; \"TextJob\" or \"DiffusionJob\""),
-                ));
-            }
         };
-        let model = required_string(&object, "model")?;
-        let expected_repo_name = optional_string(&object, "expected_repo_name")?;
         let gpu_count = gpu_count_field(&object)?;
         let hours_to_complete = hours_field(&object)?;
         let kind_fields = match kind {
@@ -890,6 +900,79 @@ pub(crate) fn hours_field(object: &Map<String, Value>) -> Result<Option<f64>, Fi
                 )
             }),
     }
+}
+
+/// Who wrote the job being read: a client (every rule applies) or the store (a file on disk).
+#[derive(Clone, Copy)]
+enum Source {
+    Submission,
+    File,
+}
+
+/// The `type` field, checked.
+#[derive(Clone, Copy)]
+enum JobType {
+    Text,
+    Diffusion,
+}
+
+fn job_type(object: &Map<String, Value>) -> Result<JobType, FieldError> {
+    match object.get("type") {
+        Some(Value::String(s)) if s == "TextJob" => Ok(JobType::Text),
+        Some(Value::String(s)) if s == "DiffusionJob" => Ok(JobType::Diffusion),
+        Some(Value::String(other)) => Err(FieldError::new(
+            "type",
+            format!("unknown job type {other:?}; \"TextJob\" or \"DiffusionJob\""),
+        )),
+        Some(_) | None => Err(FieldError::new(
+            "type",
+            "required, \"TextJob\" or \"DiffusionJob\"",
+        )),
+    }
+}
+
+/// The kernel's limit on one argument or one `NAME=value` environment string, its
+/// terminating NUL included (MAX_ARG_STRLEN, 32 pages of 4 KiB). A longer one makes
+/// execve(2) fail with E2BIG.
+pub const MAX_ARG_STRLEN: usize = 131_072;
+
+/// The environment variable each job field reaches a trainer as (the executor's job
+/// environment; a `{placeholder}` of the same field renders the same text).
+const TRAINER_VARIABLES: &[(&str, &str)] = &[
+    ("model", "MODEL"),
+    ("expected_repo_name", "EXPECTED_REPO_NAME"),
+    ("dataset", "DATASET"),
+    ("dataset_type", "DATASET_TYPE"),
+    ("dataset_zip", "DATASET_ZIP"),
+];
+
+/// Checks that a field's text can be handed to a trainer: a NUL byte cannot be in an
+/// argument or an environment variable at all, and `NAME=value` must fit in
+/// [`MAX_ARG_STRLEN`]. Refused at submission, because a stored job that breaks either rule
+/// can never start.
+fn trainer_value(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.contains('\0') {
+        return Err(FieldError::new(
+            field,
+            "must not contain a NUL character (\\u0000): a trainer's arguments and environment cannot hold one",
+        ));
+    }
+    let variable = TRAINER_VARIABLES
+        .iter()
+        .find(|(name, _)| *name == field)
+        .map_or("", |(_, variable)| variable);
+    // "NAME=" before the value, the NUL after it.
+    let max = MAX_ARG_STRLEN - variable.len() - 2;
+    if value.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} bytes; at most {max} fit in the trainer's environment variable {variable}",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn required_string(
@@ -1132,6 +1215,99 @@ mod tests {
             Job::from_submission(json!([1]), now()).unwrap_err().field,
             "body"
         );
+    }
+
+    #[test]
+    fn the_first_problem_reported_is_the_first_in_the_documented_field_order() {
+        // Every field below is wrong at once; each round fixes the one reported, which must
+        // be the next in the order the job format lists them.
+        let mut body = json!({
+            "type": 7,
+            "job_id": "not-a-uuid",
+            "status": "Completed",
+            "expected_repo_name": false,
+            "dataset_type": null,
+            "file_format": "parquet",
+        });
+        let fixes: Vec<(&str, Value)> = vec![
+            ("type", json!("TextJob")),
+            ("job_id", json!("123e4567-e89b-12d3-a456-426614174000")),
+            ("model", json!("m")),
+            ("status", json!("Queued")),
+            ("expected_repo_name", json!(null)),
+            ("dataset", json!("d")),
+            ("dataset_type", json!({"field_instruction": "q"})),
+            ("file_format", json!("json")),
+        ];
+        for (field, fix) in fixes {
+            let err = Job::from_submission(body.clone(), now()).unwrap_err();
+            assert_eq!(err.field, field, "{body}: {err}");
+            body[field] = fix;
+        }
+        Job::from_submission(body, now()).unwrap();
+
+        let mut image = json!({"type": "DiffusionJob", "model_type": "dalle"});
+        for (field, fix) in [("model", json!("m")), ("dataset_zip", json!("z"))] {
+            let err = Job::from_submission(image.clone(), now()).unwrap_err();
+            assert_eq!(err.field, field, "{image}: {err}");
+            image[field] = fix;
+        }
+        assert_eq!(
+            Job::from_submission(image, now()).unwrap_err().field,
+            "model_type"
+        );
+    }
+
+    #[test]
+    fn values_a_trainer_cannot_receive_are_refused_at_submission() {
+        let nul = "a\u{0}b";
+        let long = |n: usize| "x".repeat(n);
+        let text = |field: &str, value: Value| {
+            let mut body = text_job(json!({}));
+            body[field] = value;
+            body
+        };
+        let image = |field: &str, value: &str| {
+            let mut body = json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"});
+            body[field] = json!(value);
+            body
+        };
+        let cases = [
+            (text("model", json!(nul)), "model"),
+            (text("dataset", json!(nul)), "dataset"),
+            (text("expected_repo_name", json!(nul)), "expected_repo_name"),
+            (image("dataset_zip", nul), "dataset_zip"),
+            (image("model", nul), "model"),
+            // "MODEL=" + value + NUL over 128 KiB.
+            (text("model", json!(long(MAX_ARG_STRLEN - 6))), "model"),
+            (text("dataset", json!(long(MAX_ARG_STRLEN - 8))), "dataset"),
+            (
+                text(
+                    "dataset_type",
+                    json!({"field_instruction": long(MAX_ARG_STRLEN)}),
+                ),
+                "dataset_type",
+            ),
+            (image("dataset_zip", &long(MAX_ARG_STRLEN)), "dataset_zip"),
+        ];
+        for (body, field) in cases {
+            let err = Job::from_submission(body.clone(), now()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+        // Exactly at the limit is fine, and so is a NUL written as an escape inside the
+        // dataset_type object: its JSON text holds the six characters \u0000.
+        Job::from_submission(text("model", json!(long(MAX_ARG_STRLEN - 7))), now()).unwrap();
+        Job::from_submission(
+            text("dataset_type", json!({"field_instruction": nul})),
+            now(),
+        )
+        .unwrap();
+        // A stored job is read as it is: refusing it now would quarantine a file.
+        let mut stored = Job::from_submission(text_job(json!({})), now())
+            .unwrap()
+            .to_json();
+        stored["model"] = json!(nul);
+        assert_eq!(Job::from_stored(stored).unwrap().model, nul);
     }
 
     #[test]

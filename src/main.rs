@@ -29,8 +29,10 @@ enum Commands {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
         /// Data directory [default: data]
+        // A String, not a PathBuf, so that an empty value reaches the configuration and is
+        // refused there with exit 78 like the file's and the variable's.
         #[arg(long, value_name = "DIR")]
-        data_dir: Option<std::path::PathBuf>,
+        data_dir: Option<String>,
         /// Listen address [default: 127.0.0.1:8787]
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
@@ -39,6 +41,7 @@ enum Commands {
         log_format: Option<String>,
     },
     /// Check a data dir offline: report every problem and exit 1 if there is one.
+    #[command(after_help = CHECK_EXIT_CODES_HELP)]
     Check {
         /// Data directory [default: $TRAINING_WORKER_DATA_DIR, else data]
         #[arg(long, value_name = "DIR", env = "TRAINING_WORKER_DATA_DIR")]
@@ -76,7 +79,7 @@ fn main() -> ExitCode {
             log_format,
         } => serve(Overrides {
             config_file: config,
-            data_dir,
+            data_dir: data_dir.map(std::path::PathBuf::from),
             listen,
             log_format,
         }),
@@ -101,7 +104,19 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
     }
 }
 
+const CHECK_EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   the data dir is clean (notes may still be printed)
+  1   problems found, one `problem:` line each; a directory that is not a data dir is one
+  2   usage: bad arguments
+  74  the data dir cannot be read (missing, not a directory, no permission)
+  78  the data dir given is blank";
+
 fn check(data_dir: &std::path::Path) -> ExitCode {
+    if data_dir.as_os_str().to_string_lossy().trim().is_empty() {
+        eprintln!("error: --data-dir: blank; name a directory (the default is \"data\")");
+        return Exit::Config.into();
+    }
     match training_worker::check::check(data_dir) {
         Ok(report) => {
             print!("{}", report.render(data_dir));
@@ -134,6 +149,12 @@ fn serve(overrides: Overrides) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    // Logged only now that tracing is set up: the file refuses unknown keys, and a typo in
+    // a variable must not go unnoticed either.
+    let names = std::env::vars_os().map(|(name, _)| name.to_string_lossy().into_owned());
+    for variable in training_worker::config::unknown_variables(names) {
+        tracing::warn!(%variable, "unknown environment variable ignored; see the configuration table in README.md for the names read");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -651,6 +651,12 @@ async fn invalid_fields_are_400_naming_the_field() {
             with(text_job(), "model", json!(["m"])),
             "model",
         ),
+        // The first problem in the documented field order is the one named.
+        (
+            "missing model and dataset",
+            without(without(text_job(), "model"), "dataset"),
+            "model",
+        ),
         ("missing dataset", without(text_job(), "dataset"), "dataset"),
         (
             "empty dataset",
@@ -762,6 +768,42 @@ async fn invalid_fields_are_400_naming_the_field() {
             "expected_repo_name not a string",
             with(diffusion_job(), "expected_repo_name", json!(5)),
             "expected_repo_name",
+        ),
+        // A trainer could never be started with these: execve(2) takes no NUL byte and
+        // no argument or `NAME=value` over 128 KiB.
+        (
+            "NUL in model",
+            with(text_job(), "model", "Qwen\u{0}/x".into()),
+            "model",
+        ),
+        (
+            "NUL in dataset",
+            with(text_job(), "dataset", "d\u{0}.json".into()),
+            "dataset",
+        ),
+        (
+            "NUL in expected_repo_name",
+            with(diffusion_job(), "expected_repo_name", "r\u{0}".into()),
+            "expected_repo_name",
+        ),
+        (
+            "NUL in dataset_zip",
+            with(diffusion_job(), "dataset_zip", "\u{0}".into()),
+            "dataset_zip",
+        ),
+        (
+            "model over the kernel's argument limit",
+            with(text_job(), "model", "m".repeat(131_072).into()),
+            "model",
+        ),
+        (
+            "dataset_type JSON over the kernel's argument limit",
+            with(
+                text_job(),
+                "dataset_type",
+                json!({"field_instruction": "q".repeat(131_072)}),
+            ),
+            "dataset_type",
         ),
         (
             "job_id not a UUID",

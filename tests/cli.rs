@@ -361,6 +361,39 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_a_job_are_shown_escaped_and_json_stays_exact() {
+    let sandbox = paused();
+    let daemon = sandbox.start().await;
+    let url = server(&daemon);
+    // ESC [2J clears a terminal; ESC ] 0 ; ... BEL sets its title.
+    let model = "org/m\u{1b}[2Jodel";
+    let mut job = text_job(model);
+    job["dataset"] = json!("d\u{1b}]0;pwned\u{7}.json");
+    let id = daemon.submit(job).await;
+
+    // `finish` also holds every output free of a raw ESC.
+    for args in [vec!["status", id.as_str()], vec!["list"], vec!["queue"]] {
+        let out = run(at(&url, &args)).await;
+        let text = &out.assert_ok().stdout;
+        assert!(text.contains("org/m\\u{1b}[2Jodel"), "{args:?}: {text}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: {text:?}"
+        );
+    }
+    let out = run(at(&url, &["status", &id])).await;
+    assert!(
+        out.stdout.contains("d\\u{1b}]0;pwned\\u{7}.json"),
+        "{}",
+        out.stdout
+    );
+    let out = run(at(&url, &["status", &id, "--json"])).await;
+    assert_eq!(out.assert_ok().json()["model"], model);
+    let out = run(at(&url, &["list", "--json"])).await;
+    assert_eq!(out.assert_ok().json()[0]["model"], model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_exit_codes_tell_completed_failed_cancelled_and_timed_out() {
     let sandbox = Sandbox::new();
     let daemon = sandbox.start().await;
@@ -549,6 +582,52 @@ async fn the_token_and_the_server_come_from_the_environment() {
 
     // Health needs no token.
     run(at(&url, &["health", "--ready"])).await.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_what_serve_refuses_and_documents_its_exit_codes() {
+    let out = run(client(&["check", "--help"])).await;
+    let help = &out.assert_ok().stdout;
+    for code in ["0   ", "1   ", "2   ", "74  ", "78  "] {
+        assert!(help.contains(&format!("\n  {code}")), "{code:?} in {help}");
+    }
+
+    let sandbox = Sandbox::new();
+    let check = |dir: &std::path::Path| {
+        let dir = dir.to_str().expect("a UTF-8 path").to_string();
+        async move { run(client(&["check", "--data-dir", &dir])).await }
+    };
+    // A directory no daemon ever ran on is not a clean data dir.
+    let empty = sandbox.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = check(&empty).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.contains("problem: not a data dir"), "{out:?}");
+
+    // What serve cannot start on, each named by its path.
+    let data = sandbox.path().join("data");
+    std::fs::create_dir_all(data.join("jobs")).unwrap();
+    std::fs::write(data.join("logs"), b"").unwrap();
+    std::fs::create_dir(data.join("lock")).unwrap();
+    let out = check(&data).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains("problem: logs: a regular file"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("problem: lock: a directory"), "{out:?}");
+    std::fs::remove_dir(data.join("jobs")).unwrap();
+    std::fs::write(data.join("jobs"), b"").unwrap();
+    let out = check(&data).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains("problem: jobs: a regular file"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr, "", "{out:?}");
+
+    let out = check(&sandbox.path().join("absent")).await;
+    out.assert_error(74, "cannot read");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -523,6 +523,111 @@ async fn a_bad_config_exits_78_with_one_line_and_no_panic() {
     }
 }
 
+/// `training-worker serve` run in `cwd` with `args`, none of the test's `TRAINING_WORKER_*`
+/// and `env` on top; it is expected to refuse to start. Returns the exit code and stderr.
+async fn refused_serve(
+    cwd: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_training-worker"));
+    command
+        .arg("serve")
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TRAINING_WORKER_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    let output = tokio::time::timeout(secs(10), command.output())
+        .await
+        .expect("serve refused within 10 s")
+        .expect("run the binary");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let code = output.status.code().expect("an exit code, not a signal");
+    (code, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_data_dir_or_a_bad_variable_exits_78_naming_it() {
+    let sandbox = Sandbox::new();
+    let config = sandbox.config_file().display().to_string();
+    let cwd = sandbox.path().join("cwd");
+    fs::create_dir_all(&cwd).unwrap();
+    // The arguments, the variables and the name the error must give.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--config", &config, "--data-dir", ""],
+            vec![],
+            "--data-dir",
+        ),
+        (
+            vec!["--config", &config],
+            vec![("TRAINING_WORKER_DATA_DIR", "")],
+            "TRAINING_WORKER_DATA_DIR",
+        ),
+        (
+            vec!["--config", &config],
+            vec![("TRAINING_WORKER_WORKER_MAX_CONCURRENT", "x")],
+            "TRAINING_WORKER_WORKER_MAX_CONCURRENT",
+        ),
+        (
+            vec!["--config", &config],
+            vec![("TRAINING_WORKER_EXECUTOR_COMMAND", "'unbalanced")],
+            "TRAINING_WORKER_EXECUTOR_COMMAND",
+        ),
+        // Outside a checkout, without a config file, the built-in trainer is not there:
+        // the error says what to set.
+        (vec![], vec![], "executor.command"),
+    ];
+    for (args, env, name) in cases {
+        let (code, stderr) = refused_serve(&cwd, &args, &env).await;
+        assert_eq!(code, 78, "{args:?} {env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name}: ")),
+            "names {name}: {stderr}"
+        );
+    }
+    let left: Vec<_> = fs::read_dir(&cwd).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the working directory was not used as a data dir: {left:?}"
+    );
+
+    let (code, stderr) = refused_serve(&cwd, &[], &[]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("--config") && stderr.contains("TRAINING_WORKER_EXECUTOR_COMMAND"),
+        "says what to set: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_variables_are_warned_about_by_name() {
+    let sandbox = Sandbox::new();
+    sandbox.set_env("TRAINING_WORKER_WORKER_SLOTS", "2");
+    sandbox.set_env("TRAINING_WORKER_SERVER", "http://127.0.0.1:1");
+    let daemon = sandbox.start().await;
+    let stderr = daemon.stderr();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("unknown environment variable"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("TRAINING_WORKER_WORKER_SLOTS"),
+        "{stderr}"
+    );
+    // The client's variable is known, not warned about.
+    assert!(!stderr.contains("TRAINING_WORKER_SERVER"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_out_of_attempts_after_a_crash_fails_at_boot_and_never_runs() {
     let sandbox = Sandbox::new();

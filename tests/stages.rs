@@ -217,6 +217,44 @@ async fn pid_gone(pid: i32, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_single_command_renders_the_placeholders_of_stages() {
+    let sandbox = Sandbox::new();
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    sandbox.write_config(&format!(
+        "shutdown_grace = \"10s\"\n[executor]\ntimeout = \"60s\"\nkill_grace = \"2s\"\n\
+         command = [{program}, \"--job={{job_id}}\", \"--model={{model}}\", \
+         \"--attempt={{attempt}}\", \"--literal={{{{x}}}}\", \"plain words\"]\n"
+    ));
+    let daemon = sandbox.start().await;
+    let a = id(1);
+    assert_eq!(daemon.submit(job(&a)).await, a);
+    daemon.wait_status(&a, "Completed", secs(20)).await;
+    assert_eq!(
+        argv(&sandbox, &a, "command", 1),
+        [
+            format!("--job={a}"),
+            format!("--model={MODEL}"),
+            "--attempt=1".to_string(),
+            "--literal={x}".to_string(),
+            "plain words".to_string(),
+        ]
+    );
+
+    // An unknown placeholder is a configuration error at start, naming the setting.
+    sandbox.write_config(&format!(
+        "[executor]\ncommand = [{program}, \"--job={{jobid}}\"]\n"
+    ));
+    let mut refused = sandbox.spawn();
+    let status = refused.wait_exit(secs(10)).await;
+    let stderr = refused.stderr();
+    assert_eq!(status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("executor.command") && stderr.contains("{jobid}"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stages_run_in_order_with_rendered_placeholders_and_each_is_recorded_before_the_next() {
     let sandbox = Sandbox::new();
     let a = id(1);

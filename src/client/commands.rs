@@ -350,7 +350,7 @@ async fn wait(
             if left.is_zero() {
                 return Err(ClientError::TimedOut(format!(
                     "job {id} is still {status} after {}",
-                    humantime::format_duration(timeout)
+                    render::span(timeout)
                 )));
             }
             pause = pause.min(left);

@@ -76,7 +76,9 @@ pub struct JobView {
 
 impl JobView {
     pub fn from_json(job: &Value) -> JobView {
-        let text = |key: &str| job.get(key).and_then(Value::as_str).map(str::to_owned);
+        // Every text shown comes from a client or a trainer's output (an error message ends
+        // with its last line), so none of it may reach the terminal as control codes.
+        let text = |key: &str| job.get(key).and_then(Value::as_str).map(printable);
         let time = |key: &str| {
             text(key)
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
@@ -141,6 +143,23 @@ pub fn paint(text: &str, status: Option<Status>, color: bool) -> String {
     format!("\x1b[{code}m{text}\x1b[0m")
 }
 
+/// `text` with what a terminal would act on made visible: control characters (an ESC that
+/// clears the screen, a CR that overwrites a line) and the bidirectional overrides that
+/// reorder what is shown, each as a `\u{..}` escape. Printable text, non-ASCII included,
+/// is kept as it is.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A span of time in at most two units: `42s`, `3m 05s`, `5h 12m`, `3d 4h`.
 pub fn duration(span: TimeDelta) -> String {
     let s = span.num_seconds().max(0);
@@ -152,27 +171,54 @@ pub fn duration(span: TimeDelta) -> String {
     }
 }
 
-/// A moment relative to `now` in one unit: `just now`, `42s ago`, `3m ago`, `5h ago`, `3d ago`.
+/// A moment relative to `now` in at most two units, rounded to the smaller one:
+/// `just now`, `42s ago`, `3m 5s ago`, `in 1h 59m`, `3d 4h ago`.
 pub fn ago(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    let s = (now - then).num_seconds();
+    let ms = (now - then).num_milliseconds();
     // A few seconds ahead is clock skew between client and daemon, not the future.
-    if s < 1 {
-        return if s > -5 {
+    if ms < 1000 {
+        return if ms > -5000 {
             "just now".into()
         } else {
-            format!("in {}", coarse(-s))
+            format!("in {}", two_units(-ms))
         };
     }
-    format!("{} ago", coarse(s))
+    format!("{} ago", two_units(ms))
 }
 
-fn coarse(s: i64) -> String {
-    match s {
-        ..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..86400 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
+/// A positive span in milliseconds as its largest unit and the next, rounded to the
+/// nearest of the smaller unit (1h 59m 40s is `2h`), the smaller left out when it is 0.
+fn two_units(ms: i64) -> String {
+    let pair = |big: i64, big_unit: &str, small: i64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{big_unit}")
+        } else {
+            format!("{big}{big_unit} {small}{small_unit}")
+        }
+    };
+    let s = (ms + 500) / 1000;
+    if s < 60 {
+        return format!("{s}s");
     }
+    if s < 3600 {
+        return pair(s / 60, "m", s % 60, "s");
+    }
+    let minutes = (s + 30) / 60;
+    if minutes < 24 * 60 {
+        return pair(minutes / 60, "h", minutes % 60, "m");
+    }
+    let hours = (s + 1800) / 3600;
+    pair(hours / 24, "d", hours % 24, "h")
+}
+
+/// A span the client was given (`wait --timeout`) as a person reads it: to the whole
+/// second, or in milliseconds below one, never the nanoseconds a parsed `1.25s` carries.
+pub fn span(span: std::time::Duration) -> String {
+    if span < std::time::Duration::from_secs(1) {
+        return format!("{}ms", span.as_millis());
+    }
+    let seconds = (span.as_millis() + 500) / 1000;
+    humantime::format_duration(std::time::Duration::from_secs(seconds as u64)).to_string()
 }
 
 fn absolute(t: DateTime<Utc>) -> String {
@@ -448,20 +494,6 @@ pub fn wait_reasons(view: &serde_json::Value, shown: usize) -> String {
     out
 }
 
-/// `text` with control characters shown as escapes, so that no text from the daemon can
-/// move the cursor or clear a terminal.
-fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<char>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,11 +561,64 @@ mod tests {
         assert_eq!(ago(at("2025-01-02T07:00:00Z"), now), "5h ago");
         assert_eq!(ago(at("2024-12-30T12:00:00Z"), now), "3d ago");
         assert_eq!(ago(at("2025-01-02T12:10:00Z"), now), "in 10m");
+        assert_eq!(ago(at("2025-01-02T11:56:55Z"), now), "3m 5s ago");
+        assert_eq!(ago(at("2025-01-02T13:59:00Z"), now), "in 1h 59m");
+        // Rounded to the smaller unit, never cut: 1h 59m 40s is 2h, 59.6 s is a minute.
+        assert_eq!(ago(at("2025-01-02T13:59:40Z"), now), "in 2h");
+        assert_eq!(ago(at("2025-01-02T11:59:00.400Z"), now), "1m ago");
+        assert_eq!(ago(at("2025-01-02T10:00:31Z"), now), "1h 59m ago");
+        assert_eq!(ago(at("2025-01-02T10:00:29Z"), now), "2h ago");
+        assert_eq!(ago(at("2024-12-30T08:00:00Z"), now), "3d 4h ago");
+        assert_eq!(ago(at("2025-01-01T12:00:01Z"), now), "1d ago");
+        assert_eq!(ago(at("2025-01-02T12:00:06Z"), now), "in 6s");
         assert_eq!(duration(TimeDelta::seconds(42)), "42s");
         assert_eq!(duration(TimeDelta::seconds(185)), "3m 05s");
         assert_eq!(duration(TimeDelta::seconds(5 * 3600 + 12 * 60)), "5h 12m");
         assert_eq!(duration(TimeDelta::seconds(3 * 86400 + 4 * 3600)), "3d 4h");
         assert_eq!(duration(TimeDelta::seconds(-3)), "0s");
+    }
+
+    #[test]
+    fn spans_given_to_the_client_print_to_the_second() {
+        let parsed = |text: &str| span(humantime::parse_duration(text).unwrap());
+        assert_eq!(parsed("1.123456789s"), "1s");
+        assert_eq!(parsed("90.6s"), "1m 31s");
+        assert_eq!(parsed("2h"), "2h");
+        assert_eq!(parsed("250ms 300us"), "250ms");
+        assert_eq!(parsed("0s"), "0ms");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped_and_printable_text_as_is() {
+        assert_eq!(printable("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(
+            printable("line\r\nnext\t\x07\u{7f}\u{9b}"),
+            "line\\u{d}\\u{a}next\\u{9}\\u{7}\\u{7f}\\u{9b}"
+        );
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(printable("Qwen/模型-ü 🚀"), "Qwen/模型-ü 🚀");
+
+        let hostile = JobView::from_json(&json!({
+            "type": "TextJob", "job_id": "00000000-0000-4000-8000-000000000003",
+            "model": "m\u{1b}[2J", "status": "Failed", "dataset": "d\u{1b}]0;title\u{7}",
+            "file_format": "json", "expected_repo_name": "r\r",
+            "error_message": "exited with status 1; last output: \u{1b}[31mboom",
+        }));
+        let now = at("2025-01-01T10:00:00Z");
+        let views = [
+            job_block(&hostile, now, &PLAIN),
+            job_table(std::slice::from_ref(&hostile), now, &PLAIN),
+            queue_table(&[], std::slice::from_ref(&hostile), now, &PLAIN),
+        ];
+        for text in views {
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "{text:?}"
+            );
+            assert!(text.contains("m\\u{1b}[2J"), "{text}");
+        }
+        let block = job_block(&hostile, now, &PLAIN);
+        assert!(block.contains("last output: \\u{1b}[31mboom"), "{block}");
     }
 
     #[test]
@@ -548,8 +633,8 @@ mod tests {
              model     mistralai/Mistral-7B-v0.1\n\
              dataset   train.json (json)\n\
              attempts  2\n\
-             created   5m ago  (2025-01-01 10:00:00 UTC)\n\
-             started   4m ago  (2025-01-01 10:01:00 UTC)\n\
+             created   5m 5s ago  (2025-01-01 10:00:00 UTC)\n\
+             started   4m 5s ago  (2025-01-01 10:01:00 UTC)\n\
              finished  1m ago  (2025-01-01 10:04:05 UTC), ran 3m 05s\n\
              error     exited with status 3; last output: out of memory\n"
         );
@@ -599,7 +684,7 @@ mod tests {
             assert!(visible.chars().count() <= 80, "{line:?}");
         }
         assert!(
-            text.contains("mistralai…al-7B-v0.1"),
+            text.contains("mistrala…l-7B-v0.1"),
             "the model is cut to fit: {text}"
         );
     }
@@ -617,7 +702,7 @@ mod tests {
         }));
         let text = job_block(&queued, now, &PLAIN);
         assert!(
-            text.contains("deadline  in 1h  (2025-01-01 11:20:00 UTC), a budget of 1h 30m\n"),
+            text.contains("deadline  in 1h 20m  (2025-01-01 11:20:00 UTC), a budget of 1h 30m\n"),
             "{text}"
         );
         assert!(
@@ -625,7 +710,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("ends      in 1h  (2025-01-01 11:20:00 UTC), estimated\n"),
+            text.contains("ends      in 1h 20m  (2025-01-01 11:20:00 UTC), estimated\n"),
             "{text}"
         );
         let mut paused = queued.clone();

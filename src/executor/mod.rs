@@ -227,11 +227,7 @@ impl Executor {
                 timeout: None,
                 pass_env: None,
                 run: StageRun::Process {
-                    argv: config
-                        .command
-                        .iter()
-                        .map(|a| Template::literal(a))
-                        .collect(),
+                    argv: config.command.iter().map(Template::clone).collect(),
                 },
             }]
         };

@@ -1,4 +1,5 @@
-//! Argument templates: the `{job_id}`-style placeholders of `[[executor.stages]]`.
+//! Argument templates: the `{job_id}`-style placeholders of `[[executor.stages]]` and of
+//! the single `executor.command`.
 //!
 //! A template is parsed once, when the configuration loads, so an unknown placeholder or a
 //! stray brace is a configuration error at start and never a failed job hours later.
@@ -143,7 +144,7 @@ impl Template {
         Ok(Template { pieces })
     }
 
-    /// A template that is exactly `text`, braces and all (the single `executor.command`).
+    /// A template that is exactly `text`, braces and all (a process's program path).
     pub fn literal(text: &str) -> Template {
         Template {
             pieces: vec![Piece::Text(text.to_string())],

@@ -17,14 +17,15 @@ use tower::ServiceExt;
 use training_worker::api::{self, AppState};
 use training_worker::config::{ExecutorConfig, WorkerConfig};
 use training_worker::executor::Executor;
+use training_worker::executor::template::Template;
 use training_worker::store::{Opened, Store};
 use training_worker::worker::{Boot, Clock, Worker};
 
 /// A process executor running `command` for every job, with `timeout` and a 2 s kill grace;
-/// no stages, no docker, no environment passed on.
+/// no stages, no docker, no environment passed on. The argv is taken literally, braces and all.
 pub fn executor_config(command: Vec<String>, timeout: Duration) -> ExecutorConfig {
     ExecutorConfig {
-        command,
+        command: command.iter().map(|a| Template::literal(a)).collect(),
         timeout,
         kill_grace: Duration::from_secs(2),
         pass_env: Vec::new(),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A stub pipeline stage for the stage tests (tests/stages.rs). Every configured stage runs
-# this script; the test's config passes placeholders as arguments.
+# this script (or the single executor.command does); the test's config passes placeholders
+# as arguments.
 #
 # It records, one line each, in "<sandbox>/stage-records":
 #   start|end|term <$STAGE> <$JOB_ID> <$ATTEMPT> <pid>
@@ -11,6 +12,8 @@
 #   hold-<job id>-<stage>   the stage waits after its start while this file exists
 #   fail-<job id>-<stage>   the stage prints two lines and exits with the status in the file
 set -u
+# The single executor.command gets no STAGE; it records as the stage "command".
+: "${STAGE:=command}"
 
 sandbox="$(dirname "$TW_DATA_DIR")"
 records="$sandbox/stage-records"
