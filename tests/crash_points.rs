@@ -95,10 +95,11 @@ const FINAL: [Option<&str>; 5] = [
 ];
 
 /// A trainer that makes no write, fsync or rename of its own: `sleep:N` runs N seconds,
-/// `fail:N` exits N, anything else exits 0.
+/// `fail:N` exits N, anything else exits 0. A command's arguments are templates, so the
+/// shell's braces are doubled.
 const QUIET_TRAINER: &str = r#"case "$MODEL" in
-  sleep:*) exec sleep "${MODEL#sleep:}" ;;
-  fail:*) exit "${MODEL#fail:}" ;;
+  sleep:*) exec sleep "${{MODEL#sleep:}}" ;;
+  fail:*) exit "${{MODEL#fail:}}" ;;
 esac
 exit 0"#;
 
