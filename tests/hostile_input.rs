@@ -1226,11 +1226,13 @@ async fn huge_deep_and_odd_json_is_refused_or_kept_exactly() {
     let target = attack.target.clone();
     let ct = Some("application/json");
 
-    // Around the body limit: a valid job padded with a long model name.
+    // Around the body limit: a valid job padded with a long unknown field (a model name that
+    // long is refused: no trainer's environment could hold it).
     let padded = |total: usize| {
-        let shell = r#"{"type": "DiffusionJob", "dataset_zip": "z", "model": ""}"#;
-        let pad = "m".repeat(total - shell.len());
-        format!(r#"{{"type": "DiffusionJob", "dataset_zip": "z", "model": "{pad}"}}"#).into_bytes()
+        let shell = r#"{"type": "DiffusionJob", "dataset_zip": "z", "model": "m", "pad": ""}"#;
+        let pad = "p".repeat(total - shell.len());
+        format!(r#"{{"type": "DiffusionJob", "dataset_zip": "z", "model": "m", "pad": "{pad}"}}"#)
+            .into_bytes()
     };
     for total in [LIMIT - 1000, LIMIT - 1, LIMIT] {
         target
@@ -1287,16 +1289,28 @@ async fn huge_deep_and_odd_json_is_refused_or_kept_exactly() {
             true,
         )
         .await;
-    let reward_functions = format!(
-        r#"{{"type": "TextJob", "model": "m", "dataset": "d", "file_format": "csv", "dataset_type": {{"reward_functions": [{}{{"reward_func": "f", "reward_weight": 1}}]}}}}"#,
-        r#"{"reward_func": "f", "reward_weight": 1},"#.repeat((LIMIT - 300) / 41)
-    );
+    // dataset_type reaches the trainer as one environment variable (DATASET_TYPE): 3k
+    // reward functions fit in the kernel's 128 KiB per string, 25k do not and are refused.
+    let reward_functions = |n: usize| {
+        format!(
+            r#"{{"type": "TextJob", "model": "m", "dataset": "d", "file_format": "csv", "dataset_type": {{"reward_functions": [{}{{"reward_func": "f", "reward_weight": 1}}]}}}}"#,
+            r#"{"reward_func": "f", "reward_weight": 1},"#.repeat(n)
+        )
+    };
+    target
+        .submit(
+            "3k reward functions",
+            ct,
+            reward_functions(3_000).into_bytes(),
+            true,
+        )
+        .await;
     target
         .submit(
             "25k reward functions",
             ct,
-            reward_functions.into_bytes(),
-            true,
+            reward_functions((LIMIT - 300) / 41).into_bytes(),
+            false,
         )
         .await;
 
