@@ -210,6 +210,9 @@ pub struct ExecutorConfig {
     /// The program run as each trainer's supervisor (`training-worker supervise`): this
     /// binary. Not a setting; tests that run the executor inside another binary set it.
     pub supervisor: PathBuf,
+    /// The soft descriptor limit trainers get (the one the daemon inherited, before it
+    /// raised its own); `None`: the daemon's. Not a setting: the daemon sets it at start.
+    pub trainer_nofile: Option<u64>,
 }
 
 /// One named step of the pipeline.
@@ -726,6 +729,7 @@ impl Config {
                 pass_env,
                 max_log_bytes,
                 supervisor: PathBuf::from(crate::executor::supervisor::THIS_BINARY),
+                trainer_nofile: None,
             },
         })
     }

@@ -99,7 +99,10 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         );
     }
 
-    let nofile = raise_descriptor_limit();
+    let (nofile, inherited) = raise_descriptor_limit();
+    // Trainers get the limit the daemon was given: a raised one can break a program that
+    // uses select(2), and a trainer that needs more raises its own.
+    config.executor.trainer_nofile = inherited.filter(|soft| *soft < nofile);
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -305,10 +308,10 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
 }
 
 /// Raises the soft limit on open descriptors to the hard limit, and returns the soft limit
-/// now in force. A shell's soft limit (often 1024) is a default for interactive programs;
+/// now in force and the one inherited (when it could be read). A shell's soft limit (often 1024) is a default for interactive programs;
 /// the daemon's clients, job files and trainers all need descriptors, and the hard limit is
 /// what the administrator allows.
-fn raise_descriptor_limit() -> u64 {
+fn raise_descriptor_limit() -> (u64, Option<u64>) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -317,11 +320,11 @@ fn raise_descriptor_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         let e = std::io::Error::last_os_error();
         warn!(error = %e, "cannot read the descriptor limit (RLIMIT_NOFILE); assuming 1024");
-        return 1024;
+        return (1024, None);
     }
     let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
     if soft >= hard {
-        return soft;
+        return (soft, Some(soft));
     }
     let raised = libc::rlimit {
         rlim_cur: hard,
@@ -331,14 +334,14 @@ fn raise_descriptor_limit() -> u64 {
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         let e = std::io::Error::last_os_error();
         warn!(soft, hard, error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the soft limit");
-        return soft;
+        return (soft, Some(soft));
     }
     info!(
         from = soft,
         nofile = hard,
         "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit"
     );
-    hard
+    (hard, Some(soft))
 }
 
 /// Boot failed after the API started: stop it and return `exit`.

@@ -246,6 +246,12 @@ async fn a_low_soft_descriptor_limit_is_raised_to_the_hard_limit_at_start() {
         stderr.contains("raised the descriptor limit") && stderr.contains("from=64"),
         "{stderr}"
     );
+    // A trainer gets the limit the daemon was given, not the raised one.
+    let id = daemon.submit(diffusion_job("sleep:30")).await;
+    let trainer = sandbox.trainer_started(&id, 1).await;
+    assert_eq!(nofile_limits(trainer), (64, 1024));
+    let reply = daemon.cancel(&id).await;
+    assert_eq!(reply.status, reqwest::StatusCode::OK, "{reply:?}");
 }
 
 /// With the hard limit itself tight, many idle clients take every connection the cap allows

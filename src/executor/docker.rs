@@ -328,6 +328,7 @@ impl DockerCli {
             log: log.path.clone(),
             max_log_bytes: log.max_bytes,
             grace: Duration::ZERO,
+            nofile: None,
             argv,
         };
         let logs = match Supervised::spawn(&self.supervisor, &args, &self.env) {

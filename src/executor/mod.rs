@@ -199,6 +199,8 @@ struct Context {
     max_log_bytes: u64,
     /// The program that runs as every trainer's supervisor.
     supervisor: PathBuf,
+    /// The soft descriptor limit trainers get; `None`: the daemon's.
+    trainer_nofile: Option<u64>,
     docker: Option<DockerCli>,
     reports: Reports,
 }
@@ -249,6 +251,7 @@ impl Executor {
                 pass_env: config.pass_env,
                 max_log_bytes: config.max_log_bytes,
                 supervisor: config.supervisor,
+                trainer_nofile: config.trainer_nofile,
                 docker,
                 reports,
             }),
@@ -601,6 +604,7 @@ async fn run_process(
         log: log.path.clone(),
         max_log_bytes: log.max_bytes,
         grace,
+        nofile: context.trainer_nofile,
         argv: argv.iter().map(std::ffi::OsString::from).collect(),
     };
     let started = match Supervised::spawn(&context.supervisor, &args, env) {

@@ -79,16 +79,10 @@ fn marked_processes(mark: &[u8]) -> Vec<(libc::pid_t, libc::pid_t)> {
     found
 }
 
-/// The state letter and process group from `/proc/<pid>/stat`. The command name may hold
-/// spaces and parentheses, so fields are counted after its last `)`.
+/// The state letter and process group from `/proc/<pid>/stat`.
 fn stat_fields(path: &Path) -> Option<(char, libc::pid_t)> {
-    let stat = fs::read_to_string(path).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
-    let pgid = fields.next()?.parse().ok()?;
-    Some((state, pgid))
+    let stat = super::supervisor::parse_stat(&fs::read_to_string(path).ok()?)?;
+    Some((stat.state, stat.pgid))
 }
 
 #[cfg(test)]

@@ -66,6 +66,8 @@ pub struct Args {
     pub max_log_bytes: u64,
     /// Between SIGTERM and SIGKILL when the trainer is stopped.
     pub grace: Duration,
+    /// The soft descriptor limit the trainer gets; `None`: the supervisor's own.
+    pub nofile: Option<u64>,
     /// The trainer's argv; its environment is the supervisor's own.
     pub argv: Vec<OsString>,
 }
@@ -80,8 +82,12 @@ impl Args {
             self.max_log_bytes.to_string().into(),
             "--grace-ms".into(),
             self.grace.as_millis().to_string().into(),
-            "--".into(),
         ];
+        if let Some(nofile) = self.nofile {
+            line.push("--nofile".into());
+            line.push(nofile.to_string().into());
+        }
+        line.push("--".into());
         line.extend(self.argv.iter().cloned());
         line
     }
@@ -91,6 +97,7 @@ impl Args {
         let mut log = None;
         let mut max_log_bytes = 0;
         let mut grace = Duration::from_secs(10);
+        let mut nofile = None;
         loop {
             let Some(flag) = line.next() else {
                 return Err("missing `--` before the trainer's argv".into());
@@ -110,6 +117,7 @@ impl Args {
                 "--log" => log = Some(PathBuf::from(value.clone())),
                 "--max-log-bytes" => max_log_bytes = number()?,
                 "--grace-ms" => grace = Duration::from_millis(number()?),
+                "--nofile" => nofile = Some(number()?),
                 _ => return Err(format!("unknown argument {flag}")),
             }
         }
@@ -121,6 +129,7 @@ impl Args {
             log: log.ok_or("--log is required")?,
             max_log_bytes,
             grace,
+            nofile,
             argv,
         })
     }
@@ -388,10 +397,21 @@ impl Supervisor {
             .stderr(write)
             .process_group(0);
         let supervisor = std::process::id();
+        let nofile = args.nofile;
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls (prctl, getppid, kill on itself).
+        // async-signal-safe system calls (prctl, getppid, kill on itself, get/setrlimit).
         unsafe {
             command.pre_exec(move || {
+                if let Some(soft) = nofile {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                        limit.rlim_cur = soft.min(limit.rlim_max);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    }
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -808,8 +828,8 @@ pub fn descendants(root: u32) -> Vec<libc::pid_t> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        if let Some((state, ppid)) = parse_stat(&stat) {
-            parents.push((pid, ppid, state == 'Z'));
+        if let Some(stat) = parse_stat(&stat) {
+            parents.push((pid, stat.ppid, stat.state == 'Z'));
         }
     }
     let mut found = vec![root as libc::pid_t];
@@ -830,14 +850,23 @@ pub fn descendants(root: u32) -> Vec<libc::pid_t> {
         .collect()
 }
 
-/// The state and parent pid from `/proc/PID/stat` (the command name may hold spaces and
-/// parentheses; it ends at the last `)`).
-fn parse_stat(stat: &str) -> Option<(char, libc::pid_t)> {
+/// What `/proc/PID/stat` says of a process that the supervisor and the boot sweep use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcStat {
+    pub state: char,
+    pub ppid: libc::pid_t,
+    pub pgid: libc::pid_t,
+}
+
+/// Parses `/proc/PID/stat`. The command name may hold spaces and parentheses, so fields are
+/// counted after its last `)`.
+pub(crate) fn parse_stat(stat: &str) -> Option<ProcStat> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
+    let pgid = fields.next()?.parse().ok()?;
+    Some(ProcStat { state, ppid, pgid })
 }
 
 #[cfg(test)]
@@ -850,12 +879,14 @@ mod tests {
             log: "/tmp/x y.log".into(),
             max_log_bytes: 1024,
             grace: Duration::from_millis(1500),
+            nofile: Some(1024),
             argv: vec!["/bin/sh".into(), "-c".into(), "echo --log".into()],
         };
         let parsed = Args::parse(args.to_command_line().into_iter()).unwrap();
         assert_eq!(parsed.log, args.log);
         assert_eq!(parsed.max_log_bytes, 1024);
         assert_eq!(parsed.grace, Duration::from_millis(1500));
+        assert_eq!(parsed.nofile, Some(1024));
         assert_eq!(parsed.argv, args.argv);
         assert!(Args::parse(["--log".into(), "x".into()].into_iter()).is_err());
         assert!(Args::parse(["--log".into(), "x".into(), "--".into()].into_iter()).is_err());
@@ -889,10 +920,14 @@ mod tests {
     #[test]
     fn stat_lines_with_odd_names_parse() {
         assert_eq!(
-            parse_stat("123 (a b) c) S 77 123 123 0 -1"),
-            Some(('S', 77))
+            parse_stat("123 (a b) c) S 77 120 123 0 -1"),
+            Some(ProcStat {
+                state: 'S',
+                ppid: 77,
+                pgid: 120
+            })
         );
-        assert_eq!(parse_stat("9 (z) Z 1 9"), Some(('Z', 1)));
+        assert_eq!(parse_stat("9 (z) Z 1 9").map(|s| s.state), Some('Z'));
         assert_eq!(parse_stat("garbage"), None);
     }
 

@@ -35,6 +35,7 @@ pub fn executor_config(command: Vec<String>, timeout: Duration) -> ExecutorConfi
         max_log_bytes: 0,
         // This test binary is not the daemon's: the supervisor is the real one.
         supervisor: env!("CARGO_BIN_EXE_training-worker").into(),
+        trainer_nofile: None,
     }
 }
 
