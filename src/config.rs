@@ -220,12 +220,28 @@ pub struct ExecutorConfig {
 pub struct Stage {
     /// Unique; recorded in a job's `stages_done` and in its container's name and label.
     pub name: String,
-    /// This stage's own limit; `None`: `executor.timeout`.
+    /// This stage's own limit; `None`: `executor.timeout`, or the budget below.
     pub timeout: Option<Duration>,
+    /// `timeout = "budget"`: the limit is the job's `hours_to_complete`, counted from the
+    /// stage's first start (recorded in the job file, so a restart does not extend it).
+    pub budget: bool,
+    /// What a stage stopped by its time limit counts as.
+    pub on_timeout: OnTimeout,
     /// The `executor.pass_env` names this stage gets; `None`: all of them. Lets secrets go
     /// only to the stage that needs them (an uploader's token, say).
     pub pass_env: Option<Vec<String>>,
     pub run: StageRun,
+}
+
+/// What a stage stopped by its own time limit counts as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// The job fails ("timed out after …").
+    #[default]
+    Fail,
+    /// The stage counts as done and the pipeline goes on (a trainer stopped at its budget
+    /// is uploaded as it stands).
+    Continue,
 }
 
 #[derive(Clone, Debug)]
@@ -357,6 +373,7 @@ struct FileStage {
     #[serde(default)]
     command: Vec<String>,
     timeout: Option<String>,
+    on_timeout: Option<String>,
     image: Option<String>,
     gpus: Option<bool>,
     memory_per_gpu: Option<String>,
@@ -1002,7 +1019,8 @@ fn parse_stage(
             })
             .collect::<Result<Vec<Template>, ConfigError>>()
     };
-    let timeout = match stage.timeout {
+    let budget = stage.timeout.as_deref().map(str::trim) == Some("budget");
+    let timeout = match stage.timeout.filter(|_| !budget) {
         None => None,
         Some(text) => {
             let t = duration(&key("timeout"), Some(text), "")?;
@@ -1119,9 +1137,21 @@ fn parse_stage(
             )));
         }
     };
+    let on_timeout = match stage.on_timeout.as_deref() {
+        None | Some("fail") => OnTimeout::Fail,
+        Some("continue") => OnTimeout::Continue,
+        Some(other) => {
+            return Err(ConfigError::new(format!(
+                "{}: {other:?} is not \"fail\" or \"continue\"",
+                key("on_timeout")
+            )));
+        }
+    };
     Ok(Stage {
         name: stage.name,
         timeout,
+        budget,
+        on_timeout,
         pass_env: stage.pass_env,
         run,
     })

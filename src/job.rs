@@ -440,6 +440,10 @@ pub struct Job {
     /// The executor stages finished so far, in order. Server-owned; a recovered job resumes
     /// at its first stage not listed here.
     pub stages_done: Vec<String>,
+    /// When each stage with a time budget (`timeout = "budget"`) first started, in the
+    /// order they did. Server-owned, recorded before the stage runs, so that a stage
+    /// restarted after a crash gets only what is left of its budget.
+    pub stages_started: Vec<(String, Timestamp)>,
     /// Fields this version does not know, in the order they came, written back unchanged.
     pub extra: Extra,
 }
@@ -489,6 +493,7 @@ const KNOWN_COMMON: &[&str] = &[
     "hours_to_complete",
     "deadline",
     "stages_done",
+    "stages_started",
 ];
 
 impl Job {
@@ -531,6 +536,7 @@ impl Job {
             "gpu_ids",
             "deadline",
             "stages_done",
+            "stages_started",
             // What the API adds to a job it shows; a job read back and resubmitted is the
             // same request.
             "estimated_start",
@@ -596,10 +602,31 @@ impl Job {
                 .ok_or_else(|| FieldError::new("stages_done", "must be stage names (strings)"))?,
             Some(_) => return Err(FieldError::new("stages_done", "must be an array or null")),
         };
+        let stages_started = match object.get("stages_started") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(started)) => started
+                .iter()
+                .map(|(stage, at)| {
+                    at.as_str()
+                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                        .map(|t| (stage.clone(), t.with_timezone(&Utc)))
+                })
+                .collect::<Option<Vec<(String, Timestamp)>>>()
+                .ok_or_else(|| {
+                    FieldError::new("stages_started", "must map stage names to RFC 3339 times")
+                })?,
+            Some(_) => {
+                return Err(FieldError::new(
+                    "stages_started",
+                    "must be an object or null",
+                ));
+            }
+        };
         let mut job = Job::from_fields(id, object, Source::File)?;
         job.status = status;
         job.deadline = deadline;
         job.stages_done = stages_done;
+        job.stages_started = stages_started;
         job.error_message = error_message;
         job.attempts = attempts;
         job.created_at = created_at;
@@ -711,6 +738,7 @@ impl Job {
             hours_to_complete,
             deadline: None,
             stages_done: Vec::new(),
+            stages_started: Vec::new(),
             extra: Extra::from_map(object),
         })
     }
@@ -777,6 +805,14 @@ impl Job {
             self.attempts = self.attempts.saturating_sub(1);
         }
         self.updated_at = Some(now);
+    }
+
+    /// When `stage` first started, for a stage with a time budget.
+    pub fn stage_started_at(&self, stage: &str) -> Option<Timestamp> {
+        self.stages_started
+            .iter()
+            .find(|(name, _)| name == stage)
+            .map(|(_, at)| *at)
     }
 
     /// Whether a Queued job was started before and cut short, so it goes first.
@@ -863,6 +899,14 @@ impl Serialize for Job {
         }
         if !self.stages_done.is_empty() {
             map.serialize_entry("stages_done", &self.stages_done)?;
+        }
+        if !self.stages_started.is_empty() {
+            let started: serde_json::Map<String, Value> = self
+                .stages_started
+                .iter()
+                .map(|(stage, at)| (stage.clone(), Value::String(format_timestamp(at))))
+                .collect();
+            map.serialize_entry("stages_started", &started)?;
         }
         for (key, value) in &self.extra.0 {
             map.serialize_entry(key, &**value)?;
@@ -1442,10 +1486,12 @@ mod tests {
         with_budget["hours_to_complete"] = json!(1.5);
         with_budget["deadline"] = json!("1999-01-01T00:00:00Z");
         with_budget["stages_done"] = json!(["download"]);
+        with_budget["stages_started"] = json!({"train": "1999-01-01T00:00:00Z"});
         let mut job = Job::from_submission(with_budget, now()).unwrap();
         assert_eq!(job.hours_to_complete, Some(1.5));
         assert_eq!(job.deadline, Some(now() + chrono::Duration::minutes(90)));
         assert!(job.stages_done.is_empty(), "the client cannot claim stages");
+        assert!(job.stages_started.is_empty(), "nor their start times");
         assert_eq!(
             job.time_left(now() + chrono::Duration::minutes(30)),
             Some(std::time::Duration::from_secs(3600))
@@ -1456,6 +1502,7 @@ mod tests {
         );
         job.start(now(), None);
         job.stages_done.push("download".into());
+        job.stages_started.push(("train".into(), now()));
         let back = Job::from_stored(job.to_json()).unwrap();
         assert_eq!(back, job);
         for bad in [json!(0), json!(-2), json!("3"), json!(1e9)] {
@@ -1467,7 +1514,12 @@ mod tests {
             );
         }
         let plain = Job::from_submission(body, now()).unwrap().to_json();
-        for key in ["hours_to_complete", "deadline", "stages_done"] {
+        for key in [
+            "hours_to_complete",
+            "deadline",
+            "stages_done",
+            "stages_started",
+        ] {
             assert!(plain.get(key).is_none(), "{key} in {plain}");
         }
     }

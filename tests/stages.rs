@@ -678,3 +678,98 @@ async fn a_graceful_stop_just_as_a_stage_finishes_keeps_the_stage_it_recorded() 
         drop(daemon);
     }
 }
+
+/// A pipeline of two stages, `train` with `timeout = "budget"` and `on_timeout =
+/// "continue"`, then `upload`.
+fn configure_budgeted(sandbox: &Sandbox) {
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    sandbox.write_config(&format!(
+        "shutdown_grace = \"10s\"\n\n[worker]\nmax_attempts = 3\n\n[executor]\ntimeout = \"60s\"\n\
+         kill_grace = \"2s\"\npass_env = []\n\n\
+         [[executor.stages]]\nname = \"train\"\ncommand = [{program}]\ntimeout = \"budget\"\n\
+         on_timeout = \"continue\"\n\n\
+         [[executor.stages]]\nname = \"upload\"\ncommand = [{program}]\n"
+    ));
+}
+
+/// A queued job file with a time budget and no whole-job deadline, as a job of the trainer
+/// API has (a job of the main API gets a deadline at acceptance, which bounds every stage).
+fn budgeted_job_file(sandbox: &Sandbox, id: &str, hours: f64) {
+    let mut job = job(id);
+    job["status"] = json!("Queued");
+    job["attempts"] = json!(0);
+    job["hours_to_complete"] = json!(hours);
+    job["created_at"] = json!("2026-01-01T00:00:00Z");
+    job["updated_at"] = json!("2026-01-01T00:00:00Z");
+    sandbox.write_data_file(
+        &format!("jobs/{id}.json"),
+        serde_json::to_vec_pretty(&job).expect("json").as_slice(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_stopped_at_its_budget_counts_as_done_and_the_next_stage_runs() {
+    let sandbox = Sandbox::new();
+    configure_budgeted(&sandbox);
+    let a = id(41);
+    // 0.001 h: 3.6 s from the first start of train.
+    budgeted_job_file(&sandbox, &a, 0.001);
+    hold(&sandbox, &a, "train");
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "train", 1).await;
+    // The first start is durable before the stage runs.
+    let file = sandbox.job_file(&a);
+    assert!(file["stages_started"]["train"].is_string(), "{file}");
+
+    let done = daemon.wait_status(&a, "Completed", secs(30)).await;
+    assert_eq!(stages_done(&done), ["train", "upload"], "{done}");
+    assert_eq!(
+        runs(&sandbox, &a),
+        ran("start train 1, term train 1, start upload 1, end upload 1")
+    );
+    let log = daemon.logs(&a).await;
+    assert!(
+        log.contains("timed out after 3s 600ms; on_timeout = \"continue\": counted as done"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_a_budgeted_stage_gets_only_the_rest_of_its_budget() {
+    let sandbox = Sandbox::new();
+    configure_budgeted(&sandbox);
+    let a = id(42);
+    // 0.003 h: 10.8 s from the first start of train.
+    budgeted_job_file(&sandbox, &a, 0.003);
+    hold(&sandbox, &a, "train");
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "train", 1).await;
+    let first = timestamp(&sandbox.job_file(&a)["stages_started"]["train"]);
+    // Let a good part of the budget pass in the first attempt, then crash.
+    wait_until("5 s of the budget have passed", secs(20), async || {
+        (chrono::Utc::now().fixed_offset() - first >= chrono::Duration::seconds(5)).then_some(())
+    })
+    .await;
+    daemon.kill();
+
+    let daemon = sandbox.start().await;
+    stage_started(&sandbox, &a, "train", 2).await;
+    let done = daemon.wait_status(&a, "Completed", secs(30)).await;
+    // The restart kept the first start, and the stage was stopped at the budget counted
+    // from it, not 10.8 s after its second start.
+    assert_eq!(timestamp(&done["stages_started"]["train"]), first, "{done}");
+    let stopped = timestamp(&done["finished_at"]);
+    assert!(
+        stopped - first < chrono::Duration::milliseconds(10_800 + 4_000),
+        "stopped {} after the first start",
+        stopped - first
+    );
+    assert_eq!(stages_done(&done), ["train", "upload"], "{done}");
+    assert_eq!(
+        runs(&sandbox, &a)
+            .into_iter()
+            .filter(|(kind, ..)| kind != "term")
+            .collect::<Vec<_>>(),
+        ran("start train 1, start train 2, start upload 2, end upload 2")
+    );
+}

@@ -623,6 +623,8 @@ mod tests {
         Stage {
             name: name.into(),
             timeout: None,
+            budget: false,
+            on_timeout: crate::config::OnTimeout::Fail,
             pass_env: None,
             run: StageRun::Docker(Box::new(DockerStage {
                 image: format!("{name}-image"),

@@ -92,6 +92,9 @@ pub struct Event {
 pub struct StageDone {
     pub job_id: JobId,
     pub stage: String,
+    /// Not an end but a first start, of a stage with a time budget: recorded (in
+    /// `stages_started`) before the stage runs.
+    pub started: Option<crate::job::Timestamp>,
     pub ack: oneshot::Sender<()>,
 }
 
@@ -227,6 +230,8 @@ impl Executor {
             vec![Stage {
                 name: SINGLE_STAGE.into(),
                 timeout: None,
+                budget: false,
+                on_timeout: crate::config::OnTimeout::Fail,
                 pass_env: None,
                 run: StageRun::Process {
                     argv: config.command.iter().map(Template::clone).collect(),
@@ -442,10 +447,35 @@ impl Run {
             if stop.is_cancelled() {
                 return self.event(Outcome::Stopped, None, named);
             }
-            let limit = stage.timeout.unwrap_or(context.timeout);
+            // A budgeted stage's limit counts from its first start, recorded before it first
+            // runs; every other stage's from its start in this attempt.
+            let budget = match (stage.budget, self.job.hours_to_complete) {
+                (true, Some(hours)) => {
+                    let first = match self.job.stage_started_at(&stage.name) {
+                        Some(first) => first,
+                        None => {
+                            let now = chrono::Utc::now();
+                            if !self.record(&stage.name, Some(now), &stop).await {
+                                return self.event(Outcome::Stopped, None, named);
+                            }
+                            now
+                        }
+                    };
+                    let total = Duration::from_secs_f64(hours * 3600.0);
+                    let used = (chrono::Utc::now() - first).to_std().unwrap_or_default();
+                    Some((total, used))
+                }
+                _ => None,
+            };
+            let limit = match budget {
+                Some((total, _)) => total,
+                None => stage.timeout.unwrap_or(context.timeout),
+            };
             // An adopted container has run since it started, not since now: its timeout
-            // counts from its own start, so that crashes cannot extend it.
+            // counts from its own start, so that crashes cannot extend it. A budget counts
+            // from the stage's first start, which covers that already.
             let ran_before = match (&adopted, &context.docker) {
+                _ if budget.is_some() => Duration::ZERO,
                 (Some(container), Some(docker)) => match docker.started_at(container).await {
                     Ok(started) => (chrono::Utc::now() - started).to_std().unwrap_or_default(),
                     Err(e) => {
@@ -456,7 +486,8 @@ impl Run {
                 _ => Duration::ZERO,
             };
             let left = self.job.time_left(chrono::Utc::now());
-            let limit_left = limit.saturating_sub(ran_before);
+            let used = budget.map_or(ran_before, |(_, used)| used);
+            let limit_left = limit.saturating_sub(used);
             let (timeout, budget_bound) = match left {
                 Some(left) if left < limit_left => (left, true),
                 _ => (limit_left, false),
@@ -482,40 +513,57 @@ impl Run {
                 .checked_sub(ran_before)
                 .unwrap_or_else(Instant::now);
             let values = Values::new(&self.job, &stage.name, &context.data_dir.to_string_lossy());
-            let mut outcome = match &stage.run {
-                StageRun::Process { argv } => {
-                    let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
-                    let env = context.process_environment(&self.job, stage);
-                    run_process(context, job_id, &argv, &env, &log, timeout, &stop).await
-                }
-                StageRun::Docker(spec) => {
-                    let Some(docker) = &context.docker else {
-                        // Config loading resolves the CLI whenever a docker stage exists.
-                        return self.event(
-                            Outcome::SpawnFailed("no docker CLI configured".into()),
-                            None,
-                            named,
-                        );
-                    };
-                    let name = docker::container_name(job_id, &stage.name);
-                    match adopted {
-                        Some(container) => {
-                            docker
-                                .follow(&container, since, &log, timeout, context.kill_grace, &stop)
-                                .await
-                        }
-                        None => {
-                            let args = docker.run_args(
-                                &self.job,
-                                &stage.name,
-                                spec,
-                                &values,
-                                &context.job_environment(&self.job, &stage.name),
-                                context.pass_env(stage),
+            let mut outcome = if budget.is_some() && limit_left.is_zero() {
+                // Its budget was used up before this start (a crash came after it ran out).
+                log.line(&format!(
+                    "==> stage {} ({}/{total}): its time budget was used up before this start",
+                    stage.name,
+                    i + 1
+                ));
+                Outcome::TimedOut(limit)
+            } else {
+                match &stage.run {
+                    StageRun::Process { argv } => {
+                        let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
+                        let env = context.process_environment(&self.job, stage);
+                        run_process(context, job_id, &argv, &env, &log, timeout, &stop).await
+                    }
+                    StageRun::Docker(spec) => {
+                        let Some(docker) = &context.docker else {
+                            // Config loading resolves the CLI whenever a docker stage exists.
+                            return self.event(
+                                Outcome::SpawnFailed("no docker CLI configured".into()),
+                                None,
+                                named,
                             );
-                            docker
-                                .run(&name, &args, &log, timeout, context.kill_grace, &stop)
-                                .await
+                        };
+                        let name = docker::container_name(job_id, &stage.name);
+                        match adopted {
+                            Some(container) => {
+                                docker
+                                    .follow(
+                                        &container,
+                                        since,
+                                        &log,
+                                        timeout,
+                                        context.kill_grace,
+                                        &stop,
+                                    )
+                                    .await
+                            }
+                            None => {
+                                let args = docker.run_args(
+                                    &self.job,
+                                    &stage.name,
+                                    spec,
+                                    &values,
+                                    &context.job_environment(&self.job, &stage.name),
+                                    context.pass_env(stage),
+                                );
+                                docker
+                                    .run(&name, &args, &log, timeout, context.kill_grace, &stop)
+                                    .await
+                            }
                         }
                     }
                 }
@@ -526,24 +574,32 @@ impl Run {
             }
             if let Outcome::TimedOut(_) = outcome {
                 outcome = if budget_bound {
-                    Outcome::OutOfTime(timeout + ran_before)
+                    Outcome::OutOfTime(timeout + used)
                 } else {
                     Outcome::TimedOut(limit)
                 };
             }
+            // Stopped by its own limit, and told to go on: the stage counts as done.
+            let continued = stage.on_timeout == crate::config::OnTimeout::Continue
+                && matches!(outcome, Outcome::TimedOut(_));
             // Read before the footer below, which would otherwise be the last line.
             let last_line = log.last_line(offset);
             log.line(&format!(
-                "==> {} ended after {}: {}",
+                "==> {} ended after {}: {}{}",
                 describe_stage(context.staged, &stage.name),
                 humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
-                describe(&outcome)
+                describe(&outcome),
+                if continued {
+                    "; on_timeout = \"continue\": counted as done"
+                } else {
+                    ""
+                }
             ));
-            info!(%job_id, stage = %stage.name, outcome = describe(&outcome), "trainer ended");
-            if outcome != Outcome::Exited(0) {
+            info!(%job_id, stage = %stage.name, outcome = describe(&outcome), continued, "trainer ended");
+            if outcome != Outcome::Exited(0) && !continued {
                 return self.event(outcome, last_line, named);
             }
-            if context.staged && i + 1 < total && !self.record(&stage.name, &stop).await {
+            if context.staged && i + 1 < total && !self.record(&stage.name, None, &stop).await {
                 return self.event(Outcome::Stopped, None, named);
             }
         }
@@ -551,13 +607,20 @@ impl Run {
         self.event(Outcome::Exited(0), None, last_stage)
     }
 
-    /// Has the worker record `stage` as finished; true once it is durable. False when the
-    /// run must not go on (stopped meanwhile, or the worker declined).
-    async fn record(&self, stage: &str, stop: &CancellationToken) -> bool {
+    /// Has the worker record `stage` as finished (or, with `started`, as first started at
+    /// that time); true once it is durable. False when the run must not go on (stopped
+    /// meanwhile, or the worker declined).
+    async fn record(
+        &self,
+        stage: &str,
+        started: Option<crate::job::Timestamp>,
+        stop: &CancellationToken,
+    ) -> bool {
         let (ack, recorded) = oneshot::channel();
         let done = StageDone {
             job_id: self.job.id,
             stage: stage.to_string(),
+            started,
             ack,
         };
         if self.context.reports.stage_done.send(done).await.is_err() {

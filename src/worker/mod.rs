@@ -328,6 +328,8 @@ enum Pending {
         job: Job,
         rank: u64,
         stage: String,
+        /// Set when what is recorded is a budgeted stage's first start, not its end.
+        started: Option<Timestamp>,
         ack: oneshot::Sender<()>,
     },
 }
@@ -693,14 +695,25 @@ impl Worker {
             return;
         }
         let mut job = job.clone();
-        if !job.stages_done.contains(&done.stage) {
-            job.stages_done.push(done.stage.clone());
+        match done.started {
+            // A budgeted stage's first start: kept once, so that restarts do not extend it.
+            Some(at) => {
+                if job.stage_started_at(&done.stage).is_none() {
+                    job.stages_started.push((done.stage.clone(), at));
+                }
+            }
+            None => {
+                if !job.stages_done.contains(&done.stage) {
+                    job.stages_done.push(done.stage.clone());
+                }
+            }
         }
         job.updated_at = Some(self.clock.now());
         self.write(Pending::StageDone {
             job,
             rank,
             stage: done.stage,
+            started: done.started,
             ack: done.ack,
         });
     }
@@ -930,11 +943,19 @@ impl Worker {
             }
             (
                 Pending::StageDone {
-                    job, stage, ack, ..
+                    job,
+                    stage,
+                    started,
+                    ack,
+                    ..
                 },
                 Ok(()),
             ) => {
-                info!(job_id = %id, stage = %stage, "stage finished and recorded");
+                if started.is_some() {
+                    info!(job_id = %id, stage = %stage, "stage's first start recorded");
+                } else {
+                    info!(job_id = %id, stage = %stage, "stage finished and recorded");
+                }
                 self.put(job);
                 let cancel_waits = self.busy.get(&id).is_some_and(|waiting| {
                     waiting.iter().any(|c| matches!(c, Command::Cancel { .. }))
@@ -948,13 +969,23 @@ impl Worker {
                     let _ = ack.send(());
                 }
             }
-            (Pending::StageDone { stage, ack, .. }, Err(e)) => {
+            (
+                Pending::StageDone {
+                    stage,
+                    started,
+                    ack,
+                    ..
+                },
+                Err(e),
+            ) => {
                 // The pipeline waits: starting the next stage before this one is recorded
-                // could run it twice after a crash.
-                warn!(job_id = %id, stage = %stage, error = %e, "cannot record the finished stage; will retry");
+                // could run it twice after a crash (and a budget not recorded could be
+                // counted anew).
+                warn!(job_id = %id, stage = %stage, error = %e, "cannot record the stage; will retry");
                 self.unrecorded_stages.push(StageDone {
                     job_id: id,
                     stage,
+                    started,
                     ack,
                 });
                 self.schedule_retry();
