@@ -189,28 +189,42 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     METRICS.set_replay_duration(replay_started.elapsed());
     METRICS.quarantined.add(quarantined as u64);
     // Containers of a crashed daemon: adopted, or removed before their stage runs again.
-    let adopted = match &config.executor.docker {
-        Some(program) => {
-            let docker = executor::docker::DockerCli::new(
-                program.clone(),
-                &data_dir,
-                &config.executor.pass_env,
-                config.executor.supervisor.clone(),
-            );
-            executor::docker::reconcile(
-                &docker,
-                &opened.recovered.jobs,
-                &config.executor.stages,
-                config.executor.adopt_running,
-            )
-            .await
-        }
-        None => std::collections::HashMap::new(),
+    // When docker cannot be asked, the jobs whose container may still run keep their GPUs
+    // until it can (see `survey_until_answered`).
+    let docker = config.executor.docker.as_ref().map(|program| {
+        executor::docker::DockerCli::new(
+            program.clone(),
+            &data_dir,
+            &config.executor.pass_env,
+            config.executor.supervisor.clone(),
+        )
+    });
+    let (adopted, unsurveyed) = match &docker {
+        Some(docker) => match executor::docker::reconcile(
+            docker,
+            &opened.recovered.jobs,
+            &config.executor.stages,
+            config.executor.adopt_running,
+        )
+        .await
+        {
+            Ok(adopted) => (adopted, Vec::new()),
+            Err(e) => {
+                let held = executor::docker::awaiting_survey(
+                    &opened.recovered.jobs,
+                    &config.executor.stages,
+                );
+                warn!(error = %e, jobs = held.len(), "cannot list this data dir's containers; the jobs whose container may still run keep their GPUs until docker answers");
+                (std::collections::HashMap::new(), held)
+            }
+        },
+        None => (std::collections::HashMap::new(), Vec::new()),
     };
     let boot = Boot {
         jobs: opened.recovered.jobs,
         order: opened.recovered.order,
         adopted,
+        unsurveyed: unsurveyed.clone(),
     };
     let executor_config = config.executor.clone();
     let executor_tracker = tracker.clone();
@@ -231,12 +245,22 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     let worker_task = tracker.spawn(worker.run());
+    if let Some(docker) = docker.filter(|_| !unsurveyed.is_empty()) {
+        tracker.spawn(survey_until_answered(
+            docker,
+            handle.clone(),
+            config.executor.stages.clone(),
+            config.executor.adopt_running,
+            shutdown.clone(),
+        ));
+    }
     state.set_worker(handle.clone());
     info!(
         jobs = report.loaded,
         requeued = report.requeued,
         interrupted = report.interrupted,
         adopted = report.adopted,
+        awaiting_survey = report.awaiting_survey,
         failed_out_of_attempts = report.failed_attempts,
         quarantined,
         took_ms = started.elapsed().as_millis() as u64,
@@ -342,6 +366,43 @@ fn raise_descriptor_limit() -> (u64, Option<u64>) {
         "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit"
     );
     (hard, Some(soft))
+}
+
+/// Asks docker again, with a backoff from 1 s to a minute, until it answers, then hands the
+/// worker what it found for the jobs that kept their GPUs meanwhile. The plan is made from
+/// those jobs as they stand then (one cancelled meanwhile has its container removed).
+async fn survey_until_answered(
+    docker: executor::docker::DockerCli,
+    worker: crate::worker::WorkerHandle,
+    stages: Vec<crate::config::Stage>,
+    adopt_running: bool,
+    shutdown: CancellationToken,
+) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(jobs) = worker.awaiting_survey().await else {
+            return;
+        };
+        match executor::docker::reconcile(&docker, &jobs, &stages, adopt_running).await {
+            Ok(adopted) => {
+                info!(
+                    jobs = jobs.len(),
+                    adopted = adopted.len(),
+                    "docker answers again; the held jobs are adopted or requeued"
+                );
+                let _ = worker.surveyed(adopted).await;
+                return;
+            }
+            Err(e) => {
+                wait = (wait * 2).min(Duration::from_secs(60));
+                tracing::debug!(error = %e, retry_in = ?wait, "docker still does not answer");
+            }
+        }
+    }
 }
 
 /// Boot failed after the API started: stop it and return `exit`.

@@ -1658,3 +1658,90 @@ async fn concurrent_containers_never_share_a_gpu() {
         world.containers()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_docker_does_not_answer_at_boot_a_running_containers_gpus_stay_held_until_it_does() {
+    let world = World::new();
+    Pipeline {
+        gpus: "0",
+        max_concurrent: 2,
+        adopt_running: true,
+        ..Pipeline::default()
+    }
+    .install(&world);
+    let daemon = world.start().await;
+    let (a, b) = (id(1), id(2));
+    world.hold(&a, "train");
+    submit(&daemon, job(&a, 1)).await;
+    world.started(&a, "train", 1).await;
+    daemon.kill();
+
+    // The engine restarts while the daemon does: the container runs on, unseen.
+    let down = world.state().join("engine-down");
+    fs::write(&down, b"").expect("take the engine down");
+    let daemon = world.start().await;
+    let held = daemon.job(&a).await;
+    assert_eq!(held["status"], "Running", "{held}");
+    assert_eq!(gpu_ids(&held), BTreeSet::from([0]), "{held}");
+    // The one GPU is not given to another job while the container may still hold it.
+    submit(&daemon, job(&b, 1)).await;
+    let waiting = wait_until("the queue says why b waits", secs(10), async || {
+        let queue = daemon.get("/v1/queue").await.json();
+        queue["waiting"][b.as_str()].as_str().map(String::from)
+    })
+    .await;
+    assert_eq!(waiting, "needs 1 GPUs and 0 are free");
+    assert_eq!(daemon.job(&b).await["status"], "Queued");
+    assert_eq!(daemon.get("/readyz").await.status, reqwest::StatusCode::OK);
+
+    fs::remove_file(&down).expect("bring the engine back");
+    wait_until(
+        "the container is adopted once docker answers",
+        secs(30),
+        async || {
+            daemon
+                .stderr()
+                .contains("the job's container still runs and is adopted")
+                .then_some(())
+        },
+    )
+    .await;
+    let adopted = daemon.job(&a).await;
+    assert_eq!(adopted["attempts"], 1, "not started again: {adopted}");
+    assert_eq!(daemon.job(&b).await["status"], "Queued");
+    world.release(&a, "train");
+    daemon.wait_status(&a, "Completed", secs(30)).await;
+    daemon.wait_status(&b, "Completed", secs(30)).await;
+    let runs = container_runs(&world);
+    assert_no_gpu_overlap(&runs);
+    let trains: Vec<&ContainerRun> = runs.iter().filter(|r| r.stage == "train").collect();
+    assert_eq!(trains.len(), 2, "one train of each job: {trains:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_does_not_answer_leaves_the_job_queued_until_it_does() {
+    let world = World::new();
+    Pipeline::default().install(&world);
+    let daemon = world.start().await;
+    let down = world.state().join("engine-down");
+    fs::write(&down, b"").expect("take the engine down");
+    let a = id(1);
+    submit(&daemon, job(&a, 1)).await;
+    wait_until("a failed try to start", secs(20), async || {
+        let queue = daemon.get("/v1/queue").await.json();
+        let paused = queue["paused"].as_str().unwrap_or_default().to_string();
+        paused
+            .contains("Cannot connect to the Docker daemon")
+            .then_some(())
+    })
+    .await;
+    let queued = daemon.job(&a).await;
+    assert_eq!(
+        queued["status"], "Queued",
+        "the engine's trouble is not the job's: {queued}"
+    );
+    assert_eq!(queued["attempts"], 0, "{queued}");
+    fs::remove_file(&down).expect("bring the engine back");
+    let done = daemon.wait_status(&a, "Completed", secs(60)).await;
+    assert_eq!(done["attempts"], 1, "{done}");
+}

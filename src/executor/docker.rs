@@ -180,6 +180,10 @@ impl DockerCli {
             Ok(Ok(output)) if output.status.success() => {
                 Ok(String::from_utf8_lossy(&output.stdout).into_owned())
             }
+            // An engine that does not answer is the box's trouble, like a missing CLI.
+            Ok(Ok(output)) if engine_unreachable(&output) => {
+                Err(CliError::NotRun(failure(&output)))
+            }
             Ok(Ok(output)) => Err(CliError::Failed(failure(&output))),
             Ok(Err(e)) => Err(CliError::Failed(format!(
                 "cannot wait for {}: {e}",
@@ -536,22 +540,31 @@ pub fn plan(
         .collect()
 }
 
+/// The Running jobs whose current stage (the first not recorded) is a container: their
+/// container may still run, on their GPUs, so until docker has been asked they keep them.
+pub fn awaiting_survey(jobs: &[Job], stages: &[Stage]) -> Vec<JobId> {
+    jobs.iter()
+        .filter(|job| job.status == Status::Running)
+        .filter(|job| {
+            stages
+                .iter()
+                .find(|s| !job.stages_done.contains(&s.name))
+                .is_some_and(|s| matches!(s.run, StageRun::Docker(_)))
+        })
+        .map(|job| job.id)
+        .collect()
+}
+
 /// Surveys this data dir's containers, logs and carries out the removals of [`plan`], and
-/// returns the adoptions. When docker cannot be asked, nothing is adopted: the jobs run
-/// their stage again, and each start removes the stage's old container by name first.
+/// returns the adoptions; or what docker said when it cannot be asked (then nothing is
+/// decided, and the caller keeps the GPUs of [`awaiting_survey`]'s jobs until it can).
 pub async fn reconcile(
     docker: &DockerCli,
     jobs: &[Job],
     stages: &[Stage],
     adopt_running: bool,
-) -> HashMap<JobId, Adoption> {
-    let containers = match docker.survey().await {
-        Ok(containers) => containers,
-        Err(e) => {
-            warn!(error = %e, "cannot list this data dir's containers; none adopted");
-            return HashMap::new();
-        }
-    };
+) -> Result<HashMap<JobId, Adoption>, String> {
+    let containers = docker.survey().await?;
     let jobs: HashMap<JobId, &Job> = jobs.iter().map(|job| (job.id, job)).collect();
     let mut adoptions = HashMap::new();
     for decision in plan(&containers, &jobs, stages, adopt_running) {
@@ -568,7 +581,7 @@ pub async fn reconcile(
             }
         }
     }
-    adoptions
+    Ok(adoptions)
 }
 
 /// `docker wait` printed the exit code.
@@ -584,6 +597,15 @@ fn exit_code(output: std::io::Result<Output>) -> Outcome {
         Ok(output) => Outcome::Lost(format!("docker wait: {}", failure(&output))),
         Err(e) => Outcome::Lost(format!("docker wait: {e}")),
     }
+}
+
+/// Whether a failed CLI call says the Docker engine could not be reached (stopped,
+/// restarting, its socket gone), rather than that the call itself was refused.
+fn engine_unreachable(output: &Output) -> bool {
+    let text = String::from_utf8_lossy(&output.stderr);
+    text.contains("Cannot connect to the Docker daemon")
+        || text.contains("Is the docker daemon running?")
+        || text.contains("error during connect")
 }
 
 /// What a failed CLI call said went wrong: its last line on stderr that is not a usage hint

@@ -101,6 +101,15 @@ enum Command {
         offer: Box<Offer>,
         respond_to: oneshot::Sender<OfferAnswer>,
     },
+    /// The jobs kept on their GPUs until docker answers, as they stand now.
+    AwaitingSurvey {
+        respond_to: oneshot::Sender<Vec<Job>>,
+    },
+    /// Docker answered: the containers to follow again; the other held jobs are requeued.
+    Surveyed {
+        adopted: HashMap<JobId, Adoption>,
+        respond_to: oneshot::Sender<()>,
+    },
 }
 
 impl Command {
@@ -126,6 +135,7 @@ impl Command {
                 | Command::Ping { .. }
                 | Command::Estimates { .. }
                 | Command::LogPath { .. }
+                | Command::AwaitingSurvey { .. }
         )
     }
 }
@@ -272,6 +282,22 @@ impl WorkerHandle {
     }
 
     /// The trainer log's path and the job's status, if the job exists.
+    /// The jobs that keep their GPUs until docker answers, as they stand now.
+    pub async fn awaiting_survey(&self) -> Result<Vec<Job>, WorkerError> {
+        self.ask(|respond_to| Command::AwaitingSurvey { respond_to })
+            .await
+    }
+
+    /// Docker has answered: follows the adopted containers again and requeues the other
+    /// jobs that were held for the survey.
+    pub async fn surveyed(&self, adopted: HashMap<JobId, Adoption>) -> Result<(), WorkerError> {
+        self.ask(|respond_to| Command::Surveyed {
+            adopted,
+            respond_to,
+        })
+        .await
+    }
+
     pub async fn log_path(&self, id: JobId) -> Result<Option<(PathBuf, Status)>, WorkerError> {
         self.ask(|respond_to| Command::LogPath { id, respond_to })
             .await
@@ -286,6 +312,9 @@ pub struct Boot {
     pub order: Vec<JobId>,
     /// Running jobs whose container still runs and is followed again instead of requeued.
     pub adopted: HashMap<JobId, Adoption>,
+    /// Running jobs whose container may still run, but docker could not be asked: they stay
+    /// Running on their GPUs until [`WorkerHandle::surveyed`] says what became of them.
+    pub unsurveyed: Vec<JobId>,
 }
 
 /// What boot did, for the summary line.
@@ -296,6 +325,8 @@ pub struct BootReport {
     pub interrupted: usize,
     pub failed_attempts: usize,
     pub adopted: usize,
+    /// Jobs kept Running on their GPUs until docker answers.
+    pub awaiting_survey: usize,
 }
 
 /// A change on its way to the store, and what to do once it lands.
@@ -321,8 +352,11 @@ enum Pending {
     Requeue {
         job: Job,
         rank: u64,
-        /// Why: a graceful stop (true), or a trainer that could not be started (false).
+        /// Why: a graceful stop (true), or a trainer that could not be started or whose
+        /// container is gone after docker answered again (false).
         shutdown: bool,
+        /// Whether the cut start counts as an attempt (a crash cut it).
+        counted: bool,
     },
     StageDone {
         job: Job,
@@ -428,10 +462,13 @@ pub struct Worker {
     started: mpsc::Receiver<JobId>,
     /// Set while trainers cannot be started.
     spawn_trouble: Option<SpawnTrouble>,
-    /// Jobs whose trainer did not start and whose requeue the store refused; retried.
-    unrequeued: Vec<JobId>,
+    /// Jobs whose requeue the store refused, and whether their cut start counts; retried.
+    unrequeued: Vec<(JobId, bool)>,
     /// Interrupted jobs a graceful stop could not write back.
     unwritten: usize,
+    /// Running jobs held on their GPUs, without a trainer followed, until docker answers;
+    /// each holds a slot.
+    unsurveyed: std::collections::HashSet<JobId>,
 }
 
 impl Worker {
@@ -460,6 +497,7 @@ impl Worker {
         let mut queue = Queue::new(config.order);
         let mut changes = Vec::new();
         let mut adopted = boot.adopted;
+        let mut unsurveyed = std::collections::HashSet::new();
         let mut gpus_in_use = HashMap::new();
         for (i, id) in boot.order.into_iter().enumerate() {
             // The same rank the store gave this job when it placed the replay order.
@@ -477,6 +515,21 @@ impl Worker {
                 // Every trainer has an entry, an empty one without GPU accounting: estimates
                 // count running trainers from it.
                 gpus_in_use.insert(id, job.gpu_ids.clone().unwrap_or_default());
+                changes.push(Change {
+                    job: job.clone(),
+                    placement: Placement::Running(rank),
+                });
+                continue;
+            }
+            if job.status == Status::Running && boot.unsurveyed.contains(&id) {
+                // Its container may still run: it keeps its place and GPUs, without a
+                // trainer followed, until docker answers.
+                warn!(job_id = %id, "job was running in a container and docker does not answer; it keeps its GPUs until docker does");
+                report.awaiting_survey += 1;
+                let rank = queue.next_start_rank();
+                queue.start(id, rank);
+                gpus_in_use.insert(id, job.gpu_ids.clone().unwrap_or_default());
+                unsurveyed.insert(id);
                 changes.push(Change {
                     job: job.clone(),
                     placement: Placement::Running(rank),
@@ -556,6 +609,7 @@ impl Worker {
             spawn_trouble: None,
             unrequeued: Vec::new(),
             unwritten: 0,
+            unsurveyed,
         };
         Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
     }
@@ -671,6 +725,21 @@ impl Worker {
                 let _ = respond_to.send(path);
             }
             Command::StageDone(done) => self.record_stage(done),
+            Command::AwaitingSurvey { respond_to } => {
+                let jobs = self
+                    .unsurveyed
+                    .iter()
+                    .filter_map(|id| self.jobs.get(id).cloned())
+                    .collect();
+                let _ = respond_to.send(jobs);
+            }
+            Command::Surveyed {
+                adopted,
+                respond_to,
+            } => {
+                self.surveyed(adopted);
+                let _ = respond_to.send(());
+            }
             Command::Interrupted { id, shutdown } => {
                 if let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) {
                     let job = job.clone();
@@ -816,6 +885,7 @@ impl Worker {
             job,
             rank,
             shutdown,
+            counted: false,
         });
     }
 
@@ -929,13 +999,14 @@ impl Worker {
                     job,
                     rank,
                     shutdown,
+                    ..
                 },
                 Ok(()),
             ) => {
                 if shutdown {
                     info!(job_id = %id, "interrupted job written back to run first at the next boot");
                 } else {
-                    info!(job_id = %id, attempts = job.attempts, "job back in the queue at its place; its start did not count");
+                    info!(job_id = %id, attempts = job.attempts, "job back in the queue at its place");
                 }
                 self.queue
                     .insert_queued(rank, id, plan::needs(&self.config, &job));
@@ -998,13 +1069,15 @@ impl Worker {
             }
             (
                 Pending::Requeue {
-                    shutdown: false, ..
+                    shutdown: false,
+                    counted,
+                    ..
                 },
                 Err(e),
             ) => {
                 // Still Running on disk, with no trainer: retried like an outcome.
-                warn!(job_id = %id, error = %e, "cannot put the job whose trainer did not start back in the queue; will retry");
-                self.unrequeued.push(id);
+                warn!(job_id = %id, error = %e, "cannot put the job back in the queue; will retry");
+                self.unrequeued.push((id, counted));
                 self.schedule_retry();
             }
         }
@@ -1032,7 +1105,9 @@ impl Worker {
         {
             return changed;
         }
-        while self.running.len() + self.starting < self.config.max_concurrent {
+        while self.running.len() + self.starting + self.unsurveyed.len()
+            < self.config.max_concurrent
+        {
             let (id, gpus) = match self.next_start(now) {
                 Choice::Start { key, gpus } => (key, gpus),
                 Choice::OutOfTime(id) => {
@@ -1105,6 +1180,70 @@ impl Worker {
         });
     }
 
+    /// Docker answered for the held jobs: an adopted container is followed again (and
+    /// stopped at once if its job was cancelled meanwhile); a job without one gives its
+    /// GPUs back and is requeued first as an interrupted start, or fails out of attempts,
+    /// as at boot.
+    fn surveyed(&mut self, mut adopted: HashMap<JobId, Adoption>) {
+        for id in std::mem::take(&mut self.unsurveyed) {
+            let Some(job) = self.jobs.get(&id) else {
+                self.gpus_in_use.remove(&id);
+                continue;
+            };
+            if let Some(adoption) = adopted.remove(&id) {
+                info!(job_id = %id, container = %adoption.container, "docker answers; the job's container still runs and is adopted");
+                let execution = self.executor.adopt(job, adoption);
+                let cancelled = job.status != Status::Running;
+                if cancelled {
+                    execution.stop();
+                }
+                self.running.insert(
+                    id,
+                    Running {
+                        execution,
+                        stop_reason: cancelled.then_some(StopReason::Cancel),
+                    },
+                );
+                continue;
+            }
+            // No container of it runs any more: its GPUs are free.
+            self.gpus_in_use.remove(&id);
+            if job.status == Status::Running {
+                info!(job_id = %id, attempts = job.attempts, "docker answers; the job's container is gone, so it is requeued first");
+                self.requeue_counted(id);
+            }
+        }
+    }
+
+    /// Requeues a Running job without a trainer first, its cut start counted (a crash cut
+    /// it), or fails it when it is out of attempts, as boot does.
+    fn requeue_counted(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) else {
+            return;
+        };
+        {
+            let mut job = job.clone();
+            if job.attempts >= self.config.max_attempts {
+                let reason = format!(
+                    "not started again: started {} times, the last start cut short by a crash (max_attempts = {})",
+                    job.attempts, self.config.max_attempts
+                );
+                warn!(job_id = %id, attempts = job.attempts, "job out of attempts; marked failed");
+                job.finish(Status::Failed, Some(reason), self.clock.now());
+                self.write(Pending::Finish { job });
+                return;
+            }
+            job.requeue_interrupted(true, chrono::Utc::now());
+            let rank = self.queue.requeue_rank(id);
+            self.write(Pending::Requeue {
+                job,
+                rank,
+                shutdown: false,
+                counted: true,
+            });
+        }
+    }
+
     /// A trainer is running: trainers can be started, so starts go on as usual.
     fn trainer_started(&mut self, id: JobId) {
         if let Some(trouble) = self.spawn_trouble.take() {
@@ -1168,7 +1307,8 @@ impl Worker {
     fn wait_reasons(&mut self, queued: &[JobId]) -> Vec<(JobId, String)> {
         let now = self.clock.now();
         let estimates = self.estimates(None);
-        let slots_full = self.running.len() + self.starting >= self.config.max_concurrent;
+        let slots_full = self.running.len() + self.starting + self.unsurveyed.len()
+            >= self.config.max_concurrent;
         let stopping: Vec<JobId> = self
             .running
             .iter()
@@ -1311,11 +1451,15 @@ impl Worker {
         for done in std::mem::take(&mut self.unrecorded_stages) {
             self.handle(Command::StageDone(done));
         }
-        for id in std::mem::take(&mut self.unrequeued) {
-            self.handle(Command::Interrupted {
-                id,
-                shutdown: false,
-            });
+        for (id, counted) in std::mem::take(&mut self.unrequeued) {
+            if counted {
+                self.requeue_counted(id);
+            } else {
+                self.handle(Command::Interrupted {
+                    id,
+                    shutdown: false,
+                });
+            }
         }
         let ids: Vec<JobId> = self.unrecorded.keys().copied().collect();
         for id in ids {

@@ -157,7 +157,7 @@ impl Worker {
             slots: self
                 .config
                 .max_concurrent
-                .saturating_sub(self.running.len() + self.starting),
+                .saturating_sub(self.running.len() + self.starting + self.unsurveyed.len()),
             free_gpus: &free,
             total_gpus: self.config.gpus.len(),
             backfill: self.config.backfill,

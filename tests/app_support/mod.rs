@@ -101,6 +101,7 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
             jobs: recovered.jobs,
             order: recovered.order,
             adopted: Default::default(),
+            unsurveyed: Vec::new(),
         },
         shutdown.clone(),
     )
