@@ -444,8 +444,62 @@ pub struct Job {
     /// order they did. Server-owned, recorded before the stage runs, so that a stage
     /// restarted after a crash gets only what is left of its budget.
     pub stages_started: Vec<(String, Timestamp)>,
+    /// For a job of the G.O.D trainer API: the task it runs. Server-owned; `None` for a job
+    /// of the main API.
+    pub trainer_task: Option<TrainerTask>,
     /// Fields this version does not know, in the order they came, written back unchanged.
     pub extra: Extra,
+}
+
+/// The G.O.D trainer API's part of a job: the (task, miner hotkey) pair it runs and the
+/// miner's repository, which stages get as placeholders and environment variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainerTask {
+    pub task_id: String,
+    pub hotkey: String,
+    pub github_repo: String,
+    pub github_branch: Option<String>,
+    pub github_commit_hash: Option<String>,
+}
+
+impl TrainerTask {
+    fn to_json(&self) -> Value {
+        serde_json::json!({
+            "task_id": self.task_id,
+            "hotkey": self.hotkey,
+            "github_repo": self.github_repo,
+            "github_branch": self.github_branch,
+            "github_commit_hash": self.github_commit_hash,
+        })
+    }
+
+    fn from_json(value: &Value) -> Result<TrainerTask, FieldError> {
+        if !value.is_object() {
+            return Err(FieldError::new("trainer_task", "must be an object or null"));
+        }
+        let field =
+            |name: &str| FieldError::new(format!("trainer_task.{name}"), "must be a string");
+        let text = |name: &str| -> Result<String, FieldError> {
+            value[name]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| field(name))
+        };
+        let optional = |name: &str| -> Result<Option<String>, FieldError> {
+            match &value[name] {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s.clone())),
+                _ => Err(field(name)),
+            }
+        };
+        Ok(TrainerTask {
+            task_id: text("task_id")?,
+            hotkey: text("hotkey")?,
+            github_repo: text("github_repo")?,
+            github_branch: optional("github_branch")?,
+            github_commit_hash: optional("github_commit_hash")?,
+        })
+    }
 }
 
 /// A field that is missing or wrong, named by its JSON path.
@@ -494,6 +548,7 @@ const KNOWN_COMMON: &[&str] = &[
     "deadline",
     "stages_done",
     "stages_started",
+    "trainer_task",
 ];
 
 impl Job {
@@ -537,6 +592,7 @@ impl Job {
             "deadline",
             "stages_done",
             "stages_started",
+            "trainer_task",
             // What the API adds to a job it shows; a job read back and resubmitted is the
             // same request.
             "estimated_start",
@@ -622,7 +678,12 @@ impl Job {
                 ));
             }
         };
+        let trainer_task = match object.get("trainer_task") {
+            None | Some(Value::Null) => None,
+            Some(task) => Some(TrainerTask::from_json(task)?),
+        };
         let mut job = Job::from_fields(id, object, Source::File)?;
+        job.trainer_task = trainer_task;
         job.status = status;
         job.deadline = deadline;
         job.stages_done = stages_done;
@@ -739,6 +800,7 @@ impl Job {
             deadline: None,
             stages_done: Vec::new(),
             stages_started: Vec::new(),
+            trainer_task: None,
             extra: Extra::from_map(object),
         })
     }
@@ -899,6 +961,9 @@ impl Serialize for Job {
         }
         if !self.stages_done.is_empty() {
             map.serialize_entry("stages_done", &self.stages_done)?;
+        }
+        if let Some(task) = &self.trainer_task {
+            map.serialize_entry("trainer_task", &task.to_json())?;
         }
         if !self.stages_started.is_empty() {
             let started: serde_json::Map<String, Value> = self
@@ -1487,11 +1552,13 @@ mod tests {
         with_budget["deadline"] = json!("1999-01-01T00:00:00Z");
         with_budget["stages_done"] = json!(["download"]);
         with_budget["stages_started"] = json!({"train": "1999-01-01T00:00:00Z"});
+        with_budget["trainer_task"] = json!({"task_id": "t", "hotkey": "h", "github_repo": "r"});
         let mut job = Job::from_submission(with_budget, now()).unwrap();
         assert_eq!(job.hours_to_complete, Some(1.5));
         assert_eq!(job.deadline, Some(now() + chrono::Duration::minutes(90)));
         assert!(job.stages_done.is_empty(), "the client cannot claim stages");
         assert!(job.stages_started.is_empty(), "nor their start times");
+        assert_eq!(job.trainer_task, None, "nor a trainer task");
         assert_eq!(
             job.time_left(now() + chrono::Duration::minutes(30)),
             Some(std::time::Duration::from_secs(3600))
@@ -1503,6 +1570,13 @@ mod tests {
         job.start(now(), None);
         job.stages_done.push("download".into());
         job.stages_started.push(("train".into(), now()));
+        job.trainer_task = Some(TrainerTask {
+            task_id: "4f0c8a52-8d1e-4d8a-9b43-0a6f2b1c7d01".into(),
+            hotkey: "5Fhk".into(),
+            github_repo: "https://github.com/example/miner-trainer".into(),
+            github_branch: None,
+            github_commit_hash: Some("8631451".into()),
+        });
         let back = Job::from_stored(job.to_json()).unwrap();
         assert_eq!(back, job);
         for bad in [json!(0), json!(-2), json!("3"), json!(1e9)] {
@@ -1519,6 +1593,7 @@ mod tests {
             "deadline",
             "stages_done",
             "stages_started",
+            "trainer_task",
         ] {
             assert!(plain.get(key).is_none(), "{key} in {plain}");
         }

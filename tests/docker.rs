@@ -760,12 +760,17 @@ fn job_vars(
         ("MODEL_TYPE", image[1].to_string()),
         ("EXPECTED_REPO_NAME", repo.to_string()),
         ("ATTEMPT", "1".to_string()),
+        // A G.O.D trainer task's, empty for a job of the main API.
+        ("TASK_ID", String::new()),
+        ("HOTKEY", String::new()),
+        ("GITHUB_REPO", String::new()),
+        ("GITHUB_COMMIT_HASH", String::new()),
         ("STAGE", stage.to_string()),
     ])
 }
 
 /// The variables of [`job_vars`] plus PATH: what every container's environment holds.
-const JOB_ENV: [&str; 13] = [
+const JOB_ENV: [&str; 17] = [
     "PATH",
     "JOB_ID",
     "JOB_TYPE",
@@ -778,6 +783,10 @@ const JOB_ENV: [&str; 13] = [
     "MODEL_TYPE",
     "EXPECTED_REPO_NAME",
     "ATTEMPT",
+    "TASK_ID",
+    "HOTKEY",
+    "GITHUB_REPO",
+    "GITHUB_COMMIT_HASH",
     "STAGE",
 ];
 
@@ -948,8 +957,8 @@ async fn the_god_text_example_runs_its_three_containers_with_the_scripts_command
         "HUGGINGFACE_TOKEN",
         "HUGGINGFACE_USERNAME",
         "WANDB_TOKEN",
+        // TASK_ID is every container's; the example's upload sets it to the job id.
         "LOCAL_FOLDER",
-        "TASK_ID",
     ]);
     example_pipeline(
         "god-text.toml",
@@ -1033,8 +1042,8 @@ async fn the_god_image_example_runs_its_three_containers_with_the_scripts_comman
         "HUGGINGFACE_TOKEN",
         "HUGGINGFACE_USERNAME",
         "HF_REPO_SUBFOLDER",
+        // TASK_ID is every container's; the example's upload sets it to the job id.
         "LOCAL_FOLDER",
-        "TASK_ID",
     ]);
     example_pipeline(
         "god-image.toml",

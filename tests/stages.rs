@@ -773,3 +773,53 @@ async fn after_a_crash_a_budgeted_stage_gets_only_the_rest_of_its_budget() {
         ran("start train 1, start train 2, start upload 2, end upload 2")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_tasks_fields_reach_the_stages_as_placeholders() {
+    let sandbox = Sandbox::new();
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    sandbox.write_config(&format!(
+        "shutdown_grace = \"10s\"\n\n[executor]\ntimeout = \"60s\"\nkill_grace = \"2s\"\n\
+         pass_env = []\n\n[[executor.stages]]\nname = \"clone\"\ncommand = [{program}, \
+         \"--task={{task_id}}\", \"--hotkey={{hotkey}}\", \"--repo={{github_repo}}\", \
+         \"--commit={{github_commit_hash}}\"]\n"
+    ));
+    // A queued job of the trainer API, as its start writes it, and one of the main API.
+    let (a, b) = (id(43), id(44));
+    let mut task = job(&a);
+    task["status"] = json!("Queued");
+    task["created_at"] = json!("2026-01-01T00:00:00Z");
+    task["trainer_task"] = json!({
+        "task_id": "4f0c8a52-8d1e-4d8a-9b43-0a6f2b1c7d01",
+        "hotkey": "5FhkTestHotkeyA1111111111111111111111111111111",
+        "github_repo": "https://github.com/example/miner-trainer",
+        "github_branch": null,
+        "github_commit_hash": "8631451156e2915070f77e5547ca0d5ed3d0eb8a",
+    });
+    sandbox.write_data_file(
+        &format!("jobs/{a}.json"),
+        serde_json::to_vec_pretty(&task).expect("json").as_slice(),
+    );
+    let daemon = sandbox.start().await;
+    daemon.submit(job(&b)).await;
+    daemon.wait_status(&a, "Completed", secs(15)).await;
+    daemon.wait_status(&b, "Completed", secs(15)).await;
+    assert_eq!(
+        argv(&sandbox, &a, "clone", 1),
+        [
+            "--task=4f0c8a52-8d1e-4d8a-9b43-0a6f2b1c7d01",
+            "--hotkey=5FhkTestHotkeyA1111111111111111111111111111111",
+            "--repo=https://github.com/example/miner-trainer",
+            "--commit=8631451156e2915070f77e5547ca0d5ed3d0eb8a",
+        ]
+    );
+    assert_eq!(
+        argv(&sandbox, &b, "clone", 1),
+        ["--task=", "--hotkey=", "--repo=", "--commit="]
+    );
+    // The task stays with its job.
+    assert_eq!(
+        sandbox.job_file(&a)["trainer_task"]["task_id"],
+        "4f0c8a52-8d1e-4d8a-9b43-0a6f2b1c7d01"
+    );
+}

@@ -350,6 +350,7 @@ impl Context {
     /// The job's own variables (CONTRACT 5), for processes and containers alike.
     fn job_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
         let fields = template::KindFields::of(job);
+        let task = template::TaskFields::of(job);
         let job_file = self
             .data_dir
             .join(JOBS_DIR)
@@ -369,6 +370,11 @@ impl Context {
                 job.expected_repo_name.clone().unwrap_or_default(),
             ),
             ("ATTEMPT", job.attempts.to_string()),
+            // A G.O.D trainer task's; empty for a job of the main API.
+            ("TASK_ID", task.task_id.to_string()),
+            ("HOTKEY", task.hotkey.to_string()),
+            ("GITHUB_REPO", task.github_repo.to_string()),
+            ("GITHUB_COMMIT_HASH", task.github_commit_hash.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

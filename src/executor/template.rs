@@ -28,10 +28,14 @@ pub enum Placeholder {
     ModelType,
     Attempt,
     Stage,
+    TaskId,
+    Hotkey,
+    GithubRepo,
+    GithubCommitHash,
 }
 
 impl Placeholder {
-    pub const ALL: [Placeholder; 14] = [
+    pub const ALL: [Placeholder; 18] = [
         Placeholder::JobId,
         Placeholder::Model,
         Placeholder::Dataset,
@@ -46,6 +50,10 @@ impl Placeholder {
         Placeholder::ModelType,
         Placeholder::Attempt,
         Placeholder::Stage,
+        Placeholder::TaskId,
+        Placeholder::Hotkey,
+        Placeholder::GithubRepo,
+        Placeholder::GithubCommitHash,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +72,10 @@ impl Placeholder {
             Placeholder::ModelType => "model_type",
             Placeholder::Attempt => "attempt",
             Placeholder::Stage => "stage",
+            Placeholder::TaskId => "task_id",
+            Placeholder::Hotkey => "hotkey",
+            Placeholder::GithubRepo => "github_repo",
+            Placeholder::GithubCommitHash => "github_commit_hash",
         }
     }
 }
@@ -237,6 +249,34 @@ impl KindFields<'_> {
     }
 }
 
+/// A G.O.D trainer task's fields as text, empty for a job of the main API: what both the
+/// placeholders and the trainer's environment give.
+pub struct TaskFields<'a> {
+    pub task_id: &'a str,
+    pub hotkey: &'a str,
+    pub github_repo: &'a str,
+    pub github_commit_hash: &'a str,
+}
+
+impl TaskFields<'_> {
+    pub fn of(job: &Job) -> TaskFields<'_> {
+        match &job.trainer_task {
+            Some(task) => TaskFields {
+                task_id: &task.task_id,
+                hotkey: &task.hotkey,
+                github_repo: &task.github_repo,
+                github_commit_hash: task.github_commit_hash.as_deref().unwrap_or(""),
+            },
+            None => TaskFields {
+                task_id: "",
+                hotkey: "",
+                github_repo: "",
+                github_commit_hash: "",
+            },
+        }
+    }
+}
+
 /// Every placeholder's text for one job, one stage, one attempt. Fields a job does not have
 /// (a `dataset` for a DiffusionJob, a missing `expected_repo_name`) are empty.
 #[derive(Clone, Debug)]
@@ -253,6 +293,7 @@ impl Values {
             dataset_zip,
             model_type,
         } = KindFields::of(job);
+        let task = TaskFields::of(job);
         let values = Placeholder::ALL
             .into_iter()
             .map(|p| match p {
@@ -278,6 +319,10 @@ impl Values {
                 Placeholder::ModelType => model_type.to_string(),
                 Placeholder::Attempt => job.attempts.to_string(),
                 Placeholder::Stage => stage.to_string(),
+                Placeholder::TaskId => task.task_id.to_string(),
+                Placeholder::Hotkey => task.hotkey.to_string(),
+                Placeholder::GithubRepo => task.github_repo.to_string(),
+                Placeholder::GithubCommitHash => task.github_commit_hash.to_string(),
             })
             .collect();
         Values { values }
@@ -333,6 +378,29 @@ mod tests {
             r#"{"field_prompt":"p","field_chosen":"c","field_rejected":"r"}"#
         );
         assert_eq!(render("[{dataset_zip}]"), "[]");
+    }
+
+    #[test]
+    fn a_trainer_tasks_fields_render_and_are_empty_for_a_job_of_the_main_api() {
+        let mut j = job(json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"}));
+        let render = |j: &Job, t: &str| {
+            Template::parse(t)
+                .unwrap()
+                .render(&Values::new(j, "s", "/d"))
+        };
+        let all = "{task_id}|{hotkey}|{github_repo}|{github_commit_hash}";
+        assert_eq!(render(&j, all), "|||");
+        j.trainer_task = Some(crate::job::TrainerTask {
+            task_id: "t-1".into(),
+            hotkey: "5Fhk".into(),
+            github_repo: "https://github.com/example/miner".into(),
+            github_branch: Some("main".into()),
+            github_commit_hash: None,
+        });
+        assert_eq!(
+            render(&j, all),
+            "t-1|5Fhk|https://github.com/example/miner|"
+        );
     }
 
     #[test]
