@@ -421,8 +421,11 @@ pub struct Job {
     pub model: String,
     pub expected_repo_name: Option<String>,
     pub kind: JobKind,
-    /// Starts that ended or were cut by a crash (a start cut by a graceful stop is taken back).
+    /// Starts of the current run that ended or were cut by a crash (a start cut by a graceful
+    /// stop is taken back); a retry begins a new run at 0.
     pub attempts: u32,
+    /// When the current run arrived: at acceptance, and again at a retry. Strictly
+    /// increasing in arrival order, so it orders the queue when `queue.json` is lost.
     pub created_at: Option<Timestamp>,
     pub updated_at: Option<Timestamp>,
     /// The last start. A Queued job with a start time was interrupted and goes first.
@@ -435,7 +438,8 @@ pub struct Job {
     /// The time budget the client gave, in hours (`hours_to_complete` in G.O.D requests).
     pub hours_to_complete: Option<f64>,
     /// When the budget runs out: acceptance time plus `hours_to_complete`. Server-owned, fixed
-    /// once, so that restarts do not extend it.
+    /// at acceptance, so that restarts do not extend it; only a retry (a fresh run, accepted
+    /// anew) fixes another.
     pub deadline: Option<Timestamp>,
     /// The executor stages finished so far, in order. Server-owned; a recovered job resumes
     /// at its first stage not listed here.
