@@ -11,7 +11,7 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Sandbox, Settings, diffusion_job, secs, text_job};
+use support::{Sandbox, Settings, diffusion_job, secs, text_job, wait_until};
 
 fn starts(list: &[(&str, u32)]) -> Vec<(String, u32)> {
     list.iter().map(|(id, n)| (id.to_string(), *n)).collect()
@@ -114,5 +114,26 @@ async fn a_failed_job_retried_keeps_its_place_through_a_crash_then_runs_again_an
         "{log}"
     );
     assert!(at("training finished") > at("==> retried at"), "{log}");
+
+    // A completed job may be retried too, and the daemon counts the retries it made.
+    let reply = daemon
+        .post(&format!("/v1/jobs/{later}/retry"), &json!({}))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let metrics = daemon.get("/metrics").await.text;
+    assert!(
+        metrics.contains("\ntraining_worker_jobs_retried_total 1\n"),
+        "{metrics}"
+    );
+    daemon.wait_status(&later, "Completed", secs(15)).await;
+    wait_until(
+        "the retried job's second run is recorded",
+        secs(15),
+        async || {
+            (sandbox.starts().last() == Some(&(later.clone(), 1)) && sandbox.starts().len() == 7)
+                .then_some(())
+        },
+    )
+    .await;
     sandbox.assert_no_trainers_left().await;
 }
