@@ -421,8 +421,11 @@ pub struct Job {
     pub model: String,
     pub expected_repo_name: Option<String>,
     pub kind: JobKind,
-    /// Starts that ended or were cut by a crash (a start cut by a graceful stop is taken back).
+    /// Starts of the current run that ended or were cut by a crash (a start cut by a graceful
+    /// stop is taken back); a retry begins a new run at 0.
     pub attempts: u32,
+    /// When the current run arrived: at acceptance, and again at a retry. Strictly
+    /// increasing in arrival order, so it orders the queue when `queue.json` is lost.
     pub created_at: Option<Timestamp>,
     pub updated_at: Option<Timestamp>,
     /// The last start. A Queued job with a start time was interrupted and goes first.
@@ -435,7 +438,8 @@ pub struct Job {
     /// The time budget the client gave, in hours (`hours_to_complete` in G.O.D requests).
     pub hours_to_complete: Option<f64>,
     /// When the budget runs out: acceptance time plus `hours_to_complete`. Server-owned, fixed
-    /// once, so that restarts do not extend it.
+    /// at acceptance, so that restarts do not extend it; only a retry (a fresh run, accepted
+    /// anew) fixes another.
     pub deadline: Option<Timestamp>,
     /// The executor stages finished so far, in order. Server-owned; a recovered job resumes
     /// at its first stage not listed here.
@@ -875,6 +879,24 @@ impl Job {
             .iter()
             .find(|(name, _)| name == stage)
             .map(|(_, at)| *at)
+    }
+
+    /// Completed, Failed or Cancelled -> Queued: a fresh run, as if the job had just
+    /// arrived at `now` (a creation time later than every one handed out before, so that
+    /// replay by `created_at` puts it after every job queued before it). Attempts, stages,
+    /// GPUs, the error and the start and end times start over; a budget's deadline is fixed
+    /// anew from `now`. The client's fields and the unknown ones are kept.
+    pub fn retry(&mut self, now: Timestamp) {
+        debug_assert!(self.status.is_finished());
+        self.status = Status::Queued;
+        self.error_message = None;
+        self.attempts = 0;
+        self.started_at = None;
+        self.finished_at = None;
+        self.stages_done.clear();
+        self.stages_started.clear();
+        self.gpu_ids = None;
+        self.accept(now);
     }
 
     /// Whether a Queued job was started before and cut short, so it goes first.
@@ -1514,6 +1536,56 @@ mod tests {
         assert!(job.status.is_finished());
         assert_eq!(job.finished_at, Some(later));
         assert_eq!(job.attempts, 2);
+    }
+
+    #[test]
+    fn a_retry_starts_a_finished_job_over_as_a_new_arrival() {
+        let mut body = text_job(json!({}));
+        body["hours_to_complete"] = json!(2);
+        body["gpu_count"] = json!(1);
+        body["note"] = json!("kept");
+        let mut job = Job::from_submission(body, now()).unwrap();
+        job.accept(now());
+        let original = job.clone();
+        let ran = now() + chrono::Duration::minutes(5);
+        job.start(ran, Some(vec![3]));
+        job.stages_done.push("download".into());
+        job.finish(Status::Failed, Some("exit status 1".into()), ran);
+
+        let later = now() + chrono::Duration::hours(1);
+        job.retry(later);
+        assert_eq!(job.status, Status::Queued);
+        assert_eq!(job.attempts, 0);
+        assert_eq!(job.error_message, None);
+        assert_eq!((job.started_at, job.finished_at), (None, None));
+        assert!(job.stages_done.is_empty());
+        assert_eq!(job.gpu_ids, None);
+        assert_eq!(
+            job.created_at,
+            Some(later),
+            "a new place at the end of the queue"
+        );
+        assert_eq!(job.updated_at, Some(later));
+        assert_eq!(job.deadline, Some(later + chrono::Duration::hours(2)));
+        assert!(
+            !job.was_interrupted(),
+            "a fresh run does not jump the queue"
+        );
+        assert!(
+            job.same_request(&original),
+            "the client's request is unchanged"
+        );
+        assert_eq!(Job::from_stored(job.to_json()).unwrap(), job);
+
+        for end in [Status::Completed, Status::Cancelled] {
+            let mut job = original.clone();
+            job.start(ran, None);
+            job.finish(end, None, ran);
+            job.retry(later);
+            assert_eq!((job.status, job.attempts), (Status::Queued, 0));
+            job.start(later, None);
+            assert_eq!(job.attempts, 1, "the fresh run's first start is attempt 1");
+        }
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub completed: Counter,
     pub failed: Counter,
     pub cancelled: Counter,
+    /// Finished jobs queued again for a fresh run (`POST /v1/jobs/{id}/retry`).
+    pub retried: Counter,
     /// Unfinished jobs put back in the queue at boot.
     pub recovered: Counter,
     /// Files moved to quarantine at boot.
@@ -162,6 +164,7 @@ impl Metrics {
             completed: Counter::new(),
             failed: Counter::new(),
             cancelled: Counter::new(),
+            retried: Counter::new(),
             recovered: Counter::new(),
             quarantined: Counter::new(),
             store_refusals: Counter::new(),
@@ -283,6 +286,11 @@ impl Metrics {
                 "jobs_cancelled_total",
                 "Jobs cancelled by request.",
                 &self.cancelled,
+            ),
+            (
+                "jobs_retried_total",
+                "Finished jobs queued again for a fresh run by POST /v1/jobs/{id}/retry.",
+                &self.retried,
             ),
             (
                 "jobs_recovered_total",
@@ -438,7 +446,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 21, "{text}");
+        assert_eq!(families.len(), 22, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

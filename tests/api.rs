@@ -34,6 +34,8 @@ struct Options {
     max_concurrent: usize,
     max_body_bytes: usize,
     command: Vec<String>,
+    gpus: Vec<u32>,
+    order: training_worker::config::Order,
 }
 
 impl Default for Options {
@@ -43,6 +45,8 @@ impl Default for Options {
             max_concurrent: 0,
             max_body_bytes: 1024 * 1024,
             command: vec!["/bin/sh".into(), "-c".into(), "exit 0".into()],
+            gpus: Vec::new(),
+            order: training_worker::config::Order::Fifo,
         }
     }
 }
@@ -186,8 +190,9 @@ async fn spawn_app(options: Options) -> App {
             worker: WorkerConfig {
                 max_concurrent: options.max_concurrent,
                 max_attempts: 3,
-                gpus: Vec::new(),
+                gpus: options.gpus,
                 backfill: false,
+                order: options.order,
                 ..WorkerConfig::default()
             },
             clock: None,
@@ -1362,6 +1367,176 @@ async fn cancel_is_durable_before_the_reply_and_refused_when_finished() {
 }
 
 // ---------------------------------------------------------------------------------------
+// POST /v1/jobs/{id}/retry
+// ---------------------------------------------------------------------------------------
+
+/// A stored timestamp, parsed.
+fn time_of(job: &Value, key: &str) -> chrono::DateTime<chrono::Utc> {
+    job[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} is not a time: {job}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+}
+
+#[tokio::test]
+async fn a_retried_job_is_queued_last_durably_also_for_a_replay_without_queue_json() {
+    let app = spawn_app(Options::default()).await;
+    let a = id_of(&app.submit(&diffusion_job()).await);
+    let b = id_of(&app.submit(&text_job()).await);
+    let c = id_of(&app.submit(&diffusion_job()).await);
+    let c_created = time_of(&app.read_job_file(&c), "created_at");
+
+    // Queued: nothing to retry, and nothing changes.
+    let before = app.read_job_file(&a);
+    app.post_empty(&format!("/v1/jobs/{a}/retry"))
+        .await
+        .expect_error(
+            StatusCode::CONFLICT,
+            &format!("job {a} is not finished (Queued)"),
+        );
+    assert_eq!(app.read_job_file(&a), before);
+
+    let cancelled = app.post_empty(&format!("/v1/jobs/{a}/cancel")).await.json();
+    let reply = app.post_empty(&format!("/v1/jobs/{a}/retry")).await;
+    // Read the file before anything else: it must already say Queued.
+    let on_disk = app.read_job_file(&a);
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let job = reply.json();
+    assert_eq!(on_disk, job, "the file is the job as answered");
+    assert_eq!(job["status"], "Queued");
+    assert_eq!(job["attempts"], 0);
+    for cleared in ["error_message", "started_at", "finished_at"] {
+        assert_eq!(job[cleared], Value::Null, "{cleared}: {job}");
+    }
+    assert!(
+        time_of(&job, "created_at") > c_created,
+        "a new arrival's creation time, after every job queued before: {job}"
+    );
+    assert!(time_of(&job, "updated_at") > time_of(&cancelled, "updated_at"));
+    for kept in [
+        "type",
+        "model",
+        "dataset_zip",
+        "model_type",
+        "expected_repo_name",
+    ] {
+        assert_eq!(job[kept], cancelled[kept], "{kept}");
+    }
+
+    // At the end of the queue, in the API and in queue.json.
+    let view = app.get("/v1/queue").await.json();
+    assert_eq!(ids(&view["queued"]), [b.clone(), c.clone(), a.clone()]);
+    app.queued_file_becomes(vec![b.clone(), c.clone(), a.clone()])
+        .await;
+    let queued = app.get("/v1/jobs?status=Queued").await.json();
+    assert_eq!(job_ids(&queued), [b.as_str(), c.as_str(), a.as_str()]);
+
+    // The job files alone give the same order: a replay that has lost queue.json places
+    // the queued jobs by created_at.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::create_dir(copy.path().join("jobs")).unwrap();
+    for name in app.job_files() {
+        std::fs::copy(
+            app.jobs_dir().join(&name),
+            copy.path().join("jobs").join(&name),
+        )
+        .unwrap();
+    }
+    let recovered = training_worker::store::replay::replay(copy.path()).unwrap();
+    let order: Vec<String> = recovered.order.iter().map(|id| id.to_string()).collect();
+    assert_eq!(order, [b.clone(), c.clone(), a.clone()]);
+
+    // Queued again: a second retry is a conflict.
+    app.post_empty(&format!("/v1/jobs/{a}/retry"))
+        .await
+        .expect_error(StatusCode::CONFLICT, "not finished (Queued)");
+    assert_eq!(app.read_job_file(&a), job);
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let body = app
+        .post_empty(&format!("/v1/jobs/{unknown}/retry"))
+        .await
+        .expect_error(StatusCode::NOT_FOUND, &unknown);
+    assert_eq!(body["status"], "Not Found");
+    assert!(!app.job_file(&unknown).exists());
+    for bad in ["not-a-uuid", "..%2F..%2Fetc%2Fpasswd"] {
+        app.post_empty(&format!("/v1/jobs/{bad}/retry"))
+            .await
+            .expect_error(StatusCode::BAD_REQUEST, "id");
+    }
+}
+
+#[tokio::test]
+async fn under_the_deadline_order_a_retried_job_gets_a_new_deadline_from_now() {
+    let app = spawn_app(Options {
+        order: training_worker::config::Order::Deadline,
+        ..Options::default()
+    })
+    .await;
+    let budget = |hours: f64| with(diffusion_job(), "hours_to_complete", json!(hours));
+    // a has the earliest deadline and goes first; b's is a second later; c's an hour later.
+    let a = id_of(&app.submit(&budget(1.0)).await);
+    let b = id_of(&app.submit(&budget(1.0 + 1.0 / 3600.0)).await);
+    let c = id_of(&app.submit(&budget(2.0)).await);
+    let first = app.read_job_file(&a);
+    assert_eq!(
+        ids(&app.get("/v1/queue").await.json()["queued"]),
+        [a.clone(), b.clone(), c.clone()]
+    );
+    // Deadlines are compared to the second: wait long enough for a's new one to pass b's.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    app.post_empty(&format!("/v1/jobs/{a}/cancel")).await;
+    let job = app.post_empty(&format!("/v1/jobs/{a}/retry")).await.json();
+    let deadline = time_of(&job, "deadline");
+    assert_eq!(
+        deadline,
+        time_of(&job, "created_at") + chrono::Duration::hours(1),
+        "{job}"
+    );
+    assert!(
+        deadline >= time_of(&first, "deadline") + chrono::Duration::seconds(2),
+        "{job}"
+    );
+    assert_eq!(app.read_job_file(&a), job);
+    // Placed by its new deadline: after b's, before c's.
+    let order = vec![b.clone(), a.clone(), c.clone()];
+    assert_eq!(ids(&app.get("/v1/queue").await.json()["queued"]), order);
+    app.queued_file_becomes(order).await;
+}
+
+#[tokio::test]
+async fn a_retry_the_storage_refuses_is_503_and_leaves_the_job_finished() {
+    let app = spawn_app(Options::default()).await;
+    let a = id_of(&app.submit(&diffusion_job()).await);
+    let b = id_of(&app.submit(&diffusion_job()).await);
+    let cancelled = app.post_empty(&format!("/v1/jobs/{a}/cancel")).await.json();
+    app.queued_file_becomes(vec![b.clone()]).await;
+
+    // Tests run as root, so permissions would not stop a write: put a file where jobs/ was.
+    let jobs = app.jobs_dir();
+    let aside = app.data.join("jobs-aside");
+    std::fs::rename(&jobs, &aside).unwrap();
+    std::fs::write(&jobs, b"not a directory").unwrap();
+    app.post_empty(&format!("/v1/jobs/{a}/retry"))
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "storage");
+    assert_eq!(app.get(&format!("/v1/jobs/{a}")).await.json(), cancelled);
+    assert_eq!(
+        ids(&app.get("/v1/queue").await.json()["queued"]),
+        [b.as_str()]
+    );
+    std::fs::remove_file(&jobs).unwrap();
+    std::fs::rename(&aside, &jobs).unwrap();
+    assert_eq!(app.read_job_file(&a), cancelled);
+
+    // Once the storage is back, the retry goes through.
+    let reply = app.post_empty(&format!("/v1/jobs/{a}/retry")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    app.queued_file_becomes(vec![b, a]).await;
+}
+
+// ---------------------------------------------------------------------------------------
 // GET /v1/jobs/{id}/logs
 // ---------------------------------------------------------------------------------------
 
@@ -1506,6 +1681,10 @@ async fn while_the_worker_stops_readyz_is_503_changes_are_refused_and_reads_go_o
         .await
         .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     app.post_empty(&format!("/v1/jobs/{queued}/cancel"))
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    // Refused before the worker is asked (which would answer 409 for a queued job).
+    app.post_empty(&format!("/v1/jobs/{queued}/retry"))
         .await
         .expect_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     app.post_json(
@@ -2034,6 +2213,154 @@ async fn cancelling_a_running_job_stops_its_trainer_and_it_stays_cancelled() {
     );
     // Stop the second trainer so that no sleep outlives the test.
     let reply = app.post_empty(&format!("/v1/jobs/{next}/cancel")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    app.shutdown.cancel();
+    if let Some(worker) = app.worker_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
+    }
+}
+
+/// Waits until the job's log holds `needle`; returns the log.
+async fn log_holds(app: &App, id: &str, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = app.get(&format!("/v1/jobs/{id}/logs")).await.text();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log of {id} never held {needle:?}: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_completed_job_retried_runs_afresh_and_its_log_keeps_every_run() {
+    // Fails the first time, succeeds after: the mark beside the job files says which.
+    let app = spawn_app(Options {
+        max_concurrent: 1,
+        gpus: vec![0, 1],
+        command: shell(
+            "mark=\"$(dirname \"$JOB_FILE\")/../$JOB_ID.mark\"; \
+             if [ -e \"$mark\" ]; then echo \"run ok on $CUDA_VISIBLE_DEVICES\"; exit 0; fi; \
+             touch \"$mark\"; echo 'first run breaks'; exit 3",
+        ),
+        ..Options::default()
+    })
+    .await;
+    let id = id_of(&app.submit(&diffusion_job()).await);
+    let failed = app
+        .wait_for(&id, "Failed", |j| j["status"] == "Failed")
+        .await;
+    assert_eq!(failed["attempts"], 1);
+    assert_eq!(failed["gpu_ids"], json!([0]), "{failed}");
+
+    let reply = app.post_empty(&format!("/v1/jobs/{id}/retry")).await;
+    let on_disk = app.read_job_file(&id);
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let retried = reply.json();
+    // Durable before the answer; by now the fresh run may have started already.
+    assert_eq!(on_disk["created_at"], retried["created_at"], "{on_disk}");
+    assert_ne!(on_disk["status"], "Failed", "{on_disk}");
+    assert_eq!(retried["status"], "Queued");
+    assert_eq!(retried["attempts"], 0);
+    assert_eq!(retried["error_message"], Value::Null);
+    assert_eq!(retried["started_at"], Value::Null);
+    assert_eq!(retried["finished_at"], Value::Null);
+    assert!(retried.get("gpu_ids").is_none(), "{retried}");
+    assert!(retried.get("stages_done").is_none(), "{retried}");
+
+    let completed = app
+        .wait_for(&id, "Completed", |j| j["status"] == "Completed")
+        .await;
+    assert_eq!(completed["attempts"], 1, "the fresh run's first start");
+    assert_eq!(completed["error_message"], Value::Null);
+    let log = log_holds(&app, &id, "run ok on 0").await;
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in the log: {log}"))
+    };
+    assert!(at("first run breaks") < at("==> retried at"), "{log}");
+    assert!(at("==> retried at") < at("run ok on 0"), "{log}");
+    assert!(
+        log.contains("a fresh run (the last run ended Failed)"),
+        "{log}"
+    );
+    assert_eq!(log.matches("==> attempt 1 started").count(), 2, "{log}");
+
+    // Completed is finished too: a retry runs it once more.
+    let again = app.post_empty(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let job = app.get(&format!("/v1/jobs/{id}")).await.json();
+        let log = app.get(&format!("/v1/jobs/{id}/logs")).await.text();
+        if job["status"] == "Completed" && log.matches("run ok on").count() == 2 {
+            assert!(log.contains("the last run ended Completed"), "{log}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job:#} {log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.read_job_file(&id)["status"], "Completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_and_a_cancelled_one_whose_trainer_is_still_stopping_cannot_be_retried() {
+    // The trainer ignores SIGTERM, so a cancel leaves it stopping for the 2 s kill grace.
+    let app = spawn_app(Options {
+        max_concurrent: 1,
+        command: shell("trap '' TERM; echo \"started $ATTEMPT\"; sleep 30"),
+        ..Options::default()
+    })
+    .await;
+    let id = id_of(&app.submit(&diffusion_job()).await);
+    app.wait_for(&id, "Running", |j| j["status"] == "Running")
+        .await;
+    app.post_empty(&format!("/v1/jobs/{id}/retry"))
+        .await
+        .expect_error(
+            StatusCode::CONFLICT,
+            &format!("job {id} is not finished (Running)"),
+        );
+    log_holds(&app, &id, "started 1").await;
+
+    let reply = app.post_empty(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    app.post_empty(&format!("/v1/jobs/{id}/retry"))
+        .await
+        .expect_error(StatusCode::CONFLICT, "its trainer is still stopping");
+    assert_eq!(app.read_job_file(&id)["status"], "Cancelled");
+
+    // Once the trainer is gone (SIGKILL after the grace), the retry goes through, and only
+    // then does a second trainer of the job start.
+    let log = log_holds(&app, &id, "==> trainer ended").await;
+    assert!(!log.contains("==> retried"), "{log}");
+    let reply = app.post_empty(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    app.wait_for(&id, "Running", |j| j["status"] == "Running")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let log = loop {
+        let log = app.get(&format!("/v1/jobs/{id}/logs")).await.text();
+        if log.matches("started 1").count() == 2 {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ended = log
+        .find("==> trainer ended")
+        .expect("the first trainer's end");
+    let retried = log.find("==> retried at").expect("the retry's line");
+    let second = log
+        .rfind("==> attempt 1 started")
+        .expect("the fresh run's header");
+    assert!(ended < retried && retried < second, "{log}");
+
+    let reply = app.post_empty(&format!("/v1/jobs/{id}/cancel")).await;
     assert_eq!(reply.status, StatusCode::OK);
     app.shutdown.cancel();
     if let Some(worker) = app.worker_task {

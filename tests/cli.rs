@@ -361,6 +361,55 @@ async fn submit_status_list_queue_and_cancel_in_plain_text_and_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_queues_a_finished_job_again_last_and_an_unfinished_one_is_a_conflict() {
+    let sandbox = paused();
+    let daemon = sandbox.start().await;
+    let url = server(&daemon);
+    let a = daemon.submit(diffusion_job("ok")).await;
+    let b = daemon.submit(diffusion_job("ok")).await;
+
+    // Queued: not finished, the same exit code as cancel's conflict, and nothing changes.
+    let out = run(at(&url, &["retry", &a])).await;
+    out.assert_error(4, &format!("job {a} is not finished (Queued)"));
+    assert_eq!(out.stdout, "", "{out:?}");
+    assert_eq!(daemon.job(&a).await["status"], "Queued");
+
+    // Finished: queued again at the end, after b; the id prefix names it too.
+    run(at(&url, &["cancel", &a])).await.assert_ok();
+    let out = run(at(&url, &["retry", &a[..8]])).await;
+    assert_eq!(out.assert_ok().stdout, format!("{a} Queued\n"));
+    let job = daemon.job(&a).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempts"].as_u64()),
+        (Some("Queued"), Some(0))
+    );
+    assert_eq!(job["error_message"], Value::Null, "{job}");
+    assert_eq!(
+        daemon.get("/v1/queue").await.json()["queued"],
+        json!([b.as_str(), a.as_str()])
+    );
+    let out = run(at(&url, &["retry", &a, "--json"])).await;
+    out.assert_error(4, "not finished (Queued)");
+
+    // --json prints the stored job as the API answered it.
+    run(at(&url, &["cancel", &b])).await.assert_ok();
+    let out = run(at(&url, &["retry", &b, "--json"])).await;
+    let job = out.assert_ok().json();
+    assert_eq!(job["status"], "Queued", "{job}");
+    assert_eq!(job, daemon.job(&b).await);
+    assert_eq!(
+        daemon.get("/v1/queue").await.json()["queued"],
+        json!([a.as_str(), b.as_str()])
+    );
+
+    let nobody = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
+    let out = run(at(&url, &["retry", nobody])).await;
+    out.assert_error(3, &format!("job {nobody} not found"));
+    let out = run(at(&url, &["retry", "not-a-uuid"])).await;
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_in_a_job_are_shown_escaped_and_json_stays_exact() {
     let sandbox = paused();
     let daemon = sandbox.start().await;
@@ -530,11 +579,12 @@ async fn health_and_readiness_are_one_line_and_exit_0_or_1() {
 async fn an_unreachable_daemon_is_a_one_line_error_and_exit_1() {
     let gone = format!("http://127.0.0.1:{}", free_port());
     let id = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
-    let commands: [&[&str]; 7] = [
+    let commands: [&[&str]; 8] = [
         &["status", id],
         &["list"],
         &["queue"],
         &["cancel", id],
+        &["retry", id],
         &["logs", id, "--follow"],
         &["wait", id],
         &["submit", "-"],
@@ -639,7 +689,7 @@ async fn completions_and_help_are_printed() {
     // Completes the command as installed, not the Rust function name.
     assert!(script.contains("-o default training-worker\n"), "{script}");
     for command in [
-        "submit", "status", "list", "queue", "cancel", "logs", "wait", "health",
+        "submit", "status", "list", "queue", "cancel", "retry", "logs", "wait", "health",
     ] {
         assert!(script.contains(command), "{command} in the bash script");
     }

@@ -469,10 +469,15 @@ async fn every_documented_operation_answers_as_documented() {
 
     let ops = operations(&doc);
     let mut fresh = 100;
-    // Cancelling last, so that every other operation sees a queued job.
-    let (cancels, others): (Vec<_>, Vec<_>) =
-        ops.iter().partition(|op| op.path.ends_with("/cancel"));
-    for op in others.into_iter().chain(cancels) {
+    // Cancelling near the end, so that every other operation sees a queued job; then the
+    // retry, which needs a finished one.
+    let (ends, others): (Vec<_>, Vec<_>) = ops
+        .iter()
+        .partition(|op| op.path.ends_with("/cancel") || op.path.ends_with("/retry"));
+    let (cancels, retries): (Vec<_>, Vec<_>) = ends
+        .into_iter()
+        .partition(|op| op.path.ends_with("/cancel"));
+    for op in others.into_iter().chain(cancels).chain(retries) {
         let base = uri(&op.path, &id);
         let body = op.op.get("requestBody").map(|_| {
             if op.path != "/v1/jobs" {
@@ -664,6 +669,25 @@ async fn documented_errors_have_the_documented_shape() {
             404,
         ),
         (
+            op("post", "/v1/jobs/{id}/retry"),
+            format!("/v1/jobs/{missing}/retry"),
+            None,
+            404,
+        ),
+        (
+            op("post", "/v1/jobs/{id}/retry"),
+            "/v1/jobs/not-a-uuid/retry".into(),
+            None,
+            400,
+        ),
+        // Queued: not finished, so nothing to retry.
+        (
+            op("post", "/v1/jobs/{id}/retry"),
+            format!("/v1/jobs/{id}/retry"),
+            None,
+            409,
+        ),
+        (
             op("post", "/v1/jobs/{id}/cancel"),
             format!("/v1/jobs/{id}/cancel"),
             None,
@@ -675,6 +699,13 @@ async fn documented_errors_have_the_documented_shape() {
             format!("/v1/jobs/{id}/cancel"),
             None,
             409,
+        ),
+        // A finished job may start over.
+        (
+            op("post", "/v1/jobs/{id}/retry"),
+            format!("/v1/jobs/{id}/retry"),
+            None,
+            200,
         ),
     ];
     for (op, target, body, expected) in cases {

@@ -49,9 +49,10 @@ impl From<WorkerError> for ApiError {
         match e {
             WorkerError::NotFound(id) => ApiError::JobNotFound(id),
             WorkerError::Invalid(field) => ApiError::BadRequest(field.to_string()),
-            WorkerError::Conflict { .. } | WorkerError::Finished { .. } => {
-                ApiError::Conflict(e.to_string())
-            }
+            WorkerError::Conflict { .. }
+            | WorkerError::Finished { .. }
+            | WorkerError::NotFinished { .. }
+            | WorkerError::TrainerStopping { .. } => ApiError::Conflict(e.to_string()),
             WorkerError::Store(StoreError::Unavailable(detail)) => {
                 warn!(error = %detail, "request refused: storage unavailable");
                 ApiError::Unavailable("storage unavailable: nothing was stored; try again later")

@@ -40,7 +40,7 @@ pub struct AppState {
     api_token: Option<Arc<str>>,
     max_body_bytes: usize,
     /// Cancelled when the daemon begins to stop; `/readyz` then answers 503, and so do
-    /// submissions, cancels and offers.
+    /// submissions, cancels, retries and offers.
     shutdown: CancellationToken,
     /// Bounds how many bodies are parsed at once. A 1 MiB body of tiny JSON values takes
     /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
@@ -78,8 +78,8 @@ impl AppState {
         ))
     }
 
-    /// The worker, for a request that would change something (a submission, a cancel, an
-    /// offer). Refused once the daemon is stopping: the listener stays open while the
+    /// The worker, for a request that would change something (a submission, a cancel, a
+    /// retry, an offer). Refused once the daemon is stopping: the listener stays open while the
     /// worker writes the interrupted jobs back, and what is taken now would only be
     /// stopped again, or queued behind a stop the client does not know about. Reads go on.
     fn worker_for_change(&self) -> Result<&WorkerHandle, ApiError> {
@@ -120,6 +120,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("GET", "/v1/jobs", || get(list)),
     Route::new("GET", "/v1/jobs/{id}", || get(job)),
     Route::new("POST", "/v1/jobs/{id}/cancel", || post(cancel)),
+    Route::new("POST", "/v1/jobs/{id}/retry", || post(retry)),
     Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
     Route::new("GET", "/v1/queue", || get(queue)),
     Route::new("POST", "/v1/offers", || post(offer)),
@@ -416,6 +417,16 @@ async fn cancel(
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(path)?;
     let job = state.worker_for_change()?.cancel(id).await?;
+    Ok(Json(job))
+}
+
+/// A finished job starts a fresh run: Queued again at the end of the queue.
+async fn retry(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id(path)?;
+    let job = state.worker_for_change()?.retry(id).await?;
     Ok(Json(job))
 }
 

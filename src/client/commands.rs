@@ -38,6 +38,10 @@ pub async fn run(api: &Api, style: &Style, command: Command) -> Result<Exit, Cli
             let id = resolve(api, &id).await?;
             cancel(api, style, id, format.json).await
         }
+        Command::Retry { id, format, .. } => {
+            let id = resolve(api, &id).await?;
+            retry(api, style, id, format.json).await
+        }
         Command::Logs {
             id, tail, follow, ..
         } => {
@@ -225,10 +229,20 @@ const WAIT_REASONS_SHOWN: usize = 10;
 
 async fn cancel(api: &Api, style: &Style, id: JobId, json: bool) -> Result<Exit, ClientError> {
     let job = api.cancel(id).await?;
+    print_changed(style, &job, json)
+}
+
+async fn retry(api: &Api, style: &Style, id: JobId, json: bool) -> Result<Exit, ClientError> {
+    let job = api.retry(id).await?;
+    print_changed(style, &job, json)
+}
+
+/// A job a command has just changed: its id and new status, or the API's JSON.
+fn print_changed(style: &Style, job: &Value, json: bool) -> Result<Exit, ClientError> {
     if json {
-        emit_json(&job)?;
+        emit_json(job)?;
     } else {
-        let view = JobView::from_json(&job);
+        let view = JobView::from_json(job);
         let status = render::paint(&view.status_text, view.status(), style.color);
         emit(&format!("{} {status}\n", view.id))?;
     }

@@ -282,6 +282,12 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/jobs/{id}/retry`.
+    pub async fn retry(&self, id: JobId) -> Result<Value, ClientError> {
+        self.json(Method::POST, &format!("v1/jobs/{id}/retry"), Some(id))
+            .await
+    }
+
     /// `GET /v1/jobs/{id}/logs`, with the body left to stream.
     pub async fn logs(&self, id: JobId, part: LogPart) -> Result<LogChunk, ClientError> {
         let path = match part {

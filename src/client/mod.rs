@@ -1,5 +1,5 @@
-//! The command-line client: `submit`, `status`, `list`, `queue`, `cancel`, `logs`, `wait` and
-//! `health`, each one or a few HTTP calls to a running daemon.
+//! The command-line client: `submit`, `status`, `list`, `queue`, `cancel`, `retry`, `logs`,
+//! `wait` and `health`, each one or a few HTTP calls to a running daemon.
 //!
 //! Output is for people on a terminal (a table, statuses in colour, relative times) and plain
 //! text when piped; `--json` prints what the API answered, for scripts. Every failure is one
@@ -33,7 +33,7 @@ Exit codes of the client commands:
   1  error: the daemon cannot be reached or refused the request, bad input (one line on stderr)
   2  usage: bad arguments
   3  the job does not exist
-  4  conflict: the job has already finished (cancel), or its id exists with other content (submit)
+  4  conflict: the job has already finished (cancel), is not finished (retry), or its id exists with other content (submit)
   5  the job Failed (wait, logs --follow)
   6  the job was Cancelled (wait, logs --follow)
   7  wait --timeout ran out before the job finished";
@@ -49,7 +49,8 @@ pub enum Exit {
     Usage = 2,
     /// The job does not exist (404).
     NotFound = 3,
-    /// 409: the job has already finished, or its id exists with other content.
+    /// 409: the job has already finished (cancel), is not finished (retry), or its id exists
+    /// with other content (submit).
     Conflict = 4,
     /// The waited-for job Failed.
     JobFailed = 5,
@@ -247,6 +248,19 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Start a finished job over: queued again at the end of the queue for a fresh run.
+    ///
+    /// A Completed, Failed or Cancelled job starts from its first stage with its attempts at
+    /// 0; its earlier attempts stay in its log. A job that is not finished is a conflict (4).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Retry {
+        /// The job's id, or its first characters (at least 4) if no other job's id starts so
+        id: JobRef,
+        #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Print a job's trainer output; --follow keeps printing until the job ends.
     ///
     /// With --follow the exit code says how the job ended, as with wait.
@@ -302,6 +316,7 @@ impl Command {
             | Command::List { connection, .. }
             | Command::Queue { connection, .. }
             | Command::Cancel { connection, .. }
+            | Command::Retry { connection, .. }
             | Command::Logs { connection, .. }
             | Command::Wait { connection, .. }
             | Command::Health { connection, .. } => connection,

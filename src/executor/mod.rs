@@ -269,6 +269,19 @@ impl Executor {
         self.context.log_path(id)
     }
 
+    /// Appends a line of the daemon's own to a job's log (a retry's note), off the async
+    /// workers. Only for a job with no trainer: a failure costs the line alone and is logged.
+    pub fn log_line(
+        &self,
+        id: JobId,
+        text: String,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let log = self.context.log(id);
+        async move {
+            let _ = tokio::task::spawn_blocking(move || log.line(&text)).await;
+        }
+    }
+
     /// Starts the pipeline for `job` (already durable as Running) in the background, at its
     /// first stage not in `stages_done`.
     ///

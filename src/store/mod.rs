@@ -261,6 +261,7 @@ impl Store {
             data_dir,
             queue,
             queue_dirty: false,
+            unlisted_since_write: HashSet::new(),
             queue_written_at: Instant::now(),
             queue_cost: Duration::ZERO,
             sync,
@@ -361,6 +362,11 @@ struct Persister {
     queue: QueueMirror,
     /// The mirror changed since `queue.json` was last written.
     queue_dirty: bool,
+    /// Jobs taken off the queue (finished) since `queue.json` was last written: the file on
+    /// disk may still list them at the places they had. Before such a job is placed again
+    /// (a retry), `queue.json` is rewritten, so that a crash cannot leave a file that names
+    /// the job queued again at its old place; see [`Persister::unlist_revived`].
+    unlisted_since_write: HashSet<JobId>,
     queue_written_at: Instant,
     /// How long the last rewrite of `queue.json` took.
     queue_cost: Duration,
@@ -675,6 +681,7 @@ impl Persister {
             answer(ready, Err(error));
             return;
         }
+        let mut ready = self.unlist_revived(ready);
         let jobs: usize = ready.iter().map(|(_, files)| files.len()).sum();
         if jobs > 0 {
             if self.sync == SyncMode::Syncfs
@@ -709,6 +716,9 @@ impl Persister {
             for change in pending.changes.iter() {
                 let old = self.queue.place(change.job.id, change.placement);
                 self.queue_dirty |= old != change.placement;
+                if old != Placement::Off && change.placement == Placement::Off {
+                    self.unlisted_since_write.insert(change.job.id);
+                }
             }
             self.rerank(&pending.ranks);
         }
@@ -750,9 +760,53 @@ impl Persister {
         }
     }
 
+    /// A job placed in the queue again after it finished (a retry) must not become durable
+    /// while `queue.json` on disk may still list it at its old place: replay takes a queued
+    /// job named there at that place, so a crash would put the retried job back ahead of the
+    /// jobs queued before its retry. So `queue.json` is rewritten first (from the mirror,
+    /// which has the job off the queue), and the job file, renamed after it, is one that
+    /// `queue.json` does not name, which replay places by `created_at`: last. The requests of
+    /// such jobs are refused if that write is; the others of the group go on, unless the
+    /// error was fatal.
+    fn unlist_revived(
+        &mut self,
+        ready: Vec<(Pending, Vec<Staged>)>,
+    ) -> Vec<(Pending, Vec<Staged>)> {
+        let revives = |pending: &Pending, stale: &HashSet<JobId>| {
+            pending
+                .changes
+                .iter()
+                .any(|c| c.placement != Placement::Off && stale.contains(&c.job.id))
+        };
+        if self.broken.is_some()
+            || !ready
+                .iter()
+                .any(|(p, _)| revives(p, &self.unlisted_since_write))
+        {
+            return ready;
+        }
+        let Err(e) = self.write_queue_file() else {
+            return ready;
+        };
+        let error = self.fail(e);
+        // After a fatal error nothing more is written.
+        let fatal = self.broken.is_some();
+        let (refused, kept): (Vec<_>, Vec<_>) = ready
+            .into_iter()
+            .partition(|(p, _)| fatal || revives(p, &self.unlisted_since_write));
+        for (pending, files) in refused {
+            for file in files {
+                fsio::discard(file);
+            }
+            let _ = pending.respond_to.send(Err(error.clone()));
+        }
+        kept
+    }
+
     fn write_queue_file(&mut self) -> Result<(), WriteError> {
         let started = Instant::now();
         fsio::write_atomic(&self.data_dir, QUEUE_FILE, &self.queue.to_bytes())?;
+        self.unlisted_since_write.clear();
         self.queue_dirty = false;
         self.queue_written_at = Instant::now();
         self.queue_cost = started.elapsed();
@@ -984,6 +1038,49 @@ mod tests {
         opened.thread.join().unwrap();
         let rec = replay::replay(dir.path()).unwrap();
         assert_eq!(rec.order, vec![b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn a_job_queued_again_after_it_finished_is_never_left_at_its_old_place_in_queue_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Store::open(dir.path(), CancellationToken::new()).unwrap();
+        let store = opened.handle.clone();
+        let (a, b) = (job(1), job(2));
+        store
+            .commit(vec![
+                change(&a, Placement::Queued(10)),
+                change(&b, Placement::Queued(11)),
+            ])
+            .await
+            .unwrap();
+        queue_file_becomes(dir.path(), &[], &[a.id, b.id]);
+        // a finishes, and is retried at once: before queue.json would follow the finish.
+        let mut finished = a.clone();
+        finished.finish(
+            Status::Cancelled,
+            Some("cancelled".into()),
+            chrono::Utc::now(),
+        );
+        store
+            .commit(vec![change(&finished, Placement::Off)])
+            .await
+            .unwrap();
+        let mut retried = finished.clone();
+        retried.retry(chrono::Utc::now());
+        store
+            .commit(vec![change(&retried, Placement::Queued(12))])
+            .await
+            .unwrap();
+        // A crash now: queue.json must not name a at its old place ahead of b, and the job
+        // files with it replay a after b.
+        assert_ne!(
+            queue_file(dir.path()).queued,
+            [a.id.to_string(), b.id.to_string()]
+        );
+        assert_eq!(replay::replay(dir.path()).unwrap().order, vec![b.id, a.id]);
+        queue_file_becomes(dir.path(), &[], &[b.id, a.id]);
+        drop((store, opened.handle));
+        opened.thread.join().unwrap();
     }
 
     #[tokio::test]

@@ -75,6 +75,10 @@ enum Command {
         id: JobId,
         respond_to: oneshot::Sender<Result<Job, WorkerError>>,
     },
+    Retry {
+        id: JobId,
+        respond_to: oneshot::Sender<Result<Job, WorkerError>>,
+    },
     LogPath {
         id: JobId,
         respond_to: oneshot::Sender<Option<(PathBuf, Status)>>,
@@ -119,6 +123,7 @@ impl Command {
         match self {
             Command::Submit { job, .. } => Some(job.id),
             Command::Cancel { id, .. } => Some(*id),
+            Command::Retry { id, .. } => Some(*id),
             Command::StageDone(done) => Some(done.job_id),
             Command::Interrupted { id, .. } => Some(*id),
             _ => None,
@@ -158,6 +163,10 @@ pub enum WorkerError {
     Conflict { id: JobId },
     #[error("job {id} has already finished ({status})")]
     Finished { id: JobId, status: Status },
+    #[error("job {id} is not finished ({status})")]
+    NotFinished { id: JobId, status: Status },
+    #[error("job {id} cannot be retried yet: its trainer is still stopping")]
+    TrainerStopping { id: JobId },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the worker is not running")]
@@ -257,6 +266,13 @@ impl WorkerHandle {
             .await?
     }
 
+    /// Starts a finished job (Completed, Failed or Cancelled) over: Queued again at the end
+    /// of the queue, like a new arrival; answers once that is durable.
+    pub async fn retry(&self, id: JobId) -> Result<Job, WorkerError> {
+        self.ask(|respond_to| Command::Retry { id, respond_to })
+            .await?
+    }
+
     /// Answers once the actor's loop has taken the request: proof that it is alive and not
     /// stuck (for a service manager's watchdog).
     pub async fn ping(&self) -> Result<(), WorkerError> {
@@ -349,6 +365,12 @@ enum Pending {
         job: Job,
         respond_to: oneshot::Sender<Result<Job, WorkerError>>,
     },
+    /// A finished job queued again for a fresh run, at the end of the queue.
+    Retry {
+        job: Job,
+        rank: u64,
+        respond_to: oneshot::Sender<Result<Job, WorkerError>>,
+    },
     Requeue {
         job: Job,
         rank: u64,
@@ -375,6 +397,7 @@ impl Pending {
             | Pending::Start { job, .. }
             | Pending::Finish { job }
             | Pending::Cancel { job, .. }
+            | Pending::Retry { job, .. }
             | Pending::Requeue { job, .. }
             | Pending::StageDone { job, .. } => job,
         }
@@ -387,9 +410,9 @@ impl Pending {
     /// Where the change puts the job in `queue.json`.
     fn placement(&self) -> Placement {
         match self {
-            Pending::Submit { rank, .. } | Pending::Requeue { rank, .. } => {
-                Placement::Queued(*rank)
-            }
+            Pending::Submit { rank, .. }
+            | Pending::Retry { rank, .. }
+            | Pending::Requeue { rank, .. } => Placement::Queued(*rank),
             Pending::Start { rank, .. } | Pending::StageDone { rank, .. } => {
                 Placement::Running(*rank)
             }
@@ -397,6 +420,9 @@ impl Pending {
         }
     }
 }
+
+/// What a write does once it is durable, before it lands (see [`Worker::write_then`]).
+type AfterWrite = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 type InFlight =
     Pin<Box<dyn std::future::Future<Output = (Pending, Result<(), StoreError>)> + Send>>;
@@ -708,6 +734,7 @@ impl Worker {
                 let _ = respond_to.send(self.queue_view());
             }
             Command::Cancel { id, respond_to } => self.cancel(id, respond_to),
+            Command::Retry { id, respond_to } => self.retry(id, respond_to),
             Command::Ping { respond_to } => {
                 let _ = respond_to.send(());
             }
@@ -841,6 +868,50 @@ impl Worker {
         self.write(Pending::Cancel { job, respond_to });
     }
 
+    /// A finished job starts over as a new arrival: a fresh `created_at` (so that replay by
+    /// creation time also puts it last) and an arrival rank. Refused while its trainer is
+    /// still stopping (a cancelled job within its kill grace), so that two trainers of one
+    /// job never overlap. The line in its log is written once the record is durable and
+    /// before the job can start, so it comes before the fresh run's first header.
+    fn retry(&mut self, id: JobId, respond_to: oneshot::Sender<Result<Job, WorkerError>>) {
+        let Some(job) = self.jobs.get(&id) else {
+            let _ = respond_to.send(Err(WorkerError::NotFound(id)));
+            return;
+        };
+        if !job.status.is_finished() {
+            let _ = respond_to.send(Err(WorkerError::NotFinished {
+                id,
+                status: job.status,
+            }));
+            return;
+        }
+        if self.running.contains_key(&id) || self.gpus_in_use.contains_key(&id) {
+            let _ = respond_to.send(Err(WorkerError::TrainerStopping { id }));
+            return;
+        }
+        let mut job = job.clone();
+        let previous = job.status;
+        let now = self.now_for_creation();
+        job.retry(now);
+        let rank = self.queue.arrival_rank(job.deadline);
+        let note = self.executor.log_line(
+            id,
+            format!(
+                "==> retried at {}: a fresh run (the last run ended {})",
+                crate::job::format_timestamp(&now),
+                previous
+            ),
+        );
+        self.write_then(
+            Pending::Retry {
+                job,
+                rank,
+                respond_to,
+            },
+            Some(Box::pin(note)),
+        );
+    }
+
     fn list(&self, status: Option<Status>, limit: Option<usize>) -> Vec<Job> {
         let limit = limit.unwrap_or(usize::MAX);
         if status == Some(Status::Queued) {
@@ -864,6 +935,12 @@ impl Worker {
     /// Sends the change to the store (the job's new record, placed where `pending` says)
     /// and marks the job busy until it lands.
     fn write(&mut self, pending: Pending) {
+        self.write_then(pending, None);
+    }
+
+    /// [`Worker::write`], and once the change is durable, `then` before it counts as landed
+    /// (so before anything acts on it), off the actor's loop.
+    fn write_then(&mut self, pending: Pending, then: Option<AfterWrite>) {
         let change = Change {
             job: pending.job().clone(),
             placement: pending.placement(),
@@ -872,6 +949,9 @@ impl Worker {
         let store = self.store.clone();
         self.in_flight.push(Box::pin(async move {
             let result = store.commit(vec![change]).await;
+            if let (Ok(()), Some(then)) = (&result, then) {
+                then.await;
+            }
             (pending, result)
         }));
     }
@@ -992,6 +1072,24 @@ impl Worker {
                 if let Some(ack) = self.held_acks.remove(&id) {
                     let _ = ack.send(());
                 }
+                let _ = respond_to.send(Err(e.into()));
+            }
+            (
+                Pending::Retry {
+                    job,
+                    rank,
+                    respond_to,
+                },
+                Ok(()),
+            ) => {
+                info!(job_id = %id, "job retried: queued again for a fresh run");
+                METRICS.retried.inc();
+                self.queue
+                    .insert_queued(rank, id, plan::needs(&self.config, &job));
+                self.put(job.clone());
+                let _ = respond_to.send(Ok(job));
+            }
+            (Pending::Retry { respond_to, .. }, Err(e)) => {
                 let _ = respond_to.send(Err(e.into()));
             }
             (
