@@ -52,7 +52,8 @@ impl From<WorkerError> for ApiError {
             WorkerError::Conflict { .. }
             | WorkerError::Finished { .. }
             | WorkerError::NotFinished { .. }
-            | WorkerError::TrainerStopping { .. } => ApiError::Conflict(e.to_string()),
+            | WorkerError::TrainerStopping { .. }
+            | WorkerError::Busy(_) => ApiError::Conflict(e.to_string()),
             WorkerError::Store(StoreError::Unavailable(detail)) => {
                 warn!(error = %detail, "request refused: storage unavailable");
                 ApiError::Unavailable("storage unavailable: nothing was stored; try again later")

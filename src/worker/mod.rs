@@ -105,6 +105,13 @@ enum Command {
         offer: Box<Offer>,
         respond_to: oneshot::Sender<OfferAnswer>,
     },
+    /// From the trainer API: start this job at once on exactly these GPUs, ahead of the
+    /// queue, or refuse it and store nothing.
+    StartNow {
+        job: Box<Job>,
+        gpus: Vec<u32>,
+        respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
+    },
     /// The jobs kept on their GPUs until docker answers, as they stand now.
     AwaitingSurvey {
         respond_to: oneshot::Sender<Vec<Job>>,
@@ -126,6 +133,7 @@ impl Command {
             Command::Retry { id, .. } => Some(*id),
             Command::StageDone(done) => Some(done.job_id),
             Command::Interrupted { id, .. } => Some(*id),
+            Command::StartNow { job, .. } => Some(job.id),
             _ => None,
         }
     }
@@ -143,6 +151,15 @@ impl Command {
                 | Command::AwaitingSurvey { .. }
         )
     }
+}
+
+/// The answer to a start of the trainer API.
+#[derive(Debug, Clone)]
+pub enum StartedNow {
+    /// Durable as Running on the GPUs asked for now; its trainer starts.
+    Started(Job),
+    /// The same job was started before and has not finished: nothing changed.
+    AlreadyStarted(Job),
 }
 
 /// The answer to a submission.
@@ -167,6 +184,9 @@ pub enum WorkerError {
     NotFinished { id: JobId, status: Status },
     #[error("job {id} cannot be retried yet: its trainer is still stopping")]
     TrainerStopping { id: JobId },
+    /// A start that must happen now cannot: its GPUs or the slots are taken.
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the worker is not running")]
@@ -298,6 +318,19 @@ impl WorkerHandle {
     }
 
     /// The trainer log's path and the job's status, if the job exists.
+    /// Starts `job` at once on exactly `gpus`, ahead of the queue; answers once it is
+    /// durable as Running. Refused ([`WorkerError::Busy`], nothing stored) when a GPU is
+    /// held by an unfinished job or not in the inventory, or every slot is taken. The same
+    /// job unfinished answers as it stands; a finished one starts a fresh run.
+    pub async fn start_now(&self, job: Job, gpus: Vec<u32>) -> Result<StartedNow, WorkerError> {
+        self.ask(|respond_to| Command::StartNow {
+            job: Box::new(job),
+            gpus,
+            respond_to,
+        })
+        .await?
+    }
+
     /// The jobs that keep their GPUs until docker answers, as they stand now.
     pub async fn awaiting_survey(&self) -> Result<Vec<Job>, WorkerError> {
         self.ask(|respond_to| Command::AwaitingSurvey { respond_to })
@@ -357,6 +390,8 @@ enum Pending {
         rank: u64,
         /// Seconds since the job arrived or was last requeued, for the metrics.
         waited: f64,
+        /// For a start of the trainer API: who waits for it to be durable.
+        respond_to: Option<oneshot::Sender<Result<StartedNow, WorkerError>>>,
     },
     Finish {
         job: Job,
@@ -752,6 +787,11 @@ impl Worker {
                 let _ = respond_to.send(path);
             }
             Command::StageDone(done) => self.record_stage(done),
+            Command::StartNow {
+                job,
+                gpus,
+                respond_to,
+            } => self.start_now(*job, gpus, respond_to),
             Command::AwaitingSurvey { respond_to } => {
                 let jobs = self
                     .unsurveyed
@@ -1002,9 +1042,22 @@ impl Worker {
                 self.settle_claim(id, false);
                 let _ = respond_to.send(Err(e.into()));
             }
-            (Pending::Start { job, rank, waited }, Ok(())) => {
+            (
+                Pending::Start {
+                    job,
+                    rank,
+                    waited,
+                    respond_to,
+                },
+                Ok(()),
+            ) => {
                 self.starting -= 1;
                 self.queue.start(id, rank);
+                if let Some(respond_to) = respond_to {
+                    // Durable as Running on its GPUs: that is what the answer promises,
+                    // also when a shutdown writes it back a moment later.
+                    let _ = respond_to.send(Ok(StartedNow::Started(job.clone())));
+                }
                 if self.shutdown.is_cancelled() {
                     // Shutdown came while the start was being written: do not start a
                     // trainer only to stop it; the start does not count.
@@ -1027,10 +1080,15 @@ impl Worker {
                     },
                 );
             }
-            (Pending::Start { .. }, Err(e)) => {
+            (Pending::Start { respond_to, .. }, Err(e)) => {
                 self.starting -= 1;
                 self.gpus_in_use.remove(&id);
                 self.probe_answered(id);
+                if let Some(respond_to) = respond_to {
+                    // Nothing was stored: the job was never in the queue.
+                    let _ = respond_to.send(Err(e.into()));
+                    return;
+                }
                 warn!(job_id = %id, error = %e, "cannot record the start; the job stays queued");
                 self.schedule_retry();
             }
@@ -1203,6 +1261,7 @@ impl Worker {
         {
             return changed;
         }
+        changed |= self.start_pinned(now);
         while self.running.len() + self.starting + self.unsurveyed.len()
             < self.config.max_concurrent
         {
@@ -1244,7 +1303,12 @@ impl Worker {
             job.start(now, gpu_ids);
             let rank = self.queue.next_start_rank();
             self.starting += 1;
-            self.write(Pending::Start { job, rank, waited });
+            self.write(Pending::Start {
+                job,
+                rank,
+                waited,
+                respond_to: None,
+            });
             if let Some(trouble) = self.spawn_trouble.as_mut() {
                 // One try at a time until a trainer starts again.
                 trouble.probe = Some(id);
@@ -1276,6 +1340,132 @@ impl Worker {
             id,
             shutdown: false,
         });
+    }
+
+    /// A start of the trainer API: at once on exactly `gpus`, or refused with nothing
+    /// stored. A job of that API never waits in the queue.
+    fn start_now(
+        &mut self,
+        mut job: Job,
+        gpus: Vec<u32>,
+        respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
+    ) {
+        if self.shutdown.is_cancelled() {
+            let _ = respond_to.send(Err(WorkerError::Stopped));
+            return;
+        }
+        if let Some(existing) = self.jobs.get(&job.id) {
+            if !existing.status.is_finished() {
+                let answer = if existing.same_request(&job)
+                    && existing.trainer_task == job.trainer_task
+                    && existing.gpu_ids.as_deref() == Some(&gpus[..])
+                {
+                    Ok(StartedNow::AlreadyStarted(existing.clone()))
+                } else {
+                    Err(WorkerError::Conflict { id: job.id })
+                };
+                let _ = respond_to.send(answer);
+                return;
+            }
+            if self.gpus_in_use.contains_key(&job.id) {
+                let _ = respond_to.send(Err(WorkerError::TrainerStopping { id: job.id }));
+                return;
+            }
+        }
+        if let Err(why) = self.can_start_on(&gpus) {
+            let _ = respond_to.send(Err(WorkerError::Busy(why)));
+            return;
+        }
+        let now = self.clock.now();
+        // No whole-job deadline: `hours_to_complete` bounds only the budgeted stages, so
+        // that no such job fails while it uploads.
+        job.deadline = None;
+        job.created_at = Some(self.now_for_creation());
+        job.updated_at = Some(now);
+        job.start(now, Some(gpus.clone()));
+        // A finished job starts over here: its log keeps the earlier runs, and the new
+        // run's header (`==> attempt 1 started at …`) begins it.
+        info!(job_id = %job.id, gpus = ?gpus, "start of the trainer API on the GPUs it names");
+        self.gpus_in_use.insert(job.id, gpus);
+        let rank = self.queue.next_start_rank();
+        self.starting += 1;
+        self.write(Pending::Start {
+            job,
+            rank,
+            waited: 0.0,
+            respond_to: Some(respond_to),
+        });
+    }
+
+    /// Whether a trainer may start now on exactly `gpus`: each in the inventory and held by
+    /// no unfinished job (nor one still stopping), and a slot free.
+    fn can_start_on(&self, gpus: &[u32]) -> Result<(), String> {
+        let unknown: Vec<String> = gpus
+            .iter()
+            .filter(|g| !self.config.gpus.contains(g))
+            .map(u32::to_string)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "GPU {} is not in this box's inventory",
+                unknown.join(", ")
+            ));
+        }
+        let mut held: Vec<String> = Vec::new();
+        for gpu in gpus {
+            if let Some((holder, _)) = self.gpus_in_use.iter().find(|(_, ids)| ids.contains(gpu)) {
+                held.push(format!("GPU {gpu} is held by job {holder}"));
+            }
+        }
+        if !held.is_empty() {
+            return Err(held.join("; "));
+        }
+        if self.running.len() + self.starting + self.unsurveyed.len() >= self.config.max_concurrent
+        {
+            return Err(format!(
+                "all {} slots are taken (worker.max_concurrent)",
+                self.config.max_concurrent
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queued jobs of the trainer API (written back by a graceful stop or requeued after a
+    /// crash) start again on the GPUs they ran on, first, and never on others.
+    fn start_pinned(&mut self, now: Timestamp) -> bool {
+        let pinned: Vec<(JobId, Vec<u32>)> = self
+            .queue
+            .queued()
+            .into_iter()
+            .filter(|id| !self.busy.contains_key(id))
+            .filter_map(|id| {
+                let job = self.jobs.get(&id)?;
+                job.trainer_task.as_ref()?;
+                Some((id, job.gpu_ids.clone().unwrap_or_default()))
+            })
+            .collect();
+        let mut changed = false;
+        for (id, gpus) in pinned {
+            if self.can_start_on(&gpus).is_err() {
+                continue;
+            }
+            let Some(job) = self.jobs.get(&id) else {
+                continue;
+            };
+            let mut job = job.clone();
+            job.start(now, Some(gpus.clone()));
+            self.gpus_in_use.insert(id, gpus);
+            let rank = self.queue.next_start_rank();
+            self.starting += 1;
+            self.write(Pending::Start {
+                job,
+                rank,
+                waited: 0.0,
+                respond_to: None,
+            });
+            changed = true;
+        }
+        changed
     }
 
     /// Docker answered for the held jobs: an adopted container is followed again (and

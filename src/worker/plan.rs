@@ -176,7 +176,10 @@ impl Worker {
         };
         let waiting = self
             .waiting(now, queued, |id| {
-                !self.busy.contains_key(&id) && !self.running.contains_key(&id)
+                // A job of the trainer API runs on its own GPUs only (`start_pinned`).
+                !self.busy.contains_key(&id)
+                    && !self.running.contains_key(&id)
+                    && self.jobs.get(&id).is_none_or(|j| j.trainer_task.is_none())
             })
             .map(|(_, w)| w);
         match schedule::choose(waiting, now, capacity) {

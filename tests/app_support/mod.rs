@@ -52,6 +52,8 @@ pub struct Assembly {
 /// A running app: its router, and what stops it.
 pub struct Parts {
     pub router: Router,
+    /// The worker's handle, for what no route asks yet.
+    pub handle: training_worker::worker::WorkerHandle,
     pub shutdown: CancellationToken,
     /// The worker's task.
     pub worker: JoinHandle<training_worker::worker::Stopped>,
@@ -117,9 +119,10 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
         assembly.max_body_bytes,
         shutdown.clone(),
     );
-    state.set_worker(handle);
+    state.set_worker(handle.clone());
     Parts {
         router: api::router(state),
+        handle,
         shutdown,
         worker,
         store: thread,
