@@ -1261,7 +1261,7 @@ impl Worker {
         {
             return changed;
         }
-        changed |= self.start_pinned(now);
+        changed |= self.start_pinned();
         while self.running.len() + self.starting + self.unsurveyed.len()
             < self.config.max_concurrent
         {
@@ -1292,23 +1292,12 @@ impl Worker {
                 return changed;
             };
             changed = true;
-            let mut job = job.clone();
+            let job = job.clone();
             let waited = job
                 .updated_at
                 .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
-            // Held by every trainer, with or without GPU accounting, so that estimates know
-            // which slots are taken.
-            self.gpus_in_use.insert(id, gpus.clone());
-            let gpu_ids = (!self.config.gpus.is_empty()).then_some(gpus);
-            job.start(now, gpu_ids);
-            let rank = self.queue.next_start_rank();
-            self.starting += 1;
-            self.write(Pending::Start {
-                job,
-                rank,
-                waited,
-                respond_to: None,
-            });
+            let accounted = !self.config.gpus.is_empty();
+            self.write_start(job, gpus, accounted, waited, None);
             if let Some(trouble) = self.spawn_trouble.as_mut() {
                 // One try at a time until a trainer starts again.
                 trouble.probe = Some(id);
@@ -1382,18 +1371,33 @@ impl Worker {
         job.deadline = None;
         job.created_at = Some(self.now_for_creation());
         job.updated_at = Some(now);
-        job.start(now, Some(gpus.clone()));
         // A finished job starts over here: its log keeps the earlier runs, and the new
         // run's header (`==> attempt 1 started at …`) begins it.
         info!(job_id = %job.id, gpus = ?gpus, "start of the trainer API on the GPUs it names");
+        self.write_start(job, gpus, true, 0.0, Some(respond_to));
+    }
+
+    /// Writes `job` as Running on `gpus` (recorded in the job when `accounted`): they are
+    /// held, and a slot taken, from now until the trainer has exited or the write failed.
+    fn write_start(
+        &mut self,
+        mut job: Job,
+        gpus: Vec<u32>,
+        accounted: bool,
+        waited: f64,
+        respond_to: Option<oneshot::Sender<Result<StartedNow, WorkerError>>>,
+    ) {
+        job.start(self.clock.now(), accounted.then(|| gpus.clone()));
+        // Held by every trainer, with or without GPU accounting, so that estimates know
+        // which slots are taken.
         self.gpus_in_use.insert(job.id, gpus);
         let rank = self.queue.next_start_rank();
         self.starting += 1;
         self.write(Pending::Start {
             job,
             rank,
-            waited: 0.0,
-            respond_to: Some(respond_to),
+            waited,
+            respond_to,
         });
     }
 
@@ -1432,7 +1436,7 @@ impl Worker {
 
     /// Queued jobs of the trainer API (written back by a graceful stop or requeued after a
     /// crash) start again on the GPUs they ran on, first, and never on others.
-    fn start_pinned(&mut self, now: Timestamp) -> bool {
+    fn start_pinned(&mut self) -> bool {
         let pinned: Vec<(JobId, Vec<u32>)> = self
             .queue
             .queued()
@@ -1452,17 +1456,8 @@ impl Worker {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
             };
-            let mut job = job.clone();
-            job.start(now, Some(gpus.clone()));
-            self.gpus_in_use.insert(id, gpus);
-            let rank = self.queue.next_start_rank();
-            self.starting += 1;
-            self.write(Pending::Start {
-                job,
-                rank,
-                waited: 0.0,
-                respond_to: None,
-            });
+            let job = job.clone();
+            self.write_start(job, gpus, true, 0.0, None);
             changed = true;
         }
         changed
