@@ -90,8 +90,20 @@ pub struct Config {
     /// How batches of job files are made durable.
     pub store_sync: SyncMode,
     pub api: ApiConfig,
+    /// `[god_trainer]`: the G.O.D trainer API's listener.
+    pub trainer_api: TrainerApiConfig,
     pub worker: WorkerConfig,
     pub executor: ExecutorConfig,
+}
+
+/// Where the G.O.D trainer API listens, and who may call it (it has no token: the
+/// orchestrator sends none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrainerApiConfig {
+    /// `None`: the API is off.
+    pub listen: Option<SocketAddr>,
+    /// Client addresses allowed besides 127.0.0.1 and ::1.
+    pub allow: Vec<std::net::IpAddr>,
 }
 
 /// How the HTTP server treats its connections (`[api]`).
@@ -315,6 +327,15 @@ struct FileConfig {
     executor: FileExecutor,
     #[serde(default)]
     offers: FileOffers,
+    #[serde(default)]
+    god_trainer: FileTrainerApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTrainerApi {
+    listen: Option<String>,
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -409,6 +430,8 @@ pub const ENV_KEYS: &[&str] = &[
     "STORE_SYNC",
     "API_HEADER_READ_TIMEOUT",
     "API_MAX_CONNECTIONS",
+    "GOD_TRAINER_LISTEN",
+    "GOD_TRAINER_ALLOW",
     "WORKER_MAX_CONCURRENT",
     "WORKER_MAX_ATTEMPTS",
     "WORKER_GPUS",
@@ -535,6 +558,7 @@ impl Config {
             ))
         })?;
         let api = api(&var, file.api)?;
+        let trainer_api = trainer_api(&var, file.god_trainer)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
             Some(v) => parse_number(&name_of("worker.max_concurrent"), &v)?,
             None => file.worker.max_concurrent.unwrap_or(1),
@@ -727,6 +751,7 @@ impl Config {
             log_format,
             store_sync,
             api,
+            trainer_api,
             worker: WorkerConfig {
                 max_concurrent,
                 max_attempts,
@@ -876,6 +901,41 @@ fn api(var: &impl Fn(&str) -> Option<String>, file: FileApi) -> Result<ApiConfig
         header_read_timeout,
         max_connections,
     })
+}
+
+/// `[god_trainer]`: `listen` (empty: off) and `allow`; the variables take a comma list.
+fn trainer_api(
+    var: &impl Fn(&str) -> Option<String>,
+    file: FileTrainerApi,
+) -> Result<TrainerApiConfig, ConfigError> {
+    let (listen_text, listen_name) = match var("GOD_TRAINER_LISTEN") {
+        Some(v) => (Some(v), "TRAINING_WORKER_GOD_TRAINER_LISTEN"),
+        None => (file.listen, "god_trainer.listen"),
+    };
+    let listen = match listen_text.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(listen_address(listen_name, text)?),
+    };
+    let (allow, allow_name): (Vec<String>, &str) = match var("GOD_TRAINER_ALLOW") {
+        Some(v) => (
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            "TRAINING_WORKER_GOD_TRAINER_ALLOW",
+        ),
+        None => (file.allow.unwrap_or_default(), "god_trainer.allow"),
+    };
+    let allow = allow
+        .iter()
+        .map(|a| {
+            a.trim()
+                .parse()
+                .map_err(|_| ConfigError::new(format!("{allow_name}: {a:?} is not an IP address")))
+        })
+        .collect::<Result<Vec<std::net::IpAddr>, ConfigError>>()?;
+    Ok(TrainerApiConfig { listen, allow })
 }
 
 fn parse_number<T: std::str::FromStr>(key: &str, text: &str) -> Result<T, ConfigError> {

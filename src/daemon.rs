@@ -111,6 +111,17 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         }
     };
     let address = listener.local_addr().unwrap_or(config.listen);
+    // The G.O.D trainer API, when configured: its own listener, bound as early.
+    let trainer_listener = match config.trainer_api.listen {
+        None => None,
+        Some(listen) => match TcpListener::bind(listen).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                error!(listen = %listen, error = %e, "cannot listen for the trainer API (god_trainer.listen)");
+                return Exit::Unavailable;
+            }
+        },
+    };
     let limits = serve::Limits {
         header_read_timeout: config.api.header_read_timeout,
         max_connections: serve::connection_cap(config.api.max_connections, nofile),
@@ -142,6 +153,21 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         limits,
         close_http.clone(),
     ));
+    if let Some(trainer_listener) = trainer_listener {
+        let trainer_address = trainer_listener.local_addr().ok();
+        let trainer_state = api::god::TrainerState::new(
+            state.clone(),
+            config.trainer_api.allow.clone(),
+            config.executor.stages.clone(),
+        );
+        tracker.spawn(serve::serve(
+            trainer_listener,
+            api::god::router(trainer_state),
+            limits,
+            close_http.clone(),
+        ));
+        info!(address = ?trainer_address, allow = ?config.trainer_api.allow, "the G.O.D trainer API listens");
+    }
     info!(
         %address,
         data_dir = %data_dir.display(),

@@ -464,6 +464,9 @@ pub struct TrainerTask {
     pub github_repo: String,
     pub github_branch: Option<String>,
     pub github_commit_hash: Option<String>,
+    /// The start request as it was sent, its secret (`github_token`) taken out: what the
+    /// task's answers echo, and what an identical retry is compared with.
+    pub request: Value,
 }
 
 impl TrainerTask {
@@ -474,6 +477,7 @@ impl TrainerTask {
             "github_repo": self.github_repo,
             "github_branch": self.github_branch,
             "github_commit_hash": self.github_commit_hash,
+            "request": self.request,
         })
     }
 
@@ -502,6 +506,7 @@ impl TrainerTask {
             github_repo: text("github_repo")?,
             github_branch: optional("github_branch")?,
             github_commit_hash: optional("github_commit_hash")?,
+            request: value.get("request").cloned().unwrap_or(Value::Null),
         })
     }
 }
@@ -1648,6 +1653,7 @@ mod tests {
             github_repo: "https://github.com/example/miner-trainer".into(),
             github_branch: None,
             github_commit_hash: Some("8631451".into()),
+            request: json!({"gpu_ids": [0], "unknown": {"kept": true}}),
         });
         let back = Job::from_stored(job.to_json()).unwrap();
         assert_eq!(back, job);

@@ -67,6 +67,7 @@ fn task_job(n: u128, task: &str) -> Job {
         github_repo: "https://github.com/example/miner-trainer".into(),
         github_branch: None,
         github_commit_hash: Some("8631451156e2915070f77e5547ca0d5ed3d0eb8a".into()),
+        request: json!({"task": task}),
     });
     job
 }

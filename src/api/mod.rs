@@ -5,6 +5,7 @@
 //! at the path the worker names.
 
 mod error;
+pub mod god;
 pub mod serve;
 
 use std::sync::{Arc, OnceLock};

@@ -108,13 +108,13 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             _ = close.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => {
+        let (stream, peer) = match accepted {
+            Ok((stream, peer)) => {
                 if starved {
                     starved = false;
                     info!("accepting connections again");
                 }
-                stream
+                (stream, peer)
             }
             // A connection reset before it was accepted, and the like: that client's problem.
             Err(e) if is_client_error(&e) => {
@@ -149,10 +149,19 @@ pub async fn serve(
         };
         // Small JSON answers; waiting to coalesce them only adds latency.
         let _ = stream.set_nodelay(true);
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
+        // Each request carries its client's address, as `ConnectInfo` (an allowlist reads
+        // it).
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
         );
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let close = close.clone();
         connections.spawn(async move {
             let _open = Open::new(slot);

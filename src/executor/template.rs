@@ -396,6 +396,7 @@ mod tests {
             github_repo: "https://github.com/example/miner".into(),
             github_branch: Some("main".into()),
             github_commit_hash: None,
+            request: serde_json::Value::Null,
         });
         assert_eq!(
             render(&j, all),

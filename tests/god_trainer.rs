@@ -1,0 +1,385 @@
+//! The G.O.D trainer API end to end: the real binary with `[god_trainer] listen` set, its
+//! routes over real HTTP on loopback, the fixtures made by the real client's models, a
+//! two-stage pipeline of the stage script, and a SIGKILL after a start.
+
+#[allow(dead_code)]
+#[path = "e2e_support/mod.rs"]
+mod support;
+
+use std::fs;
+use std::path::PathBuf;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{Daemon, Sandbox, secs, wait_until};
+
+const STAGE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/trainers/stage.sh");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/god");
+const TOKEN: &str = "ghp_exampleTokenThatMustNeverBeEchoed0000";
+
+fn fixture(name: &str) -> Option<Value> {
+    let bytes = fs::read(PathBuf::from(FIXTURES).join(name)).ok()?;
+    Some(serde_json::from_slice(&bytes).expect("a fixture is JSON"))
+}
+
+/// The fixtures, or `None` once the test said in one line why it does not run.
+fn fixtures_or_skip(test: &str) -> Option<()> {
+    if PathBuf::from(FIXTURES).is_dir() {
+        return Some(());
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: the G.O.D fixtures must be beside the project in CI"
+    );
+    eprintln!("SKIPPED {test}: the G.O.D fixtures are not beside the project");
+    None
+}
+
+/// A daemon with the trainer API on a port of its own, four GPUs, two stages.
+struct Box {
+    sandbox: Sandbox,
+    daemon: Daemon,
+    trainer: String,
+    client: reqwest::Client,
+}
+
+impl Box {
+    async fn start(sandbox: Sandbox) -> Box {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let program = serde_json::to_string(STAGE_SCRIPT).expect("a string");
+        sandbox.write_config(&format!(
+            "shutdown_grace = \"10s\"\n\n[god_trainer]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [worker]\nmax_concurrent = 3\ngpus = [0, 1, 2, 3]\n\n[executor]\ntimeout = \"60s\"\n\
+             kill_grace = \"2s\"\npass_env = []\n\n\
+             [[executor.stages]]\nname = \"train\"\ncommand = [{program}, \"--task={{task_id}}\"]\n\n\
+             [[executor.stages]]\nname = \"upload\"\ncommand = [{program}]\n"
+        ));
+        let daemon = sandbox.start().await;
+        Box {
+            sandbox,
+            daemon,
+            trainer: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn restart(self) -> Box {
+        let Box {
+            sandbox, daemon, ..
+        } = self;
+        daemon.kill();
+        Box::start(sandbox).await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.trainer));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let reply = request.send().await.expect("the trainer API answers");
+        let status = reply.status();
+        let text = reply.text().await.expect("a body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn start_task(&self, body: &Value) -> (StatusCode, Value) {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/trainer/start_training",
+            Some(body),
+        )
+        .await
+    }
+
+    async fn task(&self, body: &Value) -> (StatusCode, Value) {
+        let task_id = body["training_data"]["task_id"]
+            .as_str()
+            .expect("a task id");
+        let hotkey = body["hotkey"].as_str().expect("a hotkey");
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/trainer/{task_id}?hotkey={hotkey}"),
+            None,
+        )
+        .await
+    }
+
+    async fn wait_task(&self, body: &Value, status: &str) -> Value {
+        wait_until(format_args!("the task is {status}"), secs(30), async || {
+            let (code, task) = self.task(body).await;
+            assert_eq!(code, StatusCode::OK, "never a 404 after a 200: {task}");
+            (task["status"] == status).then_some(task)
+        })
+        .await
+    }
+
+    /// Holds `stage` of the job the pair names until [`Box::release`].
+    fn hold(&self, body: &Value, stage: &str) -> PathBuf {
+        let job = job_id(body);
+        let path = self.sandbox.path().join(format!("hold-{job}-{stage}"));
+        fs::write(&path, b"").expect("hold");
+        path
+    }
+}
+
+/// The main API's id of the job a start body's pair names: what its status shows.
+fn job_id(body: &Value) -> String {
+    let task_id = body["training_data"]["task_id"]
+        .as_str()
+        .expect("a task id");
+    let hotkey = body["hotkey"].as_str().expect("a hotkey");
+    training_worker::api::god::job_id_of(task_id, hotkey).to_string()
+}
+
+/// Every key of the contract's task, with the values it allows.
+fn assert_task_shape(task: &Value, sent: &Value) {
+    for key in [
+        "training_data",
+        "github_repo",
+        "gpu_ids",
+        "hotkey",
+        "github_branch",
+        "github_commit_hash",
+        "github_token",
+        "requested_datasets",
+        "status",
+        "started_at",
+        "finished_at",
+        "wandb_url",
+        "logs",
+        "job_type",
+        "container_name",
+    ] {
+        assert!(task.get(key).is_some(), "{key} missing: {task}");
+    }
+    assert!(
+        ["training", "success", "failure"].contains(&task["status"].as_str().unwrap_or("")),
+        "{task}"
+    );
+    assert_eq!(task["training_data"], sent["training_data"], "as sent");
+    assert_eq!(task["gpu_ids"], sent["gpu_ids"]);
+    assert_eq!(task["github_token"], Value::Null);
+    assert_eq!(task["job_type"], "training");
+    assert!(task["started_at"].is_string(), "{task}");
+    let logs = task["logs"].as_array().expect("logs");
+    assert!(
+        logs.first()
+            .and_then(Value::as_str)
+            .is_some_and(|l| l.starts_with('[') && l.contains("] accepted on GPUs")),
+        "{task}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_starts_trains_and_succeeds_and_the_token_is_nowhere() {
+    const TEST: &str = "every_fixture_starts_trains_and_succeeds_and_the_token_is_nowhere";
+    if fixtures_or_skip(TEST).is_none() {
+        return;
+    }
+    let node = Box::start(Sandbox::new()).await;
+    let (code, none) = node
+        .call(
+            reqwest::Method::GET,
+            "/v1/trainer/get_recent_tasks?hours=1",
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{none}");
+    let mut answers = Vec::new();
+    for name in [
+        "start-instruct.json",
+        "start-instruct-2026.json",
+        "start-dpo.json",
+        "start-grpo.json",
+        "start-chat.json",
+        "start-image.json",
+    ] {
+        let body = fixture(name).expect("the fixture");
+        let (code, answer) = node.start_task(&body).await;
+        assert_eq!(code, StatusCode::OK, "{name}: {answer}");
+        assert_eq!(
+            answer,
+            json!({"message": "Started Training!", "task_id": body["training_data"]["task_id"]})
+        );
+        let task = node.wait_task(&body, "success").await;
+        assert_task_shape(&task, &body);
+        assert!(task["finished_at"].is_string(), "{task}");
+        let job = node.daemon.job(&job_id(&body)).await;
+        assert_eq!(job["stages_done"], json!(["train", "upload"]), "{job}");
+        assert_eq!(job["gpu_ids"], body["gpu_ids"], "{job}");
+        answers.push(serde_json::to_string(&task).expect("json"));
+    }
+    let (code, recent) = node
+        .call(
+            reqwest::Method::GET,
+            "/v1/trainer/get_recent_tasks?hours=1",
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(recent.as_array().map(Vec::len), Some(6), "{recent}");
+
+    // The token of start-instruct-2026 is in no answer, no file and no log line.
+    for answer in &answers {
+        assert!(!answer.contains(TOKEN), "{answer}");
+    }
+    assert!(!node.daemon.stderr().contains(TOKEN));
+    let mut dirs = vec![node.sandbox.data_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("read a dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let bytes = fs::read(&path).unwrap_or_default();
+                assert!(
+                    !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+                    "the token is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
+    const TEST: &str = "conflicts_retries_and_bad_requests_answer_as_the_client_expects";
+    if fixtures_or_skip(TEST).is_none() {
+        return;
+    }
+    let node = Box::start(Sandbox::new()).await;
+    let a = fixture("start-dpo.json").expect("the fixture"); // GPUs 1 and 2
+    let hold = node.hold(&a, "train");
+    let (code, _) = node.start_task(&a).await;
+    assert_eq!(code, StatusCode::OK);
+    // The identical retry of a lost reply: 200, nothing changes.
+    let before = node.daemon.job(&job_id(&a)).await;
+    let (code, again) = node.start_task(&a).await;
+    assert_eq!(code, StatusCode::OK, "{again}");
+    assert_eq!(node.daemon.job(&job_id(&a)).await, before);
+    // Another body for the unfinished pair.
+    let mut other = a.clone();
+    other["gpu_ids"] = json!([0]);
+    let (code, detail) = node.start_task(&other).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{detail}");
+    // A busy GPU, an unknown one: 409 naming it, and nothing stored.
+    let mut b = fixture("start-image.json").expect("the fixture"); // GPU 1
+    let (code, detail) = node.start_task(&b).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{detail}");
+    assert!(
+        detail["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("GPU 1 is held"),
+        "{detail}"
+    );
+    b["gpu_ids"] = json!([9]);
+    let (code, detail) = node.start_task(&b).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{detail}");
+    assert!(
+        detail["detail"].as_str().unwrap_or("").contains("GPU 9"),
+        "{detail}"
+    );
+    let (code, missing) = node.task(&b).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{missing}");
+    assert_eq!(
+        missing["detail"],
+        format!(
+            "Task with ID '{}' and hotkey '{}' not found.",
+            b["training_data"]["task_id"].as_str().unwrap(),
+            b["hotkey"].as_str().unwrap()
+        )
+    );
+    // Bad requests: 422 naming the field.
+    let (code, detail) = node
+        .call(reqwest::Method::GET, "/v1/trainer/some-task", None)
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{detail}");
+    let mut bad = a.clone();
+    bad.as_object_mut().unwrap().remove("hotkey");
+    let (code, detail) = node.start_task(&bad).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{detail}");
+    assert!(
+        detail["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("hotkey"),
+        "{detail}"
+    );
+
+    // From an address not allowed, loopback's other addresses included: 403.
+    let outsider = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("a client");
+    let reply = outsider
+        .get(format!(
+            "{}/v1/trainer/get_recent_tasks?hours=1",
+            node.trainer
+        ))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(reply.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        reply.json::<Value>().await.expect("json"),
+        json!({"detail": "Access forbidden"})
+    );
+
+    fs::remove_file(hold).expect("release");
+    node.wait_task(&a, "success").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_the_task_keeps_answering_training_and_resumes_on_its_gpus() {
+    const TEST: &str = "after_a_sigkill_the_task_keeps_answering_training_and_resumes_on_its_gpus";
+    if fixtures_or_skip(TEST).is_none() {
+        return;
+    }
+    let node = Box::start(Sandbox::new()).await;
+    let a = fixture("start-grpo.json").expect("the fixture"); // GPU 3
+    let hold = node.hold(&a, "upload");
+    let (code, _) = node.start_task(&a).await;
+    assert_eq!(code, StatusCode::OK);
+    wait_until("train is recorded", secs(20), async || {
+        let job = node.daemon.job(&job_id(&a)).await;
+        (job["stages_done"] == json!(["train"])).then_some(())
+    })
+    .await;
+
+    let node = node.restart().await;
+    let task = node.wait_task(&a, "training").await;
+    assert_task_shape(&task, &a);
+    // Resumed on the same GPU at its first unfinished stage; a retried start is a 200.
+    let job = wait_until("it runs again", secs(20), async || {
+        let job = node.daemon.job(&job_id(&a)).await;
+        (job["status"] == "Running").then_some(job)
+    })
+    .await;
+    assert_eq!(job["gpu_ids"], json!([3]), "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    let (code, _) = node.start_task(&a).await;
+    assert_eq!(code, StatusCode::OK);
+    fs::remove_file(hold).expect("release");
+    node.wait_task(&a, "success").await;
+    let records = fs::read_to_string(node.sandbox.path().join("stage-records")).unwrap_or_default();
+    let trains = records
+        .lines()
+        .filter(|l| l.starts_with("start train "))
+        .count();
+    assert_eq!(trains, 1, "a recorded stage never runs again: {records}");
+}
