@@ -148,6 +148,7 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
         let known = [
             JOBS_DIR,
             LOGS_DIR,
+            crate::store::replay::SECRETS_DIR,
             QUARANTINE_DIR,
             QUEUE_FILE,
             LOCK_FILE,

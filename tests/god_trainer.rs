@@ -50,11 +50,18 @@ impl Box {
             .expect("a free port")
             .port();
         let program = serde_json::to_string(STAGE_SCRIPT).expect("a string");
+        // Train notes a digest of the token it got (never the token) beside the data dir.
+        let note_token = serde_json::to_string(
+            "printf %s \"$GITHUB_TOKEN\" | sha256sum | cut -d' ' -f1 \
+             > \"$(dirname \"$TW_DATA_DIR\")/token-$JOB_ID\"; exec \"$0\" \"$@\"",
+        )
+        .expect("a string");
         sandbox.write_config(&format!(
             "shutdown_grace = \"10s\"\n\n[god_trainer]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [worker]\nmax_concurrent = 3\ngpus = [0, 1, 2, 3]\n\n[executor]\ntimeout = \"60s\"\n\
              kill_grace = \"2s\"\npass_env = []\n\n\
-             [[executor.stages]]\nname = \"train\"\ncommand = [{program}, \"--task={{task_id}}\"]\n\n\
+             [[executor.stages]]\nname = \"train\"\ncommand = [\"/bin/bash\", \"-c\", {note_token}, \
+             {program}, \"--task={{task_id}}\"]\n\n\
              [[executor.stages]]\nname = \"upload\"\ncommand = [{program}]\n"
         ));
         let daemon = sandbox.start().await;
@@ -382,4 +389,52 @@ async fn after_a_sigkill_the_task_keeps_answering_training_and_resumes_on_its_gp
         .filter(|l| l.starts_with("start train "))
         .count();
     assert_eq!(trains, 1, "a recorded stage never runs again: {records}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_reaches_stages_and_is_kept_in_a_private_file_only_while_unfinished() {
+    const TEST: &str =
+        "the_token_reaches_stages_and_is_kept_in_a_private_file_only_while_unfinished";
+    if fixtures_or_skip(TEST).is_none() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let node = Box::start(Sandbox::new()).await;
+    let a = fixture("start-instruct-2026.json").expect("the fixture");
+    let hold = node.hold(&a, "upload");
+    let (code, _) = node.start_task(&a).await;
+    assert_eq!(code, StatusCode::OK);
+    let id = job_id(&a);
+    let kept = node
+        .sandbox
+        .data_dir()
+        .join(format!("secrets/{id}.github_token"));
+    let mode = fs::metadata(&kept)
+        .expect("kept while unfinished")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    assert_eq!(fs::read_to_string(&kept).expect("the secret"), TOKEN);
+    // The stage got it as GITHUB_TOKEN.
+    let noted = node.sandbox.path().join(format!("token-{id}"));
+    let digest = wait_until("train noted its token", secs(20), async || {
+        fs::read_to_string(&noted).ok().filter(|d| !d.is_empty())
+    })
+    .await;
+    let expected = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("printf %s '{TOKEN}' | sha256sum | cut -d' ' -f1"),
+        ])
+        .output()
+        .expect("sha256sum");
+    assert_eq!(digest, String::from_utf8_lossy(&expected.stdout));
+    fs::remove_file(hold).expect("release");
+    node.wait_task(&a, "success").await;
+    wait_until(
+        "the secret is gone once the job ended",
+        secs(10),
+        async || (!kept.exists()).then_some(()),
+    )
+    .await;
 }

@@ -127,7 +127,7 @@ async fn a_start_runs_at_once_on_its_gpus_or_is_refused_with_nothing_stored() {
     let a = task_job(1, "task-a");
     hold(&data, &a);
 
-    let started = parts.handle.start_now(a.clone(), vec![2, 0]).await;
+    let started = parts.handle.start_now(a.clone(), vec![2, 0], None).await;
     let Ok(StartedNow::Started(job)) = started else {
         panic!("not started: {started:?}");
     };
@@ -149,14 +149,14 @@ async fn a_start_runs_at_once_on_its_gpus_or_is_refused_with_nothing_stored() {
     }
 
     // The lost reply's retry: the same job on the same GPUs changes nothing.
-    let again = parts.handle.start_now(a.clone(), vec![2, 0]).await;
+    let again = parts.handle.start_now(a.clone(), vec![2, 0], None).await;
     assert!(
         matches!(again, Ok(StartedNow::AlreadyStarted(_))),
         "{again:?}"
     );
     assert_eq!(job_file(&data, &a), file);
     // Another body for the unfinished pair is a conflict.
-    let other = parts.handle.start_now(a.clone(), vec![1]).await;
+    let other = parts.handle.start_now(a.clone(), vec![1], None).await;
     assert!(
         matches!(other, Err(WorkerError::Conflict { .. })),
         "{other:?}"
@@ -164,9 +164,9 @@ async fn a_start_runs_at_once_on_its_gpus_or_is_refused_with_nothing_stored() {
 
     // A GPU held by an unfinished job, one not in the inventory: refused, nothing stored.
     let b = task_job(2, "task-b");
-    let why = busy(parts.handle.start_now(b.clone(), vec![1, 0]).await);
+    let why = busy(parts.handle.start_now(b.clone(), vec![1, 0], None).await);
     assert_eq!(why, format!("GPU 0 is held by job {}", a.id));
-    let why = busy(parts.handle.start_now(b.clone(), vec![7]).await);
+    let why = busy(parts.handle.start_now(b.clone(), vec![7], None).await);
     assert_eq!(why, "GPU 7 is not in this box's inventory");
     assert!(!data.join(format!("jobs/{}.json", b.id)).exists());
     let (status, _) = get(&parts, &format!("/v1/jobs/{}", b.id)).await;
@@ -176,11 +176,11 @@ async fn a_start_runs_at_once_on_its_gpus_or_is_refused_with_nothing_stored() {
     let c = task_job(3, "task-c");
     hold(&data, &c);
     assert!(matches!(
-        parts.handle.start_now(c.clone(), vec![1]).await,
+        parts.handle.start_now(c.clone(), vec![1], None).await,
         Ok(StartedNow::Started(_))
     ));
     let d = task_job(4, "task-d");
-    let why = busy(parts.handle.start_now(d.clone(), vec![]).await);
+    let why = busy(parts.handle.start_now(d.clone(), vec![], None).await);
     assert_eq!(why, "all 2 slots are taken (worker.max_concurrent)");
 
     release(&data, &a);
@@ -197,14 +197,14 @@ async fn a_finished_job_starts_a_fresh_run_on_the_gpus_now_named() {
     let a = task_job(5, "task-a");
     std::fs::write(dir.path().join(format!("exit-{}", a.id)), b"3").expect("make it fail");
     assert!(matches!(
-        parts.handle.start_now(a.clone(), vec![0]).await,
+        parts.handle.start_now(a.clone(), vec![0], None).await,
         Ok(StartedNow::Started(_))
     ));
     let failed = wait_for(&parts, &a, "a fails", |j| j["status"] == "Failed").await;
     assert_eq!(failed["attempts"], 1);
 
     std::fs::remove_file(dir.path().join(format!("exit-{}", a.id))).expect("let it pass");
-    let again = parts.handle.start_now(a.clone(), vec![1]).await;
+    let again = parts.handle.start_now(a.clone(), vec![1], None).await;
     let Ok(StartedNow::Started(job)) = again else {
         panic!("no fresh run: {again:?}");
     };

@@ -164,7 +164,14 @@ async fn start_training(
         .as_ref()
         .map(|t| t.task_id.clone())
         .unwrap_or_default();
-    match state.worker()?.start_now(job, gpus).await? {
+    // The token goes to the worker alone, which keeps it in a file of mode 0600 while the
+    // job is unfinished; it is in no job file, log or answer.
+    let secret = body
+        .get("github_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .map(String::from);
+    match state.worker()?.start_now(job, gpus, secret).await? {
         StartedNow::Started(_) | StartedNow::AlreadyStarted(_) => {
             Ok(axum::Json(json!({"message": STARTED, "task_id": task_id})).into_response())
         }

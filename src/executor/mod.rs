@@ -38,7 +38,10 @@ use tracing::{info, warn};
 
 use crate::config::{ExecutorConfig, Stage, StageRun};
 use crate::job::{Job, JobId};
-use crate::store::replay::{JOBS_DIR, LOGS_DIR};
+use crate::store::replay::{JOBS_DIR, LOGS_DIR, SECRETS_DIR};
+
+/// The variable a job's GitHub token reaches its stages as.
+pub const GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
 use docker::DockerCli;
 use supervisor::{LogOffsets, Report, Supervised};
 use template::{Template, Values};
@@ -269,6 +272,39 @@ impl Executor {
         self.context.log_path(id)
     }
 
+    /// Keeps a job's GitHub token on disk while the job is unfinished (so that a restart can
+    /// still clone), readable by the daemon's user alone: `secrets/<job_id>.github_token`,
+    /// mode 0600, durable before the future resolves. Off the async workers.
+    pub fn keep_secret(
+        &self,
+        id: JobId,
+        token: String,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let dir = self.context.data_dir.join(SECRETS_DIR);
+        async move {
+            tokio::task::spawn_blocking(move || write_secret(&dir, id, &token))
+                .await
+                .map_err(|e| format!("cannot keep the secret: {e}"))?
+                .map_err(|e| format!("cannot keep the secret: {e}"))
+        }
+    }
+
+    /// Removes a job's secrets, once it has ended. Off the async workers.
+    pub fn forget_secret(
+        &self,
+        id: JobId,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let path = secret_path(&self.context.data_dir, id);
+        async move {
+            let _ = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot remove a finished job's secret"),
+            })
+            .await;
+        }
+    }
+
     /// Appends a line of the daemon's own to a job's log (a retry's note), off the async
     /// workers. Only for a job with no trainer: a failure costs the line alone and is logged.
     pub fn log_line(
@@ -347,6 +383,10 @@ impl Context {
             }
         }
         env.extend(self.job_environment(job, &stage.name));
+        // A process stage only: a container's variables would be on docker's command line.
+        if let Some(token) = read_secret(&self.data_dir, job.id) {
+            env.push((GITHUB_TOKEN_ENV.to_string(), token));
+        }
         env.push((
             OWNER_ENV.to_string(),
             self.data_dir.to_string_lossy().into_owned(),
@@ -392,6 +432,7 @@ impl Context {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+
         if self.staged {
             env.push(("STAGE".to_string(), stage.to_string()));
         }
@@ -750,6 +791,38 @@ fn tie_to_daemon(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+fn secret_path(data_dir: &Path, id: JobId) -> PathBuf {
+    data_dir
+        .join(SECRETS_DIR)
+        .join(format!("{id}.github_token"))
+}
+
+/// Writes a secret whole or not at all, mode 0600 from its creation, and makes it durable.
+fn write_secret(dir: &Path, id: JobId, token: &str) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let path = dir.join(format!("{id}.github_token"));
+    let temp = dir.join(format!(".{id}.github_token.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temp, &path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// A job's GitHub token, when it has one kept.
+fn read_secret(data_dir: &Path, id: JobId) -> Option<String> {
+    std::fs::read_to_string(secret_path(data_dir, id)).ok()
 }
 
 /// A job's log as the executor writes it: its own lines (headers, footers) between the

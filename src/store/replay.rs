@@ -29,6 +29,8 @@ pub const JOBS_DIR: &str = "jobs";
 pub const QUEUE_FILE: &str = "queue.json";
 pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LOGS_DIR: &str = "logs";
+/// A job's secrets while it is unfinished (the executor's, like `logs/`).
+pub const SECRETS_DIR: &str = "secrets";
 
 /// `queue.json`: the ids of the running jobs in start order, then the queued ones in the
 /// order they will start. A cache of what the job files say, kept current.

@@ -110,6 +110,8 @@ enum Command {
     StartNow {
         job: Box<Job>,
         gpus: Vec<u32>,
+        /// The GitHub token its stages get, kept on disk only while it is unfinished.
+        secret: Option<String>,
         respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
     },
     /// The jobs kept on their GPUs until docker answers, as they stand now.
@@ -322,10 +324,16 @@ impl WorkerHandle {
     /// durable as Running. Refused ([`WorkerError::Busy`], nothing stored) when a GPU is
     /// held by an unfinished job or not in the inventory, or every slot is taken. The same
     /// job unfinished answers as it stands; a finished one starts a fresh run.
-    pub async fn start_now(&self, job: Job, gpus: Vec<u32>) -> Result<StartedNow, WorkerError> {
+    pub async fn start_now(
+        &self,
+        job: Job,
+        gpus: Vec<u32>,
+        secret: Option<String>,
+    ) -> Result<StartedNow, WorkerError> {
         self.ask(|respond_to| Command::StartNow {
             job: Box::new(job),
             gpus,
+            secret,
             respond_to,
         })
         .await?
@@ -458,6 +466,9 @@ impl Pending {
 
 /// What a write does once it is durable, before it lands (see [`Worker::write_then`]).
 type AfterWrite = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What must succeed before a change is written (a secret kept on disk, say).
+type Before = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 type InFlight =
     Pin<Box<dyn std::future::Future<Output = (Pending, Result<(), StoreError>)> + Send>>;
@@ -790,8 +801,9 @@ impl Worker {
             Command::StartNow {
                 job,
                 gpus,
+                secret,
                 respond_to,
-            } => self.start_now(*job, gpus, respond_to),
+            } => self.start_now(*job, gpus, secret, respond_to),
             Command::AwaitingSurvey { respond_to } => {
                 let jobs = self
                     .unsurveyed
@@ -1085,8 +1097,15 @@ impl Worker {
                 self.gpus_in_use.remove(&id);
                 self.probe_answered(id);
                 if let Some(respond_to) = respond_to {
-                    // Nothing was stored: the job was never in the queue.
+                    // Nothing was stored: the job was never in the queue, and its secret
+                    // must not stay either.
+                    tokio::spawn(self.executor.forget_secret(id));
                     let _ = respond_to.send(Err(e.into()));
+                    if let Some(waiting) = self.busy.remove(&id) {
+                        for command in waiting {
+                            self.handle(command);
+                        }
+                    }
                     return;
                 }
                 warn!(job_id = %id, error = %e, "cannot record the start; the job stays queued");
@@ -1106,6 +1125,10 @@ impl Worker {
                 }
                 self.note_deadline(&job);
                 self.queue.remove(id);
+                if job.trainer_task.is_some() {
+                    // Kept only while the job is unfinished.
+                    tokio::spawn(self.executor.forget_secret(id));
+                }
                 self.put(job);
             }
             (Pending::Finish { job }, Err(e)) => {
@@ -1115,6 +1138,9 @@ impl Worker {
             (Pending::Cancel { job, respond_to }, Ok(())) => {
                 info!(job_id = %id, "job cancelled");
                 METRICS.cancelled.inc();
+                if job.trainer_task.is_some() {
+                    tokio::spawn(self.executor.forget_secret(id));
+                }
                 self.queue.remove(id);
                 self.put(job.clone());
                 self.unrecorded.remove(&id);
@@ -1337,6 +1363,7 @@ impl Worker {
         &mut self,
         mut job: Job,
         gpus: Vec<u32>,
+        secret: Option<String>,
         respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
     ) {
         if self.shutdown.is_cancelled() {
@@ -1374,18 +1401,34 @@ impl Worker {
         // A finished job starts over here: its log keeps the earlier runs, and the new
         // run's header (`==> attempt 1 started at …`) begins it.
         info!(job_id = %job.id, gpus = ?gpus, "start of the trainer API on the GPUs it names");
-        self.write_start(job, gpus, true, 0.0, Some(respond_to));
+        // Its secret is durable before its Running record: a restart can still clone.
+        let before =
+            secret.map(|token| Box::pin(self.executor.keep_secret(job.id, token)) as Before);
+        self.write_start_after(job, gpus, true, 0.0, Some(respond_to), before);
     }
 
     /// Writes `job` as Running on `gpus` (recorded in the job when `accounted`): they are
     /// held, and a slot taken, from now until the trainer has exited or the write failed.
     fn write_start(
         &mut self,
+        job: Job,
+        gpus: Vec<u32>,
+        accounted: bool,
+        waited: f64,
+        respond_to: Option<oneshot::Sender<Result<StartedNow, WorkerError>>>,
+    ) {
+        self.write_start_after(job, gpus, accounted, waited, respond_to, None);
+    }
+
+    /// [`Worker::write_start`], the record written only once `before` has succeeded.
+    fn write_start_after(
+        &mut self,
         mut job: Job,
         gpus: Vec<u32>,
         accounted: bool,
         waited: f64,
         respond_to: Option<oneshot::Sender<Result<StartedNow, WorkerError>>>,
+        before: Option<Before>,
     ) {
         job.start(self.clock.now(), accounted.then(|| gpus.clone()));
         // Held by every trainer, with or without GPU accounting, so that estimates know
@@ -1393,12 +1436,34 @@ impl Worker {
         self.gpus_in_use.insert(job.id, gpus);
         let rank = self.queue.next_start_rank();
         self.starting += 1;
-        self.write(Pending::Start {
+        let pending = Pending::Start {
             job,
             rank,
             waited,
             respond_to,
-        });
+        };
+        match before {
+            None => self.write(pending),
+            Some(before) => self.write_guarded(pending, before),
+        }
+    }
+
+    /// Like [`Worker::write`], after `before`; when that fails, nothing is written and the
+    /// change lands as refused by the storage.
+    fn write_guarded(&mut self, pending: Pending, before: Before) {
+        let change = Change {
+            job: pending.job().clone(),
+            placement: pending.placement(),
+        };
+        self.busy.entry(pending.job_id()).or_default();
+        let store = self.store.clone();
+        self.in_flight.push(Box::pin(async move {
+            let result = match before.await {
+                Ok(()) => store.commit(vec![change]).await,
+                Err(e) => Err(StoreError::Unavailable(e)),
+            };
+            (pending, result)
+        }));
     }
 
     /// Whether a trainer may start now on exactly `gpus`: each in the inventory and held by
