@@ -79,11 +79,29 @@ async fn auto_hands_out_the_gpus_nvidia_smi_reports() {
     let reply = daemon.post_job(&job(&uuid(9), 4)).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
     let a = uuid(1);
+    let hold = sandbox.path().join(format!("hold-{a}"));
+    fs::write(&hold, b"").expect("hold the trainer");
     daemon.submit(job(&a, 3)).await;
+    // While its trainer runs, the job holds all three, and the API says what they are.
+    let gpus = wait_until("the job holds its GPUs", secs(20), async || {
+        let gpus = daemon.get("/v1/gpus").await.json();
+        (gpus[0]["job"] == a.as_str()).then_some(gpus)
+    })
+    .await;
+    assert_eq!(
+        gpus,
+        json!([
+            {"id": 2, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "job": a},
+            {"id": 5, "name": "NVIDIA RTX A6000", "memory_mib": 49140, "job": a},
+            {"id": 7, "name": "NVIDIA GeForce RTX 4090", "memory_mib": 24564, "job": a},
+        ])
+    );
+    fs::remove_file(&hold).expect("release the trainer");
     wait_until("the job completes", secs(20), async || {
         (daemon.job(&a).await["status"] == "Completed").then_some(())
     })
     .await;
+    assert_eq!(daemon.get("/v1/gpus").await.json()[2]["job"], json!(null));
     assert_eq!(seen_gpus(&sandbox), [(a.clone(), "2,5,7".to_string())]);
     assert_eq!(daemon.job(&a).await["gpu_ids"], json!([2, 5, 7]));
 
@@ -216,6 +234,10 @@ async fn a_list_of_ids_needs_no_nvidia_smi() {
     })
     .await;
     assert_eq!(seen_gpus(&sandbox), [(a, "3".to_string())]);
+    assert_eq!(
+        daemon.get("/v1/gpus").await.json(),
+        json!([{"id": 3, "name": null, "memory_mib": null, "job": null}])
+    );
     let stderr = daemon.stderr();
     assert!(
         !stderr.contains("ERROR") && !stderr.contains("WARN"),
