@@ -3,9 +3,10 @@
 //!
 //! Start order matters. The GPU inventory comes first: `[worker] gpus = "auto"` that finds
 //! no GPUs is a bad configuration, refused (exit 78) before anything is touched. Then the
-//! lock, so that nothing of a live daemon is touched; then trainers left by a dead one are killed; then the listener is bound, so `/healthz`
-//! answers and `/readyz` says 503 during a long replay; then replay, the boot writes, and
-//! only then does the worker start jobs and `/v1/` accept requests.
+//! lock, so that nothing of a live daemon is touched; then trainers left by a dead one are
+//! killed; then the listener is bound, so `/healthz` answers and `/readyz` says 503 during a
+//! long replay; then replay, the boot writes, and only then does the worker start jobs and
+//! `/v1/` accept requests.
 //!
 //! Stop order is the reverse. On a signal `/readyz` says 503 and submissions, cancels and
 //! offers are refused with 503 while the worker stops its trainers and writes their jobs
@@ -333,7 +334,7 @@ async fn resolve_gpus(config: &mut Config) -> Result<(), executor::gpus::Invento
     info!(gpus = %found.join(", "), "GPU inventory");
     for gpu in &config.worker.inventory {
         if gpu.memory_mib == 0 {
-            warn!(gpu = gpu.id, name = %gpu.name, "nvidia-smi does not say how much memory this GPU has; it is reported as 0");
+            warn!(gpu = gpu.id, name = %gpu.name, "nvidia-smi does not say how much memory this GPU has; it is reported as unknown (vram_gb 0 to the trainer API)");
         }
     }
     for gpu in gpu::unmapped(&config.worker.inventory, &config.god_trainer.gpu_types) {
