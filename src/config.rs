@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::executor::template::Template;
+use crate::gpu::{GodType, Gpu, GpuTypes};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -94,6 +95,15 @@ pub struct Config {
     pub trainer_api: TrainerApiConfig,
     pub worker: WorkerConfig,
     pub executor: ExecutorConfig,
+    pub god_trainer: GodTrainerConfig,
+}
+
+/// `[god_trainer]`: what the G.O.D trainer API needs; for now only how it names GPUs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GodTrainerConfig {
+    /// Parts of GPU names (`H200`) reported as one of the types the client accepts, for
+    /// GPUs whose name holds none of them.
+    pub gpu_types: GpuTypes,
 }
 
 /// Where the G.O.D trainer API listens, and who may call it (it has no token: the
@@ -133,8 +143,20 @@ pub struct WorkerConfig {
     pub max_concurrent: usize,
     /// Starts cut by crashes after which a job is failed instead of started again.
     pub max_attempts: u32,
-    /// The GPU ids jobs are given; empty: no GPU accounting.
+    /// The GPU ids jobs are given; empty: no GPU accounting. With `gpus = "auto"` empty
+    /// after load, and set at start to the ids nvidia-smi reports.
     pub gpus: Vec<u32>,
+    /// `gpus = "auto"`: the ids come from nvidia-smi at start, and an inventory that cannot
+    /// be read stops the start.
+    pub gpus_auto: bool,
+    /// The nvidia-smi program: a bare name is looked up on `PATH` when it runs, a path is
+    /// taken from the working directory. Not checked at load: with a list of ids the box
+    /// may well have none.
+    pub nvidia_smi: PathBuf,
+    /// What nvidia-smi says the GPUs of `gpus` are, in their order; resolved at start by
+    /// `executor::gpus::inventory`, empty until then and when unknown. Only `gpus` counts
+    /// for handing out GPUs.
+    pub inventory: Vec<Gpu>,
     /// Whether a job may start ahead of an earlier one that waits for more GPUs than are
     /// free. Off: the queue is strictly in order, and a big job is never starved.
     pub backfill: bool,
@@ -155,6 +177,9 @@ impl Default for WorkerConfig {
             max_concurrent: 1,
             max_attempts: 3,
             gpus: Vec::new(),
+            gpus_auto: false,
+            nvidia_smi: PathBuf::from(DEFAULT_NVIDIA_SMI),
+            inventory: Vec::new(),
             backfill: false,
             order: Order::Fifo,
             assumed_duration: Duration::from_secs(3600),
@@ -190,6 +215,9 @@ impl Default for OfferConfig {
         }
     }
 }
+
+/// `worker.nvidia_smi` unless set.
+pub const DEFAULT_NVIDIA_SMI: &str = "nvidia-smi";
 
 /// The job types there are, which `offers.job_types` lists from.
 const JOB_TYPES: &[&str] = &["TextJob", "DiffusionJob"];
@@ -328,14 +356,48 @@ struct FileConfig {
     #[serde(default)]
     offers: FileOffers,
     #[serde(default)]
-    god_trainer: FileTrainerApi,
+    god_trainer: FileGodTrainer,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileTrainerApi {
+struct FileGodTrainer {
     listen: Option<String>,
     allow: Option<Vec<String>>,
+    gpu_types: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `[worker] gpus` as written: a list of ids or a word (`"auto"` is the only one).
+#[derive(Debug)]
+enum FileGpus {
+    Ids(Vec<u32>),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for FileGpus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<FileGpus, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileGpus;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of GPU ids like [0, 1], or \"auto\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileGpus, E> {
+                Ok(FileGpus::Word(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FileGpus, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element()? {
+                    ids.push(id);
+                }
+                Ok(FileGpus::Ids(ids))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,7 +418,8 @@ struct FileApi {
 struct FileWorker {
     max_concurrent: Option<usize>,
     max_attempts: Option<u32>,
-    gpus: Option<Vec<u32>>,
+    gpus: Option<FileGpus>,
+    nvidia_smi: Option<String>,
     backfill: Option<bool>,
     order: Option<String>,
     assumed_duration: Option<String>,
@@ -435,6 +498,7 @@ pub const ENV_KEYS: &[&str] = &[
     "WORKER_MAX_CONCURRENT",
     "WORKER_MAX_ATTEMPTS",
     "WORKER_GPUS",
+    "WORKER_NVIDIA_SMI",
     "WORKER_BACKFILL",
     "WORKER_ORDER",
     "WORKER_ASSUMED_DURATION",
@@ -442,6 +506,7 @@ pub const ENV_KEYS: &[&str] = &[
     "EXECUTOR_TIMEOUT",
     "EXECUTOR_KILL_GRACE",
     "EXECUTOR_PASS_ENV",
+    "EXECUTOR_MAX_LOG_BYTES",
     "EXECUTOR_DOCKER",
     "EXECUTOR_ADOPT_RUNNING",
     "OFFERS_JOB_TYPES",
@@ -449,6 +514,7 @@ pub const ENV_KEYS: &[&str] = &[
     "OFFERS_MAX_HOURS",
     "OFFERS_MAX_WAIT",
     "OFFERS_RESERVE_FOR",
+    "GOD_TRAINER_GPU_TYPES",
 ];
 
 impl Config {
@@ -558,7 +624,7 @@ impl Config {
             ))
         })?;
         let api = api(&var, file.api)?;
-        let trainer_api = trainer_api(&var, file.god_trainer)?;
+        let trainer_api = trainer_api(&var, &file.god_trainer)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
             Some(v) => parse_number(&name_of("worker.max_concurrent"), &v)?,
             None => file.worker.max_concurrent.unwrap_or(1),
@@ -573,15 +639,42 @@ impl Config {
                 name_of("worker.max_attempts")
             )));
         }
-        let gpus = match var("WORKER_GPUS") {
-            Some(v) => v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| parse_number(&name_of("worker.gpus"), s))
-                .collect::<Result<Vec<u32>, _>>()?,
-            None => file.worker.gpus.unwrap_or_default(),
+        let gpus_written = match var("WORKER_GPUS") {
+            Some(v) if v.trim() == "auto" => FileGpus::Word(v),
+            Some(v) => FileGpus::Ids(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| parse_number(&name_of("worker.gpus"), s))
+                    .collect::<Result<Vec<u32>, _>>()?,
+            ),
+            None => file.worker.gpus.unwrap_or(FileGpus::Ids(Vec::new())),
         };
+        let (gpus, gpus_auto) = match gpus_written {
+            FileGpus::Ids(ids) => (ids, false),
+            FileGpus::Word(word) if word.trim() == "auto" => (Vec::new(), true),
+            FileGpus::Word(word) => {
+                return Err(ConfigError::new(format!(
+                    "{}: {word:?} is not \"auto\" or a list of GPU ids",
+                    name_of("worker.gpus")
+                )));
+            }
+        };
+        let nvidia_smi = var("WORKER_NVIDIA_SMI")
+            .or(file.worker.nvidia_smi)
+            .unwrap_or_else(|| DEFAULT_NVIDIA_SMI.into());
+        let nvidia_smi = match nvidia_smi.trim() {
+            "" => {
+                return Err(ConfigError::new(format!(
+                    "{}: empty; name a program (the default is \"{DEFAULT_NVIDIA_SMI}\")",
+                    name_of("worker.nvidia_smi")
+                )));
+            }
+            // Without `.` components, so that messages name it as plainly as it was written.
+            program if program.contains('/') => cwd.join(program).components().collect(),
+            program => PathBuf::from(program),
+        };
+        let god_trainer = god_trainer(&var, file.god_trainer)?;
         let mut seen = std::collections::HashSet::new();
         if let Some(twice) = gpus.iter().find(|id| !seen.insert(**id)) {
             return Err(ConfigError::new(format!(
@@ -756,6 +849,9 @@ impl Config {
                 max_concurrent,
                 max_attempts,
                 gpus,
+                gpus_auto,
+                nvidia_smi,
+                inventory: Vec::new(),
                 backfill,
                 order,
                 assumed_duration,
@@ -773,6 +869,7 @@ impl Config {
                 supervisor: PathBuf::from(crate::executor::supervisor::THIS_BINARY),
                 trainer_nofile: None,
             },
+            god_trainer,
         })
     }
 }
@@ -856,6 +953,43 @@ fn offers(
     })
 }
 
+/// The `[god_trainer]` section; `gpu_types` from the environment as `H200=H100,GH200=H100`.
+fn god_trainer(
+    var: &impl Fn(&str) -> Option<String>,
+    file: FileGodTrainer,
+) -> Result<GodTrainerConfig, ConfigError> {
+    let name = setting_name(var, "god_trainer.gpu_types");
+    let pairs: Vec<(String, String)> = match var("GOD_TRAINER_GPU_TYPES") {
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((part, to)) => Ok((part.trim().to_string(), to.trim().to_string())),
+                None => Err(ConfigError::new(format!(
+                    "{name}: {pair:?} is not NAME_PART=TYPE, like H200=H100"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        None => file.gpu_types.unwrap_or_default().into_iter().collect(),
+    };
+    let mut gpu_types = GpuTypes::new();
+    for (part, to) in pairs {
+        if part.trim().is_empty() {
+            return Err(ConfigError::new(format!(
+                "{name}: an empty name part would match no GPU"
+            )));
+        }
+        let Some(to) = GodType::parse(&to) else {
+            return Err(ConfigError::new(format!(
+                "{name}: {part:?} maps to {to:?}, which is not H100, A100 or A6000 (the types the G.O.D client accepts)"
+            )));
+        };
+        gpu_types.insert(part, to);
+    }
+    Ok(GodTrainerConfig { gpu_types })
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(format!("cannot read config file {}: {e}", path.display()))
@@ -906,11 +1040,11 @@ fn api(var: &impl Fn(&str) -> Option<String>, file: FileApi) -> Result<ApiConfig
 /// `[god_trainer]`: `listen` (empty: off) and `allow`; the variables take a comma list.
 fn trainer_api(
     var: &impl Fn(&str) -> Option<String>,
-    file: FileTrainerApi,
+    file: &FileGodTrainer,
 ) -> Result<TrainerApiConfig, ConfigError> {
     let (listen_text, listen_name) = match var("GOD_TRAINER_LISTEN") {
         Some(v) => (Some(v), "TRAINING_WORKER_GOD_TRAINER_LISTEN"),
-        None => (file.listen, "god_trainer.listen"),
+        None => (file.listen.clone(), "god_trainer.listen"),
     };
     let listen = match listen_text.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -925,7 +1059,7 @@ fn trainer_api(
                 .collect(),
             "TRAINING_WORKER_GOD_TRAINER_ALLOW",
         ),
-        None => (file.allow.unwrap_or_default(), "god_trainer.allow"),
+        None => (file.allow.clone().unwrap_or_default(), "god_trainer.allow"),
     };
     let allow = allow
         .iter()
@@ -1872,5 +2006,100 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             "from the file"
         );
         assert_eq!(offers.reserve_for, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn gpus_are_a_list_or_auto_and_nvidia_smi_is_found_when_it_runs() {
+        let dir = setup();
+        let file = dir.path().join(DEFAULT_CONFIG_FILE);
+        std::fs::write(&file, "[worker]\ngpus = \"auto\"\n").unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert!(c.worker.gpus_auto);
+        assert!(c.worker.gpus.is_empty(), "filled at start, not at load");
+        assert_eq!(c.worker.nvidia_smi, PathBuf::from("nvidia-smi"));
+
+        std::fs::write(
+            &file,
+            "[worker]\ngpus = [3, 1]\nnvidia_smi = \"./bin/fake-smi\"\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(
+            (c.worker.gpus.clone(), c.worker.gpus_auto),
+            (vec![3, 1], false)
+        );
+        assert_eq!(c.worker.nvidia_smi, dir.path().join("bin/fake-smi"));
+
+        let env = [
+            ("TRAINING_WORKER_WORKER_GPUS", " auto "),
+            (
+                "TRAINING_WORKER_WORKER_NVIDIA_SMI",
+                "/opt/nvidia/nvidia-smi",
+            ),
+        ];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert!(c.worker.gpus_auto && c.worker.gpus.is_empty());
+        assert_eq!(c.worker.nvidia_smi, PathBuf::from("/opt/nvidia/nvidia-smi"));
+        let env = [("TRAINING_WORKER_WORKER_GPUS", "0,2")];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert_eq!((c.worker.gpus, c.worker.gpus_auto), (vec![0, 2], false));
+
+        for (text, env, named) in [
+            ("[worker]\ngpus = \"all\"\n", None, "worker.gpus"),
+            ("[worker]\ngpus = true\n", None, "gpus"),
+            (
+                "",
+                Some(("TRAINING_WORKER_WORKER_GPUS", "0,auto")),
+                "TRAINING_WORKER_WORKER_GPUS",
+            ),
+            ("[worker]\nnvidia_smi = \" \"\n", None, "worker.nvidia_smi"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let env: Vec<(&str, &str)> = env.into_iter().collect();
+            let err = load(dir.path(), &env, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn gpu_types_map_name_parts_to_the_three_types_the_client_accepts() {
+        let dir = setup();
+        let file = dir.path().join(DEFAULT_CONFIG_FILE);
+        std::fs::write(
+            &file,
+            "[god_trainer]\ngpu_types = { \"H200\" = \"H100\", \"GH200\" = \"H100\" }\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        let want = GpuTypes::from([
+            ("H200".into(), GodType::H100),
+            ("GH200".into(), GodType::H100),
+        ]);
+        assert_eq!(c.god_trainer.gpu_types, want);
+        let env = [("TRAINING_WORKER_GOD_TRAINER_GPU_TYPES", "L40S = A6000, ")];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert_eq!(
+            c.god_trainer.gpu_types,
+            GpuTypes::from([("L40S".into(), GodType::A6000)])
+        );
+        for (text, env) in [
+            ("[god_trainer]\ngpu_types = { \"H200\" = \"H200\" }\n", None),
+            ("[god_trainer]\ngpu_types = { \"\" = \"H100\" }\n", None),
+            ("", Some(("TRAINING_WORKER_GOD_TRAINER_GPU_TYPES", "H200"))),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let env: Vec<(&str, &str)> = env.into_iter().collect();
+            let err = load(dir.path(), &env, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.to_ascii_lowercase().contains("gpu_types"),
+                "{text:?}: {err}"
+            );
+        }
+        assert!(unknown_variables(["TRAINING_WORKER_GOD_TRAINER_GPU_TYPES".into()]).is_empty());
+        assert!(unknown_variables(["TRAINING_WORKER_WORKER_NVIDIA_SMI".into()]).is_empty());
     }
 }

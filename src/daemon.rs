@@ -1,10 +1,12 @@
 //! The daemon: lock the data dir, replay it, run the store, the worker, the executor and the
 //! API under one shutdown token and one task tracker, and report how it all ended.
 //!
-//! Start order matters. The lock comes first, so that nothing of a live daemon is touched;
-//! then trainers left by a dead one are killed; then the listener is bound, so `/healthz`
-//! answers and `/readyz` says 503 during a long replay; then replay, the boot writes, and
-//! only then does the worker start jobs and `/v1/` accept requests.
+//! Start order matters. The GPU inventory comes first: `[worker] gpus = "auto"` that finds
+//! no GPUs is a bad configuration, refused (exit 78) before anything is touched. Then the
+//! lock, so that nothing of a live daemon is touched; then trainers left by a dead one are
+//! killed; then the listener is bound, so `/healthz` answers and `/readyz` says 503 during a
+//! long replay; then replay, the boot writes, and only then does the worker start jobs and
+//! `/v1/` accept requests.
 //!
 //! Stop order is the reverse. On a signal `/readyz` says 503 and submissions, cancels and
 //! offers are refused with 503 while the worker stops its trainers and writes their jobs
@@ -22,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState, serve};
 use crate::config::Config;
 use crate::executor::{self, Executor};
+use crate::gpu;
 use crate::metrics::METRICS;
 use crate::notify::{self, Notifier};
 use crate::store::Store;
@@ -57,6 +60,10 @@ const LEFTOVER_PATIENCE: Duration = Duration::from_secs(10);
 /// Runs the daemon until `stop` (a signal, in production) or a fatal storage error.
 /// Errors are logged here, in one line each; the exit code says what happened.
 pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'static) -> Exit {
+    if let Err(e) = resolve_gpus(&mut config).await {
+        error!("bad configuration: {e}");
+        return Exit::Config;
+    }
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         error!(data_dir = %config.data_dir.display(), error = %e, "cannot create the data dir");
         return Exit::Storage;
@@ -159,6 +166,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
             state.clone(),
             config.trainer_api.allow.clone(),
             config.executor.stages.clone(),
+            config.god_trainer.gpu_types.clone(),
         );
         tracker.spawn(serve::serve(
             trainer_listener,
@@ -355,6 +363,42 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
     info!("stopped");
     Exit::Graceful
+}
+
+/// Asks nvidia-smi what the GPUs are (`executor::gpus::inventory`) and puts the answer in
+/// `config.worker`: the ids to hand out, and the inventory that the APIs report. Says what
+/// it found, and names each GPU that the trainer API would leave out.
+async fn resolve_gpus(config: &mut Config) -> Result<(), executor::gpus::InventoryError> {
+    // Names and memory are needed by the trainer API, which reports them: with it on, an
+    // inventory that cannot be read is a configuration error.
+    let required = config.trainer_api.listen.is_some();
+    let inventory =
+        executor::gpus::inventory(&config.worker, required, executor::gpus::QUERY_TIMEOUT).await?;
+    config.worker.gpus = inventory.ids;
+    config.worker.inventory = inventory.gpus;
+    if config.worker.inventory.is_empty() {
+        return Ok(());
+    }
+    let found: Vec<String> = config
+        .worker
+        .inventory
+        .iter()
+        .map(|g| format!("{}: {} ({} MiB)", g.id, g.name, g.memory_mib))
+        .collect();
+    info!(gpus = %found.join(", "), "GPU inventory");
+    for gpu in &config.worker.inventory {
+        if gpu.memory_mib == 0 {
+            warn!(gpu = gpu.id, name = %gpu.name, "nvidia-smi does not say how much memory this GPU has; it is reported as unknown (vram_gb 0 to the trainer API)");
+        }
+    }
+    for gpu in gpu::unmapped(&config.worker.inventory, &config.god_trainer.gpu_types) {
+        warn!(
+            gpu = gpu.id,
+            name = %gpu.name,
+            "GPU of no type the G.O.D client accepts (H100, A100, A6000): the trainer API leaves it out; map a part of its name in [god_trainer] gpu_types"
+        );
+    }
+    Ok(())
 }
 
 /// Raises the soft limit on open descriptors to the hard limit, and returns the soft limit

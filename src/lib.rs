@@ -4,6 +4,7 @@
 //! - [`job`]: the job, its id and status, the legal transitions, its JSON form (one codec
 //!   for the wire and the job files).
 //! - [`config`]: the settings, loaded and validated once, passed explicitly.
+//! - [`gpu`]: the GPU inventory (what nvidia-smi says each id is) and the G.O.D types.
 //! - [`store`]: the only code that writes job state to the data dir: atomic durable writes,
 //!   group commit, replay at boot, the data dir lock.
 //! - [`executor`]: the only code that spawns processes: trainers, their logs, their ends.
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod executor;
+pub mod gpu;
 pub mod job;
 pub mod metrics;
 pub mod notify;

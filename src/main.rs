@@ -185,6 +185,9 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        // A closed stderr (a pipe whose reader went away) must cost log lines, never the
+        // daemon: tracing's own report of a failed write would panic the writing task.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -56,9 +56,21 @@ impl Box {
              > \"$(dirname \"$TW_DATA_DIR\")/token-$JOB_ID\"; exec \"$0\" \"$@\"",
         )
         .expect("a string");
+        // Four H100s, as nvidia-smi reports them; the API needs the inventory.
+        let smi = sandbox.path().join("nvidia-smi");
+        fs::write(
+            &smi,
+            "#!/bin/sh\nfor i in 0 1 2 3; do echo \"$i, NVIDIA H100 80GB HBM3, 81559\"; done\n",
+        )
+        .expect("write the fake nvidia-smi");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&smi, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let smi = serde_json::to_string(&smi.display().to_string()).expect("a string");
         sandbox.write_config(&format!(
             "shutdown_grace = \"10s\"\n\n[god_trainer]\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [worker]\nmax_concurrent = 3\ngpus = [0, 1, 2, 3]\n\n[executor]\ntimeout = \"60s\"\n\
+             [worker]\nmax_concurrent = 3\ngpus = [0, 1, 2, 3]\nnvidia_smi = {smi}\n\n[executor]\ntimeout = \"60s\"\n\
              kill_grace = \"2s\"\npass_env = []\n\n\
              [[executor.stages]]\nname = \"train\"\ncommand = [\"/bin/bash\", \"-c\", {note_token}, \
              {program}, \"--task={{task_id}}\"]\n\n\
@@ -269,10 +281,50 @@ async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
         return;
     }
     let node = Box::start(Sandbox::new()).await;
+    let availability = || async {
+        let (code, gpus) = node
+            .call(
+                reqwest::Method::GET,
+                "/v1/trainer/get_gpu_availability",
+                None,
+            )
+            .await;
+        assert_eq!(code, StatusCode::OK, "{gpus}");
+        gpus.as_array()
+            .expect("a list")
+            .iter()
+            .map(|g| g["available"].as_bool().expect("available"))
+            .collect::<Vec<bool>>()
+    };
+    assert_eq!(availability().await, [true; 4]);
     let a = fixture("start-dpo.json").expect("the fixture"); // GPUs 1 and 2
     let hold = node.hold(&a, "train");
     let (code, _) = node.start_task(&a).await;
     assert_eq!(code, StatusCode::OK);
+    assert_eq!(availability().await, [true, false, false, true]);
+    // The shape the real client's model made, and then some.
+    let (_, gpus) = node
+        .call(
+            reqwest::Method::GET,
+            "/v1/trainer/get_gpu_availability",
+            None,
+        )
+        .await;
+    let model = fixture("gpu-availability.json").expect("the fixture");
+    for (ours, theirs) in gpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(model.as_array().unwrap())
+    {
+        for (key, value) in theirs.as_object().unwrap() {
+            let same_kind = std::mem::discriminant(value) == std::mem::discriminant(&ours[key]);
+            assert!(same_kind, "{key}: {ours} against {theirs}");
+        }
+        assert_eq!(ours["gpu_type"], "H100");
+        assert_eq!(ours["vram_gb"], 79);
+        assert_eq!(ours["interconnect"], "SXM");
+    }
     // The identical retry of a lost reply: 200, nothing changes.
     let before = node.daemon.job(&job_id(&a)).await;
     let (code, again) = node.start_task(&a).await;
@@ -437,4 +489,22 @@ async fn the_token_reaches_stages_and_is_kept_in_a_private_file_only_while_unfin
         async || (!kept.exists()).then_some(()),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_on_a_gpu_inventory_that_cannot_be_read_is_exit_78() {
+    let sandbox = Sandbox::new();
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string");
+    sandbox.write_config(&format!(
+        "[god_trainer]\nlisten = \"127.0.0.1:0\"\n\n[worker]\ngpus = [0]\n\
+         nvidia_smi = \"/nonexistent/nvidia-smi\"\n\n[executor]\ncommand = [{program}]\n"
+    ));
+    let mut daemon = sandbox.spawn();
+    let status = daemon.wait_exit(secs(20)).await;
+    assert_eq!(status.code(), Some(78), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("nvidia-smi"),
+        "{}",
+        daemon.stderr()
+    );
 }

@@ -381,3 +381,49 @@ async fn the_text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
         "an ESC byte in a log written to a file:\n{text:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_stderr_was_closed_still_stops_gracefully_on_sigterm() {
+    let sandbox = Sandbox::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_training-worker"))
+        .arg("serve")
+        .arg("--config")
+        .arg(sandbox.config_file())
+        .arg("--data-dir")
+        .arg(sandbox.data_dir())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the daemon");
+    let client = reqwest::Client::new();
+    wait_until("the daemon is ready", secs(20), async || {
+        let reply = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (reply.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    // The reader goes away, as when `serve 2>&1 | head` has printed its lines.
+    drop(daemon.stderr.take());
+    let pid = daemon.id().expect("a pid") as i32;
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(secs(20), daemon.wait())
+        .await
+        .expect("the daemon stops within its shutdown grace")
+        .expect("its status");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -40,14 +40,22 @@ pub struct TrainerState {
     allow: Arc<[IpAddr]>,
     /// The pipeline, to name a task's container.
     stages: Arc<[Stage]>,
+    /// How GPU names map to the three types the client accepts.
+    gpu_types: Arc<crate::gpu::GpuTypes>,
 }
 
 impl TrainerState {
-    pub fn new(app: AppState, allow: Vec<IpAddr>, stages: Vec<Stage>) -> TrainerState {
+    pub fn new(
+        app: AppState,
+        allow: Vec<IpAddr>,
+        stages: Vec<Stage>,
+        gpu_types: crate::gpu::GpuTypes,
+    ) -> TrainerState {
         TrainerState {
             app,
             allow: allow.into(),
             stages: stages.into(),
+            gpu_types: Arc::new(gpu_types),
         }
     }
 
@@ -71,6 +79,7 @@ pub fn router(state: TrainerState) -> Router {
     Router::new()
         .route("/v1/trainer/start_training", post(start_training))
         .route("/v1/trainer/get_recent_tasks", get(recent_tasks))
+        .route("/v1/trainer/get_gpu_availability", get(gpu_availability))
         .route("/v1/trainer/{task_id}", get(task))
         .fallback(|| async { Detail::new(StatusCode::NOT_FOUND, "Not Found") })
         .layer(middleware::from_fn_with_state(state.clone(), admit))
@@ -311,6 +320,22 @@ async fn task(
         ));
     };
     Ok(axum::Json(task_view(&state, worker, &job).await))
+}
+
+/// One entry per GPU of a type the client accepts, in id order; `available` while no
+/// trainer of an unfinished job (either API, or one still stopping) holds it.
+async fn gpu_availability(State(state): State<TrainerState>) -> Result<axum::Json<Value>, Detail> {
+    let gpus = state.worker()?.gpus().await?;
+    let mut answer: Vec<Value> = gpus
+        .iter()
+        .filter_map(|view| {
+            let gpu = view.gpu.as_ref()?;
+            crate::gpu::availability(gpu, &state.gpu_types, view.job.is_none())
+        })
+        .map(|entry| serde_json::to_value(entry).expect("an entry serialises"))
+        .collect();
+    answer.sort_by_key(|e| e["gpu_id"].as_u64());
+    Ok(axum::Json(Value::Array(answer)))
 }
 
 #[derive(Deserialize)]

@@ -124,6 +124,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("POST", "/v1/jobs/{id}/retry", || post(retry)),
     Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
     Route::new("GET", "/v1/queue", || get(queue)),
+    Route::new("GET", "/v1/gpus", || get(gpus)),
     Route::new("POST", "/v1/offers", || post(offer)),
     Route::new("GET", "/healthz", || get(healthz)),
     Route::new("GET", "/readyz", || get(readyz)),
@@ -392,6 +393,25 @@ async fn list(
     Ok(Json(
         jobs.iter()
             .map(|job| with_estimate(job, estimates.get(&job.id)))
+            .collect(),
+    ))
+}
+
+/// The configured GPUs, what nvidia-smi says they are, and the job holding each.
+async fn gpus(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let views = state.worker()?.gpus().await?;
+    Ok(Json(
+        views
+            .into_iter()
+            .map(|view| {
+                json!({
+                    "id": view.id,
+                    "name": view.gpu.as_ref().map(|g| g.name.clone()),
+                    // 0 is nvidia-smi's `[N/A]`: unknown, like a GPU it did not report.
+                    "memory_mib": view.gpu.as_ref().map(|g| g.memory_mib).filter(|m| *m > 0),
+                    "job": view.job.map(|id| id.to_string()),
+                })
+            })
             .collect(),
     ))
 }

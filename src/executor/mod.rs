@@ -18,6 +18,7 @@
 //! previous daemon of the same data dir left behind (its grandchildren, say).
 
 pub mod docker;
+pub mod gpus;
 pub mod orphans;
 pub mod supervisor;
 pub mod template;

@@ -86,6 +86,9 @@ enum Command {
     Ping {
         respond_to: oneshot::Sender<()>,
     },
+    Gpus {
+        respond_to: oneshot::Sender<Vec<GpuView>>,
+    },
     /// From the executor, not a client: a stage has finished and must be recorded before
     /// the next one starts.
     StageDone(StageDone),
@@ -151,6 +154,7 @@ impl Command {
                 | Command::Estimates { .. }
                 | Command::LogPath { .. }
                 | Command::AwaitingSurvey { .. }
+                | Command::Gpus { .. }
         )
     }
 }
@@ -207,6 +211,17 @@ pub struct QueueView {
     pub paused: Option<String>,
     /// Why each queued job has not started, in queue order.
     pub waiting: Vec<(JobId, String)>,
+}
+
+/// One GPU of `[worker] gpus`: what it is, and the job that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuView {
+    pub id: u32,
+    /// What nvidia-smi said at start (`WorkerConfig::inventory`); `None`: unknown.
+    pub gpu: Option<crate::gpu::Gpu>,
+    /// The job whose trainer holds it: starting, running, or still stopping after its job
+    /// ended. A GPU is free only once that trainer's exit is reported.
+    pub job: Option<JobId>,
 }
 
 /// What the worker's loop left undone when it ended.
@@ -299,6 +314,11 @@ impl WorkerHandle {
     /// stuck (for a service manager's watchdog).
     pub async fn ping(&self) -> Result<(), WorkerError> {
         self.ask(|respond_to| Command::Ping { respond_to }).await
+    }
+
+    /// Every configured GPU, in configured order, with the job that holds it.
+    pub async fn gpus(&self) -> Result<Vec<GpuView>, WorkerError> {
+        self.ask(|respond_to| Command::Gpus { respond_to }).await
     }
 
     /// When the queued and running jobs (only `of`, when given) are expected to start and end.
@@ -783,6 +803,9 @@ impl Worker {
             Command::Retry { id, respond_to } => self.retry(id, respond_to),
             Command::Ping { respond_to } => {
                 let _ = respond_to.send(());
+            }
+            Command::Gpus { respond_to } => {
+                let _ = respond_to.send(self.gpu_views());
             }
             Command::Estimates { of, respond_to } => {
                 let _ = respond_to.send(self.estimates(of));
@@ -1719,6 +1742,22 @@ impl Worker {
             .iter()
             .copied()
             .filter(|gpu| !self.gpus_in_use.values().any(|ids| ids.contains(gpu)))
+            .collect()
+    }
+
+    fn gpu_views(&self) -> Vec<GpuView> {
+        self.config
+            .gpus
+            .iter()
+            .map(|&id| GpuView {
+                id,
+                gpu: self.config.inventory.iter().find(|g| g.id == id).cloned(),
+                job: self
+                    .gpus_in_use
+                    .iter()
+                    .find(|(_, ids)| ids.contains(&id))
+                    .map(|(job, _)| *job),
+            })
             .collect()
     }
 
