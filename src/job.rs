@@ -451,6 +451,9 @@ pub struct Job {
     /// For a job of the G.O.D trainer API: the task it runs. Server-owned; `None` for a job
     /// of the main API.
     pub trainer_task: Option<TrainerTask>,
+    /// The first W&B address (`https://wandb.ai/...`) a stage of this run printed.
+    /// Server-owned; a fresh run forgets it.
+    pub wandb_url: Option<String>,
     /// Fields this version does not know, in the order they came, written back unchanged.
     pub extra: Extra,
 }
@@ -558,6 +561,7 @@ const KNOWN_COMMON: &[&str] = &[
     "stages_done",
     "stages_started",
     "trainer_task",
+    "wandb_url",
 ];
 
 impl Job {
@@ -602,6 +606,7 @@ impl Job {
             "stages_done",
             "stages_started",
             "trainer_task",
+            "wandb_url",
             // What the API adds to a job it shows; a job read back and resubmitted is the
             // same request.
             "estimated_start",
@@ -691,8 +696,14 @@ impl Job {
             None | Some(Value::Null) => None,
             Some(task) => Some(TrainerTask::from_json(task)?),
         };
+        let wandb_url = match object.get("wandb_url") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(url)) => Some(url.clone()),
+            Some(_) => return Err(FieldError::new("wandb_url", "must be a string or null")),
+        };
         let mut job = Job::from_fields(id, object, Source::File)?;
         job.trainer_task = trainer_task;
+        job.wandb_url = wandb_url;
         job.status = status;
         job.deadline = deadline;
         job.stages_done = stages_done;
@@ -810,6 +821,7 @@ impl Job {
             stages_done: Vec::new(),
             stages_started: Vec::new(),
             trainer_task: None,
+            wandb_url: None,
             extra: Extra::from_map(object),
         })
     }
@@ -900,6 +912,7 @@ impl Job {
         self.finished_at = None;
         self.stages_done.clear();
         self.stages_started.clear();
+        self.wandb_url = None;
         self.gpu_ids = None;
         self.accept(now);
     }
@@ -999,6 +1012,9 @@ impl Serialize for Job {
                 .map(|(stage, at)| (stage.clone(), Value::String(format_timestamp(at))))
                 .collect();
             map.serialize_entry("stages_started", &started)?;
+        }
+        if let Some(url) = &self.wandb_url {
+            map.serialize_entry("wandb_url", url)?;
         }
         for (key, value) in &self.extra.0 {
             map.serialize_entry(key, &**value)?;
@@ -1630,12 +1646,14 @@ mod tests {
         with_budget["stages_done"] = json!(["download"]);
         with_budget["stages_started"] = json!({"train": "1999-01-01T00:00:00Z"});
         with_budget["trainer_task"] = json!({"task_id": "t", "hotkey": "h", "github_repo": "r"});
+        with_budget["wandb_url"] = json!("https://wandb.ai/a/b/runs/c");
         let mut job = Job::from_submission(with_budget, now()).unwrap();
         assert_eq!(job.hours_to_complete, Some(1.5));
         assert_eq!(job.deadline, Some(now() + chrono::Duration::minutes(90)));
         assert!(job.stages_done.is_empty(), "the client cannot claim stages");
         assert!(job.stages_started.is_empty(), "nor their start times");
         assert_eq!(job.trainer_task, None, "nor a trainer task");
+        assert_eq!(job.wandb_url, None, "nor what a stage printed");
         assert_eq!(
             job.time_left(now() + chrono::Duration::minutes(30)),
             Some(std::time::Duration::from_secs(3600))
@@ -1655,6 +1673,7 @@ mod tests {
             github_commit_hash: Some("8631451".into()),
             request: json!({"gpu_ids": [0], "unknown": {"kept": true}}),
         });
+        job.wandb_url = Some("https://wandb.ai/team/project/runs/r1".into());
         let back = Job::from_stored(job.to_json()).unwrap();
         assert_eq!(back, job);
         for bad in [json!(0), json!(-2), json!("3"), json!(1e9)] {
@@ -1672,6 +1691,7 @@ mod tests {
             "stages_done",
             "stages_started",
             "trainer_task",
+            "wandb_url",
         ] {
             assert!(plain.get(key).is_none(), "{key} in {plain}");
         }

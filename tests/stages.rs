@@ -823,3 +823,67 @@ async fn a_trainer_tasks_fields_reach_the_stages_as_placeholders() {
         "4f0c8a52-8d1e-4d8a-9b43-0a6f2b1c7d01"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_wandb_address_a_stage_prints_is_kept_durably_and_a_retry_forgets_it() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let a = id(51);
+    // As wandb prints it: coloured, the escape codes around the address.
+    fs::write(
+        sandbox.path().join(format!("print-{a}-train")),
+        "wandb: Syncing run fine-tune\nwandb: View run at \u{1b}[34m\u{1b}[4mhttps://wandb.ai/team/proj/runs/r1\u{1b}[0m\n",
+    )
+    .expect("write a print file");
+    fs::write(
+        sandbox.path().join(format!("print-{a}-upload")),
+        "see https://wandb.ai/team/proj/runs/later\n",
+    )
+    .expect("write a print file");
+    hold(&sandbox, &a, "train");
+    let daemon = sandbox.start().await;
+    daemon.submit(job(&a)).await;
+    stage_started(&sandbox, &a, "train", 1).await;
+    // Recorded in the job file while the stage still runs.
+    let file = wait_until("the address is in the job file", secs(15), async || {
+        let file = sandbox.job_file(&a);
+        file["wandb_url"].is_string().then_some(file)
+    })
+    .await;
+    assert_eq!(file["wandb_url"], "https://wandb.ai/team/proj/runs/r1");
+    assert_eq!(file["status"], "Running");
+    release(&sandbox, &a, "train");
+    let done = daemon.wait_status(&a, "Completed", secs(30)).await;
+    // The upload's address came later: the run's first one stays.
+    assert_eq!(
+        done["wandb_url"], "https://wandb.ai/team/proj/runs/r1",
+        "{done}"
+    );
+    assert!(daemon.logs(&a).await.contains("runs/later"));
+
+    // A fresh run forgets it until a stage prints one again.
+    fs::remove_file(sandbox.path().join(format!("print-{a}-train"))).expect("remove");
+    fs::remove_file(sandbox.path().join(format!("print-{a}-upload"))).expect("remove");
+    hold(&sandbox, &a, "train");
+    let retried = daemon
+        .post(&format!("/v1/jobs/{a}/retry"), &json!({}))
+        .await;
+    assert_eq!(retried.status, reqwest::StatusCode::OK, "{}", retried.text);
+    assert!(
+        retried.json().get("wandb_url").is_none(),
+        "{}",
+        retried.text
+    );
+    wait_until("train starts in the fresh run", secs(15), async || {
+        let starts = runs(&sandbox, &a)
+            .into_iter()
+            .filter(|r| *r == run("start", "train", 1))
+            .count();
+        (starts == 2).then_some(())
+    })
+    .await;
+    release(&sandbox, &a, "train");
+    let again = daemon.wait_status(&a, "Completed", secs(30)).await;
+    assert!(again.get("wandb_url").is_none(), "{again}");
+    assert!(sandbox.job_file(&a).get("wandb_url").is_none());
+}

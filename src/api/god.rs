@@ -409,7 +409,7 @@ async fn task_view(state: &TrainerState, worker: &WorkerHandle, job: &Job) -> Va
         "status": task_status(job.status),
         "started_at": job.created_at.map(|t| format_timestamp(&t)),
         "finished_at": job.finished_at.map(|t| format_timestamp(&t)),
-        "wandb_url": Value::Null,
+        "wandb_url": job.wandb_url,
         "logs": logs,
         "job_type": "training",
         "container_name": container_name(&state.stages, job),

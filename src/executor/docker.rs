@@ -272,6 +272,7 @@ impl DockerCli {
     }
 
     /// Starts the container `name` with `args` and follows it to its end.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
         name: &str,
@@ -280,6 +281,7 @@ impl DockerCli {
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
+        wandb: supervisor::UrlSink,
     ) -> Outcome {
         // A container of an earlier start of this stage (kept by a crash, not adopted) must
         // not run beside the new one, and its name must be free.
@@ -302,11 +304,13 @@ impl DockerCli {
             };
         }
         info!(container = name, "container started");
-        self.follow(name, None, log, timeout, grace, stop).await
+        self.follow(name, None, log, timeout, grace, stop, wandb)
+            .await
     }
 
     /// Streams the container's output (all of it, or what it wrote since `since`) to `log`
     /// until it exits, stops it on timeout or request, removes it, and says how it ended.
+    #[allow(clippy::too_many_arguments)]
     pub async fn follow(
         &self,
         name: &str,
@@ -315,6 +319,7 @@ impl DockerCli {
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
+        wandb: supervisor::UrlSink,
     ) -> Outcome {
         let mut logs_args: Vec<String> = vec!["logs".into(), "-f".into()];
         if let Some(since) = since {
@@ -335,7 +340,7 @@ impl DockerCli {
             nofile: None,
             argv,
         };
-        let logs = match Supervised::spawn(&self.supervisor, &args, &self.env) {
+        let logs = match Supervised::spawn(&self.supervisor, &args, &self.env, Some(wandb)) {
             Ok(mut logs) => logs.started().await.map(|_| logs),
             Err(e) => Err(e.to_string()),
         };

@@ -109,6 +109,8 @@ pub struct Reports {
     pub stage_done: mpsc::Sender<StageDone>,
     /// A trainer of this job is running: trainers can be started again.
     pub started: mpsc::Sender<JobId>,
+    /// A stage of this job printed this W&B address (the first of its stage).
+    pub wandb: mpsc::Sender<(JobId, String)>,
 }
 
 impl Event {
@@ -365,6 +367,16 @@ impl Context {
         }
     }
 
+    /// Where a supervisor of `id`'s stages sends the first W&B address it sees: to the
+    /// worker, which keeps the run's first one in the job.
+    fn wandb_sink(&self, id: JobId) -> supervisor::UrlSink {
+        let reports = self.reports.wandb.clone();
+        // Full only if the worker is far behind; an address is worth no wait.
+        Box::new(move |url| {
+            let _ = reports.try_send((id, url));
+        })
+    }
+
     /// The `pass_env` names a stage gets.
     fn pass_env<'a>(&'a self, stage: &'a Stage) -> &'a [String] {
         stage.pass_env.as_deref().unwrap_or(&self.pass_env)
@@ -609,6 +621,7 @@ impl Run {
                                         timeout,
                                         context.kill_grace,
                                         &stop,
+                                        context.wandb_sink(job_id),
                                     )
                                     .await
                             }
@@ -622,7 +635,15 @@ impl Run {
                                     context.pass_env(stage),
                                 );
                                 docker
-                                    .run(&name, &args, &log, timeout, context.kill_grace, &stop)
+                                    .run(
+                                        &name,
+                                        &args,
+                                        &log,
+                                        timeout,
+                                        context.kill_grace,
+                                        &stop,
+                                        context.wandb_sink(job_id),
+                                    )
                                     .await
                             }
                         }
@@ -731,7 +752,12 @@ async fn run_process(
         nofile: context.trainer_nofile,
         argv: argv.iter().map(std::ffi::OsString::from).collect(),
     };
-    let started = match Supervised::spawn(&context.supervisor, &args, env) {
+    let started = match Supervised::spawn(
+        &context.supervisor,
+        &args,
+        env,
+        Some(context.wandb_sink(job_id)),
+    ) {
         Ok(mut trainer) => trainer.started().await.map(|pid| (trainer, pid)),
         Err(e) => Err(format!("cannot start the supervisor: {e}")),
     };

@@ -35,6 +35,8 @@
 //! - `started PID`: the trainer runs, with this process id.
 //! - `spawn-failed MESSAGE`: the trainer could not be started (nothing ran).
 //! - `lease-expired`: a lease ran out; the stop has begun.
+//! - `wandb URL`: the first `https://wandb.ai/...` address the trainer printed (once at
+//!   most: a run's W&B page, which the trainer API shows as the task's `wandb_url`).
 //! - `exited CODE` or `signalled SIGNAL`: how the trainer's leader ended, sent once no
 //!   process of the tree is left; the supervisor exits right after.
 
@@ -173,6 +175,8 @@ pub enum Report {
     Started(u32),
     SpawnFailed(String),
     LeaseExpired,
+    /// The first W&B address in the trainer's output.
+    WandbUrl(String),
     Exited(i32),
     Signalled(i32),
 }
@@ -184,6 +188,7 @@ impl Report {
             // One line, whatever the message holds.
             Report::SpawnFailed(e) => format!("spawn-failed {}\n", e.replace('\n', " ")),
             Report::LeaseExpired => "lease-expired\n".into(),
+            Report::WandbUrl(url) => format!("wandb {url}\n"),
             Report::Exited(code) => format!("exited {code}\n"),
             Report::Signalled(sig) => format!("signalled {sig}\n"),
         }
@@ -196,6 +201,9 @@ impl Report {
             "started" => rest.parse().ok().map(Report::Started),
             "spawn-failed" => Some(Report::SpawnFailed(rest.to_string())),
             "lease-expired" => Some(Report::LeaseExpired),
+            "wandb" if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
+                Some(Report::WandbUrl(rest.to_string()))
+            }
             "exited" => rest.parse().ok().map(Report::Exited),
             "signalled" => rest.parse().ok().map(Report::Signalled),
             _ => None,
@@ -208,8 +216,13 @@ impl Report {
 pub struct Supervised {
     child: tokio::process::Child,
     control: Option<tokio::process::ChildStdin>,
-    reports: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// The supervisor's reports, read as they come by a task of their own, so that a
+    /// W&B address reaches its sink while the trainer runs.
+    reports: tokio::sync::mpsc::UnboundedReceiver<Report>,
 }
+
+/// Where a supervised trainer's first W&B address goes, as soon as it is printed.
+pub type UrlSink = Box<dyn Fn(String) + Send + Sync>;
 
 /// How long a supervisor may take to report after being told to stop, beyond the grace,
 /// before it is killed itself (its trainer's leader then dies by its parent-death signal).
@@ -219,7 +232,12 @@ impl Supervised {
     /// Spawns the supervisor, which spawns `argv` with exactly `env`. An error here means
     /// the supervisor itself could not start (out of descriptors, say); a trainer that
     /// cannot start is reported by [`Supervised::started`].
-    pub fn spawn(program: &Path, args: &Args, env: &[(String, String)]) -> io::Result<Supervised> {
+    pub fn spawn(
+        program: &Path,
+        args: &Args,
+        env: &[(String, String)],
+        wandb: Option<UrlSink>,
+    ) -> io::Result<Supervised> {
         let mut command = tokio::process::Command::new(program);
         command
             .arg0("training-worker")
@@ -240,10 +258,29 @@ impl Supervised {
             .take()
             .ok_or_else(|| io::Error::other("the supervisor's stdout is not piped"))?;
         use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let (sender, reports) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                match Report::parse(&line) {
+                    Some(Report::WandbUrl(url)) => {
+                        if let Some(sink) = &wandb {
+                            sink(url);
+                        }
+                    }
+                    Some(report) => {
+                        if sender.send(report).is_err() {
+                            return;
+                        }
+                    }
+                    None => warn!(line = %line, "unknown line from a supervisor"),
+                }
+            }
+        });
         Ok(Supervised {
             child,
             control,
-            reports: tokio::io::BufReader::new(stdout).lines(),
+            reports,
         })
     }
 
@@ -304,15 +341,7 @@ impl Supervised {
     }
 
     async fn next(&mut self) -> Option<Report> {
-        loop {
-            match self.reports.next_line().await {
-                Ok(Some(line)) => match Report::parse(&line) {
-                    Some(report) => return Some(report),
-                    None => warn!(line = %line, "unknown line from a supervisor"),
-                },
-                Ok(None) | Err(_) => return None,
-            }
-        }
+        self.reports.recv().await
     }
 
     /// Why the supervisor stopped talking.
@@ -368,6 +397,10 @@ struct Supervisor {
     output: Option<File>,
     log: LogWriter,
     grace: Duration,
+    /// Looks for the first W&B address in the output; `None` once it was found.
+    wandb: Option<UrlScanner>,
+    /// Found and not yet reported.
+    found: Option<String>,
 }
 
 impl Supervisor {
@@ -435,6 +468,8 @@ impl Supervisor {
             output: Some(read),
             log,
             grace: args.grace,
+            wandb: Some(UrlScanner::new(WANDB_PREFIX)),
+            found: None,
         })
     }
 
@@ -502,6 +537,9 @@ impl Supervisor {
             if ready(output_fd) {
                 self.pump_output();
             }
+            if let Some(url) = self.found.take() {
+                report(Report::WandbUrl(url));
+            }
             if ready(control_fd)
                 && let Some(reader) = control.as_mut()
             {
@@ -529,6 +567,9 @@ impl Supervisor {
         }
         // The leader has exited: nothing of its tree may stay behind it.
         self.sweep();
+        if let Some(url) = self.found.take().or_else(|| self.wandb.take()?.finish()) {
+            report(Report::WandbUrl(url));
+        }
         let status = status.expect("the loop ends only once the leader's status is known");
         if libc::WIFEXITED(status) {
             Report::Exited(libc::WEXITSTATUS(status))
@@ -547,7 +588,13 @@ impl Supervisor {
         let mut buf = [0u8; 64 * 1024];
         match output.read(&mut buf) {
             Ok(0) => self.output = None,
-            Ok(n) => self.log.write(&buf[..n]),
+            Ok(n) => {
+                self.log.write(&buf[..n]);
+                if let Some(url) = self.wandb.as_mut().and_then(|s| s.feed(&buf[..n])) {
+                    self.wandb = None;
+                    self.found = Some(url);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 eprintln!("warning: supervise: cannot read the trainer's output: {e}");
@@ -604,6 +651,93 @@ impl Supervisor {
             self.pump_output();
         }
     }
+}
+
+/// Where a run's W&B page lives.
+pub const WANDB_PREFIX: &str = "https://wandb.ai/";
+
+/// The longest line looked at whole; a longer one is looked at in its last part only.
+const SCAN_LINE_MAX: usize = 8 * 1024;
+
+/// Finds the first address that starts with a prefix in output that comes in pieces: it is
+/// looked for line by line, so an address cut between two reads is still found.
+#[derive(Debug)]
+pub struct UrlScanner {
+    prefix: &'static str,
+    /// The current line, not yet ended.
+    line: Vec<u8>,
+}
+
+impl UrlScanner {
+    pub fn new(prefix: &'static str) -> UrlScanner {
+        UrlScanner {
+            prefix,
+            line: Vec::new(),
+        }
+    }
+
+    /// Takes more output; the first address found in a line it ends.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<String> {
+        // Carriage returns end lines too: progress bars redraw a line with them.
+        while let Some(end) = bytes.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            self.push(&bytes[..end]);
+            if let Some(url) = self.finish_line() {
+                return Some(url);
+            }
+            bytes = &bytes[end + 1..];
+        }
+        self.push(bytes);
+        None
+    }
+
+    /// The output has ended: the last line, if it did not end with a newline.
+    pub fn finish(&mut self) -> Option<String> {
+        self.finish_line()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.line.extend_from_slice(bytes);
+        if self.line.len() > SCAN_LINE_MAX {
+            let cut = self.line.len() - SCAN_LINE_MAX / 2;
+            self.line.drain(..cut);
+        }
+    }
+
+    fn finish_line(&mut self) -> Option<String> {
+        let line = std::mem::take(&mut self.line);
+        find_url(&line, self.prefix)
+    }
+}
+
+/// The first address in `line` that starts with `prefix`, up to the first character that
+/// cannot be part of it (space, a control character such as a colour code's ESC, a quote,
+/// a bracket), without a trailing full stop or comma.
+fn find_url(line: &[u8], prefix: &str) -> Option<String> {
+    let prefix = prefix.as_bytes();
+    let mut from = 0;
+    while let Some(at) = line[from..]
+        .windows(prefix.len())
+        .position(|w| w == prefix)
+        .map(|p| p + from)
+    {
+        let rest = &line[at..];
+        let end = rest
+            .iter()
+            .position(|b| {
+                !b.is_ascii_graphic()
+                    || matches!(b, b'"' | b'\'' | b'<' | b'>' | b'`' | b')' | b']')
+            })
+            .unwrap_or(rest.len());
+        let url = rest[..end]
+            .strip_suffix(b".")
+            .or_else(|| rest[..end].strip_suffix(b","))
+            .unwrap_or(&rest[..end]);
+        if url.len() > prefix.len() {
+            return Some(String::from_utf8_lossy(url).into_owned());
+        }
+        from = at + prefix.len();
+    }
+    None
 }
 
 /// Reads control lines from the daemon without blocking the loop.
@@ -905,6 +1039,7 @@ mod tests {
             Report::Started(42),
             Report::SpawnFailed("No such file or directory (os error 2)".into()),
             Report::LeaseExpired,
+            Report::WandbUrl("https://wandb.ai/team/project/runs/abc123".into()),
             Report::Exited(3),
             Report::Signalled(9),
         ] {
@@ -915,6 +1050,37 @@ mod tests {
             Some(Report::SpawnFailed("a b".into()))
         );
         assert_eq!(Control::parse("lease soon\n"), None);
+    }
+
+    #[test]
+    fn the_first_wandb_address_is_found_across_reads_and_colour_codes() {
+        let mut scanner = UrlScanner::new(WANDB_PREFIX);
+        assert_eq!(
+            scanner.feed(b"wandb: Syncing run\nsee https://wandb.ai/ for"),
+            None
+        );
+        assert_eq!(
+            scanner.feed(b" more\nwandb: \x1b[34m\x1b[4mhttps://wandb.ai/te"),
+            None
+        );
+        assert_eq!(
+            scanner.feed(b"am/proj/runs/x1y2\x1b[0m\n"),
+            Some("https://wandb.ai/team/proj/runs/x1y2".into())
+        );
+        let mut last = UrlScanner::new(WANDB_PREFIX);
+        assert_eq!(last.feed(b"View run at https://wandb.ai/a/b/runs/c."), None);
+        assert_eq!(last.finish(), Some("https://wandb.ai/a/b/runs/c".into()));
+        let mut progress = UrlScanner::new(WANDB_PREFIX);
+        assert_eq!(
+            progress.feed(b"10%\r(https://wandb.ai/a/b)\r20%"),
+            Some("https://wandb.ai/a/b".into())
+        );
+        let mut none = UrlScanner::new(WANDB_PREFIX);
+        assert_eq!(
+            none.feed(b"http://wandb.ai/x https://example.com/wandb.ai/\n"),
+            None
+        );
+        assert_eq!(none.finish(), None);
     }
 
     #[test]

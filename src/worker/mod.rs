@@ -100,6 +100,12 @@ enum Command {
         id: JobId,
         shutdown: bool,
     },
+    /// From the executor: a stage of this running job printed this W&B address. The first
+    /// of a run is kept in the job.
+    Wandb {
+        id: JobId,
+        url: String,
+    },
     Estimates {
         of: Option<JobId>,
         respond_to: oneshot::Sender<HashMap<JobId, Estimate>>,
@@ -138,6 +144,7 @@ impl Command {
             Command::Retry { id, .. } => Some(*id),
             Command::StageDone(done) => Some(done.job_id),
             Command::Interrupted { id, .. } => Some(*id),
+            Command::Wandb { id, .. } => Some(*id),
             Command::StartNow { job, .. } => Some(job.id),
             _ => None,
         }
@@ -443,6 +450,11 @@ enum Pending {
         /// Whether the cut start counts as an attempt (a crash cut it).
         counted: bool,
     },
+    /// The run's W&B address, kept in the running job.
+    Wandb {
+        job: Job,
+        rank: u64,
+    },
     StageDone {
         job: Job,
         rank: u64,
@@ -462,6 +474,7 @@ impl Pending {
             | Pending::Cancel { job, .. }
             | Pending::Retry { job, .. }
             | Pending::Requeue { job, .. }
+            | Pending::Wandb { job, .. }
             | Pending::StageDone { job, .. } => job,
         }
     }
@@ -476,9 +489,9 @@ impl Pending {
             Pending::Submit { rank, .. }
             | Pending::Retry { rank, .. }
             | Pending::Requeue { rank, .. } => Placement::Queued(*rank),
-            Pending::Start { rank, .. } | Pending::StageDone { rank, .. } => {
-                Placement::Running(*rank)
-            }
+            Pending::Start { rank, .. }
+            | Pending::StageDone { rank, .. }
+            | Pending::Wandb { rank, .. } => Placement::Running(*rank),
             Pending::Finish { .. } | Pending::Cancel { .. } => Placement::Off,
         }
     }
@@ -552,6 +565,8 @@ pub struct Worker {
     estimates_cache: Option<(Timestamp, HashMap<JobId, Estimate>)>,
     /// From the executor: a trainer started, so trainers can be started.
     started: mpsc::Receiver<JobId>,
+    /// W&B addresses the stages printed.
+    wandb: mpsc::Receiver<(JobId, String)>,
     /// Set while trainers cannot be started.
     spawn_trouble: Option<SpawnTrouble>,
     /// Jobs whose requeue the store refused, and whether their cut start counts; retried.
@@ -578,6 +593,7 @@ impl Worker {
         let (events_tx, events) = mpsc::channel(INBOX_CAPACITY);
         let (stage_done_tx, stage_done) = mpsc::channel(INBOX_CAPACITY);
         let (started_tx, started) = mpsc::channel(INBOX_CAPACITY);
+        let (wandb_tx, wandb) = mpsc::channel(INBOX_CAPACITY);
         let now = chrono::Utc::now();
         let mut report = BootReport {
             loaded: boot.jobs.len(),
@@ -674,6 +690,7 @@ impl Worker {
                 events: events_tx,
                 stage_done: stage_done_tx,
                 started: started_tx,
+                wandb: wandb_tx,
             }),
             config,
             store,
@@ -698,6 +715,7 @@ impl Worker {
             reservations: Reservations::default(),
             estimates_cache: None,
             started,
+            wandb,
             spawn_trouble: None,
             unrequeued: Vec::new(),
             unwritten: 0,
@@ -756,6 +774,7 @@ impl Worker {
                 Some(event) = self.events.recv() => self.on_exit(event),
                 Some(done) = self.stage_done.recv() => self.handle(Command::StageDone(done)),
                 Some(id) = self.started.recv() => self.trainer_started(id),
+                Some((id, url)) = self.wandb.recv() => self.handle(Command::Wandb { id, url }),
                 Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.retry_at = None;
@@ -842,6 +861,7 @@ impl Worker {
                 self.surveyed(adopted);
                 let _ = respond_to.send(());
             }
+            Command::Wandb { id, url } => self.note_wandb(id, url),
             Command::Interrupted { id, shutdown } => {
                 if let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) {
                     let job = job.clone();
@@ -887,6 +907,25 @@ impl Worker {
             started: done.started,
             ack: done.ack,
         });
+    }
+
+    /// Keeps the first W&B address of a running job's run, durably. Later ones (another
+    /// stage's, a later attempt's) change nothing.
+    fn note_wandb(&mut self, id: JobId, url: String) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let Some(rank) = self.queue.running_rank(id) else {
+            return;
+        };
+        if job.status != Status::Running || job.wandb_url.is_some() {
+            return;
+        }
+        let mut job = job.clone();
+        info!(job_id = %id, url = %url, "a stage printed its W&B address");
+        job.wandb_url = Some(url);
+        job.updated_at = Some(self.clock.now());
+        self.write(Pending::Wandb { job, rank });
     }
 
     fn submit(
@@ -1265,6 +1304,11 @@ impl Worker {
                     ack,
                 });
                 self.schedule_retry();
+            }
+            (Pending::Wandb { job, .. }, Ok(())) => self.put(job),
+            (Pending::Wandb { job, .. }, Err(e)) => {
+                // Only an address shown with the task: not worth a retry loop.
+                warn!(job_id = %id, url = job.wandb_url.as_deref().unwrap_or(""), error = %e, "cannot record the W&B address; it is not shown");
             }
             (Pending::Requeue { shutdown: true, .. }, Err(e)) => {
                 // The record still says Running, which the next boot treats as a crash: the

@@ -11,6 +11,7 @@
 # The test steers it through files in the sandbox:
 #   hold-<job id>-<stage>   the stage waits after its start while this file exists
 #   fail-<job id>-<stage>   the stage prints two lines and exits with the status in the file
+#   print-<job id>-<stage>  the stage prints this file's contents after its start
 set -u
 # The single executor.command gets no STAGE; it records as the stage "command".
 : "${STAGE:=command}"
@@ -24,6 +25,9 @@ trap 'note term; echo "$STAGE got SIGTERM; stopping"; exit 143' TERM
 # Printed before the start is noted, so that a test that saw the start finds it in the log.
 echo "$STAGE: working on $JOB_ID (attempt $ATTEMPT)"
 note start
+if [[ -e "$sandbox/print-$JOB_ID-$STAGE" ]]; then
+  cat "$sandbox/print-$JOB_ID-$STAGE"
+fi
 
 while [[ -e "$sandbox/hold-$JOB_ID-$STAGE" ]]; do
   # In the background, so that SIGTERM interrupts the wait at once.
