@@ -459,19 +459,43 @@ async fn run_lines(path: &std::path::Path, job: &Job) -> Vec<String> {
         .iter()
         .rposition(|l| l.starts_with("==> attempt 1 started"))
         .unwrap_or(0);
+    // A line without a time of its own gets one from the lines before it: a stage's end
+    // is its start plus the duration it gives; the others happened at the latest time known.
+    let mut latest = job.created_at;
+    let mut stage_started = None;
     for line in &run[begin..] {
         let line = &line[4..];
-        let at = line
+        let own = line
             .split_whitespace()
-            .find_map(|w| chrono::DateTime::parse_from_rfc3339(w.trim_end_matches([':', ','])).ok())
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .or(job.updated_at);
-        lines.push(format!("[{}] {line}", stamp(at)));
+            .find_map(|w| {
+                chrono::DateTime::parse_from_rfc3339(w.trim_end_matches([':', ',', ')'])).ok()
+            })
+            .map(|t| t.with_timezone(&chrono::Utc));
+        let at = match (own, ended_after(line)) {
+            (Some(t), _) => t,
+            (None, Some(took)) => stage_started
+                .map_or(latest, |s| Some(s + took))
+                .unwrap_or_default(),
+            (None, None) => latest.unwrap_or_default(),
+        };
+        if own.is_some() && line.contains(" started at ") {
+            stage_started = Some(at);
+        }
+        latest = latest.max(Some(at));
+        lines.push(format!("[{}] {line}", stamp(Some(at))));
     }
     if let (true, Some(error)) = (job.status.is_finished(), &job.error_message) {
         lines.push(format!("[{}] failed: {error}", stamp(job.finished_at)));
     }
     lines
+}
+
+/// How long a stage ran, from its end line (`stage train ended after 3m 12s: ...`).
+fn ended_after(line: &str) -> Option<chrono::Duration> {
+    let (_, rest) = line.split_once(" ended after ")?;
+    let (took, _) = rest.split_once(": ")?;
+    let took = humantime::parse_duration(took).ok()?;
+    chrono::Duration::from_std(took).ok()
 }
 
 async fn read_tail(path: &std::path::Path, most: u64) -> String {
@@ -541,6 +565,54 @@ mod tests {
                 if image { "DiffusionJob" } else { "TextJob" }
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_tasks_lines_are_its_runs_own_each_with_its_time() {
+        let body = fixture("start-instruct.json");
+        if body.is_null() {
+            eprintln!("skipped: the G.O.D fixtures are not beside the project");
+            return;
+        }
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let (mut job, _) = job_of(&body, at("2026-01-01T09:00:00Z")).unwrap();
+        job.created_at = Some(at("2026-01-01T10:00:00Z"));
+        job.start(at("2026-01-01T10:00:00Z"), Some(vec![0, 1]));
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("j.log");
+        std::fs::write(
+            &log,
+            "==> attempt 1 started at 2026-01-01T08:00:00.000000Z\n\
+             an earlier run's output\n\
+             ==> retried at 2026-01-01T09:59:00.000000Z: a fresh run (the last run ended Failed)\n\
+             ==> attempt 1 started at 2026-01-01T10:00:00.000000Z\n\
+             ==> stage clone (1/3) started at 2026-01-01T10:00:01.000000Z\n\
+             cloning\n\
+             ==> stage clone ended after 1m 2s: exit status 0\n\
+             ==> stage train (2/3) started at 2026-01-01T10:01:03.000000Z\n\
+             ==> attempt 1 cut short: the daemon stopped while it ran; recovered at 2026-01-01T10:30:00.000000Z, to run again first\n\
+             ==> attempt 2 started at 2026-01-01T10:30:01.000000Z\n\
+             ==> stage clone (1/3): finished in an earlier attempt; skipped\n",
+        )
+        .unwrap();
+        let lines = run_lines(&log, &job).await;
+        assert_eq!(
+            lines,
+            [
+                "[2026-01-01T10:00:00.000000Z] accepted on GPUs 0,1",
+                "[2026-01-01T10:00:00.000000Z] attempt 1 started at 2026-01-01T10:00:00.000000Z",
+                "[2026-01-01T10:00:01.000000Z] stage clone (1/3) started at 2026-01-01T10:00:01.000000Z",
+                "[2026-01-01T10:01:03.000000Z] stage clone ended after 1m 2s: exit status 0",
+                "[2026-01-01T10:01:03.000000Z] stage train (2/3) started at 2026-01-01T10:01:03.000000Z",
+                "[2026-01-01T10:30:00.000000Z] attempt 1 cut short: the daemon stopped while it ran; recovered at 2026-01-01T10:30:00.000000Z, to run again first",
+                "[2026-01-01T10:30:01.000000Z] attempt 2 started at 2026-01-01T10:30:01.000000Z",
+                "[2026-01-01T10:30:01.000000Z] stage clone (1/3): finished in an earlier attempt; skipped",
+            ]
+        );
     }
 
     #[test]

@@ -567,6 +567,8 @@ pub struct Worker {
     started: mpsc::Receiver<JobId>,
     /// W&B addresses the stages printed.
     wandb: mpsc::Receiver<(JobId, String)>,
+    /// Lines for the logs of the jobs a restart cut short, written before they run again.
+    recovered: Vec<(JobId, String)>,
     /// Set while trainers cannot be started.
     spawn_trouble: Option<SpawnTrouble>,
     /// Jobs whose requeue the store refused, and whether their cut start counts; retried.
@@ -607,6 +609,9 @@ impl Worker {
         let mut adopted = boot.adopted;
         let mut unsurveyed = std::collections::HashSet::new();
         let mut gpus_in_use = HashMap::new();
+        // What each job's log is told about the restart, before anything of it runs again.
+        let mut recovered = Vec::new();
+        let at = crate::job::format_timestamp(&now);
         for (i, id) in boot.order.into_iter().enumerate() {
             // The same rank the store gave this job when it placed the replay order.
             let rank = FIRST_QUEUED_RANK + i as u64;
@@ -634,6 +639,13 @@ impl Worker {
                 // trainer followed, until docker answers.
                 warn!(job_id = %id, "job was running in a container and docker does not answer; it keeps its GPUs until docker does");
                 report.awaiting_survey += 1;
+                recovered.push((
+                    id,
+                    format!(
+                        "==> attempt {} held at {at}: the daemon restarted while its container ran, and docker does not answer; its GPUs stay held until docker does",
+                        job.attempts
+                    ),
+                ));
                 let rank = queue.next_start_rank();
                 queue.start(id, rank);
                 gpus_in_use.insert(id, job.gpu_ids.clone().unwrap_or_default());
@@ -662,6 +674,13 @@ impl Worker {
                     continue;
                 }
                 info!(job_id = %id, attempts = job.attempts, "job was running when the daemon stopped; requeued first");
+                recovered.push((
+                    id,
+                    format!(
+                        "==> attempt {} cut short: the daemon stopped while it ran; recovered at {at}, to run again first",
+                        job.attempts
+                    ),
+                ));
                 job.requeue_interrupted(true, now);
                 queue.insert_queued(rank, id, plan::needs(&config, job));
                 changes.push(Change {
@@ -716,6 +735,7 @@ impl Worker {
             estimates_cache: None,
             started,
             wandb,
+            recovered,
             spawn_trouble: None,
             unrequeued: Vec::new(),
             unwritten: 0,
@@ -733,6 +753,9 @@ impl Worker {
     /// The actor's loop. Ends after shutdown was requested, every trainer has stopped and
     /// every change has landed, and says what it could not write.
     pub async fn run(mut self) -> Stopped {
+        for (id, line) in std::mem::take(&mut self.recovered) {
+            self.executor.log_line(id, line).await;
+        }
         // Here, on a runtime thread of the actor's own, not in boot: the executor's children
         // are tied to the thread that spawns them.
         for (id, adoption) in std::mem::take(&mut self.adopted) {
