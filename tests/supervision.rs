@@ -88,19 +88,31 @@ async fn a_trainer_that_cannot_start_keeps_the_queue_and_the_jobs_start_when_it_
         (metric(&metrics, "training_worker_trainer_spawn_failures_total") >= 3.0).then_some(())
     })
     .await;
-    for id in &ids {
-        let job = daemon.job(id).await;
-        assert_eq!(job["status"], "Queued", "{job}");
-        assert_eq!(job["attempts"], 0, "{job}");
-        assert_eq!(sandbox.job_file(id)["status"], "Queued");
-    }
-    let queue = daemon.get("/v1/queue").await.json();
+    // Each try holds its job as Running for the moment it takes to fail, so the jobs are
+    // looked at between tries: all queued, none counted, in memory and on disk.
+    let queue = wait_until(
+        "the jobs queued and uncounted between tries",
+        secs(20),
+        async || {
+            for id in &ids {
+                let job = daemon.job(id).await;
+                if job["status"] != "Queued" || job["attempts"] != 0 {
+                    return None;
+                }
+                if sandbox.job_file(id)["status"] != "Queued" {
+                    return None;
+                }
+            }
+            let queue = daemon.get("/v1/queue").await.json();
+            (queue["queued"].as_array().map(Vec::len) == Some(3)).then_some(queue)
+        },
+    )
+    .await;
     let paused = queue["paused"].as_str().unwrap_or_default();
     assert!(
         paused.starts_with("trainers cannot be started") && paused.contains("No such file"),
         "{queue}"
     );
-    assert_eq!(queue["queued"].as_array().map(Vec::len), Some(3), "{queue}");
     assert_eq!(daemon.get("/readyz").await.status, StatusCode::OK);
     // Logged once for the episode, not once per try.
     let warning = "a trainer could not be started";
