@@ -91,9 +91,9 @@ async fn auto_hands_out_the_gpus_nvidia_smi_reports() {
     assert_eq!(
         gpus,
         json!([
-            {"id": 2, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "job": a},
-            {"id": 5, "name": "NVIDIA RTX A6000", "memory_mib": 49140, "job": a},
-            {"id": 7, "name": "NVIDIA GeForce RTX 4090", "memory_mib": 24564, "job": a},
+            {"id": 2, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "job": a, "reserved": false},
+            {"id": 5, "name": "NVIDIA RTX A6000", "memory_mib": 49140, "job": a, "reserved": false},
+            {"id": 7, "name": "NVIDIA GeForce RTX 4090", "memory_mib": 24564, "job": a, "reserved": false},
         ])
     );
     fs::remove_file(&hold).expect("release the trainer");
@@ -236,7 +236,7 @@ async fn a_list_of_ids_needs_no_nvidia_smi() {
     assert_eq!(seen_gpus(&sandbox), [(a, "3".to_string())]);
     assert_eq!(
         daemon.get("/v1/gpus").await.json(),
-        json!([{"id": 3, "name": null, "memory_mib": null, "job": null}])
+        json!([{"id": 3, "name": null, "memory_mib": null, "job": null, "reserved": false}])
     );
     let stderr = daemon.stderr();
     assert!(

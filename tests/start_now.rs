@@ -266,3 +266,51 @@ async fn after_a_crash_it_starts_again_on_its_own_gpus_and_never_on_others() {
     release(&data, &a);
     wait_for(&parts, &a, "a completes", |j| j["status"] == "Completed").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gpus_an_accepted_offer_holds_cannot_be_started_on() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let data = dir.path().join("data");
+    let parts = app(&data, 3).await;
+    let offer = json!({
+        "type": "DiffusionJob",
+        "model": "org/image-model",
+        "hours_to_complete": 1,
+        "gpu_count": 1,
+    });
+    let request = Request::post("/v1/offers")
+        .header("content-type", "application/json")
+        .body(Body::from(offer.to_string()))
+        .expect("a request");
+    let (status, _, body) = call(&parts.router, request).await;
+    let answer: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["accepted"], true, "{answer}");
+    assert!(answer["reservation"].is_object(), "{answer}");
+
+    // The lowest free GPU is the offer's until its job comes or the reservation expires.
+    let (_, gpus) = get(&parts, "/v1/gpus").await;
+    let reserved: Vec<bool> = gpus
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|g| g["reserved"] == true)
+        .collect();
+    assert_eq!(reserved, [true, false, false], "{gpus}");
+    let a = task_job(20, "task-a");
+    let why = busy(parts.handle.start_now(a.clone(), vec![1, 0], None).await);
+    assert_eq!(why, "GPU 0 is held for an accepted offer");
+    assert!(!data.join(format!("jobs/{}.json", a.id)).exists());
+
+    // The other GPUs are free to start on, and the offer keeps the lowest of what is left.
+    hold(&data, &a);
+    let started = parts.handle.start_now(a.clone(), vec![1], None).await;
+    assert!(matches!(started, Ok(StartedNow::Started(_))), "{started:?}");
+    let (_, gpus) = get(&parts, "/v1/gpus").await;
+    assert_eq!(gpus[0]["reserved"], true, "{gpus}");
+    assert_eq!(gpus[1]["job"], a.id.to_string(), "{gpus}");
+    assert_eq!(gpus[1]["reserved"], false, "{gpus}");
+    assert_eq!(gpus[2]["reserved"], false, "{gpus}");
+    release(&data, &a);
+    wait_for(&parts, &a, "a completes", |j| j["status"] == "Completed").await;
+}

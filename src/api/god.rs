@@ -330,7 +330,7 @@ async fn gpu_availability(State(state): State<TrainerState>) -> Result<axum::Jso
         .iter()
         .filter_map(|view| {
             let gpu = view.gpu.as_ref()?;
-            crate::gpu::availability(gpu, &state.gpu_types, view.job.is_none())
+            crate::gpu::availability(gpu, &state.gpu_types, view.job.is_none() && !view.reserved)
         })
         .map(|entry| serde_json::to_value(entry).expect("an entry serialises"))
         .collect();

@@ -410,6 +410,7 @@ async fn gpus(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
                     // 0 is nvidia-smi's `[N/A]`: unknown, like a GPU it did not report.
                     "memory_mib": view.gpu.as_ref().map(|g| g.memory_mib).filter(|m| *m > 0),
                     "job": view.job.map(|id| id.to_string()),
+                    "reserved": view.reserved,
                 })
             })
             .collect(),

@@ -229,6 +229,9 @@ pub struct GpuView {
     /// The job whose trainer holds it: starting, running, or still stopping after its job
     /// ended. A GPU is free only once that trainer's exit is reported.
     pub job: Option<JobId>,
+    /// Free, and held for an accepted offer (`POST /v1/offers`) whose job has not come yet:
+    /// the lowest free GPUs, as many as the held offers take.
+    pub reserved: bool,
 }
 
 /// What the worker's loop left undone when it ended.
@@ -1576,6 +1579,13 @@ impl Worker {
                 held.push(format!("GPU {gpu} is held by job {holder}"));
             }
         }
+        let reserved_now = self.reserved_gpus(self.clock.now());
+        let reserved: Vec<String> = gpus
+            .iter()
+            .filter(|g| reserved_now.contains(g))
+            .map(|g| format!("GPU {g} is held for an accepted offer"))
+            .collect();
+        held.extend(reserved);
         if !held.is_empty() {
             return Err(held.join("; "));
         }
@@ -1812,12 +1822,21 @@ impl Worker {
             .collect()
     }
 
+    /// The free GPUs the offers held at `now` will take: the lowest free ones, as many as
+    /// they ask for. A start of the trainer API cannot have them.
+    fn reserved_gpus(&self, now: Timestamp) -> Vec<u32> {
+        let wanted: usize = self.reservations.held(now).map(|r| r.gpus).sum();
+        self.free_gpus().into_iter().take(wanted).collect()
+    }
+
     fn gpu_views(&self) -> Vec<GpuView> {
+        let reserved = self.reserved_gpus(self.clock.now());
         self.config
             .gpus
             .iter()
             .map(|&id| GpuView {
                 id,
+                reserved: reserved.contains(&id),
                 gpu: self.config.inventory.iter().find(|g| g.id == id).cloned(),
                 job: self
                     .gpus_in_use
