@@ -270,6 +270,9 @@ pub struct Stage {
     /// The `executor.pass_env` names this stage gets; `None`: all of them. Lets secrets go
     /// only to the stage that needs them (an uploader's token, say).
     pub pass_env: Option<Vec<String>>,
+    /// `always = true`: it also runs after an earlier stage failed, once the job's failure
+    /// is recorded (a cleanup: an image built for the job removed, say).
+    pub always: bool,
     pub run: StageRun,
 }
 
@@ -296,7 +299,8 @@ pub enum StageRun {
 /// labels the executor adds.
 #[derive(Clone, Debug)]
 pub struct DockerStage {
-    pub image: String,
+    /// The image, with placeholders (an image built for the job: `trainer-{job_id}`).
+    pub image: Template,
     /// The arguments after the image.
     pub args: Vec<Template>,
     /// Whether the container gets the job's GPUs (`--gpus device=...`).
@@ -305,7 +309,9 @@ pub struct DockerStage {
     pub memory_per_gpu: Option<u64>,
     /// `--cpus` per assigned GPU (at least one).
     pub cpus_per_gpu: Option<f64>,
-    pub shm_size: Option<String>,
+    /// `--shm-size` by the job's GPU count: each entry applies from that many GPUs on (a
+    /// job without GPUs counts as one), in increasing order; empty: docker's default.
+    pub shm_size: Vec<(usize, String)>,
     pub network: Option<String>,
     /// `-v` specs.
     pub volumes: Vec<Template>,
@@ -462,7 +468,7 @@ struct FileStage {
     gpus: Option<bool>,
     memory_per_gpu: Option<String>,
     cpus_per_gpu: Option<f64>,
-    shm_size: Option<String>,
+    shm_size: Option<FileShmSize>,
     network: Option<String>,
     #[serde(default)]
     volumes: Vec<String>,
@@ -471,6 +477,15 @@ struct FileStage {
     #[serde(default)]
     docker_args: Vec<String>,
     pass_env: Option<Vec<String>>,
+    always: Option<bool>,
+}
+
+/// `shm_size = "8g"`, or by GPU count: `shm_size = { 1 = "8g", 4 = "16g" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileShmSize {
+    One(String),
+    ByGpus(std::collections::BTreeMap<String, String>),
 }
 
 /// The built-in `executor.command`: the demo trainer of a checkout of the repository,
@@ -1268,6 +1283,8 @@ fn parse_stage(
                 .ok_or_else(|| {
                     ConfigError::new(format!("{}: required for a docker stage", key("image")))
                 })?;
+            let image = Template::parse(&image)
+                .map_err(|e| ConfigError::new(format!("{}: {e}", key("image"))))?;
             let memory_per_gpu = stage
                 .memory_per_gpu
                 .map(|text| {
@@ -1288,12 +1305,12 @@ fn parse_stage(
                     key("cpus_per_gpu")
                 )));
             }
-            if let Some(size) = &stage.shm_size
-                && parse_bytes(size).is_none()
-            {
+            let shm_size = shm_sizes(&key("shm_size"), stage.shm_size)?;
+            let gpus = stage.gpus.unwrap_or(true);
+            if stage.always == Some(true) && gpus {
                 return Err(ConfigError::new(format!(
-                    "{}: {size:?} is not a size like \"16g\"",
-                    key("shm_size")
+                    "{}: an always = true stage may run after its job has let go of its GPUs; set gpus = false",
+                    key("gpus")
                 )));
             }
             let env = stage
@@ -1314,10 +1331,10 @@ fn parse_stage(
             StageRun::Docker(Box::new(DockerStage {
                 image,
                 args: templates("command", &stage.command)?,
-                gpus: stage.gpus.unwrap_or(true),
+                gpus,
                 memory_per_gpu,
                 cpus_per_gpu: stage.cpus_per_gpu,
-                shm_size: stage.shm_size,
+                shm_size,
                 network: stage.network.filter(|n| !n.is_empty()),
                 volumes: templates("volumes", &stage.volumes)?,
                 env,
@@ -1347,8 +1364,42 @@ fn parse_stage(
         budget,
         on_timeout,
         pass_env: stage.pass_env,
+        always: stage.always.unwrap_or(false),
         run,
     })
+}
+
+/// `shm_size` as (from this many GPUs, size) entries in increasing order.
+fn shm_sizes(key: &str, shm: Option<FileShmSize>) -> Result<Vec<(usize, String)>, ConfigError> {
+    let entries: Vec<(String, String)> = match shm {
+        None => return Ok(Vec::new()),
+        Some(FileShmSize::One(size)) => vec![("1".into(), size)],
+        Some(FileShmSize::ByGpus(map)) => map.into_iter().collect(),
+    };
+    if entries.is_empty() {
+        return Err(ConfigError::new(format!(
+            "{key}: give a size (\"8g\") or sizes by GPU count ({{ 1 = \"8g\", 4 = \"16g\" }})"
+        )));
+    }
+    let mut sizes = Vec::with_capacity(entries.len());
+    for (count, size) in entries {
+        let from: usize = match count.trim().parse() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "{key}: {count:?} is not a GPU count from 1 up"
+                )));
+            }
+        };
+        if parse_bytes(&size).is_none() {
+            return Err(ConfigError::new(format!(
+                "{key}: {size:?} is not a size like \"16g\""
+            )));
+        }
+        sizes.push((from, size));
+    }
+    sizes.sort_by_key(|(from, _)| *from);
+    Ok(sizes)
 }
 
 /// A size as docker writes it: a number with an optional `b`, `k`, `m`, `g` or `t` (powers
@@ -1468,11 +1519,12 @@ timeout = "1h"
 [[executor.stages]]
 name = "train"
 kind = "docker"
-image = "standalone-text-trainer"
+image = "trainer-{job_id}"
 command = ["--model", "{model}"]
 memory_per_gpu = "64g"
 cpus_per_gpu = 8
-shm_size = "16g"
+shm_size = { 4 = "16g", 1 = "8g" }
+always = true
 network = "none"
 gpus = false
 volumes = ["{data_dir}/cache:/cache:rw"]
@@ -1493,6 +1545,9 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
         };
         assert_eq!(spec.memory_per_gpu, Some(64 << 30));
         assert_eq!(spec.cpus_per_gpu, Some(8.0));
+        assert_eq!(format!("{:?}", spec.image), "\"trainer-{job_id}\"");
+        assert_eq!(spec.shm_size, [(1, "8g".into()), (4, "16g".into())]);
+        assert!(stages[1].always && !stages[0].always);
         assert!(!spec.gpus);
         assert_eq!(spec.env.len(), 1);
         assert!(c.executor.docker.as_ref().is_some_and(|p| p.is_absolute()));
@@ -1889,6 +1944,26 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             (
                 "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\nimage = \"i\"",
                 "executor.stages[0].image",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i-{nope}\"",
+                "executor.stages[0].image",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nshm_size = { 0 = \"8g\" }",
+                "executor.stages[0].shm_size",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nshm_size = { 1 = \"lots\" }",
+                "executor.stages[0].shm_size",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nshm_size = {}",
+                "executor.stages[0].shm_size",
+            ),
+            (
+                "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nalways = true",
+                "executor.stages[0].gpus",
             ),
             (
                 "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\npass_env = [\"HF_TOKEN\"]",

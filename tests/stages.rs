@@ -887,3 +887,104 @@ async fn the_first_wandb_address_a_stage_prints_is_kept_durably_and_a_retry_forg
     assert!(again.get("wandb_url").is_none(), "{again}");
     assert!(sandbox.job_file(&a).get("wandb_url").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_stage_runs_after_a_failure_once_it_is_recorded_and_in_its_place_otherwise() {
+    let sandbox = Sandbox::new();
+    configure(&sandbox, 1, 3);
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    let mut config = fs::read_to_string(sandbox.path().join("config.toml")).expect("the config");
+    config.push_str(&format!(
+        "\n[[executor.stages]]\nname = \"cleanup\"\nalways = true\ncommand = [{program}]\n"
+    ));
+    sandbox.write_config(&config);
+    let daemon = sandbox.start().await;
+
+    // A failed train: the job fails, then the cleanup runs, upload never.
+    let a = id(1);
+    fail(&sandbox, &a, "train", 7);
+    hold(&sandbox, &a, "cleanup");
+    daemon.submit(job(&a)).await;
+    stage_started(&sandbox, &a, "cleanup", 1).await;
+    // The failure is durable before the cleanup starts: a crash now cannot run train again.
+    let failed = daemon.job(&a).await;
+    assert_eq!(failed["status"], "Failed", "{failed}");
+    assert_eq!(sandbox.job_file(&a)["status"], "Failed");
+    assert_eq!(stages_done(&failed), ["download"], "{failed}");
+    release(&sandbox, &a, "cleanup");
+    wait_until("the cleanup ends", secs(15), async || {
+        runs(&sandbox, &a)
+            .contains(&run("end", "cleanup", 1))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        runs(&sandbox, &a),
+        ran(
+            "start download 1, end download 1, start train 1, end train 1, \
+             start cleanup 1, end cleanup 1"
+        )
+    );
+    let after = daemon.job(&a).await;
+    assert_eq!(after["error_message"], failed["error_message"], "{after}");
+    assert!(
+        after["error_message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stage train: trainer exited with status 7")),
+        "{after}"
+    );
+    let log = normalised_log(&sandbox, &a);
+    let train_end = "==> stage train ended: exit status 7";
+    let at = log
+        .iter()
+        .position(|l| l == train_end)
+        .expect("train's end");
+    assert_eq!(log[at + 1], "==> stage cleanup (4/4) started", "{log:?}");
+    let raw = fs::read_to_string(sandbox.data_dir().join("logs").join(format!("{a}.log")))
+        .expect("the log");
+    assert!(
+        raw.contains(": always = true, after the failure\n"),
+        "{raw}"
+    );
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("==> stage cleanup ended: exit status 0"),
+        "{log:?}"
+    );
+
+    // A success: the cleanup runs last, once, as a stage like the others.
+    let b = id(2);
+    daemon.submit(job(&b)).await;
+    daemon.wait_status(&b, "Completed", secs(20)).await;
+    let ends: Vec<String> = runs(&sandbox, &b)
+        .into_iter()
+        .filter(|(kind, _, _)| kind == "end")
+        .map(|(_, stage, _)| stage)
+        .collect();
+    assert_eq!(ends, ["download", "train", "upload", "cleanup"]);
+
+    // The cleanup of a job whose stages all ended well fails it like any stage.
+    let c = id(3);
+    fail(&sandbox, &c, "cleanup", 4);
+    daemon.submit(job(&c)).await;
+    let failed = daemon.wait_status(&c, "Failed", secs(20)).await;
+    assert!(
+        failed["error_message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stage cleanup: trainer exited with status 4")),
+        "{failed}"
+    );
+    assert_eq!(
+        stages_done(&failed),
+        ["download", "train", "upload"],
+        "{failed}"
+    );
+    assert_eq!(
+        runs(&sandbox, &c)
+            .iter()
+            .filter(|(kind, stage, _)| kind == "start" && stage == "cleanup")
+            .count(),
+        1,
+        "a failed cleanup is not run again after its own failure"
+    );
+}

@@ -240,7 +240,12 @@ impl DockerCli {
             args.push("--cpus".into());
             args.push(format!("{}", (cpus * share as f64).min(self.host_cpus)));
         }
-        if let Some(size) = &spec.shm_size {
+        if let Some((_, size)) = spec
+            .shm_size
+            .iter()
+            .rev()
+            .find(|(from, _)| *from as u64 <= share)
+        {
             args.push("--shm-size".into());
             args.push(size.clone());
         }
@@ -266,7 +271,7 @@ impl DockerCli {
             args.push(format!("{name}={}", value.render(values)));
         }
         args.extend(spec.docker_args.iter().cloned());
-        args.push(spec.image.clone());
+        args.push(spec.image.render(values));
         args.extend(spec.args.iter().map(|a| a.render(values)));
         args
     }
@@ -653,8 +658,9 @@ mod tests {
             budget: false,
             on_timeout: crate::config::OnTimeout::Fail,
             pass_env: None,
+            always: false,
             run: StageRun::Docker(Box::new(DockerStage {
-                image: format!("{name}-image"),
+                image: Template::parse(&format!("{name}-image")).unwrap(),
                 args: vec![
                     Template::parse("--task-id").unwrap(),
                     Template::parse("{job_id}").unwrap(),
@@ -662,7 +668,7 @@ mod tests {
                 gpus: true,
                 memory_per_gpu: Some(64 << 30),
                 cpus_per_gpu: Some(8.0),
-                shm_size: Some("16g".into()),
+                shm_size: vec![(1, "16g".into())],
                 network: Some("none".into()),
                 volumes: vec![Template::parse("{data_dir}/cache:/cache:rw").unwrap()],
                 env: vec![("CACHE".into(), Template::parse("/cache/{job_id}").unwrap())],
@@ -749,6 +755,37 @@ mod tests {
             args.windows(2).any(|w| w == ["--memory", "64g"]),
             "{args:?}"
         );
+    }
+
+    #[test]
+    fn the_image_takes_placeholders_and_shm_grows_with_the_gpus() {
+        let cli = DockerCli::new(
+            "docker".into(),
+            Path::new("/srv/tw"),
+            &[],
+            "supervise".into(),
+        );
+        let mut stage = docker_stage("train");
+        let StageRun::Docker(spec) = &mut stage.run else {
+            unreachable!()
+        };
+        spec.image = Template::parse("trainer-{job_id}").unwrap();
+        spec.shm_size = vec![(1, "8g".into()), (4, "16g".into())];
+        let shm = |spec: &DockerStage, gpus: Option<Vec<u32>>| {
+            let job = running_job(3, gpus);
+            let values = Values::new(&job, "train", "/srv/tw");
+            let args = cli.run_args(&job, "train", spec, &values, &[], &[]);
+            assert!(args.contains(&format!("trainer-{}", job.id)), "{args:?}");
+            let at = args.iter().position(|a| a == "--shm-size");
+            at.map(|i| args[i + 1].clone())
+        };
+        assert_eq!(shm(spec, None).as_deref(), Some("8g"));
+        assert_eq!(shm(spec, Some(vec![0, 1, 2])).as_deref(), Some("8g"));
+        assert_eq!(shm(spec, Some(vec![0, 1, 2, 3])).as_deref(), Some("16g"));
+        assert_eq!(shm(spec, Some((0..8).collect())).as_deref(), Some("16g"));
+        // Only from two GPUs on: a one-GPU job keeps docker's default.
+        spec.shm_size = vec![(2, "8g".into())];
+        assert_eq!(shm(spec, Some(vec![0])), None);
     }
 
     #[test]

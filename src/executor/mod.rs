@@ -212,6 +212,9 @@ struct Context {
     trainer_nofile: Option<u64>,
     docker: Option<DockerCli>,
     reports: Reports,
+    /// Stops the `always` stages that run after a job's failure, which no [`Execution`]
+    /// holds any more: at shutdown.
+    cleanups: CancellationToken,
 }
 
 /// Where a pipeline starts: the job's first unfinished stage, or a container a previous
@@ -239,6 +242,7 @@ impl Executor {
                 budget: false,
                 on_timeout: crate::config::OnTimeout::Fail,
                 pass_env: None,
+                always: false,
                 run: StageRun::Process {
                     argv: config.command.iter().map(Template::clone).collect(),
                 },
@@ -265,6 +269,7 @@ impl Executor {
                 trainer_nofile: config.trainer_nofile,
                 docker,
                 reports,
+                cleanups: CancellationToken::new(),
             }),
             tracker,
         }
@@ -326,6 +331,11 @@ impl Executor {
     ///
     /// Must be called from a runtime worker thread: the parent-death signal is tied to the
     /// thread that forks, and the runtime's worker threads live as long as the daemon.
+    /// Stops the `always` stages running after failures: the daemon is shutting down.
+    pub fn stop_cleanups(&self) {
+        self.context.cleanups.cancel();
+    }
+
     pub fn start(&self, job: &Job) -> Execution {
         self.launch(job, None)
     }
@@ -346,10 +356,16 @@ impl Executor {
         let token = stop.clone();
         self.tracker.spawn(async move {
             let events = run.context.reports.events.clone();
-            let event = run.run(token).await;
+            let (event, failed_at) = run.run(token).await;
             // The worker may be gone at the very end of a shutdown; nothing is lost then,
             // since the job file still says Running and replay handles it.
-            let _ = events.send(event).await;
+            let recorded = events.send(event).await.is_ok();
+            // The `always` stages after a failure run once the worker has the failure, so
+            // that a crash meanwhile cannot run the failed stage again; a crash loses only
+            // the cleanup.
+            if let (true, Some(failed)) = (recorded, failed_at) {
+                run.clean_up(failed).await;
+            }
         });
         Execution { stop }
     }
@@ -462,7 +478,9 @@ struct Run {
 }
 
 impl Run {
-    async fn run(self, stop: CancellationToken) -> Event {
+    /// Runs the pipeline; gives how it ended and, when a stage failed the job, that stage's
+    /// index, after which the `always` stages are still to run.
+    async fn run(&self, stop: CancellationToken) -> (Event, Option<usize>) {
         let job_id = self.job.id;
         let context = &self.context;
         let log = context.log(job_id);
@@ -490,7 +508,7 @@ impl Run {
         if let Err(e) = log.try_line(&header) {
             let msg = format!("cannot open log {}: {e}", log.path.display());
             warn!(%job_id, error = %msg, "trainer not started");
-            return self.event(Outcome::SpawnFailed(msg), None, None);
+            return (self.event(Outcome::SpawnFailed(msg), None, None), None);
         }
         let total = context.stages.len();
         let first = match &self.adoption {
@@ -518,7 +536,7 @@ impl Run {
                 continue;
             }
             if stop.is_cancelled() {
-                return self.event(Outcome::Stopped, None, named);
+                return (self.event(Outcome::Stopped, None, named), None);
             }
             // A budgeted stage's limit counts from its first start, recorded before it first
             // runs; every other stage's from its start in this attempt.
@@ -529,7 +547,7 @@ impl Run {
                         None => {
                             let now = chrono::Utc::now();
                             if !self.record(&stage.name, Some(now), &stop).await {
-                                return self.event(Outcome::Stopped, None, named);
+                                return (self.event(Outcome::Stopped, None, named), None);
                             }
                             now
                         }
@@ -570,7 +588,10 @@ impl Run {
                     "==> the time budget ran out before {} could start",
                     describe_stage(context.staged, &stage.name)
                 ));
-                return self.event(Outcome::OutOfTime(Duration::ZERO), None, named);
+                return (
+                    self.event(Outcome::OutOfTime(Duration::ZERO), None, named),
+                    Some(i),
+                );
             }
             // An adopted stage's start is in the log already, under the earlier attempt.
             if context.staged && adopted.is_none() {
@@ -604,10 +625,13 @@ impl Run {
                     StageRun::Docker(spec) => {
                         let Some(docker) = &context.docker else {
                             // Config loading resolves the CLI whenever a docker stage exists.
-                            return self.event(
-                                Outcome::SpawnFailed("no docker CLI configured".into()),
+                            return (
+                                self.event(
+                                    Outcome::SpawnFailed("no docker CLI configured".into()),
+                                    None,
+                                    named,
+                                ),
                                 None,
-                                named,
                             );
                         };
                         let name = docker::container_name(job_id, &stage.name);
@@ -679,14 +703,96 @@ impl Run {
             ));
             info!(%job_id, stage = %stage.name, outcome = describe(&outcome), continued, "trainer ended");
             if outcome != Outcome::Exited(0) && !continued {
-                return self.event(outcome, last_line, named);
+                // Stopped or never started: the job is not over, so nothing is cleaned up.
+                let failed = !matches!(outcome, Outcome::Stopped | Outcome::SpawnFailed(_));
+                return (self.event(outcome, last_line, named), failed.then_some(i));
             }
             if context.staged && i + 1 < total && !self.record(&stage.name, None, &stop).await {
-                return self.event(Outcome::Stopped, None, named);
+                return (self.event(Outcome::Stopped, None, named), None);
             }
         }
         // A success names the last stage too, so that the finished job records it.
-        self.event(Outcome::Exited(0), None, last_stage)
+        (self.event(Outcome::Exited(0), None, last_stage), None)
+    }
+
+    /// Runs the `always` stages after the one at `failed`, which failed the job: each once,
+    /// in order, whatever the one before it did, with no GPUs (the job has let go of them)
+    /// and no time budget. Their ends go to the job's log only; the job has failed already.
+    async fn clean_up(&self, failed: usize) {
+        let context = &self.context;
+        let job_id = self.job.id;
+        let log = context.log(job_id);
+        let total = context.stages.len();
+        let mut job = self.job.clone();
+        if job.gpu_ids.is_some() {
+            job.gpu_ids = Some(Vec::new());
+        }
+        let stop = &context.cleanups;
+        for (i, stage) in context.stages.iter().enumerate().skip(failed + 1) {
+            if !stage.always {
+                continue;
+            }
+            if stop.is_cancelled() {
+                log.line(&format!(
+                    "==> stage {} ({}/{total}) not run after the failure: the daemon is stopping",
+                    stage.name,
+                    i + 1
+                ));
+                continue;
+            }
+            log.line(&format!(
+                "==> stage {} ({}/{total}) started at {}: always = true, after the failure",
+                stage.name,
+                i + 1,
+                crate::job::format_timestamp(&chrono::Utc::now())
+            ));
+            let started = Instant::now();
+            let timeout = stage.timeout.unwrap_or(context.timeout);
+            let values = Values::new(&job, &stage.name, &context.data_dir.to_string_lossy());
+            let outcome = match &stage.run {
+                StageRun::Process { argv } => {
+                    let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
+                    let env = context.process_environment(&job, stage);
+                    run_process(context, job_id, &argv, &env, &log, timeout, stop).await
+                }
+                StageRun::Docker(spec) => match &context.docker {
+                    None => Outcome::SpawnFailed("no docker CLI configured".into()),
+                    Some(docker) => {
+                        let args = docker.run_args(
+                            &job,
+                            &stage.name,
+                            spec,
+                            &values,
+                            &context.job_environment(&job, &stage.name),
+                            context.pass_env(stage),
+                        );
+                        let name = docker::container_name(job_id, &stage.name);
+                        docker
+                            .run(
+                                &name,
+                                &args,
+                                &log,
+                                timeout,
+                                context.kill_grace,
+                                stop,
+                                context.wandb_sink(job_id),
+                            )
+                            .await
+                    }
+                },
+            };
+            log.line(&format!(
+                "==> stage {} ended after {}: {}",
+                stage.name,
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                describe(&outcome),
+            ));
+            if outcome == Outcome::Exited(0) {
+                info!(%job_id, stage = %stage.name, "cleanup stage ended");
+            } else {
+                warn!(%job_id, stage = %stage.name, outcome = describe(&outcome), "cleanup stage after a failure did not end well; see the job's log");
+            }
+        }
     }
 
     /// Has the worker record `stage` as finished (or, with `started`, as first started at

@@ -1962,6 +1962,7 @@ impl Worker {
 
     /// Shutdown: stop every trainer; their jobs are written back as they end.
     fn stop_all(&mut self) {
+        self.executor.stop_cleanups();
         if !self.running.is_empty() {
             info!(
                 trainers = self.running.len(),
