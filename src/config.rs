@@ -273,7 +273,17 @@ pub struct Stage {
     /// `always = true`: it also runs after an earlier stage failed, once the job's failure
     /// is recorded (a cleanup: an image built for the job removed, say).
     pub always: bool,
+    /// The job types it runs for (`TextJob`, `DiffusionJob`); empty: every job. For the
+    /// others it is skipped, and the log says so.
+    pub job_types: Vec<String>,
     pub run: StageRun,
+}
+
+impl Stage {
+    /// Whether it runs for a job of this type (`TextJob`, `DiffusionJob`).
+    pub fn runs_for(&self, job_type: &str) -> bool {
+        self.job_types.is_empty() || self.job_types.iter().any(|t| t == job_type)
+    }
 }
 
 /// What a stage stopped by its own time limit counts as.
@@ -478,6 +488,7 @@ struct FileStage {
     docker_args: Vec<String>,
     pass_env: Option<Vec<String>>,
     always: Option<bool>,
+    job_types: Option<Vec<String>>,
 }
 
 /// `shm_size = "8g"`, or by GPU count: `shm_size = { 1 = "8g", 4 = "16g" }`.
@@ -1348,6 +1359,19 @@ fn parse_stage(
             )));
         }
     };
+    if stage.job_types.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ConfigError::new(format!(
+            "{}: empty, so the stage would never run; leave it out to run it for every job",
+            key("job_types")
+        )));
+    }
+    let job_types = stage.job_types.unwrap_or_default();
+    if let Some(unknown) = job_types.iter().find(|t| !JOB_TYPES.contains(&t.as_str())) {
+        return Err(ConfigError::new(format!(
+            "{}: {unknown:?} is not a job type; TextJob or DiffusionJob",
+            key("job_types")
+        )));
+    }
     let on_timeout = match stage.on_timeout.as_deref() {
         None | Some("fail") => OnTimeout::Fail,
         Some("continue") => OnTimeout::Continue,
@@ -1365,6 +1389,7 @@ fn parse_stage(
         on_timeout,
         pass_env: stage.pass_env,
         always: stage.always.unwrap_or(false),
+        job_types,
         run,
     })
 }
@@ -1964,6 +1989,14 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
             (
                 "[executor]\ndocker = \"config/demo-trainer.sh\"\n[[executor.stages]]\nname = \"a\"\nkind = \"docker\"\nimage = \"i\"\nalways = true",
                 "executor.stages[0].gpus",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\njob_types = [\"VideoJob\"]",
+                "executor.stages[0].job_types",
+            ),
+            (
+                "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\njob_types = []",
+                "executor.stages[0].job_types",
             ),
             (
                 "[[executor.stages]]\nname = \"a\"\ncommand = [\"config/demo-trainer.sh\"]\npass_env = [\"HF_TOKEN\"]",

@@ -765,12 +765,13 @@ fn job_vars(
         ("HOTKEY", String::new()),
         ("GITHUB_REPO", String::new()),
         ("GITHUB_COMMIT_HASH", String::new()),
+        ("GITHUB_BRANCH", String::new()),
         ("STAGE", stage.to_string()),
     ])
 }
 
 /// The variables of [`job_vars`] plus PATH: what every container's environment holds.
-const JOB_ENV: [&str; 17] = [
+const JOB_ENV: [&str; 18] = [
     "PATH",
     "JOB_ID",
     "JOB_TYPE",
@@ -787,6 +788,7 @@ const JOB_ENV: [&str; 17] = [
     "HOTKEY",
     "GITHUB_REPO",
     "GITHUB_COMMIT_HASH",
+    "GITHUB_BRANCH",
     "STAGE",
 ];
 

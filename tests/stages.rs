@@ -988,3 +988,51 @@ async fn an_always_stage_runs_after_a_failure_once_it_is_recorded_and_in_its_pla
         "a failed cleanup is not run again after its own failure"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_for_other_job_types_is_skipped_and_the_log_says_so() {
+    let sandbox = Sandbox::new();
+    let program = serde_json::to_string(STAGE_SCRIPT).expect("a string serialises");
+    let mut text = "shutdown_grace = \"10s\"\n\n[executor]\ntimeout = \"60s\"\n\
+                    kill_grace = \"2s\"\npass_env = []\n"
+        .to_string();
+    for (stage, types) in [
+        ("train-image", "[\"DiffusionJob\"]"),
+        ("train-text", "[\"TextJob\"]"),
+        ("upload", "[\"TextJob\", \"DiffusionJob\"]"),
+    ] {
+        text.push_str(&format!(
+            "\n[[executor.stages]]\nname = \"{stage}\"\njob_types = {types}\ncommand = [{program}]\n"
+        ));
+    }
+    sandbox.write_config(&text);
+    let daemon = sandbox.start().await;
+    let a = id(50);
+    daemon.submit(job(&a)).await;
+    let done = daemon.wait_status(&a, "Completed", secs(20)).await;
+    assert_eq!(
+        runs(&sandbox, &a),
+        ran("start train-text 1, end train-text 1, start upload 1, end upload 1"),
+        "{done}"
+    );
+    let log = normalised_log(&sandbox, &a);
+    assert_eq!(
+        log[1], "==> stage train-image (1/3): not for a TextJob; skipped",
+        "{log:?}"
+    );
+    let b = id(51);
+    daemon
+        .submit(json!({
+            "type": "DiffusionJob",
+            "job_id": b,
+            "model": "org/image-model",
+            "dataset_zip": "https://example.com/images.zip",
+            "model_type": "sdxl",
+        }))
+        .await;
+    daemon.wait_status(&b, "Completed", secs(20)).await;
+    assert_eq!(
+        runs(&sandbox, &b),
+        ran("start train-image 1, end train-image 1, start upload 1, end upload 1")
+    );
+}

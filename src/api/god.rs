@@ -418,7 +418,8 @@ async fn task_view(state: &TrainerState, worker: &WorkerHandle, job: &Job) -> Va
 
 /// The container of the docker stage that runs now, or ran last.
 fn container_name(stages: &[Stage], job: &Job) -> Option<String> {
-    let docker = |s: &&Stage| matches!(s.run, StageRun::Docker(_));
+    let docker =
+        |s: &&Stage| matches!(s.run, StageRun::Docker(_)) && s.runs_for(job.kind.type_name());
     let current = stages
         .iter()
         .filter(docker)

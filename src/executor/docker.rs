@@ -522,10 +522,7 @@ pub fn plan(
             if !matches!(stage.run, StageRun::Docker(_)) {
                 return remove("its stage is no longer a container stage");
             }
-            let current = stages
-                .iter()
-                .find(|s| !job.stages_done.contains(&s.name))
-                .map(|s| s.name.as_str());
+            let current = super::current_stage(stages, job).map(|s| s.name.as_str());
             if current != Some(stage.name.as_str()) {
                 return remove("its stage is not the job's current one");
             }
@@ -556,10 +553,7 @@ pub fn awaiting_survey(jobs: &[Job], stages: &[Stage]) -> Vec<JobId> {
     jobs.iter()
         .filter(|job| job.status == Status::Running)
         .filter(|job| {
-            stages
-                .iter()
-                .find(|s| !job.stages_done.contains(&s.name))
-                .is_some_and(|s| matches!(s.run, StageRun::Docker(_)))
+            super::current_stage(stages, job).is_some_and(|s| matches!(s.run, StageRun::Docker(_)))
         })
         .map(|job| job.id)
         .collect()
@@ -659,6 +653,7 @@ mod tests {
             on_timeout: crate::config::OnTimeout::Fail,
             pass_env: None,
             always: false,
+            job_types: Vec::new(),
             run: StageRun::Docker(Box::new(DockerStage {
                 image: Template::parse(&format!("{name}-image")).unwrap(),
                 args: vec![

@@ -183,6 +183,14 @@ impl Execution {
     }
 }
 
+/// The stage a job of these stages is at: its first one not recorded as done that runs for
+/// its type.
+pub fn current_stage<'a>(stages: &'a [Stage], job: &Job) -> Option<&'a Stage> {
+    stages
+        .iter()
+        .find(|s| !job.stages_done.contains(&s.name) && s.runs_for(job.kind.type_name()))
+}
+
 /// The name of the one stage a single `executor.command` makes.
 const SINGLE_STAGE: &str = "trainer";
 
@@ -243,6 +251,7 @@ impl Executor {
                 on_timeout: crate::config::OnTimeout::Fail,
                 pass_env: None,
                 always: false,
+                job_types: Vec::new(),
                 run: StageRun::Process {
                     argv: config.command.iter().map(Template::clone).collect(),
                 },
@@ -457,6 +466,7 @@ impl Context {
             ("HOTKEY", task.hotkey.to_string()),
             ("GITHUB_REPO", task.github_repo.to_string()),
             ("GITHUB_COMMIT_HASH", task.github_commit_hash.to_string()),
+            ("GITHUB_BRANCH", task.github_branch.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -530,6 +540,15 @@ impl Run {
             if adopted.is_none() && context.staged && self.job.stages_done.contains(&stage.name) {
                 log.line(&format!(
                     "==> stage {} ({}/{total}): finished in an earlier attempt; skipped",
+                    stage.name,
+                    i + 1
+                ));
+                continue;
+            }
+            let job_type = self.job.kind.type_name();
+            if !stage.runs_for(job_type) {
+                log.line(&format!(
+                    "==> stage {} ({}/{total}): not for a {job_type}; skipped",
                     stage.name,
                     i + 1
                 ));
@@ -729,7 +748,7 @@ impl Run {
         }
         let stop = &context.cleanups;
         for (i, stage) in context.stages.iter().enumerate().skip(failed + 1) {
-            if !stage.always {
+            if !stage.always || !stage.runs_for(job.kind.type_name()) {
                 continue;
             }
             if stop.is_cancelled() {

@@ -32,10 +32,11 @@ pub enum Placeholder {
     Hotkey,
     GithubRepo,
     GithubCommitHash,
+    GithubBranch,
 }
 
 impl Placeholder {
-    pub const ALL: [Placeholder; 18] = [
+    pub const ALL: [Placeholder; 19] = [
         Placeholder::JobId,
         Placeholder::Model,
         Placeholder::Dataset,
@@ -54,6 +55,7 @@ impl Placeholder {
         Placeholder::Hotkey,
         Placeholder::GithubRepo,
         Placeholder::GithubCommitHash,
+        Placeholder::GithubBranch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +78,7 @@ impl Placeholder {
             Placeholder::Hotkey => "hotkey",
             Placeholder::GithubRepo => "github_repo",
             Placeholder::GithubCommitHash => "github_commit_hash",
+            Placeholder::GithubBranch => "github_branch",
         }
     }
 }
@@ -256,6 +259,7 @@ pub struct TaskFields<'a> {
     pub hotkey: &'a str,
     pub github_repo: &'a str,
     pub github_commit_hash: &'a str,
+    pub github_branch: &'a str,
 }
 
 impl TaskFields<'_> {
@@ -266,12 +270,14 @@ impl TaskFields<'_> {
                 hotkey: &task.hotkey,
                 github_repo: &task.github_repo,
                 github_commit_hash: task.github_commit_hash.as_deref().unwrap_or(""),
+                github_branch: task.github_branch.as_deref().unwrap_or(""),
             },
             None => TaskFields {
                 task_id: "",
                 hotkey: "",
                 github_repo: "",
                 github_commit_hash: "",
+                github_branch: "",
             },
         }
     }
@@ -323,6 +329,7 @@ impl Values {
                 Placeholder::Hotkey => task.hotkey.to_string(),
                 Placeholder::GithubRepo => task.github_repo.to_string(),
                 Placeholder::GithubCommitHash => task.github_commit_hash.to_string(),
+                Placeholder::GithubBranch => task.github_branch.to_string(),
             })
             .collect();
         Values { values }
@@ -388,8 +395,8 @@ mod tests {
                 .unwrap()
                 .render(&Values::new(j, "s", "/d"))
         };
-        let all = "{task_id}|{hotkey}|{github_repo}|{github_commit_hash}";
-        assert_eq!(render(&j, all), "|||");
+        let all = "{task_id}|{hotkey}|{github_repo}|{github_commit_hash}|{github_branch}";
+        assert_eq!(render(&j, all), "||||");
         j.trainer_task = Some(crate::job::TrainerTask {
             task_id: "t-1".into(),
             hotkey: "5Fhk".into(),
@@ -400,7 +407,7 @@ mod tests {
         });
         assert_eq!(
             render(&j, all),
-            "t-1|5Fhk|https://github.com/example/miner|"
+            "t-1|5Fhk|https://github.com/example/miner||main"
         );
     }
 
