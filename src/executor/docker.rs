@@ -141,6 +141,22 @@ impl DockerCli {
         }
     }
 
+    /// What a process stage gets to reach the same engine as the container stages: the
+    /// CLI as `DOCKER`, and the daemon's `DOCKER_*` variables.
+    pub fn stage_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "DOCKER".to_string(),
+            self.program.to_string_lossy().into_owned(),
+        )];
+        env.extend(
+            self.env
+                .iter()
+                .filter(|(k, _)| k.starts_with("DOCKER_"))
+                .cloned(),
+        );
+        env
+    }
+
     fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut command = Command::new(&self.program);
         command

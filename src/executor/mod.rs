@@ -421,6 +421,9 @@ impl Context {
             }
         }
         env.extend(self.job_environment(job, &stage.name));
+        if let Some(docker) = &self.docker {
+            env.extend(docker.stage_env());
+        }
         // A process stage only: a container's variables would be on docker's command line.
         if let Some(token) = read_secret(&self.data_dir, job.id) {
             env.push((GITHUB_TOKEN_ENV.to_string(), token));
