@@ -88,6 +88,9 @@ pub struct Event {
     pub last_line: Option<String>,
     /// The stage that ended the pipeline, when stages are configured.
     pub stage: Option<String>,
+    /// Told once the job's end is durable; dropped when the worker records something else
+    /// (a cancel decided first). The `always` stages after a failure wait for it.
+    pub recorded: Option<oneshot::Sender<()>>,
 }
 
 /// A stage has finished; the executor waits for `ack` (sent once the stage is recorded in
@@ -365,15 +368,27 @@ impl Executor {
         let token = stop.clone();
         self.tracker.spawn(async move {
             let events = run.context.reports.events.clone();
-            let (event, failed_at) = run.run(token).await;
+            let (mut event, failed_at) = run.run(token).await;
+            let (tx, recorded) = oneshot::channel();
+            if failed_at.is_some() {
+                event.recorded = Some(tx);
+            }
             // The worker may be gone at the very end of a shutdown; nothing is lost then,
             // since the job file still says Running and replay handles it.
-            let recorded = events.send(event).await.is_ok();
-            // The `always` stages after a failure run once the worker has the failure, so
-            // that a crash meanwhile cannot run the failed stage again; a crash loses only
-            // the cleanup.
-            if let (true, Some(failed)) = (recorded, failed_at) {
-                run.clean_up(failed).await;
+            let sent = events.send(event).await.is_ok();
+            // The `always` stages after a failure run once the failure is durable, so that
+            // a crash meanwhile cannot run the failed stage again; a crash loses only the
+            // cleanup.
+            if let (true, Some(failed)) = (sent, failed_at) {
+                let cleanups = run.context.cleanups.clone();
+                tokio::select! {
+                    durable = recorded => {
+                        if durable.is_ok() {
+                            run.clean_up(failed).await;
+                        }
+                    }
+                    _ = cleanups.cancelled() => {}
+                }
             }
         });
         Execution { stop }
@@ -848,6 +863,7 @@ impl Run {
             outcome,
             last_line,
             stage,
+            recorded: None,
         }
     }
 }
@@ -1129,6 +1145,7 @@ mod tests {
             outcome,
             last_line: Some("CUDA out of memory".into()),
             stage: None,
+            recorded: None,
         };
         assert_eq!(event(Outcome::Exited(0)).error_message(), None);
         let msg = event(Outcome::Exited(3)).error_message().unwrap();

@@ -1200,7 +1200,9 @@ impl Worker {
                 self.schedule_retry();
             }
             (Pending::Finish { job }, Ok(())) => {
-                self.unrecorded.remove(&id);
+                if let Some(tx) = self.unrecorded.remove(&id).and_then(|e| e.recorded) {
+                    let _ = tx.send(());
+                }
                 match job.status {
                     Status::Completed => {
                         info!(job_id = %id, "job completed");
