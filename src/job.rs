@@ -164,6 +164,8 @@ pub enum DatasetShape {
     Dpo,
     Grpo,
     ChatTemplate,
+    /// A G.O.D environment task's: `environment_names`, the environments it trains in.
+    Environment,
 }
 
 impl DatasetShape {
@@ -173,6 +175,7 @@ impl DatasetShape {
             DatasetShape::Dpo => "dpo",
             DatasetShape::Grpo => "grpo",
             DatasetShape::ChatTemplate => "chat_template",
+            DatasetShape::Environment => "environment",
         }
     }
 }
@@ -236,7 +239,9 @@ impl DatasetType {
             ));
         };
         let has = |key: &str| object.contains_key(key);
-        let shape = if has("reward_functions") {
+        let shape = if has("environment_names") {
+            DatasetShape::Environment
+        } else if has("reward_functions") {
             DatasetShape::Grpo
         } else if has("field_chosen") || has("field_rejected") {
             DatasetShape::Dpo
@@ -250,6 +255,7 @@ impl DatasetType {
             DatasetShape::Dpo => DPO_FIELDS,
             DatasetShape::Grpo => GRPO_TEXT_FIELDS,
             DatasetShape::ChatTemplate => CHAT_FIELDS,
+            DatasetShape::Environment => &[],
         };
         for field in text_fields {
             match object.get(*field) {
@@ -264,6 +270,9 @@ impl DatasetType {
         }
         if shape == DatasetShape::Grpo {
             check_reward_functions(object.get("reward_functions"))?;
+        }
+        if shape == DatasetShape::Environment {
+            check_environment_names(object.get("environment_names"))?;
         }
         Ok(DatasetType {
             shape,
@@ -337,6 +346,24 @@ impl PartialEq for Extra {
     /// Equal when they hold the same keys and values, in any order.
     fn eq(&self, other: &Extra) -> bool {
         self.0.len() == other.0.len() && self.to_map() == other.to_map()
+    }
+}
+
+/// `environment_names`: null, or a list of names.
+fn check_environment_names(value: Option<&Value>) -> Result<(), FieldError> {
+    match value {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(names)) => match names.iter().position(|n| !n.is_string()) {
+            None => Ok(()),
+            Some(i) => Err(FieldError::new(
+                format!("dataset_type.environment_names[{i}]"),
+                "must be a string",
+            )),
+        },
+        Some(_) => Err(FieldError::new(
+            "dataset_type.environment_names",
+            "must be a list of environment names or null",
+        )),
     }
 }
 
@@ -1254,6 +1281,10 @@ mod tests {
                 json!({"chat_column": "messages"}),
                 DatasetShape::ChatTemplate,
             ),
+            (
+                json!({"environment_names": ["alfworld", "webshop"]}),
+                DatasetShape::Environment,
+            ),
         ];
         for (dataset_type, shape) in cases {
             let job = Job::from_submission(text_job(dataset_type.clone()), now()).unwrap();
@@ -1267,6 +1298,23 @@ mod tests {
             let back = Job::from_stored(job.to_json()).unwrap();
             assert_eq!(back, job);
             assert_eq!(back.to_json()["dataset_type"], dataset_type);
+        }
+    }
+
+    #[test]
+    fn bad_environment_names_name_the_field() {
+        for (dataset_type, field) in [
+            (
+                json!({"environment_names": "alfworld"}),
+                "dataset_type.environment_names",
+            ),
+            (
+                json!({"environment_names": ["alfworld", 3]}),
+                "dataset_type.environment_names[1]",
+            ),
+        ] {
+            let err = Job::from_submission(text_job(dataset_type.clone()), now()).unwrap_err();
+            assert!(err.to_string().contains(field), "{dataset_type}: {err}");
         }
     }
 

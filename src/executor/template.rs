@@ -208,6 +208,7 @@ pub fn task_type(job: &Job) -> &'static str {
             DatasetShape::Dpo => "DpoTask",
             DatasetShape::Grpo => "GrpoTask",
             DatasetShape::ChatTemplate => "ChatTask",
+            DatasetShape::Environment => "EnvTask",
         },
         JobKind::Diffusion { .. } => "ImageTask",
     }
@@ -428,6 +429,8 @@ mod tests {
             "GrpoTask"
         );
         assert_eq!(text(json!({"chat_template": "chatml"})), "ChatTask");
+        assert_eq!(text(json!({"environment_names": ["alfworld"]})), "EnvTask");
+        assert_eq!(text(json!({"environment_names": null})), "EnvTask");
         let image = job(json!({"type": "DiffusionJob", "model": "m", "dataset_zip": "z"}));
         assert_eq!(task_type(&image), "ImageTask");
     }
