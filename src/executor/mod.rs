@@ -417,6 +417,51 @@ impl Context {
         })
     }
 
+    /// Starts `stage` of `job` afresh, a process or a container, and follows it to its end.
+    async fn run_stage(
+        &self,
+        job: &Job,
+        stage: &Stage,
+        values: &Values,
+        log: &Log,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        match &stage.run {
+            StageRun::Process { argv } => {
+                let argv: Vec<String> = argv.iter().map(|t| t.render(values)).collect();
+                let env = self.process_environment(job, stage);
+                run_process(self, job.id, &argv, &env, log, timeout, stop).await
+            }
+            StageRun::Docker(spec) => {
+                // Config loading resolves the CLI whenever a docker stage exists.
+                let Some(docker) = &self.docker else {
+                    return Outcome::SpawnFailed("no docker CLI configured".into());
+                };
+                let args = docker.run_args(
+                    job,
+                    &stage.name,
+                    spec,
+                    values,
+                    &self.job_environment(job, &stage.name),
+                    self.pass_env(stage),
+                );
+                let name = docker::container_name(job.id, &stage.name);
+                docker
+                    .run(
+                        &name,
+                        &args,
+                        log,
+                        timeout,
+                        self.kill_grace,
+                        stop,
+                        self.wandb_sink(job.id),
+                    )
+                    .await
+            }
+        }
+    }
+
     /// The `pass_env` names a stage gets.
     fn pass_env<'a>(&'a self, stage: &'a Stage) -> &'a [String] {
         stage.pass_env.as_deref().unwrap_or(&self.pass_env)
@@ -653,61 +698,24 @@ impl Run {
                 ));
                 Outcome::TimedOut(limit)
             } else {
-                match &stage.run {
-                    StageRun::Process { argv } => {
-                        let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
-                        let env = context.process_environment(&self.job, stage);
-                        run_process(context, job_id, &argv, &env, &log, timeout, &stop).await
+                match (&adopted, &context.docker) {
+                    (Some(container), Some(docker)) => {
+                        docker
+                            .follow(
+                                container,
+                                since,
+                                &log,
+                                timeout,
+                                context.kill_grace,
+                                &stop,
+                                context.wandb_sink(job_id),
+                            )
+                            .await
                     }
-                    StageRun::Docker(spec) => {
-                        let Some(docker) = &context.docker else {
-                            // Config loading resolves the CLI whenever a docker stage exists.
-                            return (
-                                self.event(
-                                    Outcome::SpawnFailed("no docker CLI configured".into()),
-                                    None,
-                                    named,
-                                ),
-                                None,
-                            );
-                        };
-                        let name = docker::container_name(job_id, &stage.name);
-                        match adopted {
-                            Some(container) => {
-                                docker
-                                    .follow(
-                                        &container,
-                                        since,
-                                        &log,
-                                        timeout,
-                                        context.kill_grace,
-                                        &stop,
-                                        context.wandb_sink(job_id),
-                                    )
-                                    .await
-                            }
-                            None => {
-                                let args = docker.run_args(
-                                    &self.job,
-                                    &stage.name,
-                                    spec,
-                                    &values,
-                                    &context.job_environment(&self.job, &stage.name),
-                                    context.pass_env(stage),
-                                );
-                                docker
-                                    .run(
-                                        &name,
-                                        &args,
-                                        &log,
-                                        timeout,
-                                        context.kill_grace,
-                                        &stop,
-                                        context.wandb_sink(job_id),
-                                    )
-                                    .await
-                            }
-                        }
+                    _ => {
+                        context
+                            .run_stage(&self.job, stage, &values, &log, timeout, &stop)
+                            .await
                     }
                 }
             };
@@ -786,38 +794,9 @@ impl Run {
             let started = Instant::now();
             let timeout = stage.timeout.unwrap_or(context.timeout);
             let values = Values::new(&job, &stage.name, &context.data_dir.to_string_lossy());
-            let outcome = match &stage.run {
-                StageRun::Process { argv } => {
-                    let argv: Vec<String> = argv.iter().map(|t| t.render(&values)).collect();
-                    let env = context.process_environment(&job, stage);
-                    run_process(context, job_id, &argv, &env, &log, timeout, stop).await
-                }
-                StageRun::Docker(spec) => match &context.docker {
-                    None => Outcome::SpawnFailed("no docker CLI configured".into()),
-                    Some(docker) => {
-                        let args = docker.run_args(
-                            &job,
-                            &stage.name,
-                            spec,
-                            &values,
-                            &context.job_environment(&job, &stage.name),
-                            context.pass_env(stage),
-                        );
-                        let name = docker::container_name(job_id, &stage.name);
-                        docker
-                            .run(
-                                &name,
-                                &args,
-                                &log,
-                                timeout,
-                                context.kill_grace,
-                                stop,
-                                context.wandb_sink(job_id),
-                            )
-                            .await
-                    }
-                },
-            };
+            let outcome = context
+                .run_stage(&job, stage, &values, &log, timeout, stop)
+                .await;
             log.line(&format!(
                 "==> stage {} ended after {}: {}",
                 stage.name,
