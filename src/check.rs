@@ -10,8 +10,11 @@ use std::io;
 use std::path::Path;
 
 use crate::job::{Job, JobId, Status};
-use crate::store::lock::LOCK_FILE;
-use crate::store::replay::{self, JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE, QueueFile};
+use crate::layout::{
+    JOBS_DIR, LOCK_FILE, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE, RUN_DIR, SECRETS_DIR,
+};
+use crate::store::files::replay;
+use crate::store::order::{deadline_order, requeue_order};
 
 /// What `check` found.
 #[derive(Debug, Default)]
@@ -148,14 +151,15 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
         let known = [
             JOBS_DIR,
             LOGS_DIR,
-            crate::store::replay::SECRETS_DIR,
+            SECRETS_DIR,
+            RUN_DIR,
             QUARANTINE_DIR,
             QUEUE_FILE,
             LOCK_FILE,
             "README.md",
             ".gitignore",
         ];
-        if !known.contains(&name.as_str()) && !crate::store::fsio::is_temp_name(&name) {
+        if !known.contains(&name.as_str()) && !crate::store::files::fsio::is_temp_name(&name) {
             report
                 .notes
                 .push(format!("{name}: not a file of the daemon's; ignored by it"));
@@ -279,7 +283,7 @@ fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
     // The order the job files alone give; queue.json must agree with it, or the queue
     // could not be rebuilt exactly if queue.json were lost.
     let jobs: HashMap<JobId, Job> = recovered.jobs.iter().map(|j| (j.id, j.clone())).collect();
-    let expected = replay::requeue_order(&jobs, &QueueFile::default(), &mut Vec::new());
+    let expected = requeue_order(&jobs, &[], &[], &mut Vec::new());
     let actual: Vec<JobId> = running
         .iter()
         .chain(&queued)
@@ -288,7 +292,7 @@ fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
         .collect();
     // Under `[worker] order = "deadline"` the queued jobs stand by deadline instead, which
     // the job files give too.
-    let by_deadline = replay::deadline_order(&jobs, &expected);
+    let by_deadline = deadline_order(&jobs, &expected);
     if actual.len() == expected.len() && actual != expected && actual != by_deadline {
         report.problems.push(format!(
             "{QUEUE_FILE}: order differs from both orders the job files give (running by start, then queued by arrival or by deadline)"
@@ -341,7 +345,8 @@ fn lock_is_held(data_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Change, Placement, Store};
+    use crate::store::files::Store;
+    use crate::store::{Change, Placement};
     use tokio_util::sync::CancellationToken;
 
     fn job(n: u128) -> Job {

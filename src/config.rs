@@ -39,6 +39,87 @@ impl SyncMode {
     }
 }
 
+/// `[store]`: where job records live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+/// `[store] kind`: the backend behind the store's boundary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The data dir's job files (the default), made durable the way `sync` says.
+    Files { sync: SyncMode },
+    /// A PostgreSQL database.
+    Postgres(PostgresConfig),
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            kind: StoreKind::Files {
+                sync: SyncMode::default(),
+            },
+        }
+    }
+}
+
+/// `[store] kind = "postgres"`: how to reach the database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A libpq connection string or `postgres://` URL; it may hold a password, so it is
+    /// only ever shown through [`PostgresConfig::display_url`].
+    pub url: String,
+    /// Connections the store keeps open at most.
+    pub pool_size: usize,
+}
+
+impl PostgresConfig {
+    /// The URL with any password replaced, for messages and logs.
+    pub fn display_url(&self) -> String {
+        redact_password(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.display_url())
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`, and a key-value
+/// string's `password=secret` as `password=***`.
+pub fn redact_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@')
+            && let Some((user, _)) = userinfo.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}{tail}");
+        }
+        let redacted: Vec<String> = tail
+            .split('&')
+            .map(|part| match part.split_once('=') {
+                Some((key, _)) if key.trim_start_matches('?') == "password" => {
+                    format!("{key}=***")
+                }
+                _ => part.to_string(),
+            })
+            .collect();
+        return format!("{scheme}://{authority}{}", redacted.join("&"));
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some(("password", _)) => "password=***".to_string(),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The order in which queued jobs start (`[worker] order`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Order {
@@ -88,8 +169,8 @@ pub struct Config {
     /// How long a graceful stop may take in all.
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
-    /// How batches of job files are made durable.
-    pub store_sync: SyncMode,
+    /// `[store]`: the backend that holds the job records.
+    pub store: StoreConfig,
     pub api: ApiConfig,
     /// `[god_trainer]`: the G.O.D trainer API's listener.
     pub trainer_api: TrainerApiConfig,
@@ -240,6 +321,9 @@ pub struct ExecutorConfig {
     pub adopt_running: bool,
     /// The longest a stage may run (a stage may set its own).
     pub timeout: Duration,
+    /// Derived from `[store] kind`: with the records in a database there is no job file,
+    /// so a trainer's `JOB_FILE` is a copy the executor writes to `run/`.
+    pub job_copies: bool,
     /// Between SIGTERM and SIGKILL when a trainer is stopped.
     pub kill_grace: Duration,
     /// Names of daemon environment variables a trainer receives.
@@ -419,7 +503,10 @@ impl<'de> Deserialize<'de> for FileGpus {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileStore {
+    kind: Option<String>,
     sync: Option<String>,
+    url: Option<String>,
+    pool_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -516,7 +603,10 @@ pub const ENV_KEYS: &[&str] = &[
     "MAX_BODY_BYTES",
     "SHUTDOWN_GRACE",
     "LOG_FORMAT",
+    "STORE_KIND",
     "STORE_SYNC",
+    "DATABASE_URL",
+    "STORE_POOL_SIZE",
     "API_HEADER_READ_TIMEOUT",
     "API_MAX_CONNECTIONS",
     "GOD_TRAINER_LISTEN",
@@ -640,15 +730,7 @@ impl Config {
             ))
         })?;
 
-        let sync_text = var("STORE_SYNC")
-            .or(file.store.sync)
-            .unwrap_or_else(|| "fsync".into());
-        let store_sync = SyncMode::parse(sync_text.trim()).ok_or_else(|| {
-            ConfigError::new(format!(
-                "{}: {sync_text:?} is not \"fsync\" or \"syncfs\"",
-                name_of("store.sync")
-            ))
-        })?;
+        let store = store(&var, file.store)?;
         let api = api(&var, file.api)?;
         let trainer_api = trainer_api(&var, &file.god_trainer)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
@@ -861,6 +943,7 @@ impl Config {
             }
         }
 
+        let job_copies = matches!(store.kind, StoreKind::Postgres(_));
         Ok(Config {
             data_dir: cwd.join(data_dir),
             listen,
@@ -868,7 +951,7 @@ impl Config {
             max_body_bytes,
             shutdown_grace,
             log_format,
-            store_sync,
+            store,
             api,
             trainer_api,
             worker: WorkerConfig {
@@ -889,6 +972,7 @@ impl Config {
                 docker,
                 adopt_running,
                 timeout,
+                job_copies,
                 kill_grace,
                 pass_env,
                 max_log_bytes,
@@ -1037,6 +1121,87 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 /// The `[api]` settings.
+/// `[store]`, with `TRAINING_WORKER_STORE_KIND`, `_STORE_SYNC`, `_DATABASE_URL` and
+/// `_STORE_POOL_SIZE` over the file.
+fn store(
+    var: &impl Fn(&str) -> Option<String>,
+    file: FileStore,
+) -> Result<StoreConfig, ConfigError> {
+    let name_of = |key: &str| setting_name(var, key);
+    let kind = var("STORE_KIND")
+        .or(file.kind)
+        .unwrap_or_else(|| "files".into());
+    let sync_text = var("STORE_SYNC").or(file.sync);
+    // The URL's variable is the name PostgreSQL tools use, not STORE_URL.
+    let url_name = match var("DATABASE_URL") {
+        Some(_) => format!("{ENV_PREFIX}DATABASE_URL"),
+        None => "store.url".to_string(),
+    };
+    let url = var("DATABASE_URL").or(file.url);
+    let pool_size = match var("STORE_POOL_SIZE") {
+        Some(v) => Some(parse_number(&name_of("store.pool_size"), &v)?),
+        None => file.pool_size,
+    };
+    match kind.trim() {
+        "files" => {
+            let sync_text = sync_text.unwrap_or_else(|| "fsync".into());
+            let sync = SyncMode::parse(sync_text.trim()).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{}: {sync_text:?} is not \"fsync\" or \"syncfs\"",
+                    name_of("store.sync")
+                ))
+            })?;
+            if let Some(url) = url.filter(|u| !u.trim().is_empty()) {
+                let shown = redact_password(&url);
+                return Err(ConfigError::new(format!(
+                    "{}: {shown:?} is set, but {} is \"files\"; set it to \"postgres\" to use the database",
+                    url_name,
+                    name_of("store.kind")
+                )));
+            }
+            Ok(StoreConfig {
+                kind: StoreKind::Files { sync },
+            })
+        }
+        "postgres" => {
+            let url = url.filter(|u| !u.trim().is_empty()).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{}: empty; with {} = \"postgres\" name the database (a postgres:// URL), here or in {ENV_PREFIX}DATABASE_URL",
+                    url_name,
+                    name_of("store.kind")
+                ))
+            })?;
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return Err(ConfigError::new(format!(
+                    "{}: {:?} is not a PostgreSQL connection string: {e}",
+                    url_name,
+                    redact_password(&url)
+                )));
+            }
+            if let Some(sync) = sync_text {
+                return Err(ConfigError::new(format!(
+                    "{}: {sync:?} is for the file store; the database makes its own writes durable",
+                    name_of("store.sync")
+                )));
+            }
+            let pool_size = pool_size.unwrap_or(8);
+            if pool_size < 2 {
+                return Err(ConfigError::new(format!(
+                    "{}: must be at least 2 (one connection holds the store's lock)",
+                    name_of("store.pool_size")
+                )));
+            }
+            Ok(StoreConfig {
+                kind: StoreKind::Postgres(PostgresConfig { url, pool_size }),
+            })
+        }
+        other => Err(ConfigError::new(format!(
+            "{}: {other:?} is not \"files\" or \"postgres\"",
+            name_of("store.kind")
+        ))),
+    }
+}
+
 fn api(var: &impl Fn(&str) -> Option<String>, file: FileApi) -> Result<ApiConfig, ConfigError> {
     let header_read_timeout = duration(
         "api.header_read_timeout",

@@ -27,8 +27,8 @@ use crate::executor::{self, Executor};
 use crate::gpu;
 use crate::metrics::METRICS;
 use crate::notify::{self, Notifier};
-use crate::store::Store;
 use crate::store::lock::{self, LockError};
+use crate::store::{self, OpenError};
 use crate::worker::{Boot, Worker};
 
 /// The exit codes a supervisor can branch on (sysexits.h values).
@@ -38,11 +38,11 @@ pub enum Exit {
     Graceful = 0,
     /// The stop did not finish within `shutdown_grace`; the next boot replays.
     Unclean = 1,
-    /// The listen address could not be bound.
+    /// The listen address could not be bound, or the database cannot be reached at start.
     Unavailable = 69,
     /// Storage failed (a failed fsync, an unwritable data dir); a restart replays.
     Storage = 74,
-    /// Another daemon holds the data dir.
+    /// Another daemon holds the data dir (or the database).
     Locked = 75,
     /// The configuration is invalid.
     Config = 78,
@@ -89,6 +89,12 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
             return Exit::Storage;
         }
     };
+    // The trainers' logs are the box's own, whichever store holds the records.
+    let logs = data_dir.join(crate::layout::LOGS_DIR);
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        error!(dir = %logs.display(), error = %e, "cannot create the logs dir");
+        return Exit::Storage;
+    }
 
     let started = Instant::now();
     let leftovers = {
@@ -202,24 +208,19 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     });
 
     let replay_started = Instant::now();
-    let opened = {
-        let data_dir = data_dir.clone();
-        let fatal = fatal.clone();
-        let sync = config.store_sync;
-        tokio::task::spawn_blocking(move || Store::open_with(&data_dir, fatal, sync)).await
-    };
-    let opened = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => {
-            error!(error = %e, "cannot open the data dir");
-            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
-        }
+    let opened = match store::open(&config.store, &data_dir, fatal.clone()).await {
+        Ok(opened) => opened,
         Err(e) => {
-            error!(error = %e, "replay failed");
-            return stop_after_failure(shutdown, close_http, tracker, Exit::Storage).await;
+            let exit = match &e {
+                OpenError::Storage(_) => Exit::Storage,
+                OpenError::Unreachable(_) => Exit::Unavailable,
+                OpenError::Held(_) => Exit::Locked,
+            };
+            error!(error = %e, "cannot open the store");
+            return stop_after_failure(shutdown, close_http, tracker, exit).await;
         }
     };
-    let quarantined = opened.recovered.damaged.len();
+    let quarantined = opened.recovered.quarantined;
     METRICS.set_replay_duration(replay_started.elapsed());
     METRICS.quarantined.add(quarantined as u64);
     // Containers of a crashed daemon: adopted, or removed before their stage runs again.
@@ -336,12 +337,8 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
     // Every store handle is gone with the worker, so the store thread is finishing.
     let left = deadline.saturating_duration_since(Instant::now());
-    let joined = tokio::time::timeout(
-        left,
-        tokio::task::spawn_blocking(move || opened.thread.join()),
-    )
-    .await;
-    if !matches!(joined, Ok(Ok(Ok(())))) {
+    let joined = tokio::time::timeout(left, opened.ended.wait()).await;
+    if joined != Ok(true) {
         error!("the store did not finish within shutdown_grace");
         return Exit::Unclean;
     }

@@ -5,8 +5,10 @@
 //!   for the wire and the job files).
 //! - [`config`]: the settings, loaded and validated once, passed explicitly.
 //! - [`gpu`]: the GPU inventory (what nvidia-smi says each id is) and the G.O.D types.
-//! - [`store`]: the only code that writes job state to the data dir: atomic durable writes,
-//!   group commit, replay at boot, the data dir lock.
+//! - [`layout`]: the names of what lives in the data dir.
+//! - [`store`]: the only code that writes job state, behind one boundary with a backend per
+//!   kind: the data dir's job files (atomic durable writes, group commit, replay at boot, the
+//!   data dir lock) or a PostgreSQL database.
 //! - [`executor`]: the only code that spawns processes: trainers, their logs, their ends.
 //! - [`worker`]: the actor that owns all job state and the queue order; acts on a change
 //!   only once the store has made it durable.
@@ -27,6 +29,7 @@ pub mod daemon;
 pub mod executor;
 pub mod gpu;
 pub mod job;
+pub mod layout;
 pub mod metrics;
 pub mod notify;
 pub mod store;

@@ -648,7 +648,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .into_response();
     }
     match state.worker.get() {
-        Some(_) => Json(json!({"status": "ready"})).into_response(),
+        Some(worker) => match worker.storage_trouble() {
+            None => Json(json!({"status": "ready"})).into_response(),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "storage unavailable", "reason": reason})),
+            )
+                .into_response(),
+        },
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "replaying"})),

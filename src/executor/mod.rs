@@ -39,7 +39,7 @@ use tracing::{info, warn};
 
 use crate::config::{ExecutorConfig, Stage, StageRun};
 use crate::job::{Job, JobId};
-use crate::store::replay::{JOBS_DIR, LOGS_DIR, SECRETS_DIR};
+use crate::layout::{JOBS_DIR, LOGS_DIR, RUN_DIR, SECRETS_DIR};
 
 /// The variable a job's GitHub token reaches its stages as.
 pub const GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
@@ -215,6 +215,9 @@ struct Context {
     timeout: Duration,
     kill_grace: Duration,
     pass_env: Vec<String>,
+    /// Whether a trainer's `JOB_FILE` is a copy the executor writes to `run/` (the job
+    /// records live in a database) rather than the store's own job file.
+    job_copies: bool,
     /// A job's log is rotated at this size (0: never); see [`supervisor::LogWriter`].
     max_log_bytes: u64,
     /// The program that runs as every trainer's supervisor.
@@ -276,6 +279,7 @@ impl Executor {
                 timeout: config.timeout,
                 kill_grace: config.kill_grace,
                 pass_env: config.pass_env,
+                job_copies: config.job_copies,
                 max_log_bytes: config.max_log_bytes,
                 supervisor: config.supervisor,
                 trainer_nofile: config.trainer_nofile,
@@ -309,17 +313,20 @@ impl Executor {
         }
     }
 
-    /// Removes a job's secrets, once it has ended. Off the async workers.
-    pub fn forget_secret(
-        &self,
-        id: JobId,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// Removes what the executor keeps of a job while it is unfinished (its secret, the copy
+    /// of its record for `JOB_FILE`), once it has ended. Off the async workers.
+    pub fn forget_job(&self, id: JobId) -> impl std::future::Future<Output = ()> + Send + 'static {
         let path = secret_path(&self.context.data_dir, id);
+        let copy = self.context.job_copies.then(|| self.context.job_file(id));
         async move {
-            let _ = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!(path = %path.display(), error = %e, "cannot remove a finished job's secret"),
+            let _ = tokio::task::spawn_blocking(move || {
+                for path in std::iter::once(path).chain(copy) {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => warn!(path = %path.display(), error = %e, "cannot remove a finished job's file"),
+                    }
+                }
             })
             .await;
         }
@@ -427,6 +434,11 @@ impl Context {
         timeout: Duration,
         stop: &CancellationToken,
     ) -> Outcome {
+        if self.job_copies
+            && let Err(e) = self.write_job_copy(job).await
+        {
+            return Outcome::SpawnFailed(format!("cannot write the job's copy for JOB_FILE: {e}"));
+        }
         match &stage.run {
             StageRun::Process { argv } => {
                 let argv: Vec<String> = argv.iter().map(|t| t.render(values)).collect();
@@ -501,14 +513,35 @@ impl Context {
         env
     }
 
+    /// The trainer's `JOB_FILE`: the store's job file, or the executor's copy of the record.
+    fn job_file(&self, id: JobId) -> PathBuf {
+        let dir = if self.job_copies { RUN_DIR } else { JOBS_DIR };
+        self.data_dir.join(dir).join(format!("{id}.json"))
+    }
+
+    /// Writes the job's record where `JOB_FILE` says, for a trainer that reads it, when the
+    /// records live in a database: replaced whole (a temporary file renamed), before each
+    /// stage, so it says what the stage's start knows. A copy, not a record: nothing reads
+    /// it back, so it needs no flush.
+    async fn write_job_copy(&self, job: &Job) -> io::Result<()> {
+        let path = self.job_file(job.id);
+        let bytes = job.to_file_bytes();
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("a job file has a directory");
+            std::fs::create_dir_all(dir)?;
+            let temp = dir.join(format!(".{}.tmp", job_file_name(&path)));
+            std::fs::write(&temp, bytes)?;
+            std::fs::rename(&temp, &path)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     /// The job's own variables (CONTRACT 5), for processes and containers alike.
     fn job_environment(&self, job: &Job, stage: &str) -> Vec<(String, String)> {
         let fields = template::KindFields::of(job);
         let task = template::TaskFields::of(job);
-        let job_file = self
-            .data_dir
-            .join(JOBS_DIR)
-            .join(format!("{}.json", job.id));
+        let job_file = self.job_file(job.id);
         let mut env: Vec<(String, String)> = [
             ("JOB_ID", job.id.to_string()),
             ("JOB_TYPE", job.kind.type_name().to_string()),
@@ -941,6 +974,12 @@ fn tie_to_daemon(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+fn job_file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn secret_path(data_dir: &Path, id: JobId) -> PathBuf {

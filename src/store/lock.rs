@@ -8,7 +8,14 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-pub const LOCK_FILE: &str = "lock";
+pub use crate::layout::LOCK_FILE;
+
+/// This machine's name, for the messages that name a lock's holder.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown host".into())
+}
 
 /// Held for the daemon's whole life; dropping it releases the lock.
 #[derive(Debug)]
@@ -56,9 +63,7 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, LockError> {
         }
         Err(TryLockError::Error(e)) => return Err(io_err(e)),
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown host".into());
+    let host = host_name();
     let holder = format!(
         "pid {} on {}, since {}",
         std::process::id(),

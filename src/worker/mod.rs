@@ -261,9 +261,17 @@ struct SpawnTrouble {
 #[derive(Clone, Debug)]
 pub struct WorkerHandle {
     inbox: mpsc::Sender<Command>,
+    /// The store's own word on whether it takes writes now, read without the actor.
+    storage: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl WorkerHandle {
+    /// Why the storage refuses changes now (the database out of reach, reconnecting), or
+    /// `None`; `/readyz` answers 503 meanwhile. Answered without a turn of the actor.
+    pub fn storage_trouble(&self) -> Option<String> {
+        self.storage.borrow().clone()
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -744,7 +752,11 @@ impl Worker {
             unwritten: 0,
             unsurveyed,
         };
-        Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
+        let handle = WorkerHandle {
+            inbox: inbox_tx,
+            storage: worker.store.trouble_watch(),
+        };
+        Ok((handle, worker, report))
     }
 
     /// Takes the time from `clock` instead of the system: for tests with paused time.
@@ -1187,7 +1199,7 @@ impl Worker {
                 if let Some(respond_to) = respond_to {
                     // Nothing was stored: the job was never in the queue, and its secret
                     // must not stay either.
-                    tokio::spawn(self.executor.forget_secret(id));
+                    tokio::spawn(self.executor.forget_job(id));
                     let _ = respond_to.send(Err(e.into()));
                     if let Some(waiting) = self.busy.remove(&id) {
                         for command in waiting {
@@ -1215,10 +1227,8 @@ impl Worker {
                 }
                 self.note_deadline(&job);
                 self.queue.remove(id);
-                if job.trainer_task.is_some() {
-                    // Kept only while the job is unfinished.
-                    tokio::spawn(self.executor.forget_secret(id));
-                }
+                // Its secret and its record's copy are kept only while it is unfinished.
+                tokio::spawn(self.executor.forget_job(id));
                 self.put(job);
             }
             (Pending::Finish { job }, Err(e)) => {
@@ -1228,9 +1238,7 @@ impl Worker {
             (Pending::Cancel { job, respond_to }, Ok(())) => {
                 info!(job_id = %id, "job cancelled");
                 METRICS.cancelled.inc();
-                if job.trainer_task.is_some() {
-                    tokio::spawn(self.executor.forget_secret(id));
-                }
+                tokio::spawn(self.executor.forget_job(id));
                 self.queue.remove(id);
                 self.put(job.clone());
                 self.unrecorded.remove(&id);

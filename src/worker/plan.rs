@@ -18,7 +18,7 @@ use super::schedule::{self, Busy, Capacity, Choice, Forecast, Outlook, Waiting};
 use crate::config::{Order, WorkerConfig};
 use crate::job::{Job, JobId, Status, Timestamp, format_timestamp};
 use crate::metrics::METRICS;
-use crate::store::replay;
+use crate::store::order;
 
 /// How long estimates are reused while nothing changes. Only what the clock alone moves can
 /// be stale within it, by no more than this: a start expected "now", a deadline that passes.
@@ -54,7 +54,7 @@ pub(super) fn deadline_ranks(
     if order != Order::Deadline {
         return Vec::new();
     }
-    let sorted = replay::deadline_order(jobs, &queue.queued());
+    let sorted = order::deadline_order(jobs, &queue.queued());
     queue.rank_by_deadline(
         sorted
             .into_iter()

@@ -13,7 +13,7 @@
 //! A job interrupted by a graceful stop goes back to the queue at its start number, and a job
 //! a crash interrupted keeps its place at the head of the replay order, so the interrupted
 //! jobs start first in either order. Deadline ranks compare deadlines to the second, then
-//! arrival: the same order [`crate::store::replay::deadline_order`] gives from the job files
+//! arrival: the same order [`crate::store::order::deadline_order`] gives from the job files
 //! alone, so the queue can still be rebuilt from them.
 //!
 //! The queued jobs are also indexed by the GPUs they take and by deadline, so that a backfill
@@ -26,7 +26,7 @@ use std::iter::Peekable;
 use crate::config::Order;
 use crate::job::{JobId, Timestamp};
 use crate::store::FIRST_QUEUED_RANK;
-use crate::store::replay::deadline_second;
+use crate::store::order::deadline_second;
 
 /// The first rank of a job with a deadline under `order = "deadline"`.
 const DEADLINE_RANKS: u64 = 1 << 63;
@@ -127,7 +127,7 @@ impl Queue {
 
     /// Under `order = "deadline"`, ranks the queued jobs that never started by deadline, at
     /// boot: `sorted` is every queued job in deadline order with its deadline, as
-    /// [`crate::store::replay::deadline_order`] gives it. Jobs that were running keep their
+    /// [`crate::store::order::deadline_order`] gives it. Jobs that were running keep their
     /// ranks, which are below every deadline rank. Returns the jobs whose rank changed.
     pub fn rank_by_deadline(
         &mut self,

@@ -1,9 +1,10 @@
-//! The store: the only code that writes the data dir's job state.
+//! The file store: the only code that writes the data dir's job state.
 //!
 //! [`Store::open`] replays the data dir, cleans it (damaged files to `quarantine/`, leftover
 //! temporary files removed, `queue.json` rewritten), and starts the persistence thread. The
-//! worker talks to it through a [`StoreHandle`] with one call, [`StoreHandle::commit`]: a set
-//! of job records and their places in the queue, answered once they are durable.
+//! worker talks to it through the store's boundary, a [`StoreHandle`], with one call,
+//! [`StoreHandle::commit`]: a set of job records and their places in the queue, answered
+//! once they are durable.
 //!
 //! Group commit, pipelined: a request's job files are staged as soon as it arrives, each
 //! written to a temporary file and fsynced by one of up to 16 staging threads the store keeps
@@ -26,7 +27,6 @@
 //! threads ([`StagePool`]), nowhere else.
 
 pub mod fsio;
-pub mod lock;
 pub mod replay;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -43,16 +43,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
 use crate::config::SyncMode;
-use crate::job::{Job, JobId};
+use crate::job::JobId;
+use crate::layout::{JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE};
 use crate::metrics::METRICS;
 use fsio::{Staged, WriteError};
 pub use replay::{Damaged, QueueFile, Recovered};
-use replay::{JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE};
-
-/// The rank of the first queued job in replay order. Ranks below it are start numbers, which
-/// is where jobs interrupted by a graceful stop go back to: ahead of every other queued job.
-pub const FIRST_QUEUED_RANK: u64 = 1 << 62;
 
 /// Events the thread takes before it commits what is ready: requests waiting beyond this many
 /// are left for the next turn, which bounds a group's memory and the latency of its first
@@ -80,52 +77,6 @@ pub const QUEUE_FILE_MIN_DELAY: Duration = Duration::from_millis(10);
 /// `queue.json` waits at least this many times as long as its last rewrite took, so that
 /// rewriting it costs at most about 1/20 of the store's time however long the queue is.
 const QUEUE_FILE_COST_FACTOR: u32 = 20;
-
-/// Where a job stands in `queue.json` after a change. Ranks order each list; the worker
-/// chooses them, the store only keeps them to write the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
-    Running(u64),
-    Queued(u64),
-    /// Finished: in neither list.
-    Off,
-}
-
-/// One job record to make durable, with its new place in the queue.
-#[derive(Clone, Debug)]
-pub struct Change {
-    pub job: Job,
-    pub placement: Placement,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// Nothing was written (disk full, I/O error, read-only dir); later writes may succeed.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// An fsync or rename failed: what is on disk is unknown, so the daemon must stop and
-    /// replay. No further write is accepted.
-    #[error("fatal storage error: {0}")]
-    Fatal(String),
-    /// Like `Fatal`, but after some records of the batch were already renamed into place:
-    /// they may or may not survive, so the outcome is unknown, not "nothing stored".
-    #[error("fatal storage error after the records became visible: {0}")]
-    OutcomeUnknown(String),
-    /// The store has stopped.
-    #[error("the store has stopped")]
-    Closed,
-}
-
-impl StoreError {
-    /// A fatal error after records were renamed into place: nobody can say whether they
-    /// will be there after the restart.
-    fn outcome_unknown(self) -> StoreError {
-        match self {
-            StoreError::Fatal(detail) => StoreError::OutcomeUnknown(detail),
-            other => other,
-        }
-    }
-}
 
 struct Request {
     changes: Vec<Change>,
@@ -165,14 +116,14 @@ impl Drop for Inbox {
     }
 }
 
-/// The cloneable way to the persistence thread. The thread ends when every handle is gone,
-/// after it has answered everything sent to it.
+/// The cloneable way to the persistence thread, behind a [`StoreHandle`]. The thread ends
+/// when every handle is gone, after it has answered everything sent to it.
 #[derive(Clone, Debug)]
-pub struct StoreHandle {
+pub(crate) struct Handle {
     inbox: Arc<Inbox>,
 }
 
-impl StoreHandle {
+impl Handle {
     /// Makes `changes` durable. `Ok` means every job record is on disk and fsynced, and so is
     /// its directory entry; on `Err` none of them is.
     pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
@@ -281,12 +232,12 @@ impl Store {
             .spawn(move || thread_state.run(inbox))
             .map_err(|e| OpenError(format!("cannot start the store thread: {e}")))?;
         Ok(Opened {
-            handle: StoreHandle {
+            handle: StoreHandle::files(Handle {
                 inbox: Arc::new(Inbox {
                     events,
                     slots: Arc::new(Semaphore::new(INBOX_SLOTS)),
                 }),
-            },
+            }),
             recovered,
             thread,
         })
@@ -962,7 +913,7 @@ impl StagePool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Status;
+    use crate::job::{Job, Status};
 
     fn job(n: u128) -> Job {
         crate::job::sample_job(n)

@@ -14,7 +14,7 @@
 //! queue that was lost.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -23,14 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fsio;
-use crate::job::{Job, JobId, Status, Timestamp};
-
-pub const JOBS_DIR: &str = "jobs";
-pub const QUEUE_FILE: &str = "queue.json";
-pub const QUARANTINE_DIR: &str = "quarantine";
-pub const LOGS_DIR: &str = "logs";
-/// A job's secrets while it is unfinished (the executor's, like `logs/`).
-pub const SECRETS_DIR: &str = "secrets";
+use crate::job::{Job, JobId};
+use crate::layout::{JOBS_DIR, QUEUE_FILE};
+use crate::store::order::requeue_order;
 
 /// `queue.json`: the ids of the running jobs in start order, then the queued ones in the
 /// order they will start. A cache of what the job files say, kept current.
@@ -125,7 +120,12 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         }
         _ => read_queue_file(&queue_path, &mut recovered),
     };
-    recovered.order = requeue_order(&jobs, &queue_file, &mut recovered.missing);
+    recovered.order = requeue_order(
+        &jobs,
+        &queue_file.running,
+        &queue_file.queued,
+        &mut recovered.missing,
+    );
     let mut all: Vec<Job> = jobs.into_values().collect();
     all.sort_by(by_creation);
     recovered.jobs = all;
@@ -271,108 +271,14 @@ fn by_creation(a: &Job, b: &Job) -> Ordering {
     (a.created_at, a.id).cmp(&(b.created_at, b.id))
 }
 
-/// The requeue order from the job files and `queue.json`; with an empty `QueueFile`, the
-/// order the job files alone give.
-pub(crate) fn requeue_order(
-    jobs: &HashMap<JobId, Job>,
-    queue_file: &QueueFile,
-    missing: &mut Vec<String>,
-) -> Vec<JobId> {
-    // Positions in queue.json; the first mention of an id wins.
-    let mut running_pos: HashMap<JobId, usize> = HashMap::new();
-    let mut queued_pos: HashMap<JobId, usize> = HashMap::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    for (list, positions) in [
-        (&queue_file.running, &mut running_pos),
-        (&queue_file.queued, &mut queued_pos),
-    ] {
-        for (i, text) in list.iter().enumerate() {
-            let known = text
-                .parse::<JobId>()
-                .ok()
-                .filter(|id| jobs.contains_key(id));
-            match known {
-                Some(id) => {
-                    positions.entry(id).or_insert(i);
-                }
-                None => {
-                    if seen.insert(text.clone()) {
-                        missing.push(text.clone());
-                    }
-                }
-            }
-        }
-    }
-
-    // Jobs that were running go first, in the order they had started: those still Running
-    // on disk, and Queued ones with a start time, which were running when an earlier crash
-    // or a graceful stop interrupted them. One group: a crash in the middle of the write
-    // that requeues several of them leaves some of each, and their order must not change.
-    let mut running: Vec<&Job> = jobs
-        .values()
-        .filter(|j| j.status == Status::Running || j.was_interrupted())
-        .collect();
-    running.sort_by_key(|j| {
-        (
-            j.started_at.is_none(),
-            j.started_at,
-            running_pos
-                .get(&j.id)
-                .or(queued_pos.get(&j.id))
-                .copied()
-                .unwrap_or(usize::MAX),
-            j.created_at,
-            j.id,
-        )
-    });
-
-    let (mut listed, mut orphans): (Vec<&Job>, Vec<&Job>) = jobs
-        .values()
-        .filter(|j| j.status == Status::Queued && !j.was_interrupted())
-        .partition(|j| queued_pos.contains_key(&j.id));
-    listed.sort_by_key(|j| queued_pos[&j.id]);
-    orphans.sort_by_key(|j| (j.created_at, j.id));
-
-    running
-        .into_iter()
-        .chain(listed)
-        .chain(orphans)
-        .map(|j| j.id)
-        .collect()
-}
-
-/// A deadline's Unix second: under `[worker] order = "deadline"`, deadlines are compared to
-/// the second, and jobs whose deadlines share one start in arrival order.
-pub fn deadline_second(deadline: &Timestamp) -> i64 {
-    deadline.timestamp()
-}
-
-/// `order` (the unfinished jobs in requeue order) as `[worker] order = "deadline"` runs it:
-/// the jobs that were running keep their places at the head; the others follow by deadline
-/// to the second, then by `created_at` (arrival), and those without a deadline come last,
-/// by `created_at`. It depends on the job files alone.
-pub fn deadline_order(jobs: &HashMap<JobId, Job>, order: &[JobId]) -> Vec<JobId> {
-    let (head, mut rest): (Vec<&Job>, Vec<&Job>) = order
-        .iter()
-        .filter_map(|id| jobs.get(id))
-        .partition(|j| j.status == Status::Running || j.was_interrupted());
-    rest.sort_by_key(|j| {
-        (
-            j.deadline.as_ref().map_or(i64::MAX, deadline_second),
-            j.created_at,
-            j.id,
-        )
-    });
-    head.into_iter().chain(rest).map(|j| j.id).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Timestamp;
+    use crate::job::{Status, Timestamp};
+    use crate::store::order::deadline_order;
     use serde_json::json;
 
-    const SEED_EXAMPLE: &str = include_str!("../../tests/fixtures/seed-job.json");
+    const SEED_EXAMPLE: &str = include_str!("../../../tests/fixtures/seed-job.json");
 
     struct Dir {
         root: tempfile::TempDir,
@@ -529,7 +435,7 @@ mod tests {
                 .map(|n| JobId::from_uuid(uuid::Uuid::from_u128(*n)))
                 .collect()
         };
-        let order = requeue_order(&jobs, &QueueFile::default(), &mut Vec::new());
+        let order = requeue_order(&jobs, &[], &[], &mut Vec::new());
         assert_eq!(order, ids(&[1, 2, 3, 4, 5, 6, 7]));
         assert_eq!(deadline_order(&jobs, &order), ids(&[1, 2, 6, 4, 5, 3, 7]));
     }

@@ -1,0 +1,233 @@
+//! The store: the one boundary between the worker and persistence.
+//!
+//! The worker sends [`Change`]s (a job record and its place in the queue) through a
+//! [`StoreHandle`] and acts on none of them before the answer says they are durable; at
+//! boot, [`open`] gives back what was stored as [`Recovered`]: every job, and the unfinished
+//! ones in the order they run again. Two backends stand behind it, chosen by
+//! `[store] kind`, and the worker never learns which:
+//!
+//! - [`files`]: the data dir's job files and `queue.json`, written by a thread of its own
+//!   with group commits; the embedded default for one box.
+//! - [`postgres`]: a PostgreSQL database, one transaction per group of changes.
+//!
+//! What both share lives here once: the change and error types, the ranks, and the
+//! recovery order ([`order`]).
+
+pub mod files;
+pub mod lock;
+pub mod order;
+pub mod postgres;
+
+use std::path::Path;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StoreConfig;
+use crate::job::{Job, JobId};
+
+/// The rank of the first queued job in replay order. Ranks below it are start numbers, which
+/// is where jobs interrupted by a graceful stop go back to: ahead of every other queued job.
+pub const FIRST_QUEUED_RANK: u64 = 1 << 62;
+
+/// Where a job stands in the queue after a change. Ranks order each list; the worker
+/// chooses them, a backend only keeps them (in `queue.json`, or a column) to give the order
+/// back at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Running(u64),
+    Queued(u64),
+    /// Finished: in neither list.
+    Off,
+}
+
+/// One job record to make durable, with its new place in the queue.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub job: Job,
+    pub placement: Placement,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Nothing was written (disk full, I/O error, read-only dir, the database out of reach);
+    /// later writes may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// An fsync or rename failed, or the database holds what this daemon did not write:
+    /// what is stored is unknown, so the daemon must stop and replay. No further write is
+    /// accepted.
+    #[error("fatal storage error: {0}")]
+    Fatal(String),
+    /// Like `Fatal`, but after some records of the batch were already renamed into place:
+    /// they may or may not survive, so the outcome is unknown, not "nothing stored".
+    #[error("fatal storage error after the records became visible: {0}")]
+    OutcomeUnknown(String),
+    /// The store has stopped.
+    #[error("the store has stopped")]
+    Closed,
+}
+
+impl StoreError {
+    /// A fatal error after records were renamed into place: nobody can say whether they
+    /// will be there after the restart.
+    pub(crate) fn outcome_unknown(self) -> StoreError {
+        match self {
+            StoreError::Fatal(detail) => StoreError::OutcomeUnknown(detail),
+            other => other,
+        }
+    }
+}
+
+/// The cloneable way to the store, whichever backend it is. The backend ends once every
+/// handle is gone, after it has answered everything sent to it.
+#[derive(Clone, Debug)]
+pub struct StoreHandle {
+    backend: Backend,
+    /// Why writes are refused now (the database out of reach), or `None`; for readiness.
+    trouble: watch::Receiver<Option<String>>,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Files(files::Handle),
+    Postgres(postgres::Handle),
+}
+
+impl StoreHandle {
+    /// Makes `changes` durable. `Ok` means every job record is stored durably; on `Err`
+    /// none of them is (but see [`StoreError::OutcomeUnknown`]).
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Files(files) => files.commit(changes).await,
+            Backend::Postgres(pg) => pg.commit(changes).await,
+        }
+    }
+
+    /// Gives queued jobs new ranks without writing their records: for an order the records
+    /// already imply (the deadline order, at boot), so there is nothing new to make
+    /// durable. A job that is not queued is left alone, so a finished job never comes back.
+    pub async fn rerank(&self, ranks: Vec<(JobId, u64)>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Files(files) => files.rerank(ranks).await,
+            Backend::Postgres(pg) => pg.rerank(ranks).await,
+        }
+    }
+
+    /// Why the store refuses writes at the moment, if it does: the database is out of
+    /// reach and the store is reconnecting. The file store never says so: each of its
+    /// writes tries the disk again.
+    pub fn trouble(&self) -> Option<String> {
+        self.trouble.borrow().clone()
+    }
+
+    /// [`StoreHandle::trouble`] as a watch, for a reader that must not keep the store open.
+    pub fn trouble_watch(&self) -> watch::Receiver<Option<String>> {
+        self.trouble.clone()
+    }
+}
+
+/// What a backend gave back at boot: the recovery order both share, applied to what it
+/// held.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every readable job, finished ones included.
+    pub jobs: Vec<Job>,
+    /// The unfinished jobs (Running and Queued) in the order they run again.
+    pub order: Vec<JobId>,
+    /// Records that could not be read and were set aside (files to `quarantine/`, rows to
+    /// the quarantine table).
+    pub quarantined: usize,
+}
+
+/// An open store: its handle, what it recovered, and how to wait for its end.
+pub struct Opened {
+    pub handle: StoreHandle,
+    pub recovered: Recovered,
+    pub ended: Ended,
+}
+
+/// Waits for a backend's end once every [`StoreHandle`] is dropped: the file store's
+/// thread, or the PostgreSQL store's task.
+pub enum Ended {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
+}
+
+impl Ended {
+    /// Whether the backend ended cleanly (answered everything and closed).
+    pub async fn wait(self) -> bool {
+        match self {
+            Ended::Thread(thread) => tokio::task::spawn_blocking(move || thread.join().is_ok())
+                .await
+                .unwrap_or(false),
+            Ended::Task(task) => task.await.is_ok(),
+        }
+    }
+}
+
+/// Why the store could not open, and how the daemon exits for it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data dir or the database could not be read or prepared (exit 74).
+    #[error("{0}")]
+    Storage(String),
+    /// The database cannot be reached (exit 69).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Another daemon holds the store (exit 75).
+    #[error("{0}")]
+    Held(String),
+}
+
+/// Opens the store `config` names: replays what it holds, cleans it, starts the backend.
+/// `fatal` is cancelled if a write ever fails in a way that needs a restart. Blocking work
+/// runs off the async workers.
+pub async fn open(
+    config: &StoreConfig,
+    data_dir: &Path,
+    fatal: CancellationToken,
+) -> Result<Opened, OpenError> {
+    match &config.kind {
+        crate::config::StoreKind::Files { sync } => {
+            let data_dir = data_dir.to_path_buf();
+            let sync = *sync;
+            let opened = tokio::task::spawn_blocking(move || {
+                files::Store::open_with(&data_dir, fatal, sync)
+            })
+            .await
+            .map_err(|e| OpenError::Storage(format!("replay failed: {e}")))?
+            .map_err(|e| OpenError::Storage(e.to_string()))?;
+            Ok(Opened {
+                handle: opened.handle,
+                recovered: Recovered {
+                    quarantined: opened.recovered.damaged.len(),
+                    jobs: opened.recovered.jobs,
+                    order: opened.recovered.order,
+                },
+                ended: Ended::Thread(opened.thread),
+            })
+        }
+        crate::config::StoreKind::Postgres(pg) => postgres::open(pg, fatal).await,
+    }
+}
+
+impl StoreHandle {
+    pub(crate) fn files(handle: files::Handle) -> StoreHandle {
+        let (_, trouble) = watch::channel(None);
+        StoreHandle {
+            backend: Backend::Files(handle),
+            trouble,
+        }
+    }
+
+    pub(crate) fn postgres(
+        handle: postgres::Handle,
+        trouble: watch::Receiver<Option<String>>,
+    ) -> StoreHandle {
+        StoreHandle {
+            backend: Backend::Postgres(handle),
+            trouble,
+        }
+    }
+}
