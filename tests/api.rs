@@ -1443,7 +1443,7 @@ async fn a_retried_job_is_queued_last_durably_also_for_a_replay_without_queue_js
         )
         .unwrap();
     }
-    let recovered = training_worker::store::replay::replay(copy.path()).unwrap();
+    let recovered = training_worker::store::files::replay::replay(copy.path()).unwrap();
     let order: Vec<String> = recovered.order.iter().map(|id| id.to_string()).collect();
     assert_eq!(order, [b.clone(), c.clone(), a.clone()]);
 

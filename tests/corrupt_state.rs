@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use hostile_support::{Rng, case_seed};
 use support::{SEED_ID, SEED_JOB, Sandbox, Settings, secs};
-use training_worker::store::Store;
+use training_worker::store::files::Store;
 
 const BASE_SEED: u64 = 0xc022_0975_7a7e_2026;
 const DEFAULT_CASES: usize = 500;

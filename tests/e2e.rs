@@ -401,6 +401,11 @@ async fn sigterm_kills_a_trainer_that_ignores_it_after_kill_grace_and_still_exit
 /// are not logged as errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_stopping_the_daemon_answers_readyz_503_and_refuses_submissions() {
+    if support::not_for_this_store(
+        "while_stopping_the_daemon_answers_readyz_503_and_refuses_submissions",
+    ) {
+        return;
+    }
     let sandbox = Sandbox::new();
     sandbox.configure(&Settings {
         shutdown_grace: "15s",
@@ -630,6 +635,11 @@ async fn unknown_variables_are_warned_about_by_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_out_of_attempts_after_a_crash_fails_at_boot_and_never_runs() {
+    if support::not_for_this_store(
+        "a_job_out_of_attempts_after_a_crash_fails_at_boot_and_never_runs",
+    ) {
+        return;
+    }
     let sandbox = Sandbox::new();
     // Two jobs the previous daemon had running when it crashed.
     let mut spent: Value = serde_json::from_str(SEED_JOB).unwrap();
@@ -690,6 +700,11 @@ async fn a_job_whose_every_start_ends_in_a_crash_is_failed_after_max_attempts() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_example_job_boots_and_runs_and_missing_queue_ids_are_dropped() {
+    if support::not_for_this_store(
+        "the_seed_example_job_boots_and_runs_and_missing_queue_ids_are_dropped",
+    ) {
+        return;
+    }
     let sandbox = Sandbox::new();
     sandbox.write_data_file(&format!("jobs/{SEED_ID}.json"), SEED_JOB.as_bytes());
     let waiting = "0f1e2d3c-4b5a-4968-8776-655443322110";
@@ -756,6 +771,9 @@ async fn the_seed_example_job_boots_and_runs_and_missing_queue_ids_are_dropped()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_files_are_quarantined_and_the_boot_goes_on() {
+    if support::not_for_this_store("corrupt_files_are_quarantined_and_the_boot_goes_on") {
+        return;
+    }
     let sandbox = Sandbox::new();
     sandbox.write_data_file(&format!("jobs/{SEED_ID}.json"), SEED_JOB.as_bytes());
     let corrupt = "5d3c2b1a-0f9e-4d8c-b7a6-958473625140";

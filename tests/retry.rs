@@ -19,6 +19,11 @@ fn starts(list: &[(&str, u32)]) -> Vec<(String, u32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_job_retried_keeps_its_place_through_a_crash_then_runs_again_and_completes() {
+    if support::not_for_this_store(
+        "a_failed_job_retried_keeps_its_place_through_a_crash_then_runs_again_and_completes",
+    ) {
+        return;
+    }
     let sandbox = Sandbox::new();
     let daemon = sandbox.start().await;
 

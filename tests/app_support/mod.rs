@@ -18,7 +18,7 @@ use training_worker::api::{self, AppState};
 use training_worker::config::{ExecutorConfig, WorkerConfig};
 use training_worker::executor::Executor;
 use training_worker::executor::template::Template;
-use training_worker::store::{Opened, Store};
+use training_worker::store::files::{Opened, Store};
 use training_worker::worker::{Boot, Clock, Worker};
 
 /// A process executor running `command` for every job, with `timeout` and a 2 s kill grace;
@@ -32,6 +32,7 @@ pub fn executor_config(command: Vec<String>, timeout: Duration) -> ExecutorConfi
         stages: Vec::new(),
         docker: None,
         adopt_running: false,
+        job_copies: false,
         max_log_bytes: 0,
         // This test binary is not the daemon's: the supervisor is the real one.
         supervisor: env!("CARGO_BIN_EXE_training-worker").into(),

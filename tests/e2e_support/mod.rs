@@ -6,6 +6,8 @@
 //! records, and no process outlives its test: daemons are SIGKILLed when dropped, then
 //! anything that still carries the sandbox's trainer mark is killed too.
 
+pub mod pg;
+
 use std::fmt::Display;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -167,9 +169,28 @@ pub struct Record {
     pub pid: i32,
 }
 
+/// Whether the sandboxes' daemons keep their job records in PostgreSQL
+/// (`TW_TEST_STORE=postgres`, a throwaway server of the test binary's own) instead of the
+/// data dir's files: how CI runs the shared suites against both stores.
+pub fn postgres_store() -> bool {
+    std::env::var("TW_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// Whether `test`, which is about the file store's own files (it crafts or reads job files
+/// or `queue.json`), does not apply here: under [`postgres_store`] it says so in one line
+/// and the caller returns.
+pub fn not_for_this_store(test: &str) -> bool {
+    if postgres_store() {
+        eprintln!("NOT RUN {test}: it is about the file store's job files");
+    }
+    postgres_store()
+}
+
 /// A temp dir holding one test's config, data dir and trainer records.
 pub struct Sandbox {
     dir: tempfile::TempDir,
+    /// With [`postgres_store`]: this sandbox's database, made at the first start.
+    database: std::sync::OnceLock<String>,
     spawned: AtomicUsize,
     /// What the next daemons get on top of (or instead of) the test's own environment.
     env: Mutex<DaemonEnv>,
@@ -201,6 +222,7 @@ impl Sandbox {
             .expect("create a temp dir");
         let sandbox = Sandbox {
             dir,
+            database: std::sync::OnceLock::new(),
             spawned: AtomicUsize::new(0),
             env: Mutex::new(DaemonEnv::default()),
         };
@@ -324,6 +346,11 @@ impl Sandbox {
             {
                 command.env_remove(name);
             }
+        }
+        if postgres_store() {
+            command
+                .env("TRAINING_WORKER_STORE_KIND", "postgres")
+                .env("TRAINING_WORKER_DATABASE_URL", self.database_url());
         }
         for (name, value) in &env.set {
             command.env(name, value);
@@ -464,15 +491,52 @@ impl Sandbox {
         .await;
     }
 
-    /// A job file as JSON.
+    /// With [`postgres_store`]: the URL of this sandbox's database.
+    pub fn database_url(&self) -> String {
+        self.database
+            .get_or_init(|| {
+                pg::Postgres::shared("a sandbox on the PostgreSQL store")
+                    .expect("TW_TEST_STORE=postgres needs PostgreSQL")
+                    .database()
+            })
+            .clone()
+    }
+
+    /// A job file as JSON (with [`postgres_store`], the job's row, which holds the same).
     pub fn job_file(&self, id: &str) -> Value {
+        if postgres_store() {
+            let server = pg::Postgres::shared("a job row").expect("PostgreSQL");
+            let body = server.query(
+                &self.database_url(),
+                &format!("SELECT body FROM tw_jobs WHERE id = '{id}'"),
+            );
+            assert!(!body.trim().is_empty(), "no row for job {id}");
+            return serde_json::from_str(body.trim()).expect("a job row holds JSON");
+        }
         let path = self.jobs_dir().join(format!("{id}.json"));
         let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    /// `queue.json` as (running, queued).
+    /// `queue.json` as (running, queued) (with [`postgres_store`], the same lists from the
+    /// rows' places in the queue).
     pub fn queue_file(&self) -> (Vec<String>, Vec<String>) {
+        if postgres_store() {
+            let server = pg::Postgres::shared("the queue rows").expect("PostgreSQL");
+            let list = |placement: &str| -> Vec<String> {
+                server
+                    .query(
+                        &self.database_url(),
+                        &format!(
+                            "SELECT id FROM tw_jobs WHERE placement = '{placement}' ORDER BY rank"
+                        ),
+                    )
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            };
+            return (list("running"), list("queued"));
+        }
         let path = self.data_dir().join("queue.json");
         let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         let value: Value = serde_json::from_slice(&bytes).expect("queue.json is JSON");

@@ -1,0 +1,308 @@
+//! The PostgreSQL store with the real binary against a throwaway PostgreSQL server of the
+//! test's own (see `e2e_support/pg.rs`): jobs kept and recovered across a SIGKILL, the
+//! database unreachable at start (exit 69), a second daemon on the same database (exit
+//! 75), the database stopped and started again under a running daemon (writes 503 and
+//! `/readyz` 503 meanwhile, then back, nothing acknowledged lost), bad settings (exit 78).
+//!
+//! The shared suites run against this store too: CI runs them again with
+//! `TW_TEST_STORE=postgres` (see `.ci/run`).
+
+#[allow(dead_code)]
+#[path = "e2e_support/mod.rs"]
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use support::pg::{Postgres, skip};
+use support::{Daemon, Sandbox, secs, text_job, wait_until};
+
+/// A sandbox whose daemons keep their records in `url`.
+fn sandbox_on(url: &str) -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.set_env("TRAINING_WORKER_STORE_KIND", "postgres");
+    sandbox.set_env("TRAINING_WORKER_DATABASE_URL", url);
+    sandbox
+}
+
+fn rows(server: &Postgres, url: &str, sql: &str) -> Vec<String> {
+    server.query(url, sql).lines().map(str::to_string).collect()
+}
+
+async fn wait_exit_code(daemon: &mut Daemon) -> i32 {
+    daemon
+        .wait_exit(secs(20))
+        .await
+        .code()
+        .expect("an exit code")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_kept_in_the_database_and_the_interrupted_one_runs_first_after_a_sigkill() {
+    const TEST: &str =
+        "jobs_are_kept_in_the_database_and_the_interrupted_one_runs_first_after_a_sigkill";
+    let Some(server) = Postgres::shared(TEST) else {
+        return;
+    };
+    let url = server.database();
+    let sandbox = sandbox_on(&url);
+    let daemon = sandbox.start().await;
+    let a = daemon.submit(text_job("a")).await;
+    sandbox.hold(&a);
+    let b = daemon.submit(text_job("b")).await;
+    let c = daemon.submit(text_job("c")).await;
+    sandbox.trainer_started(&a, 1).await;
+
+    // The rows say what the job files would: a Running, b and c queued in order.
+    let status = |id: &str| {
+        rows(
+            server,
+            &url,
+            &format!("SELECT status, placement FROM tw_jobs WHERE id = '{id}'"),
+        )
+        .join("")
+    };
+    assert_eq!(status(&a), "Running|running");
+    assert_eq!(status(&b), "Queued|queued");
+    assert_eq!(
+        rows(
+            server,
+            &url,
+            "SELECT id FROM tw_jobs WHERE placement = 'queued' ORDER BY rank"
+        ),
+        [b.clone(), c.clone()]
+    );
+    // The row's body is the job as its file would hold it, unknown fields and all.
+    let body: Value = serde_json::from_str(
+        server
+            .query(&url, &format!("SELECT body FROM tw_jobs WHERE id = '{a}'"))
+            .trim(),
+    )
+    .expect("JSON");
+    assert_eq!(body["status"], "Running");
+    assert_eq!(body["attempts"], 1);
+    assert_eq!(body["model"], "a");
+    // No job files: the database holds the records.
+    assert!(
+        std::fs::read_dir(sandbox.jobs_dir()).map_or(true, |mut d| d.next().is_none()),
+        "no job files with the database store"
+    );
+    // The trainer's JOB_FILE is a copy of the record.
+    let copy = sandbox.data_dir().join("run").join(format!("{a}.json"));
+    let copy: Value =
+        serde_json::from_slice(&std::fs::read(&copy).expect("the job's copy")).expect("JSON");
+    assert_eq!(copy["job_id"], a.as_str());
+
+    daemon.kill();
+    let daemon = sandbox.start().await;
+    // The interrupted job first, then the queue in order, each once more for a.
+    sandbox.release(&a);
+    for id in [&a, &b, &c] {
+        daemon.wait_status(id, "Completed", secs(30)).await;
+    }
+    assert_eq!(
+        sandbox.starts(),
+        [
+            (a.clone(), 1),
+            (a.clone(), 2),
+            (b.clone(), 1),
+            (c.clone(), 1)
+        ]
+    );
+    let job = daemon.job(&a).await;
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert_eq!(
+        rows(
+            server,
+            &url,
+            "SELECT count(*) FROM tw_jobs WHERE placement <> 'off'"
+        ),
+        ["0"]
+    );
+    // The copy is gone with the job's end.
+    wait_until("the job's copy is removed", secs(10), async || {
+        (!sandbox
+            .data_dir()
+            .join("run")
+            .join(format!("{a}.json"))
+            .exists())
+        .then_some(())
+    })
+    .await;
+    daemon.terminate(secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_at_start_is_exit_69_naming_it_without_its_password() {
+    let sandbox = Sandbox::new();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    sandbox.set_env("TRAINING_WORKER_STORE_KIND", "postgres");
+    sandbox.set_env(
+        "TRAINING_WORKER_DATABASE_URL",
+        format!("postgres://worker:s3cret@127.0.0.1:{port}/queue"),
+    );
+    let mut daemon = sandbox.spawn();
+    assert_eq!(wait_exit_code(&mut daemon).await, 69);
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains(&format!("postgres://worker:***@127.0.0.1:{port}/queue")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("s3cret"),
+        "the password is never shown: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_database_exits_75_naming_the_first() {
+    const TEST: &str = "a_second_daemon_on_the_same_database_exits_75_naming_the_first";
+    let Some(server) = Postgres::shared(TEST) else {
+        return;
+    };
+    let url = server.database();
+    let first = sandbox_on(&url);
+    let daemon = first.start().await;
+    // Another data dir, the same database.
+    let second = sandbox_on(&url);
+    let mut refused = second.spawn();
+    assert_eq!(wait_exit_code(&mut refused).await, 75);
+    let stderr = refused.stderr();
+    assert!(
+        stderr.contains("in use by another training-worker")
+            && stderr.contains(&format!("pid {}", daemon.pid())),
+        "{stderr}"
+    );
+    // The first serves on; once it has stopped, the database is free again.
+    let id = daemon.submit(text_job("after")).await;
+    daemon.wait_status(&id, "Completed", secs(30)).await;
+    daemon.terminate(secs(20)).await;
+    let daemon = second.start().await;
+    let job = daemon.job(&id).await;
+    assert_eq!(job["status"], "Completed", "{job}");
+    daemon.terminate(secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_writes_are_503_and_readyz_503_then_it_reconnects_and_loses_nothing()
+{
+    const TEST: &str =
+        "with_the_database_down_writes_are_503_and_readyz_503_then_it_reconnects_and_loses_nothing";
+    // A server of this test's own: it is stopped and started again.
+    let Some(server) = Postgres::start() else {
+        skip(TEST, "no PostgreSQL server binaries are installed");
+        return;
+    };
+    let url = server.database();
+    let sandbox = sandbox_on(&url);
+    let daemon = sandbox.start().await;
+    let mut acknowledged = Vec::new();
+    for n in 0..5 {
+        acknowledged.push(daemon.submit(text_job(&format!("before-{n}"))).await);
+    }
+
+    server.stop();
+    // Readiness says so within moments, and a submission is refused with nothing stored.
+    wait_until("/readyz answers 503", secs(20), async || {
+        let reply = daemon.try_get("/readyz").await?;
+        (reply.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let readyz = daemon.get("/readyz").await;
+    assert!(
+        readyz.json()["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("database")),
+        "{readyz:?}"
+    );
+    let refused = daemon.post_job(&text_job("while-down")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    // Reads go on from the worker's state.
+    assert_eq!(
+        daemon.job(&acknowledged[0]).await["job_id"],
+        acknowledged[0].as_str()
+    );
+
+    server.run();
+    wait_until("/readyz answers 200 again", secs(30), async || {
+        let reply = daemon.try_get("/readyz").await?;
+        (reply.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    for n in 0..5 {
+        acknowledged.push(daemon.submit(text_job(&format!("after-{n}"))).await);
+    }
+    for id in &acknowledged {
+        daemon.wait_status(id, "Completed", secs(60)).await;
+    }
+    daemon.terminate(secs(20)).await;
+
+    // A new daemon reads every acknowledged job back, and the refused one is nowhere.
+    let daemon = sandbox.start().await;
+    for id in &acknowledged {
+        assert_eq!(daemon.job(id).await["status"], "Completed");
+    }
+    assert_eq!(
+        rows(&server, &url, "SELECT count(*) FROM tw_jobs"),
+        [acknowledged.len().to_string()]
+    );
+    let all: Vec<Value> = daemon
+        .get("/v1/jobs")
+        .await
+        .json()
+        .as_array()
+        .expect("a list")
+        .clone();
+    assert!(
+        all.iter().all(|j| j["model"] != "while-down"),
+        "the refused submission was not stored"
+    );
+    daemon.terminate(secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_settings_that_cannot_work_exit_78_naming_the_key() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("TRAINING_WORKER_STORE_KIND", "postgres")],
+            "store.url: empty",
+        ),
+        (
+            &[("TRAINING_WORKER_STORE_KIND", "sqlite")],
+            "TRAINING_WORKER_STORE_KIND: \"sqlite\" is not \"files\" or \"postgres\"",
+        ),
+        (
+            &[
+                ("TRAINING_WORKER_STORE_KIND", "postgres"),
+                (
+                    "TRAINING_WORKER_DATABASE_URL",
+                    "postgres://u:pw@h:notaport/db",
+                ),
+            ],
+            "TRAINING_WORKER_DATABASE_URL: \"postgres://u:***@h:notaport/db\" is not a PostgreSQL connection string",
+        ),
+        (
+            &[("TRAINING_WORKER_DATABASE_URL", "postgres://127.0.0.1/db")],
+            "is set, but store.kind is \"files\"",
+        ),
+    ];
+    for (env, expected) in cases {
+        let sandbox = Sandbox::new();
+        for (name, value) in env {
+            sandbox.set_env(name, *value);
+        }
+        let mut daemon = sandbox.spawn();
+        assert_eq!(wait_exit_code(&mut daemon).await, 78, "{env:?}");
+        let stderr = daemon.stderr();
+        assert!(stderr.contains(expected), "{env:?}: {stderr}");
+        assert!(!stderr.contains("pw@"), "{stderr}");
+    }
+}
