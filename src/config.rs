@@ -1178,12 +1178,8 @@ fn store(
                     redact_password(&url)
                 )));
             }
-            if let Some(sync) = sync_text {
-                return Err(ConfigError::new(format!(
-                    "{}: {sync:?} is for the file store; the database makes its own writes durable",
-                    name_of("store.sync")
-                )));
-            }
+            // `sync` is the file store's: the database makes its own writes durable.
+            let _ = sync_text;
             let pool_size = pool_size.unwrap_or(8);
             if pool_size < 2 {
                 return Err(ConfigError::new(format!(
