@@ -17,6 +17,7 @@
 //! - [`notify`]: tells a service manager (systemd) about readiness, stopping and liveness.
 //! - [`daemon`]: wires them together under one shutdown token and maps the end to an exit code.
 //! - [`check`]: the offline validator of a data dir.
+//! - [`migrate`]: copies a store to another (files to PostgreSQL and back) and verifies it.
 //! - [`client`]: the command-line client of a running daemon (`submit`, `status`, `list`,
 //!   `queue`, `cancel`, `logs`, `wait`, `health`): text for people, `--json` and exit codes
 //!   for scripts.
@@ -31,6 +32,7 @@ pub mod gpu;
 pub mod job;
 pub mod layout;
 pub mod metrics;
+pub mod migrate;
 pub mod notify;
 pub mod store;
 pub mod worker;

@@ -47,6 +47,19 @@ enum Commands {
         #[arg(long, value_name = "DIR", env = "TRAINING_WORKER_DATA_DIR")]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// Copy every job and the queue order from one store to another, then verify the copy.
+    ///
+    /// Each end is a data dir or a PostgreSQL URL (postgres://...): files to a database, or
+    /// back. Refused while a daemon holds either end, and into a store that holds jobs.
+    #[command(after_help = MIGRATE_EXIT_CODES_HELP)]
+    Migrate {
+        /// The store to copy: a data dir, or a postgres:// URL
+        #[arg(long, value_name = "DIR|URL")]
+        from: String,
+        /// The empty store to copy into: a data dir, or a postgres:// URL
+        #[arg(long, value_name = "DIR|URL")]
+        to: String,
+    },
     #[command(flatten)]
     Client(client::Command),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
             log_format,
         }),
         Commands::Check { data_dir } => check(&data_dir.unwrap_or_else(|| "data".into())),
+        Commands::Migrate { from, to } => ExitCode::from(training_worker::migrate::run(&from, &to)),
         Commands::Client(command) => client::run(command),
         Commands::Completions { shell } => completions(shell),
         Commands::Supervise { args } => supervisor::main(args.into_iter()),
@@ -111,6 +125,16 @@ Exit codes:
   2   usage: bad arguments
   74  the data dir cannot be read (missing, not a directory, no permission)
   78  the data dir given is blank";
+
+const MIGRATE_EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   copied, and the copy reads back the same
+  1   refused: the destination holds jobs, or the copy does not read back the same
+  2   usage: bad arguments
+  69  a database cannot be reached
+  74  an end cannot be read or written
+  75  a daemon holds an end (its data dir or its database)
+  78  an end is blank, or both are the same";
 
 fn check(data_dir: &std::path::Path) -> ExitCode {
     if data_dir.as_os_str().to_string_lossy().trim().is_empty() {

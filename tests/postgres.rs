@@ -306,3 +306,139 @@ async fn store_settings_that_cannot_work_exit_78_naming_the_key() {
         assert!(!stderr.contains("pw@"), "{stderr}");
     }
 }
+
+/// Runs `training-worker migrate --from FROM --to TO`; its exit code and output.
+fn migrate(from: &str, to: &str) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_training-worker"))
+        .args(["migrate", "--from", from, "--to", to])
+        .output()
+        .expect("run migrate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().expect("an exit code"), text)
+}
+
+/// Every job file of a data dir, by name.
+fn job_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir.join("jobs"))
+        .expect("jobs/")
+        .map(|e| e.expect("an entry").path())
+        .map(|p| {
+            let name = p
+                .file_name()
+                .expect("a name")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read(&p).expect("a job file"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_a_data_dir_to_a_database_and_back_and_refuses_a_held_or_full_end() {
+    const TEST: &str =
+        "migrate_copies_a_data_dir_to_a_database_and_back_and_refuses_a_held_or_full_end";
+    if support::postgres_store() {
+        // The source here is a data dir of files by design.
+        eprintln!("NOT RUN {TEST}: it starts from the file store");
+        return;
+    }
+    let Some(server) = Postgres::shared(TEST) else {
+        return;
+    };
+    // A data dir with finished, running (cut by a crash) and queued jobs.
+    let sandbox = Sandbox::new();
+    let daemon = sandbox.start().await;
+    let done = daemon.submit(text_job("done")).await;
+    daemon.wait_status(&done, "Completed", secs(30)).await;
+    let cancelled = daemon.submit(text_job("cancelled")).await;
+    let running = daemon.submit(text_job("running")).await;
+    sandbox.hold(&running);
+    daemon.cancel(&cancelled).await;
+    sandbox.trainer_started(&running, 1).await;
+    let queued: Vec<String> = [
+        daemon.submit(text_job("q1")).await,
+        daemon.submit(text_job("q2")).await,
+        daemon.submit(text_job("q3")).await,
+    ]
+    .into();
+    sandbox
+        .wait_queue_file(&[&running], &[&queued[0], &queued[1], &queued[2]])
+        .await;
+
+    // Held by its daemon: refused, nothing written.
+    let url = server.database();
+    let dir = sandbox.data_dir().display().to_string();
+    let (code, text) = migrate(&dir, &url);
+    assert_eq!(code, 75, "{text}");
+    assert!(text.contains("in use by another training-worker"), "{text}");
+    assert_eq!(
+        rows(
+            server,
+            &url,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'tw_jobs'"
+        ),
+        ["0"],
+        "the destination was not even touched"
+    );
+
+    daemon.kill();
+    let before = job_files(&sandbox.data_dir());
+    let (code, text) = migrate(&dir, &url);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("copied 6 jobs (4 unfinished"), "{text}");
+    assert_eq!(rows(server, &url, "SELECT count(*) FROM tw_jobs"), ["6"]);
+    // Into a store that holds jobs: refused.
+    let (code, text) = migrate(&dir, &url);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("already holds 6 jobs"), "{text}");
+
+    // Back into a fresh data dir: the same files, byte for byte, and the same queue.
+    let back = tempfile::tempdir().expect("a temp dir");
+    let back_dir = back.path().join("data");
+    let (code, text) = migrate(&url, &back_dir.display().to_string());
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(job_files(&back_dir), before);
+    let queue: Value =
+        serde_json::from_slice(&std::fs::read(back_dir.join("queue.json")).expect("queue.json"))
+            .expect("JSON");
+    // The replay order, the interrupted job first (a boot lists every unfinished job as
+    // queued until the worker has started one).
+    let listed: Vec<Value> = queue["running"]
+        .as_array()
+        .into_iter()
+        .chain(queue["queued"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    let expected: Vec<Value> = std::iter::once(&running)
+        .chain(&queued)
+        .map(|id| Value::from(id.as_str()))
+        .collect();
+    assert_eq!(listed, expected);
+
+    // A daemon on the database runs the interrupted job first, then the queue in order.
+    let on_db = sandbox_on(&url);
+    let records = sandbox.records_dir();
+    let daemon = on_db.start().await;
+    for id in [&running, &queued[0], &queued[1], &queued[2]] {
+        daemon.wait_status(id, "Completed", secs(30)).await;
+    }
+    assert_eq!(daemon.job(&done).await["status"], "Completed");
+    assert_eq!(daemon.job(&cancelled).await["status"], "Cancelled");
+    let starts: Vec<(String, u32)> = on_db.starts();
+    assert_eq!(
+        starts,
+        [
+            (running.clone(), 2),
+            (queued[0].clone(), 1),
+            (queued[1].clone(), 1),
+            (queued[2].clone(), 1)
+        ],
+        "{records:?}"
+    );
+    daemon.terminate(secs(20)).await;
+}

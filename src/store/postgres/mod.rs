@@ -415,8 +415,14 @@ impl Persister {
                 }
             }
         }
-        // Dropping the lock connection releases the lock for the next daemon.
-        drop(self.lock.take());
+        // Released at once, so that the next daemon (or a migration's check) can take it
+        // now; a connection closed without it releases it too, a moment later.
+        if let Some(lock) = self.lock.take() {
+            let _ = lock
+                .client
+                .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+                .await;
+        }
         info!("the database store has stopped");
     }
 
@@ -633,7 +639,11 @@ impl Persister {
             Ok(()) => Outcome::Committed,
             // The server answered: it did not commit.
             Err(e) if e.as_db_error().is_some() => not_stored(e),
-            Err(e) => Outcome::Unknown(describe(&e)),
+            Err(e) => Outcome::Unknown(format!(
+                "the connection to the database {} broke during a commit: {}",
+                self.shown,
+                describe(&e)
+            )),
         }
     }
 
