@@ -1,0 +1,123 @@
+//! The routes for operators and tools, open without the token: the liveness and readiness
+//! probes, the metrics, and the API's description.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+
+/// What the probes answer.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Probe {
+    status: ProbeStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ProbeStatus {
+    Ok,
+    Ready,
+    Replaying,
+    Stopping,
+}
+
+impl ProbeStatus {
+    fn answer(self) -> Json<Probe> {
+        Json(Probe { status: self })
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    summary = "Liveness",
+    description = "200 while the process serves, also during replay. `training-worker health` asks this.",
+    responses(
+        (status = 200, description = "Alive.", body = Probe,
+            examples(("ok" = (value = json!({"status": "ok"}))))),
+    ),
+)]
+pub(super) async fn healthz() -> Json<Probe> {
+    ProbeStatus::Ok.answer()
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "operations",
+    summary = "This document",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object),
+    ),
+)]
+pub(super) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "The Prometheus text exposition format (version 0.0.4).",
+            content_type = "text/plain", body = String),
+    ),
+)]
+pub(super) async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::METRICS.render(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    summary = "Readiness",
+    description = "200 once replay is done and the worker runs; 503 before, and once a stop has begun. `training-worker health --ready` asks this.",
+    responses(
+        (status = 200, description = "Ready.", body = Probe,
+            examples(("ready" = (value = json!({"status": "ready"}))))),
+        (status = 503, description = "Replaying the data dir, or stopping.", body = Probe,
+            examples(
+                ("replaying" = (value = json!({"status": "replaying"}))),
+                ("stopping" = (value = json!({"status": "stopping"}))),
+            )),
+    ),
+)]
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ProbeStatus::Stopping.answer(),
+        )
+            .into_response();
+    }
+    match state.worker.get() {
+        Some(_) => ProbeStatus::Ready.answer().into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ProbeStatus::Replaying.answer(),
+        )
+            .into_response(),
+    }
+}
