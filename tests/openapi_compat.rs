@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use training_worker::api::openapi_json;
+use training_worker::api::{god, openapi_json};
 
 /// The hand-written description as it was served before it was derived.
 const BEFORE: &str = include_str!("fixtures/openapi-before.json");
@@ -284,7 +284,10 @@ fn validate_openapi_31(name: &str, document: &str) -> Option<Result<(), String>>
 
 #[test]
 fn the_descriptions_are_valid_openapi_31() {
-    let documents = [("openapi.json", openapi_json())];
+    let documents = [
+        ("openapi.json", openapi_json()),
+        ("trainer-openapi.json", god::openapi_json()),
+    ];
     for (name, document) in documents {
         match validate_openapi_31(name, document) {
             Some(result) => {
