@@ -91,7 +91,7 @@ pub fn parse_inventory(text: &str) -> Result<Vec<Gpu>, ParseError> {
 }
 
 /// The GPU types the G.O.D client accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub enum GodType {
     H100,
     A100,
@@ -171,16 +171,24 @@ pub fn vram_gb(memory_mib: u64) -> u64 {
 }
 
 /// One entry of `GET /v1/trainer/get_gpu_availability`, in the client's field order.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = GpuAvailability)]
 pub struct Availability {
+    /// The index nvidia-smi gives.
     pub gpu_id: u32,
     pub gpu_type: GodType,
+    /// Memory in GiB, rounded down.
     pub vram_gb: u64,
-    /// False while any unfinished job holds the GPU.
+    /// False while any unfinished job holds the GPU (either API, a trainer still stopping,
+    /// a reserved offer).
     pub available: bool,
     /// Always null: the client reads it, and no end time is promised.
+    #[schema(required = true)]
     pub used_until: Option<String>,
+    /// The name nvidia-smi gives.
     pub product_name: String,
+    /// `NVL`, `PCIe` or `SXM` when the name says so, else `unknown`.
+    #[schema(value_type = String, example = "SXM")]
     pub interconnect: &'static str,
     /// Nothing in the query says, so false.
     pub nvlink: bool,

@@ -44,6 +44,13 @@ impl fmt::Display for JobId {
     }
 }
 
+/// Written as its text (lowercase, hyphenated), as everywhere else.
+impl Serialize for JobId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Why a text is not a job id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("not a UUID (expected the hyphenated form, like 123e4567-e89b-12d3-a456-426614174000)")]
@@ -120,6 +127,13 @@ pub enum FileFormat {
 }
 
 impl FileFormat {
+    pub const ALL: [FileFormat; 4] = [
+        FileFormat::Csv,
+        FileFormat::Json,
+        FileFormat::Hf,
+        FileFormat::S3,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FileFormat::Csv => "csv",
@@ -130,14 +144,7 @@ impl FileFormat {
     }
 
     fn parse(s: &str) -> Option<FileFormat> {
-        [
-            FileFormat::Csv,
-            FileFormat::Json,
-            FileFormat::Hf,
-            FileFormat::S3,
-        ]
-        .into_iter()
-        .find(|f| f.as_str() == s)
+        FileFormat::ALL.into_iter().find(|f| f.as_str() == s)
     }
 }
 
@@ -149,6 +156,8 @@ pub enum ModelType {
 }
 
 impl ModelType {
+    pub const ALL: [ModelType; 2] = [ModelType::Sdxl, ModelType::Flux];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ModelType::Sdxl => "sdxl",
@@ -180,7 +189,7 @@ impl DatasetShape {
     }
 }
 
-const INSTRUCT_FIELDS: &[&str] = &[
+pub(crate) const INSTRUCT_FIELDS: &[&str] = &[
     "system_prompt",
     "system_format",
     "field_system",
@@ -191,7 +200,7 @@ const INSTRUCT_FIELDS: &[&str] = &[
     "no_input_format",
     "field",
 ];
-const DPO_FIELDS: &[&str] = &[
+pub(crate) const DPO_FIELDS: &[&str] = &[
     "field_prompt",
     "field_system",
     "field_chosen",
@@ -200,8 +209,8 @@ const DPO_FIELDS: &[&str] = &[
     "chosen_format",
     "rejected_format",
 ];
-const GRPO_TEXT_FIELDS: &[&str] = &["field_prompt", "extra_column"];
-const CHAT_FIELDS: &[&str] = &[
+pub(crate) const GRPO_TEXT_FIELDS: &[&str] = &["field_prompt", "extra_column"];
+pub(crate) const CHAT_FIELDS: &[&str] = &[
     "chat_template",
     "chat_column",
     "chat_role_field",

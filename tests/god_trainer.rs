@@ -508,3 +508,42 @@ async fn with_the_api_on_a_gpu_inventory_that_cannot_be_read_is_exit_78() {
         daemon.stderr()
     );
 }
+
+#[tokio::test]
+async fn the_trainer_api_serves_its_own_description_and_answers_as_it_says() {
+    let node = Box::start(Sandbox::new()).await;
+    let (code, served) = node.call(reqwest::Method::GET, "/openapi.json", None).await;
+    assert_eq!(code, StatusCode::OK, "{served}");
+    let document: Value =
+        serde_json::from_str(training_worker::api::god::openapi_json()).expect("JSON");
+    assert_eq!(served, document);
+    assert_eq!(document["openapi"], "3.1.0");
+    // Every documented operation is routed, and answers one of its documented statuses
+    // (with nothing started: the errors, the empty lists).
+    let mut operations = 0;
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            let target = match path.as_str() {
+                "/v1/trainer/{task_id}" => "/v1/trainer/t1?hotkey=h".to_string(),
+                "/v1/trainer/get_recent_tasks" => format!("{path}?hours=1"),
+                other => other.to_string(),
+            };
+            let method =
+                reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("a method");
+            let body = (method == reqwest::Method::POST).then(|| json!({}));
+            let (code, answer) = node.call(method.clone(), &target, body.as_ref()).await;
+            let documented = &op["responses"][code.as_str()];
+            assert!(
+                documented.is_object(),
+                "{method} {target}: answered {code}, which is not documented: {answer}"
+            );
+            assert_ne!(
+                answer,
+                json!({"detail": "Not Found"}),
+                "{method} {target} is documented but not routed"
+            );
+            operations += 1;
+        }
+    }
+    assert_eq!(operations, 5, "the four routes and the description");
+}

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
-use training_worker::api::{OPENAPI_JSON, ROUTES};
+use training_worker::api::{ROUTES, openapi_json};
 use training_worker::config::WorkerConfig;
 
 use app_support::{Assembly, executor_config};
@@ -123,7 +123,7 @@ impl App {
 }
 
 fn document() -> Value {
-    serde_json::from_str(OPENAPI_JSON).expect("src/api/openapi.json is JSON")
+    serde_json::from_str(openapi_json()).expect("the description is JSON")
 }
 
 /// Follows a local `$ref` (`#/components/...`), if `value` is one.
@@ -403,7 +403,7 @@ fn the_document_lists_exactly_the_routes_the_router_serves() {
     let unrouted: Vec<_> = documented.difference(&routed).collect();
     assert!(
         undocumented.is_empty() && unrouted.is_empty(),
-        "routes missing from src/api/openapi.json: {undocumented:?}; documented but not routed: {unrouted:?}"
+        "routes missing from the description: {undocumented:?}; documented but not routed: {unrouted:?}"
     );
 }
 

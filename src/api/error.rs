@@ -75,6 +75,9 @@ impl From<WorkerError> for ApiError {
     }
 }
 
+/// The `status` of a 404's body, beside its `error`.
+pub(super) const NOT_FOUND: &str = "Not Found";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match self {
@@ -85,11 +88,11 @@ impl IntoResponse for ApiError {
             ),
             ApiError::JobNotFound(id) => (
                 StatusCode::NOT_FOUND,
-                json!({"error": format!("job {id} not found"), "status": "Not Found"}),
+                json!({"error": format!("job {id} not found"), "status": NOT_FOUND}),
             ),
             ApiError::NoRoute(path) => (
                 StatusCode::NOT_FOUND,
-                json!({"error": format!("no such route: {path}"), "status": "Not Found"}),
+                json!({"error": format!("no such route: {path}"), "status": NOT_FOUND}),
             ),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -17,13 +17,20 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::config::{Stage, StageRun};
+use crate::gpu::Availability;
 use crate::job::{Job, JobId, Status, TrainerTask, format_timestamp};
 use crate::worker::{StartedNow, WorkerError, WorkerHandle};
+use openapi::{AccessForbidden, Invalid};
+
+mod openapi;
+
+pub use openapi::openapi_json;
 
 /// The message a started task is answered with; the client compares it exactly.
 pub const STARTED: &str = "Started Training!";
@@ -74,13 +81,14 @@ pub fn job_id_of(task_id: &str, hotkey: &str) -> JobId {
     id.to_string().parse().expect("a v5 UUID is a valid job id")
 }
 
-/// The routes, on their own listener.
+/// The routes, on their own listener; `/openapi.json` is this API's description.
 pub fn router(state: TrainerState) -> Router {
     Router::new()
         .route("/v1/trainer/start_training", post(start_training))
         .route("/v1/trainer/get_recent_tasks", get(recent_tasks))
         .route("/v1/trainer/get_gpu_availability", get(gpu_availability))
         .route("/v1/trainer/{task_id}", get(task))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { Detail::new(StatusCode::NOT_FOUND, "Not Found") })
         .layer(middleware::from_fn_with_state(state.clone(), admit))
         .with_state(state)
@@ -159,6 +167,33 @@ async fn admit(State(state): State<TrainerState>, request: Request, next: Next) 
     next.run(request).await
 }
 
+/// The answer to a start, new or repeated.
+#[derive(Serialize, ToSchema)]
+#[schema(as = StartAnswer)]
+struct Started {
+    /// The client compares it exactly.
+    #[schema(value_type = String, pattern = "^Started Training!$")]
+    message: &'static str,
+    task_id: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/trainer/start_training",
+    operation_id = "startTraining",
+    summary = "Start a task on the GPUs named",
+    description = "Starts the (task_id, hotkey) pair at once, ahead of the main queue, on exactly the GPUs named, or refuses it and stores nothing. The answer is sent once the job is durable as Running. The same pair unfinished with the same body answers the same (a retried start); a finished pair starts a fresh run.",
+    request_body(content = openapi::StartRequest),
+    responses(
+        (status = 200, description = "Started, or already running with this same body.", body = Started,
+            example = json!({"message": STARTED, "task_id": "0a1b2c3d-task"})),
+        (status = 403, response = AccessForbidden),
+        (status = 409, description = "A GPU named is held by an unfinished job or not in the inventory, all slots are taken, or the pair is unfinished with another body.", body = Detail),
+        (status = 422, response = Invalid),
+        (status = 500, description = "A bug; the detail is in the daemon's log.", body = Detail),
+        (status = 503, description = "Not ready, stopping, or the storage refused the write: nothing was stored.", body = Detail),
+    ),
+)]
 async fn start_training(
     State(state): State<TrainerState>,
     body: Result<axum::Json<Value>, axum::extract::rejection::JsonRejection>,
@@ -181,9 +216,11 @@ async fn start_training(
         .filter(|t| !t.is_empty())
         .map(String::from);
     match state.worker()?.start_now(job, gpus, secret).await? {
-        StartedNow::Started(_) | StartedNow::AlreadyStarted(_) => {
-            Ok(axum::Json(json!({"message": STARTED, "task_id": task_id})).into_response())
-        }
+        StartedNow::Started(_) | StartedNow::AlreadyStarted(_) => Ok(axum::Json(Started {
+            message: STARTED,
+            task_id,
+        })
+        .into_response()),
     }
 }
 
@@ -297,16 +334,35 @@ pub fn job_of(body: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<(Job, 
     Ok((job, gpus))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TaskParams {
+    /// The miner's hotkey: with the task id, it names the task. Required (422 without).
+    #[param(required = true, value_type = String)]
     hotkey: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/trainer/{task_id}",
+    operation_id = "getTask",
+    summary = "A task",
+    params(("task_id" = String, Path, description = "The task's id, as its start sent it."), TaskParams),
+    responses(
+        (status = 200, description = "The task.", body = TaskView),
+        (status = 403, response = AccessForbidden),
+        (status = 404, description = "No start of this pair was ever accepted.", body = Detail,
+            example = json!({"detail": "Task with ID 'abc' and hotkey 'hk' not found."})),
+        (status = 422, response = Invalid),
+        (status = 500, description = "A bug; the detail is in the daemon's log.", body = Detail),
+        (status = 503, description = "Not ready: the data dir is being replayed.", body = Detail),
+    ),
+)]
 async fn task(
     State(state): State<TrainerState>,
     Path(task_id): Path<String>,
     Query(params): Query<TaskParams>,
-) -> Result<axum::Json<Value>, Detail> {
+) -> Result<axum::Json<TaskView>, Detail> {
     let Some(hotkey) = params.hotkey else {
         return Err(Detail::invalid("hotkey: field required"));
     };
@@ -324,29 +380,63 @@ async fn task(
 
 /// One entry per GPU of a type the client accepts, in id order; `available` while no
 /// trainer of an unfinished job (either API, or one still stopping) holds it.
-async fn gpu_availability(State(state): State<TrainerState>) -> Result<axum::Json<Value>, Detail> {
+#[utoipa::path(
+    get,
+    path = "/v1/trainer/get_gpu_availability",
+    operation_id = "getGpuAvailability",
+    summary = "The GPUs and whether each is free",
+    description = "One entry per GPU of a type the client accepts (H100, A100, A6000, or mapped to one by [god_trainer] gpu_types), in id order.",
+    responses(
+        (status = 200, description = "The GPUs.", body = Vec<Availability>),
+        (status = 403, response = AccessForbidden),
+        (status = 500, description = "A bug; the detail is in the daemon's log.", body = Detail),
+        (status = 503, description = "Not ready: the data dir is being replayed.", body = Detail),
+    ),
+)]
+async fn gpu_availability(
+    State(state): State<TrainerState>,
+) -> Result<axum::Json<Vec<Availability>>, Detail> {
     let gpus = state.worker()?.gpus().await?;
-    let mut answer: Vec<Value> = gpus
+    let mut answer: Vec<Availability> = gpus
         .iter()
         .filter_map(|view| {
             let gpu = view.gpu.as_ref()?;
             crate::gpu::availability(gpu, &state.gpu_types, view.job.is_none() && !view.reserved)
         })
-        .map(|entry| serde_json::to_value(entry).expect("an entry serialises"))
         .collect();
-    answer.sort_by_key(|e| e["gpu_id"].as_u64());
-    Ok(axum::Json(Value::Array(answer)))
+    answer.sort_by_key(|e| e.gpu_id);
+    Ok(axum::Json(answer))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RecentParams {
+    /// How far back, in hours: the tasks accepted or finished since then. Required (422
+    /// without).
+    #[param(required = true, value_type = f64, minimum = 0, example = 24)]
     hours: Option<f64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/trainer/get_recent_tasks",
+    operation_id = "getRecentTasks",
+    summary = "The recent tasks",
+    params(RecentParams),
+    responses(
+        (status = 200, description = "The tasks accepted or finished in the last hours, newest first.", body = Vec<TaskView>),
+        (status = 403, response = AccessForbidden),
+        (status = 404, description = "No task in that time (as upstream).", body = Detail,
+            example = json!({"detail": "No tasks found in the last 24 hours."})),
+        (status = 422, response = Invalid),
+        (status = 500, description = "A bug; the detail is in the daemon's log.", body = Detail),
+        (status = 503, description = "Not ready: the data dir is being replayed.", body = Detail),
+    ),
+)]
 async fn recent_tasks(
     State(state): State<TrainerState>,
     Query(params): Query<RecentParams>,
-) -> Result<axum::Json<Value>, Detail> {
+) -> Result<axum::Json<Vec<TaskView>>, Detail> {
     let Some(hours) = params.hours.filter(|h| h.is_finite() && *h >= 0.0) else {
         return Err(Detail::invalid("hours: field required (a number)"));
     };
@@ -372,21 +462,72 @@ async fn recent_tasks(
     for job in &jobs {
         tasks.push(task_view(&state, worker, job).await);
     }
-    Ok(axum::Json(Value::Array(tasks)))
+    Ok(axum::Json(tasks))
 }
 
-/// `training` until the last stage has ended; `success` only when every stage ended well.
-fn task_status(status: Status) -> &'static str {
+/// Where a task is: `training` until the last stage has ended; `success` only when every
+/// stage ended well; `failure` otherwise, with the reason as the last line of its logs.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum TaskStatus {
+    Training,
+    Success,
+    Failure,
+}
+
+fn task_status(status: Status) -> TaskStatus {
     match status {
-        Status::Queued | Status::Running => "training",
-        Status::Completed => "success",
-        Status::Failed | Status::Cancelled => "failure",
+        Status::Queued | Status::Running => TaskStatus::Training,
+        Status::Completed => TaskStatus::Success,
+        Status::Failed | Status::Cancelled => TaskStatus::Failure,
     }
+}
+
+/// A task as this API shows it, in the client's field order.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Task)]
+struct TaskView {
+    /// As the start sent it.
+    #[schema(value_type = Object)]
+    training_data: Value,
+    github_repo: String,
+    /// As the start sent them.
+    #[schema(value_type = Vec<u32>)]
+    gpu_ids: Value,
+    hotkey: String,
+    #[schema(required = true)]
+    github_branch: Option<String>,
+    #[schema(required = true)]
+    github_commit_hash: Option<String>,
+    /// Never echoed: always null.
+    #[schema(value_type = Option<String>, required = true)]
+    github_token: Option<String>,
+    /// As the start sent them; null when it sent none.
+    #[schema(value_type = serde_json::Value, required = true)]
+    requested_datasets: Value,
+    status: TaskStatus,
+    /// When the current run was accepted (RFC 3339 UTC).
+    #[schema(format = DateTime, required = true)]
+    started_at: Option<String>,
+    /// When it ended (RFC 3339 UTC); null while it trains.
+    #[schema(format = DateTime, required = true)]
+    finished_at: Option<String>,
+    /// The first https://wandb.ai/... address a stage printed.
+    #[schema(required = true)]
+    wandb_url: Option<String>,
+    /// The daemon's own lines about this run, each `[<UTC time>] <line>`; the trainers'
+    /// output stays in the job's log.
+    logs: Vec<String>,
+    #[schema(value_type = String, pattern = "^training$")]
+    job_type: &'static str,
+    /// The container of the docker stage that runs now, or ran last.
+    #[schema(required = true)]
+    container_name: Option<String>,
 }
 
 /// The task as this API shows it: the request as sent (without its token), the job's
 /// status and times, and the daemon's own lines about this run.
-async fn task_view(state: &TrainerState, worker: &WorkerHandle, job: &Job) -> Value {
+async fn task_view(state: &TrainerState, worker: &WorkerHandle, job: &Job) -> TaskView {
     let task = job
         .trainer_task
         .as_ref()
@@ -397,23 +538,23 @@ async fn task_view(state: &TrainerState, worker: &WorkerHandle, job: &Job) -> Va
         Ok(Some((path, _))) => run_lines(&path, job).await,
         _ => Vec::new(),
     };
-    json!({
-        "training_data": field("training_data"),
-        "github_repo": task.github_repo,
-        "gpu_ids": field("gpu_ids"),
-        "hotkey": task.hotkey,
-        "github_branch": task.github_branch,
-        "github_commit_hash": task.github_commit_hash,
-        "github_token": Value::Null,
-        "requested_datasets": field("requested_datasets"),
-        "status": task_status(job.status),
-        "started_at": job.created_at.map(|t| format_timestamp(&t)),
-        "finished_at": job.finished_at.map(|t| format_timestamp(&t)),
-        "wandb_url": job.wandb_url,
-        "logs": logs,
-        "job_type": "training",
-        "container_name": container_name(&state.stages, job),
-    })
+    TaskView {
+        training_data: field("training_data"),
+        github_repo: task.github_repo.clone(),
+        gpu_ids: field("gpu_ids"),
+        hotkey: task.hotkey.clone(),
+        github_branch: task.github_branch.clone(),
+        github_commit_hash: task.github_commit_hash.clone(),
+        github_token: None,
+        requested_datasets: field("requested_datasets"),
+        status: task_status(job.status),
+        started_at: job.created_at.map(|t| format_timestamp(&t)),
+        finished_at: job.finished_at.map(|t| format_timestamp(&t)),
+        wandb_url: job.wandb_url.clone(),
+        logs,
+        job_type: "training",
+        container_name: container_name(&state.stages, job),
+    }
 }
 
 /// The container of the docker stage that runs now, or ran last.

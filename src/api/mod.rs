@@ -6,11 +6,16 @@
 
 mod error;
 pub mod god;
+mod logs;
+mod openapi;
+mod probes;
+mod schemas;
 pub mod serve;
+mod views;
 
 use std::sync::{Arc, OnceLock};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -26,11 +31,14 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 use tracing::{Span, debug, error};
+use utoipa::IntoParams;
 
 pub use error::ApiError;
 
 use crate::job::{Job, JobId, Status, format_timestamp};
-use crate::worker::{Estimate, Offer, Submitted, WorkerHandle};
+use crate::worker::{Estimate, Offer, OfferAnswer, Submitted, WorkerHandle};
+use logs::{LogParams, read_rotated_log};
+use openapi::{BadRequest, Internal, JobNotFound, Unauthorized, Unavailable, examples};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -115,7 +123,8 @@ impl Route {
 
 /// Every route the API serves; the router is built from this list alone. Paths under `/v1/`
 /// need the API token, the others (probes, metrics, the API's description) never do.
-/// tests/openapi.rs holds it against [`OPENAPI_JSON`], so no route goes undocumented.
+/// tests/openapi.rs holds it against the description ([`openapi_json`]), so no route goes
+/// undocumented.
 pub const ROUTES: &[Route] = &[
     Route::new("POST", "/v1/jobs", || post(submit)),
     Route::new("GET", "/v1/jobs", || get(list)),
@@ -123,17 +132,19 @@ pub const ROUTES: &[Route] = &[
     Route::new("POST", "/v1/jobs/{id}/cancel", || post(cancel)),
     Route::new("POST", "/v1/jobs/{id}/retry", || post(retry)),
     Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
-    Route::new("GET", "/v1/queue", || get(queue)),
-    Route::new("GET", "/v1/gpus", || get(gpus)),
+    Route::new("GET", "/v1/queue", || get(views::queue)),
+    Route::new("GET", "/v1/gpus", || get(views::gpus)),
     Route::new("POST", "/v1/offers", || post(offer)),
-    Route::new("GET", "/healthz", || get(healthz)),
-    Route::new("GET", "/readyz", || get(readyz)),
-    Route::new("GET", "/metrics", || get(metrics)),
-    Route::new("GET", "/openapi.json", || get(openapi)),
+    Route::new("GET", "/healthz", || get(probes::healthz)),
+    Route::new("GET", "/readyz", || get(probes::readyz)),
+    Route::new("GET", "/metrics", || get(probes::metrics)),
+    Route::new("GET", "/openapi.json", || get(probes::openapi)),
 ];
 
-/// The OpenAPI 3.1 description of the API, written by hand in `src/api/openapi.json`.
-pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+/// The OpenAPI 3.1 description of the API, derived from the handlers (see `openapi.rs`).
+pub fn openapi_json() -> &'static str {
+    openapi::document()
+}
 
 /// The whole API. `state` decides readiness and authentication.
 pub fn router(state: AppState) -> Router {
@@ -252,6 +263,41 @@ async fn json_body(
         .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "submitJob",
+    tag = "jobs",
+    summary = "Submit a job",
+    description = "Validates the job and stores it. The answer is sent only once the job is durable: a crash at any later instant replays it in its place in the queue.",
+    request_body(
+        content = Job,
+        description = "A job. Server-owned fields (error_message, attempts, the timestamps) are ignored; status may be omitted or \"Queued\".",
+        examples(
+            ("instruct" = (summary = "TextJob, instruct dataset (the seed's job)", value = json!(examples::instruct()))),
+            ("dpo" = (summary = "TextJob, DPO dataset", value = json!(examples::dpo()))),
+            ("grpo" = (summary = "TextJob, GRPO dataset", value = json!(examples::grpo()))),
+            ("chat" = (summary = "TextJob, chat-template dataset", value = json!(examples::chat()))),
+            ("diffusion" = (summary = "DiffusionJob", value = json!(examples::diffusion()))),
+        ),
+    ),
+    responses(
+        (status = 201, description = "Stored, with status Queued.", body = Job,
+            headers(("Location" = String, description = "/v1/jobs/{id} of the new job."))),
+        (status = 200, description = "A job with this job_id and the same content exists already (a retried submit): the stored job.", body = Job,
+            headers(("Location" = String, description = "/v1/jobs/{id} of the job."))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 409, description = "A job with this job_id exists with different content.", body = ApiError,
+            example = json!({"error": "job 123e4567-e89b-12d3-a456-426614174000 exists with different content"})),
+        (status = 413, description = "The body is larger than max_body_bytes (default 1 MiB).", body = ApiError,
+            example = json!({"error": "body: larger than the limit of 1048576 bytes"})),
+        (status = 415, description = "The body is not declared as JSON.", body = ApiError,
+            example = json!({"error": "content-type: must be application/json"})),
+        (status = 500, response = Internal),
+        (status = 503, description = "Nothing was stored (not ready, stopping, or storage unavailable); or storage failed mid-write and the outcome is unknown, in which case job_id says which job to look up once the daemon is back.", body = ApiError),
+    ),
+)]
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -278,6 +324,30 @@ async fn submit(
 }
 
 /// Whether this box would take a job, and when it would start and end.
+#[utoipa::path(
+    post,
+    path = "/v1/offers",
+    operation_id = "answerOffer",
+    tag = "offers",
+    summary = "Offer a job",
+    description = "Answers whether this worker would take the job and when it would start and end, from the queued and running jobs' budgets, elapsed times and GPU slots; nothing is stored. An accepted offer may reserve the job's place for [offers] reserve_for.",
+    request_body(
+        content = Offer,
+        examples(("text" = (summary = "A text job on one GPU with a 3-hour budget", value = json!(examples::offer())))),
+    ),
+    responses(
+        (status = 200, description = "The answer, accepted or not.", body = OfferAnswer,
+            example = json!(examples::offer_answer())),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 413, description = "The body is larger than max_body_bytes (default 1 MiB).", body = ApiError,
+            example = json!({"error": "body: larger than the limit of 1048576 bytes"})),
+        (status = 415, description = "The body is not declared as JSON.", body = ApiError,
+            example = json!({"error": "content-type: must be application/json"})),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn offer(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -320,6 +390,26 @@ pub const ESTIMATED_FINISH_HEADER: &str = "x-estimated-finish";
 
 /// The job as stored; its estimates go in headers, so that the body stays the job itself,
 /// equal to what its submission answered and to its file.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "getJob",
+    tag = "jobs",
+    summary = "Get a job",
+    params(("id" = JobId, Path, description = "The job's id.", example = "123e4567-e89b-12d3-a456-426614174000")),
+    responses(
+        (status = 200, description = "The job as stored; when it is expected to start and end comes in headers, so that the body stays the job itself.", body = Job,
+            headers(
+                ("x-estimated-start" = String, description = "For a queued job: when it is expected to start (RFC 3339 UTC), from the budgets and elapsed times of the jobs ahead and the GPU slots; `none` when it is not queued or not expected to start (the queue is paused, or its deadline passes before its turn)."),
+                ("x-estimated-finish" = String, description = "For a queued or running job: when it is expected to end at the latest (RFC 3339 UTC): its deadline, or for a job without a budget its start plus [worker] assumed_duration; `none` otherwise."),
+            )),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn job(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -357,15 +447,37 @@ async fn job(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Only jobs with this status (case-insensitive). Queued jobs come in queue order,
+    /// others newest first.
+    #[param(value_type = Option<Status>, example = "Queued")]
     status: Option<String>,
+    /// At most this many jobs.
+    #[param(example = 10)]
     limit: Option<usize>,
-    /// Adds `estimated_start` and `estimated_finish` to the queued and running jobs.
+    /// true: queued and running jobs carry estimated_start and estimated_finish.
+    #[param(default = false, example = true)]
     estimates: Option<bool>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    operation_id = "listJobs",
+    tag = "jobs",
+    summary = "List jobs",
+    params(ListParams),
+    responses(
+        (status = 200, description = "Jobs: queued ones in queue order, others newest first.", body = Vec<Job>),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -397,42 +509,25 @@ async fn list(
     ))
 }
 
-/// The configured GPUs, what nvidia-smi says they are, and the job holding each.
-async fn gpus(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let views = state.worker()?.gpus().await?;
-    Ok(Json(
-        views
-            .into_iter()
-            .map(|view| {
-                json!({
-                    "id": view.id,
-                    "name": view.gpu.as_ref().map(|g| g.name.clone()),
-                    // 0 is nvidia-smi's `[N/A]`: unknown, like a GPU it did not report.
-                    "memory_mib": view.gpu.as_ref().map(|g| g.memory_mib).filter(|m| *m > 0),
-                    "job": view.job.map(|id| id.to_string()),
-                    "reserved": view.reserved,
-                })
-            })
-            .collect(),
-    ))
-}
-
-async fn queue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let view = state.worker()?.queue().await?;
-    let ids = |ids: Vec<JobId>| ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>();
-    let waiting: serde_json::Map<String, Value> = view
-        .waiting
-        .into_iter()
-        .map(|(id, reason)| (id.to_string(), Value::String(reason)))
-        .collect();
-    Ok(Json(json!({
-        "running": ids(view.running),
-        "queued": ids(view.queued),
-        "paused": view.paused,
-        "waiting": waiting,
-    })))
-}
-
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    operation_id = "cancelJob",
+    tag = "jobs",
+    summary = "Cancel a job",
+    description = "Cancelled is durable before the answer; a running trainer is then stopped (SIGTERM, then SIGKILL after kill_grace). A cancelled job never runs again, crash or not. No body.",
+    params(("id" = JobId, Path, description = "The job's id.", example = "123e4567-e89b-12d3-a456-426614174000")),
+    responses(
+        (status = 200, description = "The job, now Cancelled.", body = Job),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 409, description = "The job has already finished.", body = ApiError,
+            example = json!({"error": "job 123e4567-e89b-12d3-a456-426614174000 has already finished (Completed)"})),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn cancel(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -443,6 +538,25 @@ async fn cancel(
 }
 
 /// A finished job starts a fresh run: Queued again at the end of the queue.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    operation_id = "retryJob",
+    tag = "jobs",
+    summary = "Start a finished job over",
+    description = "A Completed, Failed or Cancelled job starts a fresh run: Queued again at the end of the queue like a new arrival (a new created_at; with hours_to_complete, a new deadline from now), attempts 0, error_message, started_at, finished_at, stages_done, stages_started, wandb_url and gpu_ids cleared. Durable before the answer, so a crash at any later instant replays it at that place. Its log is kept: a line says it was retried, and the fresh run's output follows the earlier attempts. No body.",
+    params(("id" = JobId, Path, description = "The job's id.", example = "123e4567-e89b-12d3-a456-426614174000")),
+    responses(
+        (status = 200, description = "The job as stored, Queued again.", body = Job),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 409, description = "The job is not finished (Queued or Running), or it was cancelled and its trainer is still stopping.", body = ApiError,
+            example = json!({"error": "job 123e4567-e89b-12d3-a456-426614174000 is not finished (Running)"})),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn retry(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -452,20 +566,32 @@ async fn retry(
     Ok(Json(job))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogParams {
-    /// Only the last N lines.
-    tail: Option<usize>,
-    /// Only the bytes from this offset on (what a follower has not seen yet).
-    offset: Option<u64>,
-}
-
 /// The header with the log's size in bytes when it was read: the offset to ask from next.
 pub const LOG_SIZE_HEADER: &str = "x-log-size";
 /// The header with the job's status when its log was read: a follower stops once it is final.
 pub const JOB_STATUS_HEADER: &str = "x-job-status";
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/logs",
+    operation_id = "getJobLogs",
+    tag = "jobs",
+    summary = "Read a job's trainer output",
+    params(("id" = JobId, Path, description = "The job's id.", example = "123e4567-e89b-12d3-a456-426614174000"), LogParams),
+    responses(
+        (status = 200, description = "The trainer's stdout and stderr so far (empty before its first start).",
+            content_type = "text/plain", body = String,
+            headers(
+                ("x-log-size" = u64, description = "The log's size in bytes when it was read: the offset to ask from next."),
+                ("x-job-status" = Status, description = "The job's status when its log was read: a follower stops once it is final."),
+            )),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn logs(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -503,167 +629,6 @@ async fn logs(
         .into_response())
 }
 
-/// A job's log across its rotations (see `executor::supervisor::LogWriter`): offsets count
-/// the job's whole output, so a follower's next offset stays right when the log rotates
-/// under it. A follower behind the current file gets the rest of the rotated part first;
-/// what was rotated away twice is gone, and it goes on from what is left.
-async fn read_rotated_log(
-    path: &std::path::Path,
-    params: &LogParams,
-) -> Result<(Body, u64), ApiError> {
-    let cannot = |e: std::io::Error, path: &std::path::Path| {
-        ApiError::Internal(format!("cannot read {}: {e}", path.display()))
-    };
-    let offsets = crate::executor::supervisor::LogOffsets::new(path);
-    let base = offsets.base();
-    if let Some(offset) = params.offset.filter(|o| *o < base) {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let rotated = offsets.rotated();
-        match tokio::fs::File::open(&rotated).await {
-            Ok(mut old) => {
-                let len = old.metadata().await.map_err(|e| cannot(e, &rotated))?.len();
-                let start = offset.saturating_sub(base.saturating_sub(len)).min(len);
-                old.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(|e| cannot(e, &rotated))?;
-                // The rest of the rotated part, then the current log as far as it is now.
-                let (current, size) = match tokio::fs::File::open(path).await {
-                    Ok(file) => {
-                        let size = file.metadata().await.map_err(|e| cannot(e, path))?.len();
-                        (Some(file), size)
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, 0),
-                    Err(e) => return Err(cannot(e, path)),
-                };
-                let old = old.take(len - start);
-                let body = match current {
-                    Some(file) => Body::from_stream(tokio_util::io::ReaderStream::new(
-                        old.chain(file.take(size)),
-                    )),
-                    None => Body::from_stream(tokio_util::io::ReaderStream::new(old)),
-                };
-                return Ok((body, base + size));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(cannot(e, &rotated)),
-        }
-    }
-    let file = match tokio::fs::File::open(path).await {
-        Ok(file) => file,
-        // A job that has not started yet has no output yet.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Body::empty(), base)),
-        Err(e) => {
-            return Err(ApiError::Internal(format!(
-                "cannot open {}: {e}",
-                path.display()
-            )));
-        }
-    };
-    let within = LogParams {
-        tail: params.tail,
-        offset: params.offset.map(|o| o.saturating_sub(base)),
-    };
-    let (body, size) = read_log(file, &within).await.map_err(|e| cannot(e, path))?;
-    Ok((body, base + size))
-}
-
-/// The part of a log the parameters ask for, streamed (a trainer's log can be far larger
-/// than memory should hold), and the log's size when it was read. Only the bytes up to that
-/// size are sent, so a follower that asks again from it sees every byte once.
-async fn read_log(mut file: tokio::fs::File, params: &LogParams) -> std::io::Result<(Body, u64)> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let size = file.metadata().await?.len();
-    let start = match (params.offset, params.tail) {
-        (Some(offset), _) => offset.min(size),
-        (None, Some(lines)) => tail_start(&mut file, size, lines).await?,
-        (None, None) => 0,
-    };
-    file.seek(std::io::SeekFrom::Start(start)).await?;
-    let stream = tokio_util::io::ReaderStream::new(file.take(size - start));
-    Ok((Body::from_stream(stream), size))
-}
-
-/// Where the last `lines` lines of the first `size` bytes begin, read backwards in blocks.
-async fn tail_start(file: &mut tokio::fs::File, size: u64, lines: usize) -> std::io::Result<u64> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    const BLOCK: u64 = 64 * 1024;
-    if lines == 0 {
-        return Ok(size);
-    }
-    let mut end = size;
-    // A final newline ends the last line; it does not start an empty one.
-    let mut newlines_to_skip = lines + 1;
-    let mut first_block = true;
-    let mut buf = vec![0u8; BLOCK as usize];
-    while end > 0 {
-        let begin = end.saturating_sub(BLOCK);
-        let len = (end - begin) as usize;
-        file.seek(std::io::SeekFrom::Start(begin)).await?;
-        file.read_exact(&mut buf[..len]).await?;
-        let block = &buf[..len];
-        let mut scan = block.len();
-        if first_block {
-            first_block = false;
-            if block.last() != Some(&b'\n') {
-                newlines_to_skip -= 1;
-            }
-        }
-        while let Some(i) = block[..scan].iter().rposition(|&b| b == b'\n') {
-            newlines_to_skip -= 1;
-            if newlines_to_skip == 0 {
-                return Ok(begin + i as u64 + 1);
-            }
-            scan = i;
-        }
-        end = begin;
-    }
-    Ok(0)
-}
-
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
-}
-
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
-}
-
-async fn metrics() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::METRICS.render(),
-    )
-        .into_response()
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "stopping"})),
-        )
-            .into_response();
-    }
-    match state.worker.get() {
-        Some(worker) => match worker.storage_trouble() {
-            None => Json(json!({"status": "ready"})).into_response(),
-            Some(reason) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "storage unavailable", "reason": reason})),
-            )
-                .into_response(),
-        },
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "replaying"})),
-        )
-            .into_response(),
-    }
-}
-
 async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::NoRoute(uri.path().to_string())
 }
@@ -675,7 +640,7 @@ async fn method_not_allowed() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use axum::body::Body;
     use std::sync::Mutex;
     use tower::ServiceExt;
 
@@ -763,36 +728,5 @@ mod tests {
             errors.iter().all(|l| l.contains("response failed")),
             "{text}"
         );
-    }
-
-    async fn read(text: &str, tail: Option<usize>, offset: Option<u64>) -> (String, u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.log");
-        std::fs::write(&path, text).unwrap();
-        let file = tokio::fs::File::open(&path).await.unwrap();
-        let (body, size) = read_log(file, &LogParams { tail, offset }).await.unwrap();
-        let bytes = body.collect().await.unwrap().to_bytes();
-        (String::from_utf8(bytes.to_vec()).unwrap(), size)
-    }
-
-    #[tokio::test]
-    async fn tail_gives_the_last_lines() {
-        assert_eq!(read("a\nb\nc\n", Some(2), None).await, ("b\nc\n".into(), 6));
-        assert_eq!(read("a\nb\nc", Some(2), None).await, ("b\nc".into(), 5));
-        assert_eq!(read("a\nb\nc\n", Some(9), None).await.0, "a\nb\nc\n");
-        assert_eq!(read("a\nb\nc\n", Some(0), None).await.0, "");
-        assert_eq!(read("", Some(3), None).await, ("".into(), 0));
-        // Across the 64 KiB blocks it reads backwards in.
-        let long: String = (0..20_000).map(|n| format!("line {n}\n")).collect();
-        let (tail, _) = read(&long, Some(3), None).await;
-        assert_eq!(tail, "line 19997\nline 19998\nline 19999\n");
-    }
-
-    #[tokio::test]
-    async fn offset_gives_what_came_after_it() {
-        assert_eq!(read("abcdef", None, Some(4)).await, ("ef".into(), 6));
-        assert_eq!(read("abcdef", None, Some(6)).await, ("".into(), 6));
-        assert_eq!(read("abcdef", None, Some(99)).await, ("".into(), 6));
-        assert_eq!(read("abcdef", None, None).await, ("abcdef".into(), 6));
     }
 }
