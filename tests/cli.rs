@@ -595,8 +595,12 @@ async fn an_unreachable_daemon_is_a_one_line_error_and_exit_1() {
         assert!(out.stderr.contains("onnection refused"), "{out:?}");
         assert_eq!(out.stdout, "", "{out:?}");
     }
-    let out = run(at("https://127.0.0.1:8787", &["list"])).await;
-    out.assert_error(1, "https is not supported");
+    // The same over https, and a scheme the client does not speak.
+    let gone_tls = format!("https://127.0.0.1:{}", free_port());
+    let out = run(at(&gone_tls, &["list"])).await;
+    out.assert_error(1, &format!("cannot connect to the daemon at {gone_tls}"));
+    let out = run(at("ftp://127.0.0.1:8787", &["list"])).await;
+    out.assert_error(1, "unsupported scheme");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

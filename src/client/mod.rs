@@ -1,5 +1,6 @@
 //! The command-line client: `submit`, `status`, `list`, `queue`, `cancel`, `retry`, `logs`,
-//! `wait` and `health`, each one or a few HTTP calls to a running daemon.
+//! `wait` and `health`, each one or a few HTTP calls to a running daemon, over HTTP or
+//! HTTPS.
 //!
 //! Output is for people on a terminal (a table, statuses in colour, relative times) and plain
 //! text when piped; `--json` prints what the API answered, for scripts. Every failure is one
@@ -116,10 +117,14 @@ impl ClientError {
 /// How to reach the daemon; shared by every client command.
 #[derive(Clone, Debug, Args)]
 pub struct Connection {
-    /// The daemon's URL [default: http://$TRAINING_WORKER_LISTEN if set, else
-    /// http://127.0.0.1:8787]; a token is read from TRAINING_WORKER_API_TOKEN
+    /// The daemon's URL, http:// or https:// [default: http://$TRAINING_WORKER_LISTEN if
+    /// set, else http://127.0.0.1:8787]; a token is read from TRAINING_WORKER_API_TOKEN
     #[arg(long, value_name = "URL", env = "TRAINING_WORKER_SERVER")]
     pub server: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// server, besides the system's: for a
+    /// daemon behind a private CA
+    #[arg(long, value_name = "FILE", env = "TRAINING_WORKER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `--json`: print what the API answered instead of text for people.
@@ -328,10 +333,12 @@ impl Command {
 /// printed here, as one line on stderr.
 pub fn run(command: Command) -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let connection = command.connection();
     let result = http::Api::new(
-        command.connection().server.as_deref(),
+        connection.server.as_deref(),
         env("TRAINING_WORKER_LISTEN").as_deref(),
         env("TRAINING_WORKER_API_TOKEN"),
+        connection.ca_cert.as_deref(),
     )
     .map_err(ClientError::from)
     .and_then(|api| {
