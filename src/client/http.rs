@@ -304,6 +304,13 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/offers` with `body` as it is: the answer, accepted or not.
+    pub async fn offer(&self, body: Vec<u8>) -> Result<Value, ClientError> {
+        let response = self.send(Method::POST, "v1/offers", Some(body)).await?;
+        let response = self.checked(response, None).await?;
+        self.parse(response).await
+    }
+
     /// `GET /v1/jobs/{id}/logs`, with the body left to stream.
     pub async fn logs(&self, id: JobId, part: LogPart) -> Result<LogChunk, ClientError> {
         let path = match part {
