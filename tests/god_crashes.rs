@@ -693,7 +693,7 @@ async fn with_every_slot_taken_a_start_on_a_free_gpu_is_a_409_and_stores_nothing
     let reply = node.daemon.get(&format!("/v1/jobs/{}", job_id(&b))).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{reply:?}");
     assert_eq!(node.starts(&b, "clone"), 0);
-    assert_eq!(node.availability().await[0], false);
+    assert!(!node.availability().await[0]);
     // The first is unharmed; once it ended, the slot is free for the second.
     assert_eq!(node.accepted_task(&a).await["status"], "training");
     fs::remove_file(hold).expect("release");
