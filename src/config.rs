@@ -590,9 +590,9 @@ enum FileShmSize {
 /// relative to the working directory like every relative program path.
 pub const DEMO_TRAINER: &str = "config/demo-trainer.sh";
 
-/// Variables with the prefix that only the command-line client reads (`SERVER`); the
+/// Variables with the prefix that only the command-line client reads (`SERVER`, `CA_CERT`); the
 /// daemon does not warn about them, since both often share one shell.
-const CLIENT_ENV_KEYS: &[&str] = &["SERVER"];
+const CLIENT_ENV_KEYS: &[&str] = &["SERVER", "CA_CERT"];
 
 /// The environment variables read, without the prefix, for error messages and docs.
 pub const ENV_KEYS: &[&str] = &[

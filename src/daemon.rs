@@ -222,7 +222,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     };
     let quarantined = opened.recovered.quarantined;
     METRICS.set_replay_duration(replay_started.elapsed());
-    METRICS.quarantined.add(quarantined as u64);
+    METRICS.quarantined.inc_by(quarantined as u64);
     // Containers of a crashed daemon: adopted, or removed before their stage runs again.
     // When docker cannot be asked, the jobs whose container may still run keep their GPUs
     // until it can (see `survey_until_answered`).

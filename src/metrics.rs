@@ -1,39 +1,30 @@
 //! The daemon's metrics, served as Prometheus text at `GET /metrics`.
 //!
-//! One process-wide registry of atomics ([`METRICS`]), as Prometheus clients keep: the
-//! worker, the store and the daemon update it where things happen, and a scrape only reads
-//! it. Names follow Prometheus conventions: `training_worker_` prefix, `_total` for
-//! counters, base units (seconds) in the name.
+//! One process-wide registry ([`METRICS`]) of `prometheus-client` metrics: the worker, the
+//! store and the daemon update it where things happen, and a scrape only reads it. Names
+//! follow Prometheus conventions: `training_worker_` prefix, `_total` for counters (which
+//! `prometheus-client` adds itself, so counters are registered without it), base units
+//! (seconds) in the name. Every label value a family has is created at start, so a scrape
+//! shows each at 0 before it first happens.
+//!
+//! `prometheus-client` writes OpenMetrics; [`Metrics::render`] serves the same samples in
+//! the Prometheus text format 0.0.4 (`GET /metrics` says `text/plain; version=0.0.4`), which
+//! every scraper reads: see [`to_prometheus_text`].
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+
+use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::job::Status;
 
 /// The registry.
-pub static METRICS: Metrics = Metrics::new();
-
-/// A monotonically increasing count.
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    const fn new() -> Counter {
-        Counter(AtomicU64::new(0))
-    }
-
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// Upper bounds of a histogram's buckets (the `+Inf` bucket is implied).
 const SECONDS_BUCKETS: [f64; 14] = [
@@ -46,24 +37,19 @@ const BATCH_BUCKETS: [f64; 14] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
-/// A distribution of observed values over fixed buckets.
-pub struct Histogram {
-    bounds: &'static [f64; 14],
-    /// Counts per bucket (not cumulative); the last one is `+Inf`.
-    buckets: [AtomicU64; 15],
-    /// The sum of observations, in millionths, so that it fits an integer atomic.
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
+/// A label set of one label, as the families here have.
+type Label = [(&'static str, &'static str); 1];
+
+/// A distribution of observed values over fixed buckets. A value that is not a finite
+/// number above 0 (a clock that went back) counts as 0, so the sum stays meaningful.
+#[derive(Clone, Debug)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
 
 impl Histogram {
-    const fn new(bounds: &'static [f64; 14]) -> Histogram {
-        Histogram {
-            bounds,
-            buckets: [const { AtomicU64::new(0) }; 15],
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
+    fn new(bounds: &[f64]) -> Histogram {
+        Histogram(prometheus_client::metrics::histogram::Histogram::new(
+            bounds.iter().copied(),
+        ))
     }
 
     pub fn observe(&self, value: f64) {
@@ -72,43 +58,20 @@ impl Histogram {
         } else {
             0.0
         };
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| value <= *b)
-            .unwrap_or(self.bounds.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.0.observe(value);
     }
 
     pub fn observe_duration(&self, d: Duration) {
         self.observe(d.as_secs_f64());
     }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0;
-        for (i, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
 }
 
-/// Everything the daemon counts.
+/// Everything the daemon counts. The fields are handles onto the metrics in `registry`:
+/// updating one updates what a scrape reads.
 pub struct Metrics {
-    /// Jobs by status now, kept by the worker as jobs change.
-    jobs: [AtomicI64; 5],
+    registry: Registry,
+    /// Jobs by status now, kept by the worker as jobs change; in [`Status::ALL`] order.
+    jobs: [Gauge; 5],
     pub enqueued: Counter,
     pub started: Counter,
     pub completed: Counter,
@@ -133,8 +96,8 @@ pub struct Metrics {
     pub batch_jobs: Histogram,
     /// From the start of a batch's writes until it is durable.
     pub flush: Histogram,
-    /// How long the last replay took, in microseconds.
-    replay_micros: AtomicU64,
+    /// How long the last replay took, in seconds.
+    replay_seconds: Gauge<f64, AtomicU64>,
     /// Deadlines missed: jobs failed while queued because their time ran out, and jobs that
     /// ended (Completed or Failed) after their deadline.
     deadline_missed_queued: Counter,
@@ -146,61 +109,219 @@ pub struct Metrics {
     pub reservations_claimed: Counter,
     pub reservations_expired: Counter,
     /// HTTP connections being served now.
-    http_connections_open: AtomicI64,
+    http_connections_open: Gauge,
     /// The most HTTP connections served at once (`[api] max_connections`, bounded by the
     /// descriptor limit), set once the listener is up.
-    http_connections_max: AtomicU64,
+    http_connections_max: Gauge,
     /// Connections turned away at the cap (answered 503, or closed when even that would
     /// take too many descriptors).
     pub http_connections_refused: Counter,
 }
 
+/// Registers `metric` under `name` with `help`; `prometheus-client` ends the help with a
+/// period itself.
+fn register<M>(registry: &mut Registry, name: &str, help: &str, metric: M)
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help.trim_end_matches('.'), metric);
+}
+
+/// A counter registered alone under `name` (without `_total`).
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let counter = Counter::default();
+    register(registry, name, help, counter.clone());
+    counter
+}
+
+/// A family of counters by `label`, one per value of `values`, registered under `name`.
+fn counters<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [Counter; N] {
+    let family = Family::<Label, Counter>::default();
+    let counters = values.map(|value| family.get_or_create_owned(&[(label, value)]));
+    register(registry, name, help, family);
+    counters
+}
+
+fn histogram(registry: &mut Registry, name: &str, help: &str, bounds: &[f64]) -> Histogram {
+    let histogram = Histogram::new(bounds);
+    register(registry, name, help, histogram.0.clone());
+    histogram
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let gauge = Gauge::default();
+    register(registry, name, help, gauge.clone());
+    gauge
+}
+
 impl Metrics {
-    const fn new() -> Metrics {
+    /// A registry with every metric at 0, in the order a scrape lists them.
+    fn new() -> Metrics {
+        let r = &mut Registry::with_prefix("training_worker");
+        let jobs_family = Family::<Label, Gauge>::default();
+        let jobs = Status::ALL.map(|status| {
+            let value: &'static str = match status {
+                Status::Queued => "queued",
+                Status::Running => "running",
+                Status::Completed => "completed",
+                Status::Failed => "failed",
+                Status::Cancelled => "cancelled",
+            };
+            jobs_family.get_or_create_owned(&[("status", value)])
+        });
+        register(r, "jobs", "Jobs by status.", jobs_family);
+        let enqueued = counter(r, "jobs_enqueued", "Jobs accepted by POST /v1/jobs.");
+        let started = counter(r, "jobs_started", "Trainer starts.");
+        let completed = counter(r, "jobs_completed", "Jobs whose trainer exited 0.");
+        let failed = counter(
+            r,
+            "jobs_failed",
+            "Jobs that failed (exit status, signal, timeout, out of attempts).",
+        );
+        let cancelled = counter(r, "jobs_cancelled", "Jobs cancelled by request.");
+        let retried = counter(
+            r,
+            "jobs_retried",
+            "Finished jobs queued again for a fresh run by POST /v1/jobs/{id}/retry.",
+        );
+        let recovered = counter(
+            r,
+            "jobs_recovered",
+            "Unfinished jobs put back in the queue at boot.",
+        );
+        let quarantined = counter(
+            r,
+            "quarantined_files",
+            "Unreadable files moved to quarantine/ at boot.",
+        );
+        let store_refusals = counter(
+            r,
+            "store_refused_writes",
+            "Writes the storage refused (disk full, I/O error); nothing was stored.",
+        );
+        let spawn_failures = counter(
+            r,
+            "trainer_spawn_failures",
+            "Trainers that could not be started; each job went back to the queue, its attempt not counted.",
+        );
+        let http_connections_refused = counter(
+            r,
+            "http_connections_refused",
+            "HTTP connections turned away because max_connections were open (answered 503, or closed).",
+        );
+        let [deadline_missed_queued, deadline_missed_running] = counters(
+            r,
+            "deadline_misses",
+            "Jobs that missed their deadline: failed while queued because their time ran out, or a trainer's end (completed or failed) recorded after it.",
+            "phase",
+            ["queued", "running"],
+        );
+        let [offers_accepted, offers_refused] = counters(
+            r,
+            "offers",
+            "Offers answered (POST /v1/offers), by answer.",
+            "accepted",
+            ["true", "false"],
+        );
+        let [reservations_claimed, reservations_expired] = counters(
+            r,
+            "reservations",
+            "Reservations of accepted offers that ended: their job claimed them, or they expired.",
+            "outcome",
+            ["claimed", "expired"],
+        );
+        let queue_wait = histogram(
+            r,
+            "queue_wait_seconds",
+            "Time from arrival (or requeue) to start.",
+            &SECONDS_BUCKETS,
+        );
+        let run_time = histogram(
+            r,
+            "run_seconds",
+            "Time from a trainer's start to its end.",
+            &SECONDS_BUCKETS,
+        );
+        let batch_jobs = histogram(
+            r,
+            "store_batch_jobs",
+            "Job records written per store batch.",
+            &BATCH_BUCKETS,
+        );
+        let flush = histogram(
+            r,
+            "store_flush_seconds",
+            "Time to make a store batch durable.",
+            &FLUSH_BUCKETS,
+        );
+        let http_connections_open = gauge(
+            r,
+            "http_connections_open",
+            "HTTP connections being served now.",
+        );
+        let http_connections_max = gauge(
+            r,
+            "http_connections_max",
+            "The most HTTP connections served at once: [api] max_connections, lowered to fit the descriptor limit.",
+        );
+        let replay_seconds = Gauge::<f64, AtomicU64>::default();
+        register(
+            r,
+            "replay_seconds",
+            "How long the replay of the data dir took at boot.",
+            replay_seconds.clone(),
+        );
         Metrics {
-            jobs: [const { AtomicI64::new(0) }; 5],
-            enqueued: Counter::new(),
-            started: Counter::new(),
-            completed: Counter::new(),
-            failed: Counter::new(),
-            cancelled: Counter::new(),
-            retried: Counter::new(),
-            recovered: Counter::new(),
-            quarantined: Counter::new(),
-            store_refusals: Counter::new(),
-            spawn_failures: Counter::new(),
-            queue_wait: Histogram::new(&SECONDS_BUCKETS),
-            run_time: Histogram::new(&SECONDS_BUCKETS),
-            batch_jobs: Histogram::new(&BATCH_BUCKETS),
-            flush: Histogram::new(&FLUSH_BUCKETS),
-            replay_micros: AtomicU64::new(0),
-            deadline_missed_queued: Counter::new(),
-            deadline_missed_running: Counter::new(),
-            offers_accepted: Counter::new(),
-            offers_refused: Counter::new(),
-            reservations_claimed: Counter::new(),
-            reservations_expired: Counter::new(),
-            http_connections_open: AtomicI64::new(0),
-            http_connections_max: AtomicU64::new(0),
-            http_connections_refused: Counter::new(),
+            registry: std::mem::take(r),
+            jobs,
+            enqueued,
+            started,
+            completed,
+            failed,
+            cancelled,
+            retried,
+            recovered,
+            quarantined,
+            store_refusals,
+            spawn_failures,
+            queue_wait,
+            run_time,
+            batch_jobs,
+            flush,
+            replay_seconds,
+            deadline_missed_queued,
+            deadline_missed_running,
+            offers_accepted,
+            offers_refused,
+            reservations_claimed,
+            reservations_expired,
+            http_connections_open,
+            http_connections_max,
+            http_connections_refused,
         }
     }
 
     pub fn http_connection_opened(&self) {
-        self.http_connections_open.fetch_add(1, Ordering::Relaxed);
+        self.http_connections_open.inc();
     }
 
     pub fn http_connection_closed(&self) {
-        self.http_connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.http_connections_open.dec();
     }
 
     pub fn http_connections_open(&self) -> i64 {
-        self.http_connections_open.load(Ordering::Relaxed)
+        self.http_connections_open.get()
     }
 
     pub fn set_http_connections_max(&self, max: usize) {
         self.http_connections_max
-            .store(max as u64, Ordering::Relaxed);
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     /// A job missed its deadline: `queued`, it failed instead of starting; else it ended late.
@@ -238,182 +359,74 @@ impl Metrics {
     /// A job now has `new` (and had `old`, if it existed).
     pub fn job_status_changed(&self, old: Option<Status>, new: Status) {
         if let Some(old) = old {
-            self.jobs[Self::index(old)].fetch_sub(1, Ordering::Relaxed);
+            self.jobs[Self::index(old)].dec();
         }
-        self.jobs[Self::index(new)].fetch_add(1, Ordering::Relaxed);
+        self.jobs[Self::index(new)].inc();
     }
 
     pub fn jobs(&self, status: Status) -> i64 {
-        self.jobs[Self::index(status)].load(Ordering::Relaxed)
+        self.jobs[Self::index(status)].get()
     }
 
     pub fn set_replay_duration(&self, d: Duration) {
-        self.replay_micros
-            .store(d.as_micros() as u64, Ordering::Relaxed);
+        self.replay_seconds.set(d.as_secs_f64());
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let _ = writeln!(out, "# HELP training_worker_jobs Jobs by status.");
-        let _ = writeln!(out, "# TYPE training_worker_jobs gauge");
-        for status in Status::ALL {
-            let _ = writeln!(
-                out,
-                "training_worker_jobs{{status=\"{}\"}} {}",
-                status.as_str().to_lowercase(),
-                self.jobs(status)
-            );
+        let mut openmetrics = String::with_capacity(8192);
+        encode_registry(&mut openmetrics, &self.registry)
+            .expect("writing the exposition to a String cannot fail");
+        to_prometheus_text(&openmetrics)
+    }
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition without exemplars, units
+/// or `# EOF`, as `prometheus-client` writes ours. The samples are the same in both but for
+/// two spellings, kept as this endpoint has always written them:
+/// - a counter's `# HELP` and `# TYPE` lines: OpenMetrics names the family without the
+///   `_total` its samples carry, the older format names it as its samples are named (a
+///   strict 0.0.4 parser would otherwise read the samples as untyped);
+/// - a bucket's bound: `le="30"`, not `le="30.0"`, which a Prometheus before 3.0 would store
+///   as another series than the one a dashboard selects.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None if line.starts_with('#') => out.push_str(line),
+            None => out.push_str(&with_plain_bound(line)),
         }
-        for (name, help, counter) in [
-            (
-                "jobs_enqueued_total",
-                "Jobs accepted by POST /v1/jobs.",
-                &self.enqueued,
-            ),
-            ("jobs_started_total", "Trainer starts.", &self.started),
-            (
-                "jobs_completed_total",
-                "Jobs whose trainer exited 0.",
-                &self.completed,
-            ),
-            (
-                "jobs_failed_total",
-                "Jobs that failed (exit status, signal, timeout, out of attempts).",
-                &self.failed,
-            ),
-            (
-                "jobs_cancelled_total",
-                "Jobs cancelled by request.",
-                &self.cancelled,
-            ),
-            (
-                "jobs_retried_total",
-                "Finished jobs queued again for a fresh run by POST /v1/jobs/{id}/retry.",
-                &self.retried,
-            ),
-            (
-                "jobs_recovered_total",
-                "Unfinished jobs put back in the queue at boot.",
-                &self.recovered,
-            ),
-            (
-                "quarantined_files_total",
-                "Unreadable files moved to quarantine/ at boot.",
-                &self.quarantined,
-            ),
-            (
-                "store_refused_writes_total",
-                "Writes the storage refused (disk full, I/O error); nothing was stored.",
-                &self.store_refusals,
-            ),
-            (
-                "trainer_spawn_failures_total",
-                "Trainers that could not be started; each job went back to the queue, its attempt not counted.",
-                &self.spawn_failures,
-            ),
-            (
-                "http_connections_refused_total",
-                "HTTP connections turned away because max_connections were open (answered 503, or closed).",
-                &self.http_connections_refused,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
-            let _ = writeln!(out, "# TYPE training_worker_{name} counter");
-            let _ = writeln!(out, "training_worker_{name} {}", counter.get());
+        out.push('\n');
+    }
+    out
+}
+
+/// A sample line with its `le` bound, if any, written as Rust writes the number (`30`,
+/// `0.00025`), as the buckets were always written here.
+fn with_plain_bound(line: &str) -> String {
+    let Some(start) = line.find("le=\"").map(|i| i + "le=\"".len()) else {
+        return line.to_string();
+    };
+    let Some(len) = line[start..].find('"') else {
+        return line.to_string();
+    };
+    match line[start..start + len].parse::<f64>() {
+        Ok(bound) if bound.is_finite() => {
+            format!("{}{bound}{}", &line[..start], &line[start + len..])
         }
-        for (name, help, label, values) in [
-            (
-                "deadline_misses_total",
-                "Jobs that missed their deadline: failed while queued because their time ran out, or a trainer's end (completed or failed) recorded after it.",
-                "phase",
-                [
-                    ("queued", &self.deadline_missed_queued),
-                    ("running", &self.deadline_missed_running),
-                ],
-            ),
-            (
-                "offers_total",
-                "Offers answered (POST /v1/offers), by answer.",
-                "accepted",
-                [
-                    ("true", &self.offers_accepted),
-                    ("false", &self.offers_refused),
-                ],
-            ),
-            (
-                "reservations_total",
-                "Reservations of accepted offers that ended: their job claimed them, or they expired.",
-                "outcome",
-                [
-                    ("claimed", &self.reservations_claimed),
-                    ("expired", &self.reservations_expired),
-                ],
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
-            let _ = writeln!(out, "# TYPE training_worker_{name} counter");
-            for (value, counter) in values {
-                let _ = writeln!(
-                    out,
-                    "training_worker_{name}{{{label}=\"{value}\"}} {}",
-                    counter.get()
-                );
-            }
-        }
-        for (name, help, histogram) in [
-            (
-                "queue_wait_seconds",
-                "Time from arrival (or requeue) to start.",
-                &self.queue_wait,
-            ),
-            (
-                "run_seconds",
-                "Time from a trainer's start to its end.",
-                &self.run_time,
-            ),
-            (
-                "store_batch_jobs",
-                "Job records written per store batch.",
-                &self.batch_jobs,
-            ),
-            (
-                "store_flush_seconds",
-                "Time to make a store batch durable.",
-                &self.flush,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
-            let _ = writeln!(out, "# TYPE training_worker_{name} histogram");
-            histogram.render(&mut out, &format!("training_worker_{name}"));
-        }
-        for (name, help, value) in [
-            (
-                "http_connections_open",
-                "HTTP connections being served now.",
-                self.http_connections_open(),
-            ),
-            (
-                "http_connections_max",
-                "The most HTTP connections served at once: [api] max_connections, lowered to fit the descriptor limit.",
-                self.http_connections_max.load(Ordering::Relaxed) as i64,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP training_worker_{name} {help}");
-            let _ = writeln!(out, "# TYPE training_worker_{name} gauge");
-            let _ = writeln!(out, "training_worker_{name} {value}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP training_worker_replay_seconds How long the replay of the data dir took at boot."
-        );
-        let _ = writeln!(out, "# TYPE training_worker_replay_seconds gauge");
-        let _ = writeln!(
-            out,
-            "training_worker_replay_seconds {}",
-            self.replay_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        out
+        _ => line.to_string(),
     }
 }
 
@@ -423,19 +436,20 @@ mod tests {
 
     #[test]
     fn histograms_render_cumulative_buckets() {
-        let h = Histogram::new(&SECONDS_BUCKETS);
+        let mut registry = Registry::default();
+        let h = histogram(&mut registry, "x", "X.", &SECONDS_BUCKETS);
         h.observe(0.002);
         h.observe(0.002);
         h.observe(7.0);
         h.observe(1e9);
-        let mut out = String::new();
-        h.render(&mut out, "x");
+        let mut openmetrics = String::new();
+        encode_registry(&mut openmetrics, &registry).unwrap();
+        let out = to_prometheus_text(&openmetrics);
         assert!(out.contains("x_bucket{le=\"0.001\"} 0\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"30\"} 3\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
         assert!(out.contains("x_count 4\n"), "{out}");
-        assert_eq!(h.count(), 4);
     }
 
     #[test]
@@ -454,5 +468,25 @@ mod tests {
         assert!(text.contains("training_worker_jobs{status=\"queued\"} 0"));
         assert!(text.contains("training_worker_deadline_misses_total{phase=\"queued\"} 0"));
         assert!(text.contains("training_worker_offers_total{accepted=\"false\"} 0"));
+        // Help ends with one period, as before.
+        assert!(
+            text.contains("# HELP training_worker_jobs Jobs by status.\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counters_are_typed_under_the_name_their_samples_have() {
+        let metrics = Metrics::new();
+        metrics.enqueued.inc_by(3);
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "# TYPE training_worker_jobs_enqueued_total counter\n\
+                 training_worker_jobs_enqueued_total 3\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

@@ -1,6 +1,12 @@
-//! The service manager's notification protocol (sd_notify(3)), spoken directly: one Unix
-//! datagram of `KEY=VALUE` lines per notification, to the socket `NOTIFY_SOCKET` names (a
-//! path, or `@name` for an abstract socket).
+//! The service manager's notification protocol (sd_notify(3)): one Unix datagram of
+//! `KEY=VALUE` lines per notification, to the socket `NOTIFY_SOCKET` names (a path, or
+//! `@name` for an abstract socket).
+//!
+//! The `sd-notify` crate gives the protocol's vocabulary ([`State`], its lines) and reads the
+//! watchdog's interval ([`watchdog_timeout_from_env`]). The datagram is sent here, by a
+//! [`Notifier`] made once: the crate's `notify` opens a blocking socket per call, which a
+//! manager that reads slowly would stall a runtime thread on, and it cannot reach an
+//! abstract socket (`@name`, as container managers give).
 //!
 //! Without `NOTIFY_SOCKET` every call is a no-op, so the daemon behaves the same under any
 //! supervisor, a container runtime or a terminal. A notification that cannot be sent is
@@ -11,6 +17,7 @@
 //! (`WATCHDOG_USEC`), `WATCHDOG=1` every half of that time, each only after the worker loop
 //! answered a ping: a stuck loop stops the pings, and the manager restarts the daemon.
 
+use std::fmt::Write as _;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -21,34 +28,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// One line of a notification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State<'a> {
-    /// `READY=1`: start-up is complete.
-    Ready,
-    /// `STOPPING=1`: a stop has begun.
-    Stopping,
-    /// `WATCHDOG=1`: the keep-alive ping.
-    Watchdog,
-    /// `STATUS=...`: one line for `systemctl status`.
-    Status(&'a str),
-}
+/// One line of a notification: `READY=1`, `STOPPING=1`, `WATCHDOG=1`, `STATUS=...`.
+pub use sd_notify::NotifyState as State;
 
 /// The datagram for `states`: one `KEY=VALUE` line each. A newline inside a status would
 /// start a new assignment, so it becomes a space.
 pub fn message(states: &[State<'_>]) -> String {
     let mut text = String::new();
     for state in states {
-        match state {
-            State::Ready => text.push_str("READY=1"),
-            State::Stopping => text.push_str("STOPPING=1"),
-            State::Watchdog => text.push_str("WATCHDOG=1"),
-            State::Status(status) => {
-                text.push_str("STATUS=");
-                text.extend(status.chars().map(|c| if c == '\n' { ' ' } else { c }));
-            }
-        }
-        text.push('\n');
+        let line = match state {
+            State::Status(status) => format!("STATUS={}", status.replace('\n', " ")),
+            other => other.to_string(),
+        };
+        let _ = writeln!(text, "{line}");
     }
     text
 }
@@ -146,25 +138,11 @@ impl Notifier {
 }
 
 /// The watchdog timeout the service manager expects pings within, if it expects any:
-/// `WATCHDOG_USEC` (microseconds, more than 0), honoured only while `WATCHDOG_PID` is unset
-/// or names `pid` (the variables may have been inherited from a parent that was watched).
-/// `var` looks a variable up (the real environment in the daemon, a map in tests).
-pub fn watchdog_timeout(var: impl Fn(&str) -> Option<String>, pid: u32) -> Option<Duration> {
-    let usec: u64 = var("WATCHDOG_USEC")?.trim().parse().ok()?;
-    if usec == 0 {
-        return None;
-    }
-    if let Some(watched) = var("WATCHDOG_PID").filter(|v| !v.is_empty())
-        && watched.trim().parse::<u32>().ok()? != pid
-    {
-        return None;
-    }
-    Some(Duration::from_micros(usec))
-}
-
-/// [`watchdog_timeout`] for this process and its environment.
+/// `WATCHDOG_USEC`, honoured only while `WATCHDOG_PID` is unset or names this process (the
+/// variables may have been inherited from a parent that was watched). 0 means none, as in
+/// sd_watchdog_enabled(3): a ping every half of it would never rest.
 pub fn watchdog_timeout_from_env() -> Option<Duration> {
-    watchdog_timeout(|key| std::env::var(key).ok(), std::process::id())
+    sd_notify::watchdog_enabled().filter(|timeout| !timeout.is_zero())
 }
 
 /// Sends `WATCHDOG=1` every half `timeout`, each time only once `ping` has said the worker
@@ -217,15 +195,6 @@ pub async fn watchdog<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |key| map.get(key).cloned()
-    }
 
     fn receive(socket: &UnixDatagram) -> String {
         let mut buf = [0u8; 4096];
@@ -248,40 +217,6 @@ mod tests {
         assert_eq!(
             message(&[State::Status("a\nREADY=1")]),
             "STATUS=a READY=1\n"
-        );
-    }
-
-    #[test]
-    fn watchdog_timeout_follows_usec_and_pid() {
-        let us = 4242;
-        assert_eq!(watchdog_timeout(env(&[]), us), None);
-        assert_eq!(
-            watchdog_timeout(env(&[("WATCHDOG_USEC", "200000")]), us),
-            Some(Duration::from_millis(200))
-        );
-        assert_eq!(
-            watchdog_timeout(
-                env(&[("WATCHDOG_USEC", "30000000"), ("WATCHDOG_PID", "4242")]),
-                us
-            ),
-            Some(Duration::from_secs(30))
-        );
-        // Meant for another process (inherited): not ours to answer.
-        assert_eq!(
-            watchdog_timeout(
-                env(&[("WATCHDOG_USEC", "30000000"), ("WATCHDOG_PID", "1")]),
-                us
-            ),
-            None
-        );
-        assert_eq!(watchdog_timeout(env(&[("WATCHDOG_USEC", "0")]), us), None);
-        assert_eq!(
-            watchdog_timeout(env(&[("WATCHDOG_USEC", "soon")]), us),
-            None
-        );
-        assert_eq!(
-            watchdog_timeout(env(&[("WATCHDOG_USEC", "1000"), ("WATCHDOG_PID", "x")]), us),
-            None
         );
     }
 

@@ -5,7 +5,8 @@
 //! Every run is piped, so the output must be plain: no ANSI escapes even without
 //! `NO_COLOR`. Assertions are on what a script sees: stdout, one-line errors on stderr, and
 //! the exit codes (0 success/Completed, 1 error, 2 usage, 3 not found, 4 conflict, 5 Failed,
-//! 6 Cancelled, 7 wait timed out). Nothing sleeps blindly: every wait polls a condition.
+//! 6 Cancelled, 7 wait timed out, 8 offer declined). Nothing sleeps blindly: every wait polls
+//! a condition.
 
 #[allow(dead_code)]
 #[path = "e2e_support/mod.rs"]
@@ -595,8 +596,12 @@ async fn an_unreachable_daemon_is_a_one_line_error_and_exit_1() {
         assert!(out.stderr.contains("onnection refused"), "{out:?}");
         assert_eq!(out.stdout, "", "{out:?}");
     }
-    let out = run(at("https://127.0.0.1:8787", &["list"])).await;
-    out.assert_error(1, "https is not supported");
+    // The same over https, and a scheme the client does not speak.
+    let gone_tls = format!("https://127.0.0.1:{}", free_port());
+    let out = run(at(&gone_tls, &["list"])).await;
+    out.assert_error(1, &format!("cannot connect to the daemon at {gone_tls}"));
+    let out = run(at("ftp://127.0.0.1:8787", &["list"])).await;
+    out.assert_error(1, "unsupported scheme");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -689,7 +694,7 @@ async fn completions_and_help_are_printed() {
     // Completes the command as installed, not the Rust function name.
     assert!(script.contains("-o default training-worker\n"), "{script}");
     for command in [
-        "submit", "status", "list", "queue", "cancel", "retry", "logs", "wait", "health",
+        "submit", "status", "list", "queue", "cancel", "retry", "logs", "wait", "offer", "health",
     ] {
         assert!(script.contains(command), "{command} in the bash script");
     }
@@ -866,4 +871,94 @@ async fn wait_and_follow_ride_out_a_daemon_restart() {
     );
     drop(second);
     sandbox.assert_no_trainers_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offer_says_whether_and_when_and_exits_8_when_declined() {
+    // A slot for each accepted offer: each holds one while its reservation lasts.
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings {
+        max_concurrent: 3,
+        ..Settings::default()
+    });
+    let daemon = sandbox.start().await;
+    let url = server(&daemon);
+
+    // From flags: a readable answer, accepted, with its estimates and the place held.
+    let flags = [
+        "offer",
+        "--type",
+        "TextJob",
+        "--model",
+        "unsloth/Llama-3.2-1B",
+        "--hours",
+        "3",
+    ];
+    let out = run(at(&url, &flags)).await;
+    let text = &out.assert_ok().stdout;
+    let labels: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        labels,
+        ["offer", "starts", "ends", "reserved", "message"],
+        "{text}"
+    );
+    assert!(text.starts_with("offer     accepted\n"), "{text}");
+    assert!(text.contains("held until"), "{text}");
+
+    // From a file (the job itself is an offer), with --json: the API's answer as it is.
+    let mut job = text_job("unsloth/Llama-3.2-1B");
+    job["hours_to_complete"] = json!(2);
+    let file = job_file(&sandbox, "offer.json", &job);
+    let out = run(at(
+        &url,
+        &["offer", file.to_str().expect("UTF-8"), "--json"],
+    ))
+    .await;
+    let answer = out.assert_ok().json();
+    assert_eq!(answer["accepted"], true, "{answer}");
+    assert!(answer["estimated_start"].is_string(), "{answer}");
+    assert!(answer["reservation"]["id"].is_string(), "{answer}");
+    // From stdin.
+    let out = run_with_stdin(
+        at(&url, &["offer", "-", "--json"]),
+        job.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(out.assert_ok().json()["accepted"], true);
+
+    // A bad field is exit 1 naming it; flags and a file together are a usage error.
+    let mut bad = flags.to_vec();
+    bad.extend(["--job-id", "not-a-uuid"]);
+    let out = run(at(&url, &bad)).await;
+    out.assert_error(1, "job_id");
+    let out = run(at(&url, &["offer", "-", "--model", "m"])).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = run(at(&url, &["offer", "--model", "m"])).await;
+    assert_eq!(out.code, 2, "{out:?}");
+
+    // A box that runs nothing declines: exit 8, the reason on stdout, nothing on stderr.
+    let stopped = paused();
+    let stopped_daemon = stopped.start().await;
+    let stopped_url = server(&stopped_daemon);
+    let out = run(at(&stopped_url, &flags)).await;
+    assert_eq!((out.code, out.stderr.as_str()), (8, ""), "{out:?}");
+    assert!(out.stdout.starts_with("offer     declined\n"), "{out:?}");
+    assert!(out.stdout.contains("message"), "{out:?}");
+    let mut json_flags = flags.to_vec();
+    json_flags.push("--json");
+    let out = run(at(&stopped_url, &json_flags)).await;
+    assert_eq!(out.code, 8, "{out:?}");
+    assert_eq!(out.json()["accepted"], false, "{out:?}");
+    assert!(
+        daemon.list_ids("Queued").await.is_empty(),
+        "an offer stores nothing"
+    );
+    // An unreachable daemon is exit 1, as for every command.
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    run(at(&nobody, &flags))
+        .await
+        .assert_error(1, "cannot connect");
 }

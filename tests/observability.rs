@@ -58,6 +58,91 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// The families of an exposition as Prometheus stores them: `name type labels [bounds]` per
+/// family, sorted, the way `tests/fixtures/metrics-families.txt` lists them. A counter's name
+/// is its samples' name (with `_total`, which OpenMetrics leaves out of the `# TYPE` line); a
+/// histogram's `le` values are its bounds, in order, as written.
+fn families(text: &str) -> Vec<String> {
+    let mut kinds: Vec<(String, String)> = Vec::new();
+    let mut labels: HashMap<String, Vec<String>> = HashMap::new();
+    let mut bounds: HashMap<String, Vec<String>> = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("`# TYPE name type`");
+            let name = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            kinds.push((name, kind.to_string()));
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let key = line.rsplit_once(' ').expect("a sample is `name value`").0;
+        let (base, label_text) = key.split_once('{').unwrap_or((key, ""));
+        let family = kinds
+            .iter()
+            .rev()
+            .find(|(name, kind)| {
+                base == name
+                    || (kind == "histogram"
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|suffix| base == format!("{name}{suffix}")))
+            })
+            .unwrap_or_else(|| panic!("sample of an unannounced family: {line}"));
+        let names = labels.entry(family.0.clone()).or_default();
+        for pair in label_text.trim_end_matches('}').split(',') {
+            let Some((label, value)) = pair.split_once('=') else {
+                continue;
+            };
+            if label == "le" {
+                let bound = value.trim_matches('"').to_string();
+                bounds.entry(family.0.clone()).or_default().push(bound);
+            } else if !names.iter().any(|n| n == label) {
+                names.push(label.to_string());
+            }
+        }
+    }
+    let mut lines: Vec<String> = kinds
+        .iter()
+        .map(|(name, kind)| {
+            let mut names = labels.get(name).cloned().unwrap_or_default();
+            names.sort();
+            let names = if names.is_empty() {
+                "-".to_string()
+            } else {
+                names.join(",")
+            };
+            match bounds.get(name) {
+                Some(bounds) => format!("{name} {kind} {names} {}", bounds.join(",")),
+                None => format!("{name} {kind} {names}"),
+            }
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_names_types_and_labels_stay_those_dashboards_read() {
+    let expected = include_str!("fixtures/metrics-families.txt");
+    let mut expected: Vec<String> = expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    expected.sort();
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings::default());
+    let daemon = sandbox.start().await;
+    let reply = daemon.get("/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(families(&reply.text), expected, "{}", reply.text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
     let sandbox = Sandbox::new();

@@ -61,6 +61,34 @@ pub async fn run(api: &Api, style: &Style, command: Command) -> Result<Exit, Cli
             let id = resolve(api, &id).await?;
             wait(api, style, id, timeout, format.json).await
         }
+        Command::Offer {
+            file,
+            job_type,
+            model,
+            hours,
+            gpus,
+            job_id,
+            format,
+            ..
+        } => {
+            let body = match file {
+                Some(file) => read_body(&file, "offer")?.1,
+                None => {
+                    let mut offer = serde_json::Map::new();
+                    offer.insert("type".into(), job_type.into());
+                    offer.insert("model".into(), model.into());
+                    offer.insert("hours_to_complete".into(), hours.into());
+                    if let Some(gpus) = gpus {
+                        offer.insert("gpu_count".into(), gpus.into());
+                    }
+                    if let Some(job_id) = job_id {
+                        offer.insert("job_id".into(), job_id.into());
+                    }
+                    serde_json::to_vec(&offer).context("cannot form the offer")?
+                }
+            };
+            offer(api, body, format.json).await
+        }
         Command::Health { ready, .. } => health(api, ready).await,
     }
 }
@@ -112,22 +140,22 @@ fn emit_json(value: &Value) -> Result<(), ClientError> {
     emit(&format!("{text}\n"))
 }
 
-async fn submit(api: &Api, style: &Style, file: &Path, json: bool) -> Result<Exit, ClientError> {
-    let from_stdin = file == Path::new("-");
-    let name = if from_stdin {
-        "stdin".to_string()
-    } else {
-        file.display().to_string()
-    };
-    let body = if from_stdin {
+/// The bytes of `file`, or of stdin for `-`, and the name to give them in messages.
+fn read_body(file: &Path, what: &str) -> Result<(String, Vec<u8>), ClientError> {
+    if file == Path::new("-") {
         let mut body = Vec::new();
         std::io::stdin()
             .read_to_end(&mut body)
-            .context("cannot read the job from stdin")?;
-        body
-    } else {
-        std::fs::read(file).with_context(|| format!("cannot read {name}"))?
-    };
+            .with_context(|| format!("cannot read the {what} from stdin"))?;
+        return Ok(("stdin".to_string(), body));
+    }
+    let name = file.display().to_string();
+    let body = std::fs::read(file).with_context(|| format!("cannot read {name}"))?;
+    Ok((name, body))
+}
+
+async fn submit(api: &Api, style: &Style, file: &Path, json: bool) -> Result<Exit, ClientError> {
+    let (name, body) = read_body(file, "job")?;
     let submitted = api.submit(body).await.map_err(|e| match e {
         ClientError::Conflict(msg) => ClientError::Conflict(format!("{name}: {msg}")),
         ClientError::Other(e) => ClientError::Other(e.context(format!("cannot submit {name}"))),
@@ -396,6 +424,28 @@ fn ended(view: &JobView, style: &Style) -> String {
     }
     line.push('\n');
     line
+}
+
+/// Sends an offer; exit 0 when it is accepted, [`Exit::Declined`] when not.
+async fn offer(api: &Api, body: Vec<u8>, json: bool) -> Result<Exit, ClientError> {
+    let answer = api.offer(body).await.map_err(|e| match e {
+        ClientError::Other(e) => ClientError::Other(e.context("cannot send the offer")),
+        other => other,
+    })?;
+    let accepted = answer
+        .get("accepted")
+        .and_then(Value::as_bool)
+        .context("the daemon's answer to the offer lacks `accepted`")?;
+    if json {
+        emit_json(&answer)?;
+    } else {
+        emit(&render::offer_block(&answer, Utc::now()))?;
+    }
+    Ok(if accepted {
+        Exit::Success
+    } else {
+        Exit::Declined
+    })
 }
 
 async fn health(api: &Api, ready: bool) -> Result<Exit, ClientError> {

@@ -1,9 +1,12 @@
 //! The daemon's HTTP API as the client sees it: one method per call, answers as JSON values,
 //! failures as [`ClientError`]s that say what is wrong in one line.
 //!
-//! The client speaks plain HTTP only (no TLS library is linked) and connects directly, never
-//! through `HTTP_PROXY`: the daemon listens on loopback or a private network.
+//! The client speaks HTTP, or HTTPS through rustls (no OpenSSL): the server's certificate is
+//! checked against the system's CAs and any given with `--ca-cert`. It connects directly,
+//! never through `HTTP_PROXY`: the daemon listens on loopback or a private network, or behind
+//! a TLS-terminating proxy the URL names.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -64,9 +67,16 @@ impl Api {
         server: Option<&str>,
         listen: Option<&str>,
         token: Option<String>,
+        ca_cert: Option<&Path>,
     ) -> anyhow::Result<Api> {
         let base = base_url(server, listen)?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            for certificate in ca_certificates(path)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
@@ -114,7 +124,13 @@ impl Api {
 
     fn transport_error(&self, e: &reqwest::Error) -> ClientError {
         let cause = root_cause(e);
-        if e.is_connect() {
+        if e.is_connect() && cause.contains("certificate") {
+            ClientError::Unavailable(format!(
+                "cannot connect to the daemon at {}: {cause}; a certificate from a private CA \
+                 is trusted with --ca-cert FILE (or TRAINING_WORKER_CA_CERT)",
+                self.server()
+            ))
+        } else if e.is_connect() {
             ClientError::Unavailable(format!(
                 "cannot connect to the daemon at {}: {cause}",
                 self.server()
@@ -288,6 +304,13 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/offers` with `body` as it is: the answer, accepted or not.
+    pub async fn offer(&self, body: Vec<u8>) -> Result<Value, ClientError> {
+        let response = self.send(Method::POST, "v1/offers", Some(body)).await?;
+        let response = self.checked(response, None).await?;
+        self.parse(response).await
+    }
+
     /// `GET /v1/jobs/{id}/logs`, with the body left to stream.
     pub async fn logs(&self, id: JobId, part: LogPart) -> Result<LogChunk, ClientError> {
         let path = match part {
@@ -341,6 +364,20 @@ impl Api {
     }
 }
 
+/// The certificates of a PEM file (`--ca-cert`), each to trust as a root.
+fn ca_certificates(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let name = path.display();
+    let pem = std::fs::read(path).with_context(|| format!("cannot read the CA file {name}"))?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        bail!("the CA file {name} holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+    }
+    reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("the CA file {name} is not valid PEM"))
+}
+
 /// The innermost error's message: for a refused connection "Connection refused (os error
 /// 111)" rather than reqwest's chain of wrappers.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -367,12 +404,10 @@ fn base_url(server: Option<&str>, listen: Option<&str>) -> anyhow::Result<Url> {
     };
     let mut url = Url::parse(&with_scheme).with_context(|| format!("server {text:?}"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => bail!(
-            "server {text:?}: https is not supported; the client speaks plain HTTP \
-             (reach a remote daemon through an SSH tunnel or a local TLS-terminating proxy)"
+        "http" | "https" => {}
+        other => bail!(
+            "server {text:?}: unsupported scheme {other:?}; use http://HOST:PORT or https://HOST:PORT"
         ),
-        other => bail!("server {text:?}: unsupported scheme {other:?}; use http://HOST:PORT"),
     }
     if url.host_str().is_none_or(str::is_empty) {
         bail!("server {text:?}: no host");
@@ -436,11 +471,28 @@ mod tests {
     }
 
     #[test]
-    fn https_and_other_schemes_are_refused_with_a_reason() {
-        let e = base_url(Some("https://box:8787"), None).unwrap_err();
-        assert!(format!("{e:#}").contains("https is not supported"), "{e:#}");
+    fn https_is_taken_and_other_schemes_are_refused_with_a_reason() {
+        assert_eq!(base(Some("https://box:8787"), None), "https://box:8787/");
         let e = base_url(Some("ftp://box"), None).unwrap_err();
         assert!(format!("{e:#}").contains("unsupported scheme"), "{e:#}");
         assert!(base_url(Some("http://box:8787?x=1"), None).is_err());
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_not_pem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = ca_certificates(&missing).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("cannot read the CA file"),
+            "{e:#}"
+        );
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let e = ca_certificates(&garbage).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("holds no PEM certificate"),
+            "{e:#}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The command-line client: `submit`, `status`, `list`, `queue`, `cancel`, `retry`, `logs`,
-//! `wait` and `health`, each one or a few HTTP calls to a running daemon.
+//! `wait`, `offer` and `health`, each one or a few HTTP calls to a running daemon, over HTTP
+//! or HTTPS.
 //!
 //! Output is for people on a terminal (a table, statuses in colour, relative times) and plain
 //! text when piped; `--json` prints what the API answered, for scripts. Every failure is one
@@ -36,7 +37,8 @@ Exit codes of the client commands:
   4  conflict: the job has already finished (cancel), is not finished (retry), or its id exists with other content (submit)
   5  the job Failed (wait, logs --follow)
   6  the job was Cancelled (wait, logs --follow)
-  7  wait --timeout ran out before the job finished";
+  7  wait --timeout ran out before the job finished
+  8  offer: the daemon declined the offer";
 
 /// How a client command ended. The values are a stable interface for scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub enum Exit {
     JobCancelled = 6,
     /// `wait --timeout` ran out first.
     TimedOut = 7,
+    /// The daemon answered an offer with `accepted: false`.
+    Declined = 8,
 }
 
 impl Exit {
@@ -116,10 +120,14 @@ impl ClientError {
 /// How to reach the daemon; shared by every client command.
 #[derive(Clone, Debug, Args)]
 pub struct Connection {
-    /// The daemon's URL [default: http://$TRAINING_WORKER_LISTEN if set, else
-    /// http://127.0.0.1:8787]; a token is read from TRAINING_WORKER_API_TOKEN
+    /// The daemon's URL, http:// or https:// [default: http://$TRAINING_WORKER_LISTEN if
+    /// set, else http://127.0.0.1:8787]; a token is read from TRAINING_WORKER_API_TOKEN
     #[arg(long, value_name = "URL", env = "TRAINING_WORKER_SERVER")]
     pub server: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// server, besides the system's: for a
+    /// daemon behind a private CA
+    #[arg(long, value_name = "FILE", env = "TRAINING_WORKER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `--json`: print what the API answered instead of text for people.
@@ -294,6 +302,37 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Ask whether the daemon would take a job, and when it would run it; nothing is stored.
+    ///
+    /// The offer is a JSON file (or - for stdin), the job itself will do, or --type, --model
+    /// and --hours (with --gpus and --job-id). Prints whether it was accepted, the estimated
+    /// start and finish, and the place held for the job if any. Exit 0 when accepted, 8 when
+    /// declined (the reason is printed).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Offer {
+        /// The offer's JSON file, or - to read it from stdin
+        #[arg(value_name = "FILE|-", required_unless_present_any = ["job_type", "model", "hours"], conflicts_with_all = ["job_type", "model", "hours", "gpus", "job_id"])]
+        file: Option<PathBuf>,
+        /// The job's type: TextJob or DiffusionJob
+        #[arg(long = "type", value_name = "TYPE", requires_all = ["model", "hours"])]
+        job_type: Option<String>,
+        /// The model the job would train
+        #[arg(long, requires_all = ["job_type", "hours"])]
+        model: Option<String>,
+        /// The job's budget, hours_to_complete
+        #[arg(long, value_name = "HOURS", requires_all = ["job_type", "model"])]
+        hours: Option<f64>,
+        /// GPUs the job would ask for [default: the daemon's default]
+        #[arg(long, value_name = "N")]
+        gpus: Option<u32>,
+        /// The id the job will have: then only that job claims the place held for it
+        #[arg(long, value_name = "ID")]
+        job_id: Option<String>,
+        #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Check that the daemon answers: exit 0 if so, 1 otherwise.
     ///
     /// Asks GET /healthz (the process serves), or with --ready GET /readyz (replay is done
@@ -319,6 +358,7 @@ impl Command {
             | Command::Retry { connection, .. }
             | Command::Logs { connection, .. }
             | Command::Wait { connection, .. }
+            | Command::Offer { connection, .. }
             | Command::Health { connection, .. } => connection,
         }
     }
@@ -328,10 +368,12 @@ impl Command {
 /// printed here, as one line on stderr.
 pub fn run(command: Command) -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let connection = command.connection();
     let result = http::Api::new(
-        command.connection().server.as_deref(),
+        connection.server.as_deref(),
         env("TRAINING_WORKER_LISTEN").as_deref(),
         env("TRAINING_WORKER_API_TOKEN"),
+        connection.ca_cert.as_deref(),
     )
     .map_err(ClientError::from)
     .and_then(|api| {

@@ -225,6 +225,47 @@ fn absolute(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
+/// The answer to an offer as `label  value` lines: accepted or declined, the estimated
+/// start and finish, the place held for the job, and the daemon's reason.
+pub fn offer_block(answer: &Value, now: DateTime<Utc>) -> String {
+    let text = |key: &str| answer.get(key).and_then(Value::as_str);
+    let when = |t: &str| match DateTime::parse_from_rfc3339(t) {
+        Ok(t) => {
+            let t = t.with_timezone(&Utc);
+            format!("{} ({})", absolute(t), ago(t, now))
+        }
+        Err(_) => printable(t),
+    };
+    let accepted = answer.get("accepted").and_then(Value::as_bool) == Some(true);
+    let mut lines = vec![(
+        "offer",
+        if accepted { "accepted" } else { "declined" }.to_string(),
+    )];
+    if let Some(start) = text("estimated_start") {
+        lines.push(("starts", when(start)));
+    }
+    if let Some(finish) = text("estimated_finish") {
+        lines.push(("ends by", when(finish)));
+    }
+    if let Some(reservation) = answer.get("reservation").filter(|r| !r.is_null()) {
+        let field = |key: &str| reservation.get(key).and_then(Value::as_str);
+        let id = field("id").map_or_else(|| "?".to_string(), printable);
+        let held = match field("expires_at") {
+            Some(expires) => format!("{id}, held until {}", when(expires)),
+            None => id,
+        };
+        lines.push(("reserved", held));
+    }
+    if let Some(message) = text("message") {
+        lines.push(("message", printable(message)));
+    }
+    // One width whatever lines there are, so that answers line up one under the other.
+    lines
+        .iter()
+        .map(|(label, value)| format!("{label:8}  {value}\n"))
+        .collect()
+}
+
 /// One job as a block of `label  value` lines; lines for what the job lacks are left out.
 pub fn job_block(job: &JobView, now: DateTime<Utc>, style: &Style) -> String {
     let mut lines: Vec<(&str, String)> = vec![

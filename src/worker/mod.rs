@@ -712,8 +712,8 @@ impl Worker {
         for job in jobs.values() {
             METRICS.job_status_changed(None, job.status);
         }
-        METRICS.recovered.add(report.requeued as u64);
-        METRICS.failed.add(report.failed_attempts as u64);
+        METRICS.recovered.inc_by(report.requeued as u64);
+        METRICS.failed.inc_by(report.failed_attempts as u64);
 
         let worker = Worker {
             executor: executor_for(Reports {
