@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -261,6 +261,9 @@ struct SpawnTrouble {
 #[derive(Clone, Debug)]
 pub struct WorkerHandle {
     inbox: mpsc::Sender<Command>,
+    /// The change counter (see [`WorkerHandle::subscribe_changes`]); kept so the actor's
+    /// sender always has a receiver.
+    changes: watch::Receiver<u64>,
 }
 
 impl WorkerHandle {
@@ -383,6 +386,14 @@ impl WorkerHandle {
             respond_to,
         })
         .await
+    }
+
+    /// A counter the actor bumps after every change that has landed in the store and every
+    /// trainer that exits: a watcher wakes, then asks for what it shows. A `watch`, so the
+    /// actor's cost per change is one store and one wake-up however many watch it, and a
+    /// slow watcher sees only the latest value, never a backlog.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 
     pub async fn log_path(&self, id: JobId) -> Result<Option<(PathBuf, Status)>, WorkerError> {
@@ -581,6 +592,9 @@ pub struct Worker {
     /// Running jobs held on their GPUs, without a trainer followed, until docker answers;
     /// each holds a slot.
     unsurveyed: std::collections::HashSet<JobId>,
+    /// Bumped after each landed change and trainer exit; see
+    /// [`WorkerHandle::subscribe_changes`].
+    changes: watch::Sender<u64>,
 }
 
 impl Worker {
@@ -599,6 +613,7 @@ impl Worker {
         let (stage_done_tx, stage_done) = mpsc::channel(INBOX_CAPACITY);
         let (started_tx, started) = mpsc::channel(INBOX_CAPACITY);
         let (wandb_tx, wandb) = mpsc::channel(INBOX_CAPACITY);
+        let (changes_tx, changes_rx) = watch::channel(0);
         let now = chrono::Utc::now();
         let mut report = BootReport {
             loaded: boot.jobs.len(),
@@ -743,8 +758,13 @@ impl Worker {
             unrequeued: Vec::new(),
             unwritten: 0,
             unsurveyed,
+            changes: changes_tx,
         };
-        Ok((WorkerHandle { inbox: inbox_tx }, worker, report))
+        let handle = WorkerHandle {
+            inbox: inbox_tx,
+            changes: changes_rx,
+        };
+        Ok((handle, worker, report))
     }
 
     /// Takes the time from `clock` instead of the system: for tests with paused time.
@@ -1109,6 +1129,11 @@ impl Worker {
         });
     }
 
+    /// Tells the watchers of [`WorkerHandle::subscribe_changes`] that something changed.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Replaces a job's record in memory with its durable one, keeping the status gauges.
     fn put(&mut self, job: Job) {
         let new = job.status;
@@ -1120,6 +1145,7 @@ impl Worker {
 
     /// A change has landed (or failed): apply it, answer, and let waiting commands run.
     fn landed(&mut self, pending: Pending, result: Result<(), StoreError>) {
+        self.changed();
         let id = pending.job_id();
         match (pending, result) {
             (
@@ -1862,6 +1888,8 @@ impl Worker {
 
     /// A trainer has ended: record how, unless the job's fate was already decided.
     fn on_exit(&mut self, event: Event) {
+        // Its GPUs and slot are free from now on.
+        self.changed();
         let id = event.job_id;
         self.probe_answered(id);
         let stop_reason = self.running.remove(&id).and_then(|r| r.stop_reason);
