@@ -153,7 +153,8 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         config.api_token.clone(),
         config.max_body_bytes,
         shutdown.clone(),
-    );
+    )
+    .with_data_dir(&data_dir);
     tracker.spawn(serve::serve(
         listener,
         api::router(state.clone()),

@@ -7,6 +7,7 @@
 mod error;
 pub mod god;
 pub mod serve;
+pub mod ui;
 
 use std::sync::{Arc, OnceLock};
 
@@ -47,6 +48,8 @@ pub struct AppState {
     /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
     /// take the daemon's memory; a valid job parses in microseconds, so the wait is short.
     parse_slots: Arc<Semaphore>,
+    /// Shown by the dashboard; `None` where the app is assembled without one.
+    data_dir: Option<Arc<std::path::Path>>,
 }
 
 /// Bodies parsed at once; see [`AppState::parse_slots`].
@@ -64,7 +67,14 @@ impl AppState {
             max_body_bytes,
             shutdown,
             parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
+            data_dir: None,
         }
+    }
+
+    /// The data dir the dashboard shows.
+    pub fn with_data_dir(mut self, data_dir: &std::path::Path) -> AppState {
+        self.data_dir = Some(Arc::from(data_dir));
+        self
     }
 
     /// Opens `/v1/` once the worker runs.
@@ -150,6 +160,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .merge(open)
+        .merge(ui::router(state.clone()))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -205,7 +216,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// Compares without an early exit, so the time taken does not reveal the matching prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
