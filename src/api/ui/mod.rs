@@ -257,7 +257,17 @@ where
         return Ok(Html(live.to_string()).into_response());
     }
     let csrf = auth::csrf_for(ui, headers);
-    let page = pages::layout(title, nav, ui.app.api_token.is_some(), &csrf, fixed, &live);
+    // A job's log comes after its live part; the history's filters before its table.
+    let fixed_first = nav != pages::Nav::None;
+    let page = pages::layout(
+        title,
+        nav,
+        ui.app.api_token.is_some(),
+        &csrf,
+        fixed,
+        &live,
+        fixed_first,
+    );
     Ok(Html(page.into_string()).into_response())
 }
 

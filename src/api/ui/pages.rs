@@ -35,6 +35,7 @@ pub(super) fn layout(
     csrf: &str,
     fixed: Markup,
     live: &str,
+    fixed_first: bool,
 ) -> Markup {
     let tab = |target: Nav, href: &str, label: &str| {
         html! {
@@ -74,8 +75,9 @@ pub(super) fn layout(
                 }
                 main id="main" {
                     h1 { (title) }
-                    (fixed)
+                    @if fixed_first { (fixed) }
                     div id="live" data-live="" aria-live="polite" { (PreEscaped(live)) }
+                    @if !fixed_first { (fixed) }
                 }
             }
         }
@@ -89,7 +91,7 @@ pub(super) fn error_page(status: StatusCode, message: &str) -> Markup {
         p class="error" role="alert" { (message) }
         p { a href="/ui" { "Back to the overview" } }
     };
-    layout(title, Nav::None, false, "", body, "")
+    layout(title, Nav::None, false, "", body, "", true)
 }
 
 /// The form that asks for the API token once.
@@ -105,7 +107,7 @@ pub(super) fn login(csrf: &str, problem: Option<&str>) -> Markup {
             button type="submit" { "Sign in" }
         }
     };
-    layout("Sign in", Nav::None, false, csrf, body, "")
+    layout("Sign in", Nav::None, false, csrf, body, "", true)
 }
 
 fn status_badge(status: Status) -> Markup {
@@ -509,7 +511,7 @@ pub(super) async fn job(ui: &Ui, id: JobId, csrf: &str) -> Result<Markup, UiErro
                     @for (t, what) in &timeline { li { time datetime=(format_timestamp(t)) { (moment(t)) } " " (what) } }
                     @if let Some(t) = job.updated_at { li { time datetime=(format_timestamp(&t)) { (moment(&t)) } " last change recorded" } }
                 }
-                p class="note" { "Attempts so far: " (job.attempts) ". Recoveries after a restart are written into the log as lines beginning with " code { "==>" } "." }
+                p class="note" { "Attempts so far: " (job.attempts) "." }
                 h2 { "Stages" }
                 @if job.stages_done.is_empty() && job.stages_started.is_empty() { p { "No stage recorded." } }
                 @else { ul { @for s in &job.stages_done { li { (s) " — done" } } } }
@@ -584,7 +586,18 @@ pub(super) async fn job_log(ui: &Ui, job: &Job) -> Result<Markup, UiError> {
         }
         Err(_) => ("(the log cannot be read)".into(), 0),
     };
+    // What the daemon wrote into the log about each run: its start, its end, a restart
+    // that cut it short and how it was recovered.
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("==> ")).collect();
     Ok(html! {
+        section aria-labelledby="runs-h" {
+            h2 id="runs-h" { "Runs and recoveries" }
+            @if runs.is_empty() { p { "The log shown below records no run yet." } }
+            @else {
+                ul class="runs" { @for line in &runs { li class="mono" { (line.trim_start_matches("==> ")) } } }
+                p class="note" { "As the daemon wrote them into the log (its last " (LOG_TAIL_LINES) " lines)." }
+            }
+        }
         section aria-labelledby="log-h" class="log" {
             h2 id="log-h" { "Log" }
             p class="note" {
