@@ -109,6 +109,18 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method.clone(), path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A WebDriver command; its error as `<error>: <message>`.
+    async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let mut request = self
             .client
             .request(method.clone(), format!("{}{path}", self.session));
@@ -123,9 +135,9 @@ impl Browser {
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         if let Some(error) = reply["value"]["error"].as_str() {
-            panic!("{method} {path}: {error}: {}", reply["value"]["message"]);
+            return Err(format!("{error}: {}", reply["value"]["message"]));
         }
-        reply["value"].clone()
+        Ok(reply["value"].clone())
     }
 
     /// Opens `url` and waits for the document to load.
@@ -185,15 +197,23 @@ impl Browser {
             .to_string()
     }
 
-    /// Clicks the element `css` selects, as a user would.
+    /// Clicks the element `css` selects, as a user would. The live region may be replaced
+    /// between finding the element and clicking it (a change came in): it is found again.
     pub async fn click(&self, css: &str) {
-        let id = self.element(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{id}/click"),
-            Some(json!({})),
-        )
-        .await;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let id = self.element(css).await;
+            let path = format!("/element/{id}/click");
+            match self
+                .try_call(reqwest::Method::POST, &path, Some(json!({})))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if e.starts_with("stale element reference") => last = e,
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
+        panic!("click {css}: {last}");
     }
 
     /// Types `text` into the element `css` selects.

@@ -65,6 +65,9 @@ pub(crate) struct Inner {
     /// Live regions as rendered at a change count, by the URI that asked: ten tabs on one
     /// page cost one render per change.
     rendered: Mutex<HashMap<String, (u64, Arc<String>)>>,
+    /// Held while a live region is rendered for the script, so that tabs woken by one change
+    /// wait for the first render instead of each rendering the same region.
+    rendering: tokio::sync::Mutex<()>,
 }
 
 /// Live regions kept at once; past it the cache starts over.
@@ -85,6 +88,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: AppState) -> Router<S> {
         started: std::time::Instant::now(),
         jobs: tokio::sync::Mutex::new(None),
         rendered: Mutex::new(HashMap::new()),
+        rendering: tokio::sync::Mutex::new(()),
     }));
     let guarded = Router::new()
         .route("/ui", get(overview))
@@ -233,18 +237,27 @@ where
     let partial = headers.contains_key(PARTIAL_HEADER);
     let key = uri.to_string();
     let version = ui.version()?;
-    if partial {
-        let hit = ui
-            .rendered
+    let cached = || {
+        ui.rendered
             .lock()
-            .map_err(|_| UiError::new(StatusCode::INTERNAL_SERVER_ERROR, "a render panicked"))?
+            .ok()?
             .get(&key)
             .filter(|(at, _)| *at == version)
-            .map(|(_, html)| html.clone());
-        if let Some(html) = hit {
+            .map(|(_, html)| html.clone())
+    };
+    let _rendering = if partial {
+        if let Some(html) = cached() {
             return Ok(Html(html.to_string()).into_response());
         }
-    }
+        let guard = ui.rendering.lock().await;
+        // Another tab may have rendered it while this one waited.
+        if let Some(html) = cached() {
+            return Ok(Html(html.to_string()).into_response());
+        }
+        Some(guard)
+    } else {
+        None
+    };
     let (fixed, live) = render().await?;
     let live = Arc::new(live.into_string());
     if let Ok(mut rendered) = ui.rendered.lock() {

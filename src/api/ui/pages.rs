@@ -76,7 +76,10 @@ pub(super) fn layout(
                 main id="main" {
                     h1 { (title) }
                     @if fixed_first { (fixed) }
-                    div id="live" data-live="" aria-live="polite" { (PreEscaped(live)) }
+                    // Pages without a live part (sign in, errors) are not refreshed.
+                    @if !live.is_empty() {
+                        div id="live" data-live="" { (PreEscaped(live)) }
+                    }
                     @if !fixed_first { (fixed) }
                 }
             }
