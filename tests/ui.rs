@@ -20,6 +20,7 @@ const TOKEN: &str = "s3cret token";
 
 struct App {
     router: Router,
+    handle: training_worker::worker::WorkerHandle,
     _root: TempDir,
 }
 
@@ -45,6 +46,7 @@ async fn app(token: Option<&str>) -> App {
     .await;
     App {
         router: parts.router,
+        handle: parts.handle,
         _root: root,
     }
 }
@@ -402,4 +404,33 @@ async fn an_action_needs_the_csrf_token_and_this_origin() {
         .await;
     assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
     assert_eq!(app.status_of(&id, Some(TOKEN)).await, "Queued");
+}
+
+#[tokio::test]
+async fn every_watcher_wakes_once_a_change_has_landed() {
+    let app = app(None).await;
+    let mut tabs: Vec<_> = (0..10).map(|_| app.handle.subscribe_changes()).collect();
+    let before = *tabs[0].borrow_and_update();
+    for tab in &mut tabs[1..] {
+        tab.borrow_and_update();
+    }
+    let id = app.submit(None).await;
+    for tab in &mut tabs {
+        tokio::time::timeout(std::time::Duration::from_secs(10), tab.changed())
+            .await
+            .expect("a watcher wakes after the submission")
+            .expect("the worker runs");
+        assert!(*tab.borrow_and_update() > before);
+    }
+    // Woken, a tab's live region shows the job; all tabs are served the same render.
+    let partial = |uri: &str| {
+        Request::get(uri)
+            .header("x-ui-partial", "1")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let first = app.send(partial("/ui/queue")).await;
+    let second = app.send(partial("/ui/queue")).await;
+    assert!(first.body.contains(&id));
+    assert_eq!(first.body, second.body);
 }
