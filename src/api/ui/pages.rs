@@ -24,6 +24,8 @@ pub(super) enum Nav {
 const LOG_TAIL_LINES: usize = 400;
 /// Finished jobs per page of the history.
 pub(super) const HISTORY_PAGE: usize = 50;
+/// Queued jobs listed on the queue page, from the head of the queue.
+const QUEUE_SHOWN: usize = 200;
 /// Hours the overview's charts cover.
 const CHART_HOURS: usize = 24;
 
@@ -260,18 +262,10 @@ pub(super) async fn queue(ui: &Ui) -> Result<(Markup, Markup), UiError> {
     let estimates = worker.estimates(None).await?;
     let gpus = worker.gpus().await?;
     let now = Utc::now();
-    let mut running = Vec::new();
-    for id in &view.running {
-        if let Some(job) = worker.job(*id).await? {
-            running.push(job);
-        }
-    }
-    let mut queued = Vec::new();
-    for id in &view.queued {
-        if let Some(job) = worker.job(*id).await? {
-            queued.push(job);
-        }
-    }
+    let running = worker.list(Some(Status::Running), None).await?;
+    // A long queue is shown from its head; the rest only counted.
+    let queued = worker.list(Some(Status::Queued), Some(QUEUE_SHOWN)).await?;
+    let more = view.queued.len().saturating_sub(queued.len());
     let waiting: std::collections::HashMap<JobId, &String> =
         view.waiting.iter().map(|(id, why)| (*id, why)).collect();
     let reserved: Vec<u32> = gpus.iter().filter(|g| g.reserved).map(|g| g.id).collect();
@@ -300,7 +294,7 @@ pub(super) async fn queue(ui: &Ui) -> Result<(Markup, Markup), UiError> {
             }
         }
         section aria-labelledby="queued-h" {
-            h2 id="queued-h" { "Queued (" (queued.len()) "), in start order" }
+            h2 id="queued-h" { "Queued (" (view.queued.len()) "), in start order" }
             @if queued.is_empty() { p { "The queue is empty." } } @else {
                 div class="scroll" { table id="queued" {
                     thead { tr {
@@ -317,6 +311,7 @@ pub(super) async fn queue(ui: &Ui) -> Result<(Markup, Markup), UiError> {
                         td class="wrap" { (waiting.get(&job.id).map_or("", |w| w.as_str())) }
                     } } }
                 } }
+                @if more > 0 { p class="note" { "And " (more) " more after these." } }
             }
         }
         section aria-labelledby="offers-h" {
