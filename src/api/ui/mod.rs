@@ -3,7 +3,8 @@
 //!
 //! Pages are drawn by the server (maud, inline SVG for the charts); one small script and one
 //! stylesheet are compiled in. The tables work without JavaScript; the live parts use
-//! server-sent events: `/ui/events` wakes on the worker's change counter
+//! server-sent events, one stream for all of a browser's tabs (a shared worker):
+//! `/ui/events` wakes on the worker's change counter
 //! ([`WorkerHandle::subscribe_changes`](crate::worker::WorkerHandle::subscribe_changes)), and
 //! the page then asks for its live region again, which is rendered once per change and page
 //! however many tabs ask (see [`render_cached`]). A job's log follows by the same offsets as
@@ -46,6 +47,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 
 const CSS: &str = include_str!("assets/ui.css");
 const JS: &str = include_str!("assets/ui.js");
+const EVENTS_JS: &str = include_str!("assets/events.js");
 
 /// The header the script sends to ask for a page's live region only.
 const PARTIAL_HEADER: &str = "x-ui-partial";
@@ -106,6 +108,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: AppState) -> Router<S> {
         .route("/ui/login", get(auth::login_form).post(auth::login))
         .route("/ui/assets/ui.css", get(css))
         .route("/ui/assets/ui.js", get(js))
+        .route("/ui/assets/events.js", get(events_js))
         .layer(middleware::from_fn(security_headers))
         .with_state(ui)
 }
@@ -135,6 +138,11 @@ async fn css() -> Response {
 
 async fn js() -> Response {
     asset("text/javascript; charset=utf-8", JS)
+}
+
+/// The shared worker that holds the one event stream of all tabs.
+async fn events_js() -> Response {
+    asset("text/javascript; charset=utf-8", EVENTS_JS)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

@@ -33,21 +33,51 @@
         if (again) { again = false; refresh(); }
       });
     };
+    onChange(refresh);
+  }
+
+  // Calls `handler` on every change the worker reports: through the tabs' shared
+  // connection where the browser has SharedWorker, else through a stream of this tab's own.
+  function onChange(handler) {
+    if (window.SharedWorker) {
+      try {
+        var shared = new SharedWorker("/ui/assets/events.js");
+        shared.port.onmessage = function (e) {
+          if (e.data === "change") { handler(); } else { say(e.data); }
+        };
+        shared.port.start();
+        return;
+      } catch (err) { /* fall back to a stream of this tab's own */ }
+    }
     var changes = new EventSource("/ui/events");
     changes.addEventListener("open", function () { say("live"); });
     changes.addEventListener("error", function () { say("reconnecting…"); });
-    changes.addEventListener("change", refresh);
+    changes.addEventListener("change", handler);
   }
 
-  // A job's log: new text appended as the trainer prints it.
+  // A job's log: new text appended as the trainer prints it. The stream is closed while
+  // the tab is hidden (each holds a connection) and resumed from the same offset.
   var log = document.getElementById("log");
   if (log && log.getAttribute("data-follow") && window.EventSource) {
-    var follow = new EventSource(log.getAttribute("data-follow"));
-    follow.addEventListener("log", function (e) {
-      var atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-      log.appendChild(document.createTextNode(JSON.parse(e.data)));
-      if (atEnd) { log.scrollTop = log.scrollHeight; }
+    var url = log.getAttribute("data-follow");
+    var base = url.split("?")[0];
+    var offset = (url.split("offset=")[1] || "0");
+    var follow = null, ended = false;
+    var open = function () {
+      if (follow || ended) { return; }
+      follow = new EventSource(base + "?offset=" + offset);
+      follow.addEventListener("log", function (e) {
+        var atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+        log.appendChild(document.createTextNode(JSON.parse(e.data)));
+        if (e.lastEventId) { offset = e.lastEventId; }
+        if (atEnd) { log.scrollTop = log.scrollHeight; }
+      });
+      follow.addEventListener("end", function () { ended = true; close(); });
+    };
+    var close = function () { if (follow) { follow.close(); follow = null; } };
+    document.addEventListener("visibilitychange", function () {
+      if (document.hidden) { close(); } else { open(); }
     });
-    follow.addEventListener("end", function () { follow.close(); });
+    open();
   }
 })();
