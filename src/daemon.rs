@@ -290,6 +290,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         ));
     }
     state.set_worker(handle.clone());
+    state.set_boot_report(report, quarantined);
     info!(
         jobs = report.loaded,
         requeued = report.requeued,

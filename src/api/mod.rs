@@ -50,6 +50,9 @@ pub struct AppState {
     parse_slots: Arc<Semaphore>,
     /// Shown by the dashboard; `None` where the app is assembled without one.
     data_dir: Option<Arc<std::path::Path>>,
+    /// What the boot recovered, when, and how many files it quarantined: the dashboard's
+    /// "recoveries". Set once by the daemon.
+    boot: Arc<OnceLock<(crate::worker::BootReport, usize, crate::job::Timestamp)>>,
 }
 
 /// Bodies parsed at once; see [`AppState::parse_slots`].
@@ -68,7 +71,14 @@ impl AppState {
             shutdown,
             parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
             data_dir: None,
+            boot: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// What the boot recovered (and how many files it quarantined), for the dashboard.
+    pub fn set_boot_report(&self, report: crate::worker::BootReport, quarantined: usize) {
+        // Set once by the daemon; a second call would be a bug with no effect.
+        let _ = self.boot.set((report, quarantined, chrono::Utc::now()));
     }
 
     /// The data dir the dashboard shows.

@@ -229,6 +229,21 @@ pub(super) async fn overview(ui: &Ui) -> Result<(Markup, Markup), UiError> {
                 dt { "Up for" } dd { (human(uptime)) }
             }
         }
+        section aria-labelledby="boot-h" {
+            h2 id="boot-h" { "Recoveries at the last start" }
+            @match ui.app.boot.get() {
+                None => { p { "Not known here (the daemon did not report its start)." } }
+                Some((report, quarantined, at)) => {
+                    p { "Started " (moment(at)) " UTC (" (human((now - *at).num_seconds())) " ago) on " (report.loaded) " jobs." }
+                    ul {
+                        li { (report.interrupted) " were running when the daemon stopped: " (report.interrupted.saturating_sub(report.failed_attempts)) " requeued to run first, " (report.failed_attempts) " failed out of attempts" }
+                        li { (report.adopted) " containers still running were adopted" }
+                        @if report.awaiting_survey > 0 { li { (report.awaiting_survey) " held on their GPUs until docker answered" } }
+                        @if *quarantined > 0 { li class="error" { (quarantined) " unreadable files quarantined (see " code { "quarantine/" } " in the data dir)" } }
+                    }
+                }
+            }
+        }
         section aria-labelledby="restarted-h" {
             h2 id="restarted-h" { "Unfinished jobs on a later attempt" }
             @if restarted.is_empty() {
