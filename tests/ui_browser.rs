@@ -4,7 +4,8 @@
 //! reach the daemon, and with a token the login works and an action without the CSRF token
 //! is refused. Each page's screenshot is kept in `target/ui-screenshots/`.
 //!
-//! Without Chromium installed each test prints one line and passes, unless `CI` is set.
+//! Without Chromium installed each browser test prints one line and passes, unless `CI` is
+//! set. One test needs no browser: the overview after a restart, over plain HTTP.
 
 #[allow(dead_code)]
 #[path = "e2e_support/mod.rs"]
@@ -291,4 +292,25 @@ async fn with_a_token_the_dashboard_asks_for_it_once_and_refuses_forms_without_c
     browser.click("details.action summary").await;
     browser.click("#confirm-cancel").await;
     browser.wait_for_text("Cancelled").await;
+}
+
+/// Without a browser (plain HTTP): the overview says what the last boot recovered.
+#[tokio::test]
+async fn the_overview_reports_what_a_restart_recovered() {
+    let sandbox = Sandbox::new();
+    let daemon = sandbox.start().await;
+    sandbox.hold(BLOCKER);
+    daemon.submit(job(BLOCKER, "sleep:600")).await;
+    sandbox.trainer_started(BLOCKER, 1).await;
+    // Killed while the job runs: the next boot requeues it to run first.
+    daemon.kill();
+    let daemon = sandbox.start().await;
+    let page = daemon.get("/ui").await;
+    assert_eq!(page.status, reqwest::StatusCode::OK);
+    let text = page.text.replace(['\n', ' '], "");
+    assert!(
+        text.contains("1wererunningwhenthedaemonstopped:1requeuedtorunfirst"),
+        "{}",
+        page.text
+    );
 }
