@@ -261,6 +261,23 @@ async fn with_a_token_the_dashboard_asks_for_it_once_and_refuses_forms_without_c
     browser.type_into("#token", token).await;
     browser.click("form.login button").await;
     browser.wait_for_text("Jobs by status").await;
+    // The live updates reach a signed-in tab too.
+    browser.goto(&format!("{base}/ui/queue")).await;
+    mark(&browser).await;
+    let reply = client
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(token)
+        .json(&job(WAITER, "sleep:600"))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(reply.status(), reqwest::StatusCode::CREATED);
+    wait_until("the queue page shows the new job", secs(10), async || {
+        let css = format!("#queued tr[data-job='{WAITER}']");
+        browser.text_of(&css).await.map(|_| ())
+    })
+    .await;
+    assert!(still_marked(&browser).await, "the queue page was reloaded");
     browser.goto(&format!("{base}/ui/jobs/{BLOCKER}")).await;
     browser.wait_for_text("Cancel this job").await;
     let cookie = browser.eval("return document.cookie;").await;

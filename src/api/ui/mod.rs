@@ -105,6 +105,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: AppState) -> Router<S> {
         .route_layer(middleware::from_fn_with_state(ui.clone(), auth::require));
     Router::new()
         .merge(guarded)
+        .route("/ui/", get(|| async { Redirect::to("/ui") }))
         .route("/ui/login", get(auth::login_form).post(auth::login))
         .route("/ui/assets/ui.css", get(css))
         .route("/ui/assets/ui.js", get(js))
