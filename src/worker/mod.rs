@@ -123,6 +123,10 @@ enum Command {
         secret: Option<String>,
         respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
     },
+    /// A read of every job, run by the actor (see [`WorkerHandle::read_jobs`]).
+    ReadJobs {
+        read: JobsReader,
+    },
     /// The jobs kept on their GPUs until docker answers, as they stand now.
     AwaitingSurvey {
         respond_to: oneshot::Sender<Vec<Job>>,
@@ -162,9 +166,13 @@ impl Command {
                 | Command::LogPath { .. }
                 | Command::AwaitingSurvey { .. }
                 | Command::Gpus { .. }
+                | Command::ReadJobs { .. }
         )
     }
 }
+
+/// A read of every job that answers its caller itself; see [`WorkerHandle::read_jobs`].
+type JobsReader = Box<dyn FnOnce(&mut dyn Iterator<Item = &Job>) + Send>;
 
 /// The answer to a start of the trainer API.
 #[derive(Debug, Clone)]
@@ -386,6 +394,25 @@ impl WorkerHandle {
             respond_to,
         })
         .await
+    }
+
+    /// Runs `read` over every job (in no order) inside the actor and answers what it returns:
+    /// a count, a filtered page, a summary, without the copy of every job that
+    /// [`WorkerHandle::list`] makes. The actor waits for it, so it must be a quick pass that
+    /// copies only what it returns.
+    pub async fn read_jobs<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&mut dyn Iterator<Item = &Job>) -> T + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let (respond_to, answer) = oneshot::channel();
+        let read: JobsReader = Box::new(move |jobs| {
+            let _ = respond_to.send(read(jobs));
+        });
+        self.inbox
+            .send(Command::ReadJobs { read })
+            .await
+            .map_err(|_| WorkerError::Stopped)?;
+        answer.await.map_err(|_| WorkerError::Stopped)
     }
 
     /// A counter the actor bumps after every change that has landed in the store and every
@@ -892,6 +919,7 @@ impl Worker {
                 secret,
                 respond_to,
             } => self.start_now(*job, gpus, secret, respond_to),
+            Command::ReadJobs { read } => read(&mut self.jobs.values()),
             Command::AwaitingSurvey { respond_to } => {
                 let jobs = self
                     .unsurveyed

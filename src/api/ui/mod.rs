@@ -35,7 +35,7 @@ use maud::Markup;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::job::{Job, JobId, Timestamp};
+use crate::job::{JobId, Timestamp};
 use crate::worker::WorkerError;
 pub use auth::{CSRF_FIELD, SESSION_COOKIE};
 
@@ -62,8 +62,6 @@ pub(crate) struct Inner {
     key: [u8; 32],
     /// When this listener was built, for the uptime.
     started: std::time::Instant,
-    /// Every job as of a change count, shared by the pages rendered at that count.
-    jobs: tokio::sync::Mutex<Option<(u64, Arc<Vec<Job>>)>>,
     /// Live regions as rendered at a change count, by the URI that asked: ten tabs on one
     /// page cost one render per change.
     rendered: Mutex<HashMap<String, (u64, Arc<String>)>>,
@@ -88,7 +86,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: AppState) -> Router<S> {
         app,
         key: auth::random_key(),
         started: std::time::Instant::now(),
-        jobs: tokio::sync::Mutex::new(None),
         rendered: Mutex::new(HashMap::new()),
         rendering: tokio::sync::Mutex::new(()),
     }));
@@ -208,21 +205,6 @@ impl Ui {
             .map_err(|e| UiError::from_api(e, String::new()))
     }
 
-    /// Every job, newest first, as of the latest change; listed once per change.
-    async fn jobs(&self) -> Result<Arc<Vec<Job>>, UiError> {
-        let worker = self.worker()?;
-        let version = *worker.subscribe_changes().borrow();
-        let mut cached = self.jobs.lock().await;
-        if let Some((at, jobs)) = cached.as_ref()
-            && *at == version
-        {
-            return Ok(jobs.clone());
-        }
-        let jobs = Arc::new(worker.list(None, None).await?);
-        *cached = Some((version, jobs.clone()));
-        Ok(jobs)
-    }
-
     /// The change count now.
     fn version(&self) -> Result<u64, UiError> {
         Ok(*self.worker()?.subscribe_changes().borrow())
@@ -321,7 +303,7 @@ async fn queue(
 }
 
 /// The history's filters, as the form sends them; empty fields mean "any".
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct HistoryParams {
     #[serde(default)]
     status: String,

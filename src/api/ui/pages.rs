@@ -137,30 +137,40 @@ fn gpus_text(ids: Option<&Vec<u32>>) -> String {
 /// Counts, charts, GPUs, the daemon itself, and the jobs on a second or later start.
 pub(super) async fn overview(ui: &Ui) -> Result<(Markup, Markup), UiError> {
     let worker = ui.worker()?;
-    let jobs = ui.jobs().await?;
     let gpus = worker.gpus().await?;
     let estimates = worker.estimates(None).await?;
     let queue = worker.queue().await?;
     let now = Utc::now();
-    let mut counts = [0usize; 5];
-    for job in jobs.iter() {
-        counts[Status::ALL
-            .iter()
-            .position(|s| *s == job.status)
-            .unwrap_or(0)] += 1;
-    }
-    let hourly = Hourly::of(jobs.iter(), now, CHART_HOURS);
+    // One pass over the jobs inside the worker; only the few restarted ones are copied.
+    let (counts, hourly, restarted) = worker
+        .read_jobs(move |jobs| {
+            let mut counts = [0usize; 5];
+            let mut finished = Vec::new();
+            let mut restarted = Vec::new();
+            for job in jobs {
+                counts[Status::ALL
+                    .iter()
+                    .position(|s| *s == job.status)
+                    .unwrap_or(0)] += 1;
+                if job
+                    .finished_at
+                    .is_some_and(|t| (now - t).num_hours() < CHART_HOURS as i64)
+                {
+                    finished.push(job);
+                }
+                if !job.status.is_finished() && job.attempts > 1 && restarted.len() < 20 {
+                    restarted.push(job.clone());
+                }
+            }
+            (counts, Hourly::of(finished, now, CHART_HOURS), restarted)
+        })
+        .await?;
     // The next slot frees when the first running job is expected to end at the latest.
     let next_free = queue
         .running
         .iter()
         .filter_map(|id| estimates.get(id).and_then(|e| e.finish))
         .min();
-    let restarted: Vec<&Job> = jobs
-        .iter()
-        .filter(|j| !j.status.is_finished() && j.attempts > 1)
-        .take(20)
-        .collect();
     let uptime = ui.started.elapsed().as_secs() as i64;
     let live = html! {
         section aria-labelledby="counts-h" {
@@ -407,23 +417,20 @@ pub(super) fn matches(job: &Job, p: &HistoryParams, since: Option<crate::job::Ti
     q.is_empty() || job.id.to_string().starts_with(&q)
 }
 
-/// One page of the finished jobs that pass the filters, newest first.
+/// One page of the finished jobs that pass the filters, newest first: filtered inside the
+/// worker in one pass, and only the page's jobs copied out.
 pub(super) async fn history(ui: &Ui, p: &HistoryParams) -> Result<Markup, UiError> {
-    let jobs = ui.jobs().await?;
     let since = p
         .within
         .parse::<i64>()
         .ok()
         .map(|h| Utc::now() - chrono::Duration::hours(h));
-    let skip = p.page * HISTORY_PAGE;
-    let mut total = 0usize;
-    let mut page = Vec::with_capacity(HISTORY_PAGE);
-    for job in jobs.iter().filter(|j| matches(j, p, since)) {
-        if total >= skip && page.len() < HISTORY_PAGE {
-            page.push(job);
-        }
-        total += 1;
-    }
+    let skip = p.page.saturating_mul(HISTORY_PAGE);
+    let filter = p.clone();
+    let (total, page) = ui
+        .worker()?
+        .read_jobs(move |jobs| page_of(jobs, &filter, since, skip, HISTORY_PAGE))
+        .await?;
     let link = |to: usize| {
         let query = serde_urlencoded_pairs(&[
             ("q", p.q.as_str()),
@@ -458,6 +465,34 @@ pub(super) async fn history(ui: &Ui, p: &HistoryParams) -> Result<Markup, UiErro
             @if skip + HISTORY_PAGE < total { a href=(link(p.page + 1)) rel="next" { "Older →" } }
         }
     })
+}
+
+/// The jobs that pass the filters, newest first (by creation, then id, as the API lists
+/// them): how many, and copies of those from `skip` to `skip + take`. The newest ones are
+/// selected before they are sorted, so a page costs one pass and a partial sort.
+pub(super) fn page_of<'a>(
+    jobs: &mut dyn Iterator<Item = &'a Job>,
+    p: &HistoryParams,
+    since: Option<crate::job::Timestamp>,
+    skip: usize,
+    take: usize,
+) -> (usize, Vec<Job>) {
+    let mut matching: Vec<&Job> = jobs.filter(|j| matches(j, p, since)).collect();
+    let total = matching.len();
+    let end = skip.saturating_add(take).min(total);
+    if skip >= end {
+        return (total, Vec::new());
+    }
+    let newest_first = |a: &&Job, b: &&Job| (b.created_at, b.id).cmp(&(a.created_at, a.id));
+    if end < total {
+        matching.select_nth_unstable_by(end - 1, newest_first);
+        matching.truncate(end);
+    }
+    matching.sort_unstable_by(newest_first);
+    (
+        total,
+        matching[skip..end].iter().map(|j| (*j).clone()).collect(),
+    )
 }
 
 /// `key=value&...`, each part percent-encoded.
@@ -620,4 +655,47 @@ pub(super) async fn job_log(ui: &Ui, job: &Job) -> Result<Markup, UiError> {
             pre id="log" tabindex="0" aria-label="Trainer log" data-follow=(format!("/ui/jobs/{}/log?offset={size}", job.id)) { (text) }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_page_is_the_newest_matching_jobs_in_order() {
+        let start = Utc::now() - chrono::Duration::hours(10);
+        let jobs: Vec<Job> = (0..120u128)
+            .map(|n| {
+                let mut job = crate::job::sample_job(n + 1);
+                job.status = if n % 2 == 0 {
+                    Status::Completed
+                } else {
+                    Status::Failed
+                };
+                job.created_at = Some(start + chrono::Duration::seconds(n as i64));
+                job.finished_at = job.created_at;
+                job
+            })
+            .collect();
+        let any = HistoryParams::default();
+        let (total, page) = page_of(&mut jobs.iter(), &any, None, 0, 50);
+        assert_eq!(total, 120);
+        let created: Vec<_> = page.iter().map(|j| j.created_at).collect();
+        let expected: Vec<_> = (70..120).rev().map(|n| jobs[n].created_at).collect();
+        assert_eq!(created, expected);
+        // The last, short page, and one past the end.
+        let (_, last) = page_of(&mut jobs.iter(), &any, None, 100, 50);
+        assert_eq!(last.len(), 20);
+        assert_eq!(last[19].id, jobs[0].id);
+        assert!(page_of(&mut jobs.iter(), &any, None, 150, 50).1.is_empty());
+        // Filtered by status.
+        let failed = HistoryParams {
+            status: "failed".into(),
+            ..HistoryParams::default()
+        };
+        let (total, page) = page_of(&mut jobs.iter(), &failed, None, 0, 10);
+        assert_eq!(total, 60);
+        assert!(page.iter().all(|j| j.status == Status::Failed));
+        assert_eq!(page[0].id, jobs[119].id);
+    }
 }
