@@ -470,8 +470,8 @@ pub(super) async fn history(ui: &Ui, p: &HistoryParams) -> Result<Markup, UiErro
 /// The jobs that pass the filters, newest first (by creation, then id, as the API lists
 /// them): how many, and copies of those from `skip` to `skip + take`. The newest ones are
 /// selected before they are sorted, so a page costs one pass and a partial sort.
-pub(super) fn page_of<'a>(
-    jobs: &mut dyn Iterator<Item = &'a Job>,
+pub(super) fn page_of(
+    jobs: &mut dyn Iterator<Item = &Job>,
     p: &HistoryParams,
     since: Option<crate::job::Timestamp>,
     skip: usize,
