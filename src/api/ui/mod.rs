@@ -359,11 +359,15 @@ async fn job(
     let title = format!("Job {}", short_id(&id));
     // One per process and token, so the live region rendered for one tab suits every tab.
     let csrf = auth::csrf_for(&ui, &headers);
+    // The script asks for the live part only: the log is not read for it.
+    let partial = headers.contains_key(PARTIAL_HEADER);
     render_cached(&ui, &headers, &uri, &title, pages::Nav::None, || async {
-        Ok((
-            pages::job_log(&ui, &found).await?,
-            pages::job(&ui, id, &csrf).await?,
-        ))
+        let log = if partial {
+            maud::html! {}
+        } else {
+            pages::job_log(&ui, &found).await?
+        };
+        Ok((log, pages::job(&ui, id, &csrf).await?))
     })
     .await
 }
