@@ -159,7 +159,8 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         config.api_token.clone(),
         config.max_body_bytes,
         shutdown.clone(),
-    );
+    )
+    .with_data_dir(&data_dir);
     tracker.spawn(serve::serve(
         listener,
         api::router(state.clone()),
@@ -290,6 +291,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         ));
     }
     state.set_worker(handle.clone());
+    state.set_boot_report(report, quarantined);
     info!(
         jobs = report.loaded,
         requeued = report.requeued,

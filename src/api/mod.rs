@@ -11,6 +11,7 @@ mod openapi;
 mod probes;
 mod schemas;
 pub mod serve;
+pub mod ui;
 mod views;
 
 use std::sync::{Arc, OnceLock};
@@ -55,6 +56,11 @@ pub struct AppState {
     /// some 30 MiB as a parsed tree, so without a bound, many such requests at once could
     /// take the daemon's memory; a valid job parses in microseconds, so the wait is short.
     parse_slots: Arc<Semaphore>,
+    /// Shown by the dashboard; `None` where the app is assembled without one.
+    data_dir: Option<Arc<std::path::Path>>,
+    /// What the boot recovered, when, and how many files it quarantined: the dashboard's
+    /// "recoveries". Set once by the daemon.
+    boot: Arc<OnceLock<(crate::worker::BootReport, usize, crate::job::Timestamp)>>,
 }
 
 /// Bodies parsed at once; see [`AppState::parse_slots`].
@@ -72,7 +78,21 @@ impl AppState {
             max_body_bytes,
             shutdown,
             parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
+            data_dir: None,
+            boot: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// What the boot recovered (and how many files it quarantined), for the dashboard.
+    pub fn set_boot_report(&self, report: crate::worker::BootReport, quarantined: usize) {
+        // Set once by the daemon; a second call would be a bug with no effect.
+        let _ = self.boot.set((report, quarantined, chrono::Utc::now()));
+    }
+
+    /// The data dir the dashboard shows.
+    pub fn with_data_dir(mut self, data_dir: &std::path::Path) -> AppState {
+        self.data_dir = Some(Arc::from(data_dir));
+        self
     }
 
     /// Opens `/v1/` once the worker runs.
@@ -161,6 +181,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .merge(open)
+        .merge(ui::router(state.clone()))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -216,7 +237,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// Compares without an early exit, so the time taken does not reveal the matching prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

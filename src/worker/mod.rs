@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -123,6 +123,10 @@ enum Command {
         secret: Option<String>,
         respond_to: oneshot::Sender<Result<StartedNow, WorkerError>>,
     },
+    /// A read of every job, run by the actor (see [`WorkerHandle::read_jobs`]).
+    ReadJobs {
+        read: JobsReader,
+    },
     /// The jobs kept on their GPUs until docker answers, as they stand now.
     AwaitingSurvey {
         respond_to: oneshot::Sender<Vec<Job>>,
@@ -162,9 +166,13 @@ impl Command {
                 | Command::LogPath { .. }
                 | Command::AwaitingSurvey { .. }
                 | Command::Gpus { .. }
+                | Command::ReadJobs { .. }
         )
     }
 }
+
+/// A read of every job that answers its caller itself; see [`WorkerHandle::read_jobs`].
+type JobsReader = Box<dyn FnOnce(&mut dyn Iterator<Item = &Job>) + Send>;
 
 /// The answer to a start of the trainer API.
 #[derive(Debug, Clone)]
@@ -262,7 +270,10 @@ struct SpawnTrouble {
 pub struct WorkerHandle {
     inbox: mpsc::Sender<Command>,
     /// The store's own word on whether it takes writes now, read without the actor.
-    storage: tokio::sync::watch::Receiver<Option<String>>,
+    storage: watch::Receiver<Option<String>>,
+    /// The change counter (see [`WorkerHandle::subscribe_changes`]); kept so the actor's
+    /// sender always has a receiver.
+    changes: watch::Receiver<u64>,
 }
 
 impl WorkerHandle {
@@ -391,6 +402,33 @@ impl WorkerHandle {
             respond_to,
         })
         .await
+    }
+
+    /// Runs `read` over every job (in no order) inside the actor and answers what it returns:
+    /// a count, a filtered page, a summary, without the copy of every job that
+    /// [`WorkerHandle::list`] makes. The actor waits for it, so it must be a quick pass that
+    /// copies only what it returns.
+    pub async fn read_jobs<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&mut dyn Iterator<Item = &Job>) -> T + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let (respond_to, answer) = oneshot::channel();
+        let read: JobsReader = Box::new(move |jobs| {
+            let _ = respond_to.send(read(jobs));
+        });
+        self.inbox
+            .send(Command::ReadJobs { read })
+            .await
+            .map_err(|_| WorkerError::Stopped)?;
+        answer.await.map_err(|_| WorkerError::Stopped)
+    }
+
+    /// A counter the actor bumps after every change that has landed in the store and every
+    /// trainer that exits: a watcher wakes, then asks for what it shows. A `watch`, so the
+    /// actor's cost per change is one store and one wake-up however many watch it, and a
+    /// slow watcher sees only the latest value, never a backlog.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 
     pub async fn log_path(&self, id: JobId) -> Result<Option<(PathBuf, Status)>, WorkerError> {
@@ -589,6 +627,9 @@ pub struct Worker {
     /// Running jobs held on their GPUs, without a trainer followed, until docker answers;
     /// each holds a slot.
     unsurveyed: std::collections::HashSet<JobId>,
+    /// Bumped after each landed change and trainer exit; see
+    /// [`WorkerHandle::subscribe_changes`].
+    changes: watch::Sender<u64>,
 }
 
 impl Worker {
@@ -607,6 +648,7 @@ impl Worker {
         let (stage_done_tx, stage_done) = mpsc::channel(INBOX_CAPACITY);
         let (started_tx, started) = mpsc::channel(INBOX_CAPACITY);
         let (wandb_tx, wandb) = mpsc::channel(INBOX_CAPACITY);
+        let (changes_tx, changes_rx) = watch::channel(0);
         let now = chrono::Utc::now();
         let mut report = BootReport {
             loaded: boot.jobs.len(),
@@ -751,10 +793,12 @@ impl Worker {
             unrequeued: Vec::new(),
             unwritten: 0,
             unsurveyed,
+            changes: changes_tx,
         };
         let handle = WorkerHandle {
             inbox: inbox_tx,
             storage: worker.store.trouble_watch(),
+            changes: changes_rx,
         };
         Ok((handle, worker, report))
     }
@@ -884,6 +928,7 @@ impl Worker {
                 secret,
                 respond_to,
             } => self.start_now(*job, gpus, secret, respond_to),
+            Command::ReadJobs { read } => read(&mut self.jobs.values()),
             Command::AwaitingSurvey { respond_to } => {
                 let jobs = self
                     .unsurveyed
@@ -1121,6 +1166,11 @@ impl Worker {
         });
     }
 
+    /// Tells the watchers of [`WorkerHandle::subscribe_changes`] that something changed.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Replaces a job's record in memory with its durable one, keeping the status gauges.
     fn put(&mut self, job: Job) {
         let new = job.status;
@@ -1132,6 +1182,7 @@ impl Worker {
 
     /// A change has landed (or failed): apply it, answer, and let waiting commands run.
     fn landed(&mut self, pending: Pending, result: Result<(), StoreError>) {
+        self.changed();
         let id = pending.job_id();
         match (pending, result) {
             (
@@ -1870,6 +1921,8 @@ impl Worker {
 
     /// A trainer has ended: record how, unless the job's fate was already decided.
     fn on_exit(&mut self, event: Event) {
+        // Its GPUs and slot are free from now on.
+        self.changed();
         let id = event.job_id;
         self.probe_answered(id);
         let stop_reason = self.running.remove(&id).and_then(|r| r.stop_reason);
