@@ -225,11 +225,9 @@ async fn after_a_crash_the_interrupted_job_runs_first_and_no_old_trainer_survive
     })
     .await;
 
+    // The trainer's supervisor kills its tree as soon as the daemon is gone; whatever it has
+    // not killed yet, the next daemon's boot must (the wait below).
     daemon.kill();
-    assert!(
-        pid_alive(grandchild),
-        "precondition: the trainer's own child outlives the daemon until the restart"
-    );
 
     // Paused restart: inspect the recovered queue.
     sandbox.configure(&Settings {

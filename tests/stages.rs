@@ -948,7 +948,14 @@ async fn an_always_stage_runs_after_a_failure_once_it_is_recorded_and_in_its_pla
             .is_some_and(|m| m.starts_with("stage train: trainer exited with status 7")),
         "{after}"
     );
-    let log = normalised_log(&sandbox, &a);
+    // The cleanup's end is written to the log once its exit is reported, a moment after
+    // the stage script noted its own end.
+    let log = wait_until("the log says the cleanup ended", secs(15), async || {
+        let log = normalised_log(&sandbox, &a);
+        (log.last().map(String::as_str) == Some("==> stage cleanup ended: exit status 0"))
+            .then_some(log)
+    })
+    .await;
     let train_end = "==> stage train ended: exit status 7";
     let at = log
         .iter()
