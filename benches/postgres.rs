@@ -275,7 +275,7 @@ async fn main() {
     let (mut pg_lat, mut file_lat) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let url = server.database();
-        let store = format!("kind = \"postgres\"\nurl = \"{url}\"\npool_size = 4");
+        let store = format!("kind = \"postgres\"\nurl = \"{url}\"");
         let daemon = Daemon::spawn(
             &root.path().join(format!("pg-{run}")),
             &store,
@@ -299,7 +299,7 @@ async fn main() {
         let daemon = Daemon::spawn(
             &root.path().join(format!("pg-idle-{run}")),
             &format!(
-                "kind = \"postgres\"\nurl = \"{}\"\npool_size = 4",
+                "kind = \"postgres\"\nurl = \"{}\"",
                 server.database()
             ),
             "max_concurrent = 1",

@@ -8,7 +8,10 @@
 //!
 //! Group commit: the persister takes every request waiting in its inbox and makes them
 //! durable in one transaction (PostgreSQL flushes its WAL once per commit), then answers
-//! each. Every row carries a `version`, the count of its writes; a write names the version
+//! each. Up to `pool_size` such transactions run at once, each on a connection of the pool,
+//! so that the next group is written while the last one's commit waits for the flush (the
+//! server then flushes their commits together). They never touch the same row: the worker
+//! sends a job's next change only once its last one is answered. Every row carries a `version`, the count of its writes; a write names the version
 //! it replaces, so a row changed by anyone else is never overwritten: the store then stops
 //! as after a failed fsync, and the restart reads what the database holds.
 //!
@@ -23,6 +26,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -253,6 +258,7 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
         broken: None,
         lock: Some(lock),
         backoff: RECONNECT_FIRST,
+        max_in_flight: config.pool_size,
     };
     let task = tokio::spawn(persister.run());
     Ok(Opened {
@@ -374,6 +380,19 @@ struct Persister {
     /// `None` while the database is out of reach.
     lock: Option<LockConnection>,
     backoff: Duration,
+    /// Groups whose transactions may run at once, each on a connection of the pool.
+    max_in_flight: usize,
+}
+
+/// A group's transaction under way.
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>;
+
+/// A group whose transaction has ended, to be answered.
+struct Done {
+    group: Vec<Request>,
+    written: Vec<(JobId, i64)>,
+    began: std::time::Instant,
+    outcome: Outcome,
 }
 
 /// How a group's transaction went.
@@ -392,18 +411,28 @@ enum Outcome {
 
 impl Persister {
     async fn run(mut self) {
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut closed = false;
         loop {
+            if closed && in_flight.is_empty() {
+                break;
+            }
             let reconnect = self.lock.is_none() && self.broken.is_none();
+            let room = !closed && in_flight.len() < self.max_in_flight;
             tokio::select! {
                 biased;
+                Some(done) = in_flight.next() => self.finish_group(done).await,
                 _ = async { (&mut self.lock.as_mut().expect("guarded").closed).await },
                     if self.lock.is_some() => {
                     self.lock = None;
                     self.lost(format!("lost the connection to the database {}", self.shown));
                 }
                 _ = tokio::time::sleep(self.backoff), if reconnect => self.reconnect().await,
-                request = self.inbox.recv() => {
-                    let Some(first) = request else { break };
+                request = self.inbox.recv(), if room => {
+                    let Some(first) = request else {
+                        closed = true;
+                        continue;
+                    };
                     let mut group = vec![first];
                     while group.len() < MAX_GROUP {
                         match self.inbox.try_recv() {
@@ -411,7 +440,9 @@ impl Persister {
                             Err(_) => break,
                         }
                     }
-                    self.commit_group(group).await;
+                    if let Some(transaction) = self.begin_group(group) {
+                        in_flight.push(transaction);
+                    }
                 }
             }
         }
@@ -462,29 +493,28 @@ impl Persister {
         self.fatal.cancel();
     }
 
-    async fn commit_group(&mut self, group: Vec<Request>) {
-        if let Some(reason) = &self.broken {
+    /// Starts a group's transaction, or answers the group at once when the store refuses
+    /// writes (a fatal error, the database out of reach).
+    fn begin_group(&mut self, mut group: Vec<Request>) -> Option<InFlight> {
+        let refusal = match (&self.broken, self.trouble.borrow().clone()) {
+            (Some(reason), _) => Some(StoreError::Fatal(reason.clone())),
+            (None, Some(reason)) => Some(StoreError::Unavailable(reason)),
+            (None, None) => None,
+        };
+        if let Some(error) = refusal {
             for request in group {
-                let _ = request
-                    .respond_to
-                    .send(Err(StoreError::Fatal(reason.clone())));
+                let _ = request.respond_to.send(Err(error.clone()));
             }
-            return;
-        }
-        if let Some(reason) = self.trouble.borrow().clone() {
-            for request in group {
-                let _ = request
-                    .respond_to
-                    .send(Err(StoreError::Unavailable(reason.clone())));
-            }
-            return;
+            return None;
         }
         // The last record of each job in the group wins; each names the version it replaces.
+        // A job is in at most one group in flight (the worker sends a job's next change only
+        // once its last one is answered), so the versions known now are the rows' versions.
         let mut last: HashMap<JobId, usize> = HashMap::new();
-        let mut changes: Vec<&Change> = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
         let mut ranks: Vec<(JobId, u64)> = Vec::new();
-        for request in &group {
-            for change in &request.changes {
+        for request in &mut group {
+            for change in std::mem::take(&mut request.changes) {
                 match last.get(&change.job.id) {
                     Some(&at) => changes[at] = change,
                     None => {
@@ -493,7 +523,7 @@ impl Persister {
                     }
                 }
             }
-            ranks.extend(request.ranks.iter().copied());
+            ranks.append(&mut request.ranks);
         }
         let written: Vec<(JobId, i64)> = changes
             .iter()
@@ -504,8 +534,27 @@ impl Persister {
                 )
             })
             .collect();
-        let began = std::time::Instant::now();
-        let outcome = self.transaction(&changes, &written, &ranks).await;
+        let (pool, shown) = (self.pool.clone(), self.shown.clone());
+        Some(Box::pin(async move {
+            let began = std::time::Instant::now();
+            let outcome = transaction(&pool, &shown, &changes, &written, &ranks).await;
+            Done {
+                group,
+                written,
+                began,
+                outcome,
+            }
+        }))
+    }
+
+    /// Answers a group whose transaction has ended.
+    async fn finish_group(&mut self, done: Done) {
+        let Done {
+            group,
+            written,
+            began,
+            outcome,
+        } = done;
         let outcome = match outcome {
             Outcome::Unknown(reason) => self.settle(&written, reason).await,
             other => other,
@@ -513,8 +562,8 @@ impl Persister {
         let answer = match outcome {
             Outcome::Committed => {
                 self.versions.extend(written.iter().copied());
-                if !changes.is_empty() {
-                    METRICS.batch_jobs.observe(changes.len() as f64);
+                if !written.is_empty() {
+                    METRICS.batch_jobs.observe(written.len() as f64);
                     METRICS.flush.observe_duration(began.elapsed());
                 }
                 Ok(())
@@ -538,112 +587,6 @@ impl Persister {
         };
         for request in group {
             let _ = request.respond_to.send(answer.clone());
-        }
-    }
-
-    async fn transaction(
-        &self,
-        changes: &[&Change],
-        written: &[(JobId, i64)],
-        ranks: &[(JobId, u64)],
-    ) -> Outcome {
-        let not_stored = |e: tokio_postgres::Error| Outcome::NotStored {
-            connection: e.as_db_error().is_none(),
-            reason: format!(
-                "the database {} refused the write: {}",
-                self.shown,
-                describe(&e)
-            ),
-        };
-        let mut client = match self.pool.get().await {
-            Ok(client) => client,
-            Err(e) => {
-                return Outcome::NotStored {
-                    reason: format!("cannot reach the database {}: {e}", self.shown),
-                    connection: true,
-                };
-            }
-        };
-        let transaction = match client.transaction().await {
-            Ok(transaction) => transaction,
-            Err(e) => return not_stored(e),
-        };
-        if !changes.is_empty() {
-            let mut ids = Vec::with_capacity(changes.len());
-            let mut bodies = Vec::with_capacity(changes.len());
-            let mut statuses = Vec::with_capacity(changes.len());
-            let mut placements = Vec::with_capacity(changes.len());
-            let mut rank_column = Vec::with_capacity(changes.len());
-            let mut versions = Vec::with_capacity(changes.len());
-            for (change, (_, version)) in changes.iter().zip(written) {
-                let (placement, rank) = placement_to_db(change.placement);
-                ids.push(change.job.id.as_uuid());
-                bodies.push(
-                    String::from_utf8(change.job.to_file_bytes()).expect("a job's JSON is UTF-8"),
-                );
-                statuses.push(change.job.status.as_str().to_string());
-                placements.push(placement);
-                rank_column.push(rank);
-                versions.push(*version);
-            }
-            let stored = transaction
-                .query(
-                    "INSERT INTO tw_jobs AS j (id, body, status, placement, rank, version) \
-                     SELECT id, body::json, status, placement, rank, version \
-                       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
-                         AS u(id, body, status, placement, rank, version) \
-                     ON CONFLICT (id) DO UPDATE \
-                        SET body = EXCLUDED.body, status = EXCLUDED.status, \
-                            placement = EXCLUDED.placement, rank = EXCLUDED.rank, \
-                            version = EXCLUDED.version, updated_at = now() \
-                      WHERE j.version = EXCLUDED.version - 1 \
-                     RETURNING j.id",
-                    &[&ids, &bodies, &statuses, &placements, &rank_column, &versions],
-                )
-                .await;
-            match stored {
-                Ok(rows) if rows.len() == changes.len() => {}
-                Ok(rows) => {
-                    let stored: std::collections::HashSet<Uuid> =
-                        rows.iter().map(|r| r.get(0)).collect();
-                    let stale: Vec<String> = ids
-                        .iter()
-                        .filter(|id| !stored.contains(id))
-                        .map(|id| id.to_string())
-                        .collect();
-                    return Outcome::Conflict(format!(
-                        "the database {} holds changes this daemon did not make, to job {}",
-                        self.shown,
-                        stale.join(", ")
-                    ));
-                }
-                Err(e) => return not_stored(e),
-            }
-        }
-        if !ranks.is_empty() {
-            let ids: Vec<Uuid> = ranks.iter().map(|(id, _)| id.as_uuid()).collect();
-            let values: Vec<i64> = ranks.iter().map(|(_, rank)| rank_to_db(*rank)).collect();
-            if let Err(e) = transaction
-                .execute(
-                    "UPDATE tw_jobs AS j SET rank = u.rank \
-                       FROM unnest($1::uuid[], $2::int8[]) AS u(id, rank) \
-                      WHERE j.id = u.id AND j.placement = 'queued'",
-                    &[&ids, &values],
-                )
-                .await
-            {
-                return not_stored(e);
-            }
-        }
-        match transaction.commit().await {
-            Ok(()) => Outcome::Committed,
-            // The server answered: it did not commit.
-            Err(e) if e.as_db_error().is_some() => not_stored(e),
-            Err(e) => Outcome::Unknown(format!(
-                "the connection to the database {} broke during a commit: {}",
-                self.shown,
-                describe(&e)
-            )),
         }
     }
 
@@ -694,6 +637,111 @@ impl Persister {
             };
         }
         Outcome::Unknown(reason)
+    }
+}
+
+/// One group's transaction on a connection of the pool: the rows, each at the version it
+/// replaces, and the reranks.
+async fn transaction(
+    pool: &Pool,
+    shown: &str,
+    changes: &[Change],
+    written: &[(JobId, i64)],
+    ranks: &[(JobId, u64)],
+) -> Outcome {
+    let not_stored = |e: tokio_postgres::Error| Outcome::NotStored {
+        connection: e.as_db_error().is_none(),
+        reason: format!("the database {} refused the write: {}", shown, describe(&e)),
+    };
+    let mut client = match pool.get().await {
+        Ok(client) => client,
+        Err(e) => {
+            return Outcome::NotStored {
+                reason: format!("cannot reach the database {}: {e}", shown),
+                connection: true,
+            };
+        }
+    };
+    let transaction = match client.transaction().await {
+        Ok(transaction) => transaction,
+        Err(e) => return not_stored(e),
+    };
+    if !changes.is_empty() {
+        let mut ids = Vec::with_capacity(changes.len());
+        let mut bodies = Vec::with_capacity(changes.len());
+        let mut statuses = Vec::with_capacity(changes.len());
+        let mut placements = Vec::with_capacity(changes.len());
+        let mut rank_column = Vec::with_capacity(changes.len());
+        let mut versions = Vec::with_capacity(changes.len());
+        for (change, (_, version)) in changes.iter().zip(written) {
+            let (placement, rank) = placement_to_db(change.placement);
+            ids.push(change.job.id.as_uuid());
+            bodies.push(
+                String::from_utf8(change.job.to_file_bytes()).expect("a job's JSON is UTF-8"),
+            );
+            statuses.push(change.job.status.as_str().to_string());
+            placements.push(placement);
+            rank_column.push(rank);
+            versions.push(*version);
+        }
+        let stored = transaction
+            .query(
+                "INSERT INTO tw_jobs AS j (id, body, status, placement, rank, version) \
+                 SELECT id, body::json, status, placement, rank, version \
+                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
+                     AS u(id, body, status, placement, rank, version) \
+                 ON CONFLICT (id) DO UPDATE \
+                    SET body = EXCLUDED.body, status = EXCLUDED.status, \
+                        placement = EXCLUDED.placement, rank = EXCLUDED.rank, \
+                        version = EXCLUDED.version, updated_at = now() \
+                  WHERE j.version = EXCLUDED.version - 1 \
+                 RETURNING j.id",
+                &[&ids, &bodies, &statuses, &placements, &rank_column, &versions],
+            )
+            .await;
+        match stored {
+            Ok(rows) if rows.len() == changes.len() => {}
+            Ok(rows) => {
+                let stored: std::collections::HashSet<Uuid> =
+                    rows.iter().map(|r| r.get(0)).collect();
+                let stale: Vec<String> = ids
+                    .iter()
+                    .filter(|id| !stored.contains(id))
+                    .map(|id| id.to_string())
+                    .collect();
+                return Outcome::Conflict(format!(
+                    "the database {} holds changes this daemon did not make, to job {}",
+                    shown,
+                    stale.join(", ")
+                ));
+            }
+            Err(e) => return not_stored(e),
+        }
+    }
+    if !ranks.is_empty() {
+        let ids: Vec<Uuid> = ranks.iter().map(|(id, _)| id.as_uuid()).collect();
+        let values: Vec<i64> = ranks.iter().map(|(_, rank)| rank_to_db(*rank)).collect();
+        if let Err(e) = transaction
+            .execute(
+                "UPDATE tw_jobs AS j SET rank = u.rank \
+                   FROM unnest($1::uuid[], $2::int8[]) AS u(id, rank) \
+                  WHERE j.id = u.id AND j.placement = 'queued'",
+                &[&ids, &values],
+            )
+            .await
+        {
+            return not_stored(e);
+        }
+    }
+    match transaction.commit().await {
+        Ok(()) => Outcome::Committed,
+        // The server answered: it did not commit.
+        Err(e) if e.as_db_error().is_some() => not_stored(e),
+        Err(e) => Outcome::Unknown(format!(
+            "the connection to the database {} broke during a commit: {}",
+            shown,
+            describe(&e)
+        )),
     }
 }
 
