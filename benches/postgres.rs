@@ -6,6 +6,8 @@
 //!   worker paused; beside it the same daemon on the file store;
 //! - the yardstick: the same database's bare single-row `INSERT` and `COMMIT` loop (one
 //!   autocommitted statement each) from as many connections, each row the size of a job;
+//! - the daemon's CPU ceiling: the file store on tmpfs (`TW_BENCH_TMPFS`, default
+//!   `/dev/shm`), where a flush costs nothing, so what is left is HTTP, JSON and the worker;
 //! - submit-to-start latency on an idle daemon (one job at a time, `started_at` minus
 //!   `created_at`, both the daemon's clock), p50 and p99, on both stores.
 //!
@@ -269,10 +271,16 @@ async fn main() {
         .prefix("tw-bench-pg-")
         .tempdir()
         .expect("a temp dir");
+    let tmpfs_dir = std::env::var("TW_BENCH_TMPFS").unwrap_or_else(|_| "/dev/shm".into());
+    let tmpfs = tempfile::Builder::new()
+        .prefix("tw-bench-pg-")
+        .tempdir_in(&tmpfs_dir)
+        .ok();
 
     let (mut pg_rates, mut loop_rates, mut file_rates, mut ratios, mut file_ratios) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut pg_lat, mut file_lat) = (Vec::new(), Vec::new());
+    let (mut ceilings, mut ceiling_ratios) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let url = server.database();
         let store = format!("kind = \"postgres\"\nurl = \"{url}\"");
@@ -296,12 +304,24 @@ async fn main() {
         let file_rate = enqueue_rate(&http, &daemon.base, jobs).await;
         daemon.stop();
 
+        let ceiling = match &tmpfs {
+            Some(tmpfs) => {
+                let daemon = Daemon::spawn(
+                    &tmpfs.path().join(format!("files-{run}")),
+                    "kind = \"files\"",
+                    "max_concurrent = 0",
+                );
+                daemon.ready(&http).await;
+                let rate = enqueue_rate(&http, &daemon.base, jobs).await;
+                daemon.stop();
+                rate
+            }
+            None => f64::NAN,
+        };
+
         let daemon = Daemon::spawn(
             &root.path().join(format!("pg-idle-{run}")),
-            &format!(
-                "kind = \"postgres\"\nurl = \"{}\"",
-                server.database()
-            ),
+            &format!("kind = \"postgres\"\nurl = \"{}\"", server.database()),
             "max_concurrent = 1",
         );
         daemon.ready(&http).await;
@@ -317,15 +337,18 @@ async fn main() {
         daemon.stop();
 
         println!(
-            "run {}: postgres {pg_rate:.0} jobs/s, insert loop {loop_rate:.0} rows/s ({:.2}x), files {file_rate:.0} jobs/s ({:.2}x postgres); start p50/p99 postgres {:.1}/{:.1} ms, files {:.1}/{:.1} ms",
+            "run {}: postgres {pg_rate:.0} jobs/s, insert loop {loop_rate:.0} rows/s ({:.2}x), CPU ceiling {ceiling:.0} jobs/s ({:.2}x), files {file_rate:.0} jobs/s ({:.2}x postgres); start p50/p99 postgres {:.1}/{:.1} ms, files {:.1}/{:.1} ms",
             run + 1,
             pg_rate / loop_rate,
+            pg_rate / ceiling,
             file_rate / pg_rate,
             pg_lat[run].0,
             pg_lat[run].1,
             file_lat[run].0,
             file_lat[run].1,
         );
+        ceilings.push(ceiling);
+        ceiling_ratios.push(pg_rate / ceiling);
         pg_rates.push(pg_rate);
         loop_rates.push(loop_rate);
         file_rates.push(file_rate);
@@ -352,6 +375,14 @@ async fn main() {
     println!(
         "| PostgreSQL store / insert loop (ratio per run) | {:.2}x |",
         median(&ratios)
+    );
+    println!(
+        "| the daemon's CPU ceiling: file store on tmpfs, {CLIENTS} clients | {:.0} jobs/s |",
+        median(&ceilings)
+    );
+    println!(
+        "| PostgreSQL store / CPU ceiling (ratio per run) | {:.2}x |",
+        median(&ceiling_ratios)
     );
     println!(
         "| durable enqueue, file store, {CLIENTS} clients | {:.0} jobs/s |",
