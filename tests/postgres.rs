@@ -442,3 +442,137 @@ async fn migrate_copies_a_data_dir_to_a_database_and_back_and_refuses_a_held_or_
     );
     daemon.terminate(secs(20)).await;
 }
+
+/// What a submission under the restarts was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Stored,
+    Refused,
+    /// No answer (the connection broke, a timeout): either is possible.
+    Unknown,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarted_under_load_loses_nothing_acknowledged_and_stores_nothing_refused() {
+    const TEST: &str =
+        "the_database_restarted_under_load_loses_nothing_acknowledged_and_stores_nothing_refused";
+    let Some(server) = Postgres::start() else {
+        skip(TEST, "no PostgreSQL server binaries are installed");
+        return;
+    };
+    let url = server.database();
+    let sandbox = sandbox_on(&url);
+    // Paused: every stored job stays queued, so the check below sees exactly the submissions.
+    sandbox.configure(&support::Settings {
+        max_concurrent: 0,
+        ..support::Settings::default()
+    });
+    let daemon = sandbox.start().await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let answers = std::sync::Mutex::new(Vec::<(String, Answer)>::new());
+    let stored = || {
+        answers
+            .lock()
+            .expect("answers")
+            .iter()
+            .filter(|(_, a)| *a == Answer::Stored)
+            .count()
+    };
+    let client = |n: usize| {
+        let (daemon, stop, answers) = (&daemon, &stop, &answers);
+        async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = uuid::Uuid::new_v4().to_string();
+                let mut job = text_job(&format!("load-{n}-{i}"));
+                job["job_id"] = Value::from(id.as_str());
+                let answer = match daemon.try_post("/v1/jobs", &job).await {
+                    Some(reply) if reply.status == StatusCode::CREATED => Answer::Stored,
+                    Some(reply) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
+                        Answer::Refused
+                    }
+                    Some(reply) => panic!("submission {id}: {reply:?}"),
+                    None => Answer::Unknown,
+                };
+                answers.lock().expect("answers").push((id, answer));
+                i += 1;
+                if answer != Answer::Stored {
+                    // Not a busy loop while the database is away.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    let restarts = async {
+        for round in 0..3 {
+            let before = stored();
+            wait_until(
+                format_args!("round {round}: 50 more jobs are stored"),
+                secs(60),
+                async || (stored() >= before + 50).then_some(()),
+            )
+            .await;
+            server.stop();
+            wait_until(
+                format_args!("round {round}: /readyz says the database is away"),
+                secs(20),
+                async || {
+                    let reply = daemon.try_get("/readyz").await?;
+                    (reply.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+                },
+            )
+            .await;
+            server.run();
+            wait_until(
+                format_args!("round {round}: /readyz says 200 again"),
+                secs(30),
+                async || {
+                    let reply = daemon.try_get("/readyz").await?;
+                    (reply.status == StatusCode::OK).then_some(())
+                },
+            )
+            .await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    futures_util::future::join(futures_util::future::join_all((0..8).map(client)), restarts).await;
+    daemon.terminate(secs(20)).await;
+
+    // A new daemon reads back every acknowledged job, and none that was refused.
+    let daemon = sandbox.start().await;
+    let answers = answers.into_inner().expect("answers");
+    let count = |which: Answer| answers.iter().filter(|(_, a)| *a == which).count();
+    eprintln!(
+        "stored {}, refused {}, unknown {}",
+        count(Answer::Stored),
+        count(Answer::Refused),
+        count(Answer::Unknown)
+    );
+    assert!(count(Answer::Refused) > 0, "the restarts were seen");
+    for (id, answer) in &answers {
+        let reply = daemon.get(&format!("/v1/jobs/{id}")).await;
+        match answer {
+            Answer::Stored => assert_eq!(reply.status, StatusCode::OK, "acknowledged {id} lost"),
+            Answer::Refused => assert_eq!(
+                reply.status,
+                StatusCode::NOT_FOUND,
+                "refused {id} was stored"
+            ),
+            Answer::Unknown => {}
+        }
+    }
+    let queued = rows(
+        &server,
+        &url,
+        "SELECT count(*) FROM tw_jobs WHERE placement = 'queued'",
+    );
+    let at_most = count(Answer::Stored) + count(Answer::Unknown);
+    let queued: usize = queued[0].parse().expect("a count");
+    assert!(
+        queued >= count(Answer::Stored) && queued <= at_most,
+        "{queued} rows for {} stored and {} unknown",
+        count(Answer::Stored),
+        count(Answer::Unknown)
+    );
+    daemon.terminate(secs(20)).await;
+}

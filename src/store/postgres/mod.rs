@@ -258,6 +258,7 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
         broken: None,
         lock: Some(lock),
         backoff: RECONNECT_FIRST,
+        reconnect_at: None,
         max_in_flight: config.pool_size,
     };
     let task = tokio::spawn(persister.run());
@@ -380,6 +381,9 @@ struct Persister {
     /// `None` while the database is out of reach.
     lock: Option<LockConnection>,
     backoff: Duration,
+    /// When to try to reconnect, while the database is out of reach. A deadline, not a
+    /// sleep begun on each turn of the loop: requests refused meanwhile turn it often.
+    reconnect_at: Option<tokio::time::Instant>,
     /// Groups whose transactions may run at once, each on a connection of the pool.
     max_in_flight: usize,
 }
@@ -417,7 +421,7 @@ impl Persister {
             if closed && in_flight.is_empty() {
                 break;
             }
-            let reconnect = self.lock.is_none() && self.broken.is_none();
+            let reconnect = self.reconnect_at.filter(|_| self.broken.is_none());
             let room = !closed && in_flight.len() < self.max_in_flight;
             tokio::select! {
                 biased;
@@ -427,7 +431,8 @@ impl Persister {
                     self.lock = None;
                     self.lost(format!("lost the connection to the database {}", self.shown));
                 }
-                _ = tokio::time::sleep(self.backoff), if reconnect => self.reconnect().await,
+                _ = tokio::time::sleep_until(reconnect.unwrap_or_else(tokio::time::Instant::now)),
+                    if reconnect.is_some() => self.reconnect().await,
                 request = self.inbox.recv(), if room => {
                     let Some(first) = request else {
                         closed = true;
@@ -463,7 +468,10 @@ impl Persister {
             error!(%reason, "database out of reach; writes are refused until it is back");
         }
         self.trouble.send_replace(Some(reason));
-        self.backoff = RECONNECT_FIRST;
+        if self.reconnect_at.is_none() {
+            self.backoff = RECONNECT_FIRST;
+            self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff);
+        }
     }
 
     async fn reconnect(&mut self) {
@@ -471,7 +479,7 @@ impl Persister {
             Ok(Ok(lock)) => {
                 info!(database = %self.shown, "the database is back; writes are accepted again");
                 self.lock = Some(lock);
-                self.backoff = RECONNECT_FIRST;
+                self.reconnect_at = None;
                 self.trouble.send_replace(None);
             }
             Ok(Err(holder)) => self.fail(format!(
@@ -482,6 +490,7 @@ impl Persister {
                 let reason = format!("cannot reach the database {}: {}", self.shown, describe(&e));
                 self.trouble.send_replace(Some(reason));
                 self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+                self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff);
             }
         }
     }
