@@ -155,7 +155,7 @@ struct App {
     router: Router,
     shutdown: CancellationToken,
     worker: JoinHandle<training_worker::worker::Stopped>,
-    store: std::thread::JoinHandle<()>,
+    store: training_worker::store::Ended,
     trainers: TaskTracker,
 }
 
@@ -324,10 +324,7 @@ impl App {
         self.trainers.close();
         self.trainers.wait().await;
         drop(self.router);
-        tokio::task::spawn_blocking(move || self.store.join())
-            .await
-            .expect("joined")
-            .expect("the store thread ends");
+        assert!(self.store.wait().await, "the store ends");
     }
 }
 

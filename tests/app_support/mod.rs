@@ -16,10 +16,71 @@ use tower::ServiceExt;
 
 use training_worker::api::{self, AppState};
 use training_worker::config::{ExecutorConfig, WorkerConfig};
+use training_worker::config::{PostgresConfig, StoreConfig, StoreKind};
 use training_worker::executor::Executor;
 use training_worker::executor::template::Template;
-use training_worker::store::files::{Opened, Store};
+use training_worker::store::{self, Ended, Opened};
 use training_worker::worker::{Boot, Clock, Worker};
+
+#[allow(dead_code)]
+#[path = "../e2e_support/pg.rs"]
+mod pg;
+
+/// Whether the app keeps its records in PostgreSQL (`TW_TEST_STORE=postgres`, as the
+/// real-binary suites do; see `e2e_support`).
+pub fn postgres_store() -> bool {
+    std::env::var("TW_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// Whether `test`, which is about the file store's own files, does not apply: with
+/// [`postgres_store`] it says so in one line and the caller returns.
+pub fn not_for_this_store(test: &str) -> bool {
+    if postgres_store() {
+        eprintln!("NOT RUN {test}: it is about the file store's job files");
+    }
+    postgres_store()
+}
+
+/// The database that stands for the data dir `data` (made at its first use), so that an app
+/// assembled again on the same data dir, as after a crash, finds what the last one stored.
+pub fn database_of(data: &Path) -> String {
+    static DATABASES: std::sync::Mutex<
+        Option<std::collections::HashMap<std::path::PathBuf, String>>,
+    > = std::sync::Mutex::new(None);
+    let mut databases = DATABASES.lock().expect("the databases");
+    databases
+        .get_or_insert_with(Default::default)
+        .entry(data.to_path_buf())
+        .or_insert_with(|| {
+            pg::Postgres::shared("an in-process app on the PostgreSQL store")
+                .expect("TW_TEST_STORE=postgres needs PostgreSQL")
+                .database()
+        })
+        .clone()
+}
+
+/// A job's record: its job file under `data`, or with [`postgres_store`] its row.
+pub fn record(data: &Path, id: &str) -> serde_json::Value {
+    let text = if postgres_store() {
+        let body = query(
+            &database_of(data),
+            &format!("SELECT body FROM tw_jobs WHERE id = '{id}'"),
+        );
+        assert!(!body.trim().is_empty(), "no row for job {id}");
+        body
+    } else {
+        std::fs::read_to_string(data.join(format!("jobs/{id}.json"))).expect("the job file")
+    };
+    serde_json::from_str(text.trim()).expect("a job record is JSON")
+}
+
+/// Runs `sql` in the database `url` names, on the test binary's PostgreSQL server; its
+/// rows, one a line, fields by `|`.
+pub fn query(url: &str, sql: &str) -> String {
+    pg::Postgres::shared("a query")
+        .expect("PostgreSQL")
+        .query(url, sql)
+}
 
 /// A process executor running `command` for every job, with `timeout` and a 2 s kill grace;
 /// no stages, no docker, no environment passed on. The argv is taken literally, braces and all.
@@ -58,8 +119,10 @@ pub struct Parts {
     pub shutdown: CancellationToken,
     /// The worker's task.
     pub worker: JoinHandle<training_worker::worker::Stopped>,
-    /// The store's persistence thread; it ends once every store handle is dropped.
-    pub store: std::thread::JoinHandle<()>,
+    /// The store's persistence thread (or task); it ends once every store handle is dropped.
+    pub store: Ended,
+    /// The database's URL when the app keeps its records in PostgreSQL.
+    pub database: Option<String>,
     /// The executor's trainer tasks.
     pub trainers: TaskTracker,
 }
@@ -85,12 +148,31 @@ pub async fn call(router: &Router, request: Request<Body>) -> (StatusCode, Heade
 /// Opens the store on `data` (created if need be), boots the worker on what it recovered,
 /// spawns the worker and builds the router over an app state that has it.
 pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
-    std::fs::create_dir_all(data).expect("the data dir");
+    // The daemon makes the trainers' logs dir whichever store it has; so does the app.
+    std::fs::create_dir_all(data.join(training_worker::layout::LOGS_DIR)).expect("the data dir");
+    let database = (postgres_store() && assembly.clock.is_none()).then(|| database_of(data));
+    let config = match &database {
+        // A test with a clock of its own runs on paused time, which does not go with a real
+        // server's I/O (its timeouts would fire at once): it keeps the file store.
+        Some(url) => StoreConfig {
+            kind: StoreKind::Postgres(PostgresConfig {
+                url: url.clone(),
+                pool_size: 4,
+            }),
+        },
+        None => StoreConfig::default(),
+    };
     let Opened {
         handle,
         recovered,
-        thread,
-    } = Store::open(data, CancellationToken::new()).expect("the store opens");
+        ended,
+    } = store::open(&config, data, CancellationToken::new())
+        .await
+        .expect("the store opens");
+    // As the configuration derives it: with the records in a database, a trainer's JOB_FILE
+    // is the executor's copy in run/.
+    let mut assembly = assembly;
+    assembly.executor.job_copies = database.is_some();
     let shutdown = CancellationToken::new();
     let trainers = TaskTracker::new();
     let tracker = trainers.clone();
@@ -126,7 +208,8 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
         handle,
         shutdown,
         worker,
-        store: thread,
+        store: ended,
+        database,
         trainers,
     }
 }
