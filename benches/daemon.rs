@@ -35,6 +35,8 @@
 //! two in the same conditions), started on temporary data dirs under TMPDIR (same filesystem
 //! as the yardsticks).
 
+mod support;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::job_body;
 use training_worker::job::{Job, JobId, Status};
 
 fn setting(name: &str, default: usize) -> usize {
@@ -162,28 +165,6 @@ impl Daemon {
         let status = self.child.wait().expect("wait for the daemon");
         assert!(status.success(), "daemon exited with {status}");
     }
-}
-
-fn job_body(n: usize) -> String {
-    json!({
-        "type": "TextJob",
-        "model": "mistralai/Mistral-7B-v0.1",
-        "dataset": format!("dataset-{n}.json"),
-        "dataset_type": {
-            "system_prompt": "You are a helpful assistant.",
-            "system_format": "{system}",
-            "field_system": "system",
-            "field_instruction": "instruction",
-            "field_input": "input",
-            "field_output": "output",
-            "format": "{system}\n\n{instruction}\n\n{input}",
-            "no_input_format": "{system}\n\n{instruction}",
-            "field": null
-        },
-        "file_format": "json",
-        "expected_repo_name": format!("repo-{n}"),
-    })
-    .to_string()
 }
 
 async fn submit(http: &reqwest::Client, base: &str, n: usize) {

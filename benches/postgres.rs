@@ -20,13 +20,16 @@
 #[path = "../tests/e2e_support/pg.rs"]
 mod pg;
 
+mod support;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use support::job_body;
 
 const CLIENTS: usize = 64;
 
@@ -96,28 +99,6 @@ impl Daemon {
         let status = self.child.wait().expect("wait for the daemon");
         assert!(status.success(), "the daemon exited with {status}");
     }
-}
-
-fn job_body(n: usize) -> String {
-    json!({
-        "type": "TextJob",
-        "model": "mistralai/Mistral-7B-v0.1",
-        "dataset": format!("dataset-{n}.json"),
-        "dataset_type": {
-            "system_prompt": "You are a helpful assistant.",
-            "system_format": "{system}",
-            "field_system": "system",
-            "field_instruction": "instruction",
-            "field_input": "input",
-            "field_output": "output",
-            "format": "{system}\n\n{instruction}\n\n{input}",
-            "no_input_format": "{system}\n\n{instruction}",
-            "field": null
-        },
-        "file_format": "json",
-        "expected_repo_name": format!("repo-{n}"),
-    })
-    .to_string()
 }
 
 /// Jobs per second: `jobs` submissions from [`CLIENTS`] clients at once.
