@@ -14,35 +14,22 @@
 #[path = "e2e_support/mod.rs"]
 mod support;
 
+#[allow(dead_code)]
+mod god_support;
+
 use std::fs;
 use std::path::PathBuf;
 
+use god_support::{
+    TrainerApi, fake_nvidia_smi, fixture, fixtures_or_skip, hotkey, job_id, task_id,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Daemon, Sandbox, secs, wait_until};
 
 const STAGE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/trainers/stage.sh");
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/god");
 /// The pipeline, in order.
 const STAGES: [&str; 4] = ["clone", "download", "train", "upload"];
-
-fn fixture(name: &str) -> Value {
-    let bytes = fs::read(PathBuf::from(FIXTURES).join(name)).expect("the fixture");
-    serde_json::from_slice(&bytes).expect("a fixture is JSON")
-}
-
-/// The fixtures, or `None` once the test said in one line why it does not run.
-fn fixtures_or_skip(test: &str) -> Option<()> {
-    if PathBuf::from(FIXTURES).is_dir() {
-        return Some(());
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: the G.O.D fixtures must be beside the project in CI"
-    );
-    eprintln!("SKIPPED {test}: the G.O.D fixtures are not beside the project");
-    None
-}
 
 /// A fixture's body as another pair: its own task id, on `gpus`.
 fn pair(name: &str, task_id: &str, gpus: &[u32]) -> Value {
@@ -50,21 +37,6 @@ fn pair(name: &str, task_id: &str, gpus: &[u32]) -> Value {
     body["training_data"]["task_id"] = json!(task_id);
     body["gpu_ids"] = json!(gpus);
     body
-}
-
-fn task_id(body: &Value) -> &str {
-    body["training_data"]["task_id"]
-        .as_str()
-        .expect("a task id")
-}
-
-fn hotkey(body: &Value) -> &str {
-    body["hotkey"].as_str().expect("a hotkey")
-}
-
-/// The main API's id of the job a start body's pair names.
-fn job_id(body: &Value) -> String {
-    training_worker::api::god::job_id_of(task_id(body), hotkey(body)).to_string()
 }
 
 fn started(body: &Value) -> Value {
@@ -126,8 +98,15 @@ const FOUR_GPUS: Shape = Shape {
 struct Node {
     sandbox: Sandbox,
     daemon: Daemon,
-    trainer: String,
-    client: reqwest::Client,
+    api: TrainerApi,
+}
+
+impl std::ops::Deref for Node {
+    type Target = TrainerApi;
+
+    fn deref(&self) -> &TrainerApi {
+        &self.api
+    }
 }
 
 impl Node {
@@ -138,20 +117,7 @@ impl Node {
             .port();
         let program = serde_json::to_string(STAGE_SCRIPT).expect("a string");
         let ids: Vec<String> = (0..shape.gpus).map(|i| i.to_string()).collect();
-        let smi = sandbox.path().join("nvidia-smi");
-        fs::write(
-            &smi,
-            format!(
-                "#!/bin/sh\nfor i in {}; do echo \"$i, NVIDIA H100 80GB HBM3, 81559\"; done\n",
-                ids.join(" ")
-            ),
-        )
-        .expect("write the fake nvidia-smi");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&smi, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        let smi = serde_json::to_string(&smi.display().to_string()).expect("a string");
+        let smi = fake_nvidia_smi(sandbox.path(), shape.gpus);
         let mut config = format!(
             "shutdown_grace = \"10s\"\n\n[god_trainer]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [worker]\nmax_concurrent = {}\ngpus = [{}]\nnvidia_smi = {smi}\n\n\
@@ -170,12 +136,7 @@ impl Node {
         Node {
             sandbox,
             daemon,
-            trainer: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(secs(10))
-                .build()
-                .expect("a client"),
+            api: TrainerApi::new(format!("http://127.0.0.1:{port}")),
         }
     }
 
@@ -188,50 +149,11 @@ impl Node {
         sandbox
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.trainer));
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let reply = request.send().await.expect("the trainer API answers");
-        let status = reply.status();
-        let text = reply.text().await.expect("a body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn start_task(&self, body: &Value) -> (StatusCode, Value) {
-        self.call(
-            reqwest::Method::POST,
-            "/v1/trainer/start_training",
-            Some(body),
-        )
-        .await
-    }
-
     /// Starts the pair and expects the contract's 200.
     async fn start_ok(&self, body: &Value) {
         let (code, answer) = self.start_task(body).await;
         assert_eq!(code, StatusCode::OK, "{answer}");
         assert_eq!(answer, started(body));
-    }
-
-    async fn task(&self, body: &Value) -> (StatusCode, Value) {
-        self.call(
-            reqwest::Method::GET,
-            &format!("/v1/trainer/{}?hotkey={}", task_id(body), hotkey(body)),
-            None,
-        )
-        .await
     }
 
     /// The task of a pair that was accepted: a 404 fails the test.

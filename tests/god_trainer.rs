@@ -6,41 +6,33 @@
 #[path = "e2e_support/mod.rs"]
 mod support;
 
+#[allow(dead_code)]
+mod god_support;
+
 use std::fs;
 use std::path::PathBuf;
 
+use god_support::{TrainerApi, fake_nvidia_smi, fixture, fixtures_or_skip, job_id};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Daemon, Sandbox, secs, wait_until};
 
 const STAGE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/trainers/stage.sh");
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/god");
 const TOKEN: &str = "ghp_exampleTokenThatMustNeverBeEchoed0000";
-
-fn fixture(name: &str) -> Option<Value> {
-    let bytes = fs::read(PathBuf::from(FIXTURES).join(name)).ok()?;
-    Some(serde_json::from_slice(&bytes).expect("a fixture is JSON"))
-}
-
-/// The fixtures, or `None` once the test said in one line why it does not run.
-fn fixtures_or_skip(test: &str) -> Option<()> {
-    if PathBuf::from(FIXTURES).is_dir() {
-        return Some(());
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: the G.O.D fixtures must be beside the project in CI"
-    );
-    eprintln!("SKIPPED {test}: the G.O.D fixtures are not beside the project");
-    None
-}
 
 /// A daemon with the trainer API on a port of its own, four GPUs, two stages.
 struct Box {
     sandbox: Sandbox,
     daemon: Daemon,
-    trainer: String,
-    client: reqwest::Client,
+    api: TrainerApi,
+}
+
+impl std::ops::Deref for Box {
+    type Target = TrainerApi;
+
+    fn deref(&self) -> &TrainerApi {
+        &self.api
+    }
 }
 
 impl Box {
@@ -57,17 +49,7 @@ impl Box {
         )
         .expect("a string");
         // Four H100s, as nvidia-smi reports them; the API needs the inventory.
-        let smi = sandbox.path().join("nvidia-smi");
-        fs::write(
-            &smi,
-            "#!/bin/sh\nfor i in 0 1 2 3; do echo \"$i, NVIDIA H100 80GB HBM3, 81559\"; done\n",
-        )
-        .expect("write the fake nvidia-smi");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&smi, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        let smi = serde_json::to_string(&smi.display().to_string()).expect("a string");
+        let smi = fake_nvidia_smi(sandbox.path(), 4);
         sandbox.write_config(&format!(
             "shutdown_grace = \"10s\"\n\n[god_trainer]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [worker]\nmax_concurrent = 3\ngpus = [0, 1, 2, 3]\nnvidia_smi = {smi}\n\n[executor]\ntimeout = \"60s\"\n\
@@ -80,8 +62,7 @@ impl Box {
         Box {
             sandbox,
             daemon,
-            trainer: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::new(),
+            api: TrainerApi::new(format!("http://127.0.0.1:{port}")),
         }
     }
 
@@ -91,49 +72,6 @@ impl Box {
         } = self;
         daemon.kill();
         Box::start(sandbox).await
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.trainer));
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let reply = request.send().await.expect("the trainer API answers");
-        let status = reply.status();
-        let text = reply.text().await.expect("a body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn start_task(&self, body: &Value) -> (StatusCode, Value) {
-        self.call(
-            reqwest::Method::POST,
-            "/v1/trainer/start_training",
-            Some(body),
-        )
-        .await
-    }
-
-    async fn task(&self, body: &Value) -> (StatusCode, Value) {
-        let task_id = body["training_data"]["task_id"]
-            .as_str()
-            .expect("a task id");
-        let hotkey = body["hotkey"].as_str().expect("a hotkey");
-        self.call(
-            reqwest::Method::GET,
-            &format!("/v1/trainer/{task_id}?hotkey={hotkey}"),
-            None,
-        )
-        .await
     }
 
     async fn wait_task(&self, body: &Value, status: &str) -> Value {
@@ -152,15 +90,6 @@ impl Box {
         fs::write(&path, b"").expect("hold");
         path
     }
-}
-
-/// The main API's id of the job a start body's pair names: what its status shows.
-fn job_id(body: &Value) -> String {
-    let task_id = body["training_data"]["task_id"]
-        .as_str()
-        .expect("a task id");
-    let hotkey = body["hotkey"].as_str().expect("a hotkey");
-    training_worker::api::god::job_id_of(task_id, hotkey).to_string()
 }
 
 /// Every key of the contract's task, with the values it allows.
@@ -226,7 +155,7 @@ async fn every_fixture_starts_trains_and_succeeds_and_the_token_is_nowhere() {
         "start-chat.json",
         "start-image.json",
     ] {
-        let body = fixture(name).expect("the fixture");
+        let body = fixture(name);
         let (code, answer) = node.start_task(&body).await;
         assert_eq!(code, StatusCode::OK, "{name}: {answer}");
         assert_eq!(
@@ -297,7 +226,7 @@ async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
             .collect::<Vec<bool>>()
     };
     assert_eq!(availability().await, [true; 4]);
-    let a = fixture("start-dpo.json").expect("the fixture"); // GPUs 1 and 2
+    let a = fixture("start-dpo.json"); // GPUs 1 and 2
     let hold = node.hold(&a, "train");
     let (code, _) = node.start_task(&a).await;
     assert_eq!(code, StatusCode::OK);
@@ -310,7 +239,7 @@ async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
             None,
         )
         .await;
-    let model = fixture("gpu-availability.json").expect("the fixture");
+    let model = fixture("gpu-availability.json");
     for (ours, theirs) in gpus
         .as_array()
         .unwrap()
@@ -336,7 +265,7 @@ async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
     let (code, detail) = node.start_task(&other).await;
     assert_eq!(code, StatusCode::CONFLICT, "{detail}");
     // A busy GPU, an unknown one: 409 naming it, and nothing stored.
-    let mut b = fixture("start-image.json").expect("the fixture"); // GPU 1
+    let mut b = fixture("start-image.json"); // GPU 1
     let (code, detail) = node.start_task(&b).await;
     assert_eq!(code, StatusCode::CONFLICT, "{detail}");
     assert!(
@@ -386,10 +315,7 @@ async fn conflicts_retries_and_bad_requests_answer_as_the_client_expects() {
         .build()
         .expect("a client");
     let reply = outsider
-        .get(format!(
-            "{}/v1/trainer/get_recent_tasks?hours=1",
-            node.trainer
-        ))
+        .get(format!("{}/v1/trainer/get_recent_tasks?hours=1", node.base))
         .send()
         .await
         .expect("an answer");
@@ -410,7 +336,7 @@ async fn after_a_sigkill_the_task_keeps_answering_training_and_resumes_on_its_gp
         return;
     }
     let node = Box::start(Sandbox::new()).await;
-    let a = fixture("start-grpo.json").expect("the fixture"); // GPU 3
+    let a = fixture("start-grpo.json"); // GPU 3
     let hold = node.hold(&a, "upload");
     let (code, _) = node.start_task(&a).await;
     assert_eq!(code, StatusCode::OK);
@@ -452,7 +378,7 @@ async fn the_token_reaches_stages_and_is_kept_in_a_private_file_only_while_unfin
     }
     use std::os::unix::fs::PermissionsExt;
     let node = Box::start(Sandbox::new()).await;
-    let a = fixture("start-instruct-2026.json").expect("the fixture");
+    let a = fixture("start-instruct-2026.json");
     let hold = node.hold(&a, "upload");
     let (code, _) = node.start_task(&a).await;
     assert_eq!(code, StatusCode::OK);
