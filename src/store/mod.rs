@@ -114,14 +114,9 @@ impl StoreHandle {
         }
     }
 
-    /// Why the store refuses writes at the moment, if it does: the database is out of
-    /// reach and the store is reconnecting. The file store never says so: each of its
-    /// writes tries the disk again.
-    pub fn trouble(&self) -> Option<String> {
-        self.trouble.borrow().clone()
-    }
-
-    /// [`StoreHandle::trouble`] as a watch, for a reader that must not keep the store open.
+    /// Why the store refuses writes at the moment, if it does (the database is out of reach
+    /// and the store is reconnecting), as a watch, for a reader that must not keep the store
+    /// open. The file store never says so: each of its writes tries the disk again.
     pub fn trouble_watch(&self) -> watch::Receiver<Option<String>> {
         self.trouble.clone()
     }

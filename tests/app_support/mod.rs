@@ -26,20 +26,9 @@ use training_worker::worker::{Boot, Clock, Worker};
 #[path = "../e2e_support/pg.rs"]
 mod pg;
 
-/// Whether the app keeps its records in PostgreSQL (`TW_TEST_STORE=postgres`, as the
-/// real-binary suites do; see `e2e_support`).
-pub fn postgres_store() -> bool {
-    std::env::var("TW_TEST_STORE").is_ok_and(|v| v == "postgres")
-}
-
-/// Whether `test`, which is about the file store's own files, does not apply: with
-/// [`postgres_store`] it says so in one line and the caller returns.
-pub fn not_for_this_store(test: &str) -> bool {
-    if postgres_store() {
-        eprintln!("NOT RUN {test}: it is about the file store's job files");
-    }
-    postgres_store()
-}
+// Each test binary takes what it needs of this module; not all of them use these.
+#[allow(unused_imports)]
+pub use pg::{not_for_this_store, postgres_store};
 
 /// The database that stands for the data dir `data` (made at its first use), so that an app
 /// assembled again on the same data dir, as after a crash, finds what the last one stored.

@@ -170,21 +170,11 @@ pub struct Record {
 }
 
 /// Whether the sandboxes' daemons keep their job records in PostgreSQL
-/// (`TW_TEST_STORE=postgres`, a throwaway server of the test binary's own) instead of the
-/// data dir's files: how CI runs the shared suites against both stores.
-pub fn postgres_store() -> bool {
-    std::env::var("TW_TEST_STORE").is_ok_and(|v| v == "postgres")
-}
-
-/// Whether `test`, which is about the file store's own files (it crafts or reads job files
-/// or `queue.json`), does not apply here: under [`postgres_store`] it says so in one line
-/// and the caller returns.
-pub fn not_for_this_store(test: &str) -> bool {
-    if postgres_store() {
-        eprintln!("NOT RUN {test}: it is about the file store's job files");
-    }
-    postgres_store()
-}
+/// (`TW_TEST_STORE=postgres`, a throwaway server of the test binary's own): how CI runs the
+/// shared suites against both stores.
+// Each test binary takes what it needs of this module; not all of them use these.
+#[allow(unused_imports)]
+pub use pg::{not_for_this_store, postgres_store};
 
 /// A temp dir holding one test's config, data dir and trainer records.
 pub struct Sandbox {

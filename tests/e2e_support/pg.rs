@@ -18,6 +18,23 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// Whether the tests' daemons and apps keep their records in PostgreSQL
+/// (`TW_TEST_STORE=postgres`) instead of the data dir's files: how CI runs the shared suites
+/// against both stores.
+pub fn postgres_store() -> bool {
+    std::env::var("TW_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// Whether `test`, which is about the file store's own files (it crafts or reads job files
+/// or `queue.json`), does not apply here: under [`postgres_store`] it says so in one line
+/// and the caller returns.
+pub fn not_for_this_store(test: &str) -> bool {
+    if postgres_store() {
+        eprintln!("NOT RUN {test}: it is about the file store's job files");
+    }
+    postgres_store()
+}
+
 /// A server of the test's own.
 pub struct Postgres {
     bin: PathBuf,

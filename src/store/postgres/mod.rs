@@ -16,7 +16,7 @@
 //! as after a failed fsync, and the restart reads what the database holds.
 //!
 //! A database that cannot be reached makes writes fail fast with
-//! [`StoreError::Unavailable`] (nothing stored), sets [`super::StoreHandle::trouble`] (so
+//! [`StoreError::Unavailable`] (nothing stored), sets [`super::StoreHandle::trouble_watch`] (so
 //! `/readyz` answers 503), and the persister reconnects with a backoff, taking its lock
 //! again. A commit whose answer was lost with the connection is settled after the
 //! reconnection by reading back the versions it wrote: either all of them are there (it
@@ -428,7 +428,6 @@ impl Persister {
                 Some(done) = in_flight.next() => self.finish_group(done).await,
                 _ = async { (&mut self.lock.as_mut().expect("guarded").closed).await },
                     if self.lock.is_some() => {
-                    self.lock = None;
                     self.lost(format!("lost the connection to the database {}", self.shown));
                 }
                 _ = tokio::time::sleep_until(reconnect.unwrap_or_else(tokio::time::Instant::now)),
@@ -462,8 +461,10 @@ impl Persister {
         info!("the database store has stopped");
     }
 
-    /// The database went out of reach: refuse writes until it is back.
+    /// The database went out of reach: the lock connection is let go (a reconnection takes
+    /// the lock again), and writes are refused until it is back.
     fn lost(&mut self, reason: String) {
+        self.lock = None;
         if self.trouble.borrow().is_none() {
             error!(%reason, "database out of reach; writes are refused until it is back");
         }
@@ -511,6 +512,7 @@ impl Persister {
             (None, None) => None,
         };
         if let Some(error) = refusal {
+            METRICS.store_refusals.inc();
             for request in group {
                 let _ = request.respond_to.send(Err(error.clone()));
             }
@@ -580,7 +582,6 @@ impl Persister {
             Outcome::NotStored { reason, connection } => {
                 METRICS.store_refusals.inc();
                 if connection {
-                    self.lock = None;
                     self.lost(reason.clone());
                 }
                 Err(StoreError::Unavailable(reason))
@@ -604,7 +605,6 @@ impl Persister {
     /// database answers, the daemon cannot go on with a state it does not know.
     async fn settle(&mut self, written: &[(JobId, i64)], reason: String) -> Outcome {
         warn!(%reason, "the connection broke during a commit; asking the database whether it landed");
-        self.lock = None;
         self.lost(reason.clone());
         let ids: Vec<Uuid> = written.iter().map(|(id, _)| id.as_uuid()).collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
