@@ -254,10 +254,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         {
             Ok(adopted) => (adopted, Vec::new()),
             Err(e) => {
-                let held = executor::docker::awaiting_survey(
-                    &here,
-                    &config.executor.stages,
-                );
+                let held = executor::docker::awaiting_survey(&here, &config.executor.stages);
                 warn!(error = %e, jobs = held.len(), "cannot list this data dir's containers; the jobs whose container may still run keep their GPUs until docker answers");
                 (std::collections::HashMap::new(), held)
             }
@@ -276,7 +273,10 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         order: recovered.order,
         adopted,
         unsurveyed: unsurveyed.clone(),
-        node: (config.cluster.node_id.clone(), config.cluster.address.clone()),
+        node: (
+            config.cluster.node_id.clone(),
+            config.cluster.address.clone(),
+        ),
         cluster: cluster_events.map(|events| ClusterBoot {
             node_id: config.cluster.node_id.clone(),
             lease: config.cluster.lease,

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClusterConfig, PostgresConfig, StoreConfig, StoreKind, SyncMode, redact_password};
+use crate::config::{
+    ClusterConfig, PostgresConfig, StoreConfig, StoreKind, SyncMode, redact_password,
+};
 use crate::job::{Job, JobId, Status};
 use crate::store::lock::{self, DataDirLock, LockError};
 use crate::store::{self, Change, FIRST_QUEUED_RANK, OpenError, Placement, Recovered};

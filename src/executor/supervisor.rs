@@ -1093,7 +1093,10 @@ mod tests {
             Control::Stop,
             Control::Kill,
             Control::Lease(Duration::from_millis(5000), None),
-            Control::Lease(Duration::from_millis(5000), Some(Duration::from_millis(300))),
+            Control::Lease(
+                Duration::from_millis(5000),
+                Some(Duration::from_millis(300)),
+            ),
         ] {
             assert_eq!(Control::parse(&control.line()), Some(control));
         }

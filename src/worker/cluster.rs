@@ -127,7 +127,12 @@ impl Worker {
 
     /// A renewal answered: the trainers of the jobs still held get the new deadline; the
     /// jobs of this node it did not renew are lost, and their trainers stop.
-    fn renewed(&mut self, held: Vec<JobId>, asked_at: std::time::Instant, until: std::time::Instant) {
+    fn renewed(
+        &mut self,
+        held: Vec<JobId>,
+        asked_at: std::time::Instant,
+        until: std::time::Instant,
+    ) {
         let Some(cluster) = self.cluster.as_ref() else {
             return;
         };
@@ -201,7 +206,10 @@ impl Worker {
                 self.queue.remove(id);
                 cluster.elsewhere.insert(
                     id,
-                    remote.owner.clone().unwrap_or_else(|| "another node".into()),
+                    remote
+                        .owner
+                        .clone()
+                        .unwrap_or_else(|| "another node".into()),
                 );
             }
             Placement::Running(_) => {}

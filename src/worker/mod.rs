@@ -444,8 +444,7 @@ impl WorkerHandle {
     /// The nodes sharing the queue, sorted by id: every node of the database, or this
     /// daemon alone with the file store.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, WorkerError> {
-        self.ask(|respond_to| Command::Nodes { respond_to })
-            .await?
+        self.ask(|respond_to| Command::Nodes { respond_to }).await?
     }
 
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
@@ -1047,7 +1046,12 @@ impl Worker {
                     live: true,
                     started_at: crate::job::format_timestamp(&self.started_at),
                     heartbeat_at: crate::job::format_timestamp(&self.clock.now()),
-                    running: self.queue.running().iter().map(|id| id.to_string()).collect(),
+                    running: self
+                        .queue
+                        .running()
+                        .iter()
+                        .map(|id| id.to_string())
+                        .collect(),
                     gpus: self.config.gpus.clone(),
                     free_gpus: self.free_gpus(),
                 };

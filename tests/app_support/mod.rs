@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use training_worker::api::{self, AppState};
-use training_worker::config::{ExecutorConfig, WorkerConfig};
 use training_worker::config::{ClusterConfig, PostgresConfig, StoreConfig, StoreKind};
+use training_worker::config::{ExecutorConfig, WorkerConfig};
 use training_worker::executor::Executor;
 use training_worker::executor::template::Template;
 use training_worker::store::{self, Ended, Opened};

@@ -283,7 +283,9 @@ impl Cluster {
                 let _ = self.events.send(ClusterEvent::Changed(rows)).await;
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot read the rows other nodes changed; the next poll will"),
+            Err(e) => {
+                warn!(error = %e, "cannot read the rows other nodes changed; the next poll will")
+            }
         }
     }
 
@@ -293,10 +295,10 @@ impl Cluster {
         let Ok(client) = self.pool.get().await else {
             return;
         };
-        let lease_ms = self.node.lease.as_millis() as i64;
+        let lease_ms = self.node.lease.as_millis() as f64;
         match client
             .query(
-                "UPDATE tw_jobs SET lease_until = now() + $2 * interval '1 millisecond' \
+                "UPDATE tw_jobs SET lease_until = now() + $2::float8 * interval '1 millisecond' \
                   WHERE owner = $1 AND placement = 'running' AND lease_until > now() \
                  RETURNING id",
                 &[&self.node.id, &lease_ms],

@@ -428,7 +428,8 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
     let task = tokio::spawn(persister.run());
     let (events_tx, events) = mpsc::channel(64);
     let stop = CancellationToken::new();
-    let cluster = cluster::Cluster::new(pg, pool.clone(), node.clone(), shown, report_rx, events_tx);
+    let cluster =
+        cluster::Cluster::new(pg, pool.clone(), node.clone(), shown, report_rx, events_tx);
     let cluster_task = if node.exclusive {
         None
     } else {
@@ -627,10 +628,7 @@ enum Outcome {
     /// Committed, but for the requests refused by a conflict: each with the row it met.
     Committed(HashMap<usize, Option<Box<Remote>>>),
     /// Nothing was stored; the database may be out of reach.
-    NotStored {
-        reason: String,
-        connection: bool,
-    },
+    NotStored { reason: String, connection: bool },
     /// The connection broke while the commit was under way.
     Unknown(String),
     /// The database holds what cannot be: the daemon must stop.
@@ -939,7 +937,7 @@ async fn transaction(
             );
         }
     };
-    let lease_ms = node.lease.as_millis() as i64;
+    let lease_ms = node.lease.as_millis() as f64;
     // Requests left out, and the jobs that made them so.
     let mut refused: HashMap<usize, Option<JobId>> = HashMap::new();
     loop {
@@ -947,10 +945,8 @@ async fn transaction(
             .iter()
             .filter(|r| !refused.contains_key(&r.request))
             .collect();
-        let written: Vec<(JobId, i64)> = live
-            .iter()
-            .map(|r| (r.change.job.id, r.base + 1))
-            .collect();
+        let written: Vec<(JobId, i64)> =
+            live.iter().map(|r| (r.change.job.id, r.base + 1)).collect();
         let transaction = match client.transaction().await {
             Ok(transaction) => transaction,
             Err(e) => return (not_stored(e), written),
@@ -988,7 +984,7 @@ async fn transaction(
                                rank = u.rank, version = u.base + 1, updated_at = now(), \
                                owner = CASE WHEN u.placement = 'running' THEN $8 END, \
                                lease_until = CASE WHEN u.placement = 'running' \
-                                   THEN now() + $9 * interval '1 millisecond' END, \
+                                   THEN now() + $9::float8 * interval '1 millisecond' END, \
                                generation = j.generation + CASE WHEN u.placement = 'running' \
                                    AND (j.placement <> 'running' OR j.owner IS DISTINCT FROM $8) THEN 1 ELSE 0 END \
                           FROM u \
@@ -1002,7 +998,7 @@ async fn transaction(
                         INSERT INTO tw_jobs (id, body, status, placement, rank, version, owner, lease_until, generation) \
                         SELECT id, body::json, status, placement, rank, 1, \
                                CASE WHEN placement = 'running' THEN $8 END, \
-                               CASE WHEN placement = 'running' THEN now() + $9 * interval '1 millisecond' END, \
+                               CASE WHEN placement = 'running' THEN now() + $9::float8 * interval '1 millisecond' END, \
                                CASE WHEN placement = 'running' THEN 1 ELSE 0 END \
                           FROM u WHERE u.base = 0 \
                         ON CONFLICT (id) DO NOTHING \
