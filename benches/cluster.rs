@@ -22,6 +22,7 @@ mod pg;
 
 mod support;
 
+#[allow(dead_code)]
 #[path = "support/postgres.rs"]
 mod bench;
 
