@@ -25,8 +25,9 @@
 //!
 //! `mutations_are_caught` proves that the check can fail: the recorder forgets some
 //! durability points (`TW_PC_MUTATE`: every directory fsync; every sync of a job file; every
-//! sync of a file under `journal/`), as if the store had not made them, and the check must
-//! find an acknowledged job lost. A mutation whose files the store does not have (no
+//! sync of a file under `journal/`), as if the store had not made them, or stamps every sync
+//! 5 ms late (as if the daemon answered before its syncs returned), and the check must find
+//! an acknowledged job lost. A mutation whose files the store does not have (no
 //! `journal/` in the current file store) says so in one line.
 //!
 //! `the_recorder_sees_every_sync` runs the same workload under `strace -f` and holds the
@@ -130,34 +131,66 @@ fn shim_or_skip(dir: &Path, test: &str) -> Option<PathBuf> {
     }
 }
 
+/// How a recorded run's daemon is started.
+enum Launch<'a> {
+    /// Directly, by the sandbox.
+    Direct,
+    /// Under `strace -f -ff -y`, its trace going to `<prefix>.<pid>`.
+    Traced(&'a Path),
+}
+
 /// Runs the daemon with the recorder under `clients` clients of `per_client` submissions
-/// each, then kills it. `mutate` goes to the recorder; `sync` is `[store] sync`; `wrap`
-/// runs the daemon under another program (strace).
+/// each, then kills it. `mutate` goes to the recorder; `sync` is `[store] sync`.
 async fn record_run(
     shim: &Path,
     seed: u64,
-    clients: usize,
-    per_client: usize,
+    (clients, per_client): (usize, usize),
     mutate: Option<&str>,
     sync: &str,
+    launch: Launch<'_>,
 ) -> Recording {
     let sandbox = Sandbox::new();
     let log_dir = sandbox.path().join("record");
     std::fs::create_dir_all(log_dir.join("snap")).expect("create the record dir");
-    sandbox.set_env("LD_PRELOAD", shim.display().to_string());
-    sandbox.set_env("TW_PC_DATA_DIR", sandbox.data_dir().display().to_string());
-    sandbox.set_env("TW_PC_LOG_DIR", log_dir.display().to_string());
+    let mut env = vec![
+        ("LD_PRELOAD", shim.display().to_string()),
+        ("TW_PC_DATA_DIR", sandbox.data_dir().display().to_string()),
+        ("TW_PC_LOG_DIR", log_dir.display().to_string()),
+        ("TRAINING_WORKER_STORE_SYNC", sync.to_string()),
+    ];
     if let Some(mutate) = mutate {
-        sandbox.set_env("TW_PC_MUTATE", mutate);
+        env.push(("TW_PC_MUTATE", mutate.to_string()));
     }
-    sandbox.set_env("TRAINING_WORKER_STORE_SYNC", sync);
     sandbox.configure(&Settings {
         max_concurrent: 1,
         ..Settings::default()
     });
     let began = now_ns();
-    let daemon = sandbox.start().await;
-    let base = daemon.base().to_string();
+    let (base, stop): (String, Box<dyn FnOnce()>) = match launch {
+        Launch::Direct => {
+            for (name, value) in env {
+                sandbox.set_env(name, value);
+            }
+            let daemon = sandbox.start().await;
+            (daemon.base().to_string(), Box::new(move || daemon.kill()))
+        }
+        Launch::Traced(prefix) => {
+            let mut traced = traced_daemon(&sandbox, &env, prefix).await;
+            let base = traced.base().expect("a ready daemon has an address");
+            let pid = lock_holder(&sandbox.data_dir());
+            (
+                base,
+                Box::new(move || {
+                    // SAFETY: kill only sends a signal; the daemon is strace's child, which
+                    // is not reaped until strace is.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                    traced.reap();
+                }),
+            )
+        }
+    };
     let mut tasks = Vec::new();
     for c in 0..clients {
         let rng = Rng::derive(seed, c as u64, 7);
@@ -168,7 +201,7 @@ async fn record_run(
         jobs.extend(task.await.expect("a client task"));
     }
     let ended = now_ns();
-    daemon.kill();
+    stop();
     let started = sandbox
         .records()
         .into_iter()
@@ -184,6 +217,55 @@ async fn record_run(
         began,
         ended,
     }
+}
+
+/// The daemon, with `env`, under `strace -f -ff -y` (syncs, renames and the durability calls
+/// the recorder does not follow), once ready.
+async fn traced_daemon(sandbox: &Sandbox, env: &[(&str, String)], prefix: &Path) -> Proc {
+    let mut command = vec![
+        "strace".to_string(),
+        "-f".into(),
+        "-ff".into(),
+        "-qq".into(),
+        "-y".into(),
+        "-s".into(),
+        "4096".into(),
+        "-o".into(),
+        prefix.display().to_string(),
+        "-e".into(),
+        format!("trace={TRACED}"),
+    ];
+    for (name, value) in env {
+        command.push("-E".into());
+        command.push(format!("{name}={value}"));
+    }
+    command.push("--".into());
+    command.push(reliability::BIN.into());
+    let mut daemon = Proc::spawn_wrapped(
+        &command,
+        &sandbox.config_file(),
+        &sandbox.data_dir(),
+        sandbox.path(),
+        sandbox.path().join("traced.err"),
+    );
+    let http = http_client(Duration::from_secs(5));
+    if let Err(e) = daemon.wait_ready(&http, READY_WITHIN).await {
+        panic!("the traced daemon: {e}");
+    }
+    daemon
+}
+
+/// The calls the traced run follows.
+const TRACED: &str = "fsync,fdatasync,syncfs,sync_file_range,sync,msync,io_uring_setup,\
+                      rename,renameat,renameat2";
+
+/// The pid in the data dir's lock file ("pid N on HOST, since ...").
+fn lock_holder(data_dir: &Path) -> i32 {
+    let text = std::fs::read_to_string(data_dir.join("lock")).expect("read the lock file");
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in the lock file: {text:?}"))
 }
 
 /// One client: submits `count` jobs one after another with its own ids; after about a third
@@ -399,7 +481,15 @@ async fn acknowledged_jobs_survive_power_cuts_with_syncfs() {
 
 async fn survive(shim: &Path, seed: u64, cuts: usize, per_client: usize, sync: &str) {
     let began = std::time::Instant::now();
-    let run = record_run(shim, seed, CLIENTS, per_client, None, sync).await;
+    let run = record_run(
+        shim,
+        seed,
+        (CLIENTS, per_client),
+        None,
+        sync,
+        Launch::Direct,
+    )
+    .await;
     let (files, dirs, syncfs, renames, _) = run.record.counts();
     let acked = run.jobs.iter().filter(|j| j.acked.is_some()).count();
     assert!(acked > 0, "no submission was acknowledged");
@@ -461,11 +551,15 @@ async fn mutations_are_caught() {
             "filesync:journal/",
             "every sync of a journal file forgotten",
         ),
+        (
+            "late:5000000",
+            "every sync stamped 5 ms late, as if answered before it was durable",
+        ),
     ];
     let mut caught = Vec::new();
     for (mutation, what) in mutations {
-        let run = record_run(&shim, seed, 4, 4, Some(mutation), "fsync").await;
-        if run.record.forgotten().is_empty() {
+        let run = record_run(&shim, seed, (4, 4), Some(mutation), "fsync", Launch::Direct).await;
+        if !mutation.starts_with("late:") && run.record.forgotten().is_empty() {
             eprintln!("powercut mutation {mutation}: not applicable, no such call seen ({what})");
             continue;
         }
@@ -490,15 +584,121 @@ async fn mutations_are_caught() {
                 run.record.forgotten().len()
             );
         };
+        let forgotten = match run.record.forgotten().len() {
+            0 => String::new(),
+            n => format!(", {n} calls forgotten"),
+        };
         eprintln!(
             "powercut mutation {mutation}: caught after {cuts} cut(s): {lost} of {checked} \
-             acknowledged jobs lost ({what}, {} calls forgotten)",
-            run.record.forgotten().len()
+             acknowledged jobs lost ({what}{forgotten})"
         );
         caught.push(mutation);
     }
-    assert!(
-        caught.len() >= 2,
-        "the store's own mutations must be caught"
-    );
+    // The journal's mutation applies only to a store that keeps one; the others always do.
+    assert!(caught.len() >= 3, "caught only {caught:?}");
+}
+
+/// The record against what the kernel saw, in both sync modes: every successful fsync,
+/// fdatasync and syncfs on a descriptor under the data dir, and every rename there, is in
+/// the record; and the daemon makes none of the durability calls the recorder does not follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorder_sees_every_sync() {
+    let scratch = tempfile::tempdir().expect("a temp dir");
+    let Some(shim) = shim_or_skip(scratch.path(), "powercut coverage") else {
+        return;
+    };
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "strace is missing under CI=true"
+        );
+        eprintln!("powercut coverage: skipped, strace is not installed");
+        return;
+    }
+    let seed = reliability::seed_from_env("TW_POWERCUT_SEED");
+    for sync in ["fsync", "syncfs"] {
+        let prefix = scratch.path().join(format!("trace-{sync}"));
+        let run = record_run(&shim, seed, (4, 4), None, sync, Launch::Traced(&prefix)).await;
+        let data_dir = run._sandbox.data_dir().display().to_string();
+        let mut kernel = Census::default();
+        for entry in std::fs::read_dir(scratch.path()).expect("list the traces") {
+            let path = entry.expect("an entry").path();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with(&format!("trace-{sync}.")) {
+                let text = std::fs::read_to_string(&path).expect("read a trace");
+                kernel.add(&text, &data_dir);
+            }
+        }
+        let (files, dirs, syncfs, renames, _) = run.record.counts();
+        let recorded_syncs = run
+            .record
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    powercut::Kind::File { .. } | powercut::Kind::Dir { .. }
+                )
+            })
+            .filter(|e| !run.record.in_syncfs(e))
+            .count();
+        eprintln!(
+            "powercut coverage ({sync}): kernel: {} fsync/fdatasync, {} syncfs, {} renames \
+             under the data dir; record: {files} file and {dirs} directory snapshots, {syncfs} \
+             syncfs, {renames} renames; other durability calls: {:?}",
+            kernel.syncs, kernel.syncfs, kernel.renames, kernel.other
+        );
+        assert!(kernel.syncs > 0, "strace saw no sync under {data_dir}");
+        assert_eq!(
+            kernel.syncs, recorded_syncs,
+            "fsync/fdatasync under the data dir"
+        );
+        assert_eq!(kernel.syncfs, syncfs, "syncfs calls");
+        assert_eq!(kernel.renames, renames, "renames under the data dir");
+        assert!(
+            kernel.other.is_empty(),
+            "durability calls the recorder does not follow: {:?}",
+            kernel.other
+        );
+    }
+}
+
+/// What strace saw: successful syncs on descriptors under the data dir, renames there, and
+/// any other durability call.
+#[derive(Default)]
+struct Census {
+    syncs: usize,
+    syncfs: usize,
+    renames: usize,
+    other: Vec<String>,
+}
+
+impl Census {
+    fn add(&mut self, trace: &str, data_dir: &str) {
+        for line in trace.lines() {
+            let ok = line.trim_end().ends_with("= 0");
+            let call = line.split('(').next().unwrap_or("");
+            let under = |text: &str| {
+                text.contains(&format!("<{data_dir}>")) || text.contains(&format!("<{data_dir}/"))
+            };
+            match call {
+                "fsync" | "fdatasync" if ok && under(line) => self.syncs += 1,
+                "syncfs" if ok => self.syncfs += 1,
+                "rename" | "renameat" | "renameat2" if ok && line.contains(data_dir) => {
+                    self.renames += 1
+                }
+                "fsync" | "fdatasync" | "syncfs" | "rename" | "renameat" | "renameat2" => {}
+                _ if line.starts_with("+++") || line.starts_with("---") => {}
+                _ => self.other.push(line.to_string()),
+            }
+        }
+    }
 }

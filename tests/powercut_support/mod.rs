@@ -32,7 +32,7 @@
 //! their answers with the same clock: a job whose 2xx came at or before the cut must have been
 //! made durable by syncs stamped before it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,6 +133,8 @@ pub struct Record {
     pub events: Vec<Event>,
     files: HashMap<String, Vec<(u64, PathBuf)>>,
     dirs: HashMap<String, Vec<(u64, Vec<DirEntry>)>>,
+    /// (pid, stamp) of every syncfs, whose snapshots carry the same stamp.
+    syncfs_stamps: HashSet<(i32, u64)>,
 }
 
 /// How the unsynced part of a file is left after the cut.
@@ -169,6 +171,7 @@ impl Record {
             events,
             files: HashMap::new(),
             dirs: HashMap::new(),
+            syncfs_stamps: HashSet::new(),
         };
         for e in &record.events {
             match &e.kind {
@@ -187,10 +190,18 @@ impl Record {
                         .or_default()
                         .push((e.t, entries));
                 }
+                Kind::Syncfs => {
+                    record.syncfs_stamps.insert((e.pid, e.t));
+                }
                 _ => {}
             }
         }
         record
+    }
+
+    /// Whether `event` is one of a syncfs's snapshots rather than a sync of its own.
+    pub fn in_syncfs(&self, event: &Event) -> bool {
+        self.syncfs_stamps.contains(&(event.pid, event.t))
     }
 
     /// How many events of each kind: (file syncs, directory syncs, syncfs, renames, forgotten).

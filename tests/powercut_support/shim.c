@@ -13,6 +13,9 @@
  *                     dirsync           every fsync/fdatasync of a directory;
  *                     filesync:TEXT     every fsync/fdatasync (and O_SYNC/O_DSYNC write) of a
  *                                       regular file whose path under the tree contains TEXT.
+ *                     late:NS           every sync stamped NS nanoseconds after it returned,
+ *                                       as if the program had answered before its syncs
+ *                                       were done.
  *                   Each forgotten call is logged as an `M` line, so a test can tell whether a
  *                   mutation applied at all.
  *
@@ -61,6 +64,7 @@ static size_t data_dir_len;
 static char log_dir[PATH_MAX];
 static int mutate_dirsync;
 static char mutate_file[256];
+static unsigned long long mutate_late;
 static int active;
 static int events_fd = -1;
 static atomic_ulong seq_counter;
@@ -136,6 +140,8 @@ __attribute__((constructor)) static void shim_init(void) {
         mutate_dirsync = 1;
     else if (m && strncmp(m, "filesync:", 9) == 0)
         snprintf(mutate_file, sizeof mutate_file, "%s", m + 9);
+    else if (m && strncmp(m, "late:", 5) == 0)
+        mutate_late = strtoull(m + 5, NULL, 10);
     char path[PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/events", log_dir);
     events_fd = REAL(open)(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -337,10 +343,12 @@ static void after_sync(struct pending *p, int rc) {
         snprintf(dest, sizeof dest, "%s/snap/%s", log_dir, p->snap);
         real_unlink(dest);
     } else if (p->kind == 'F') {
-        emit("F %llu %d %lu %s %llu %s %s", now_ns(), (int)getpid(), p->seq, p->ident, p->size,
+        emit("F %llu %d %lu %s %llu %s %s", now_ns() + mutate_late, (int)getpid(), p->seq, p->ident,
+             p->size,
              p->snap, p->rel);
     } else {
-        emit("D %llu %d %lu %s %s", now_ns(), (int)getpid(), p->seq, p->rel, p->snap);
+        emit("D %llu %d %lu %s %s", now_ns() + mutate_late, (int)getpid(), p->seq, p->rel,
+             p->snap);
     }
     errno = saved;
 }
@@ -432,7 +440,7 @@ int syncfs(int fd) {
     int rc = REAL(syncfs)(fd);
     saved = errno;
     if (rc == 0) {
-        unsigned long long t = now_ns();
+        unsigned long long t = now_ns() + mutate_late;
         int pid = (int)getpid();
         emit("S %llu %d %lu", t, pid, next_seq());
         for (size_t i = 0; i < count; i++) {
