@@ -10,7 +10,8 @@
 //! their directory's fsync, unsynced data lost or zeroed), a paused daemon
 //! (`max_concurrent = 0`) boots on it, and:
 //! - every job whose 2xx a client had received by T is there exactly once, with the status it
-//!   was acknowledged with or a later one (an acknowledged cancel stays Cancelled);
+//!   was acknowledged with or a later one (an acknowledged cancel stays Cancelled, and a final
+//!   status a client was shown by T stays);
 //! - nothing is there that no client had sent by T, no job is Cancelled whose cancel was not
 //!   sent by T, and none is Completed or Failed whose trainer never started;
 //! - `training-worker check` on the rebuilt dir reports nothing but temporary files (and "not
@@ -26,7 +27,7 @@
 //! `mutations_are_caught` proves that the check can fail: the recorder forgets some
 //! durability points (`TW_PC_MUTATE`: every directory fsync; every sync of a job file; every
 //! sync of a file under `journal/`), as if the store had not made them, or stamps every sync
-//! 5 ms late (as if the daemon answered before its syncs returned), and the check must find
+//! 50 ms late (as if the daemon answered before its syncs returned), and the check must find
 //! an acknowledged job lost. A mutation whose files the store does not have (no
 //! `journal/` in the current file store) says so in one line.
 //!
@@ -79,6 +80,9 @@ struct Ledger {
     /// When a cancel of it was sent / answered 2xx.
     cancel_sent: Option<u64>,
     cancel_acked: Option<u64>,
+    /// A final status a GET answered, and when: the daemon shows a status only once it is
+    /// durable, so it must stay.
+    seen_final: Option<(String, u64)>,
 }
 
 /// One recorded run of the daemon.
@@ -268,8 +272,9 @@ fn lock_holder(data_dir: &Path) -> i32 {
         .unwrap_or_else(|| panic!("no pid in the lock file: {text:?}"))
 }
 
-/// One client: submits `count` jobs one after another with its own ids; after about a third
-/// of them it cancels one of its earlier jobs. Every request is stamped.
+/// One client: submits `count` jobs one after another with its own ids; after each it looks
+/// at one of its jobs, and after about a third of them it cancels one of its earlier jobs.
+/// Every request is stamped.
 async fn client(base: String, mut rng: Rng, count: usize) -> Vec<Ledger> {
     let http = http_client(Duration::from_secs(20));
     let mut mine: Vec<Ledger> = Vec::new();
@@ -299,7 +304,27 @@ async fn client(base: String, mut rng: Rng, count: usize) -> Vec<Ledger> {
             acked,
             cancel_sent: None,
             cancel_acked: None,
+            seen_final: None,
         });
+        // Look at one earlier job: a final status seen is one more thing to keep.
+        let index = rng.below(mine.len() as u64) as usize;
+        let target = &mut mine[index];
+        if target.acked.is_some() && target.seen_final.is_none() {
+            let reply = http
+                .get(format!("{base}/v1/jobs/{}", target.id))
+                .send()
+                .await;
+            if let Ok(reply) = reply
+                && reply.status() == StatusCode::OK
+                && let Ok(job) = reply.json::<Value>().await
+            {
+                let at = now_ns();
+                let status = job["status"].as_str().unwrap_or("?");
+                if matches!(status, "Completed" | "Failed" | "Cancelled") {
+                    target.seen_final = Some((status.to_string(), at));
+                }
+            }
+        }
         if mine.len() > 1 && rng.chance(0.3) {
             let index = rng.below(mine.len() as u64 - 1) as usize;
             let target = &mut mine[index];
@@ -410,6 +435,13 @@ impl Recording {
                             f.regressed
                                 .push(format!("{}: cancel acknowledged, {status}", j.id));
                         }
+                        if let Some((seen, at)) = &j.seen_final
+                            && *at <= cut
+                            && seen != status
+                        {
+                            f.regressed
+                                .push(format!("{}: {seen} was shown, {status}", j.id));
+                        }
                     }
                 }
             }
@@ -516,11 +548,12 @@ async fn survive(shim: &Path, seed: u64, cuts: usize, per_client: usize, sync: &
     }
     let summary = format!(
         "powercut summary ({sync}): seed={seed} jobs={} acknowledged={acked} cancels_acknowledged={} \
-         trainer_starts={} record: file_syncs={files} dir_syncs={dirs} syncfs={syncfs} \
+         final_statuses_seen={} trainer_starts={} record: file_syncs={files} dir_syncs={dirs} syncfs={syncfs} \
          renames={renames}; cuts={} acknowledged_jobs_checked={checked} failed_cuts={} \
          elapsed={:.1}s",
         run.jobs.len(),
         run.jobs.iter().filter(|j| j.cancel_acked.is_some()).count(),
+        run.jobs.iter().filter(|j| j.seen_final.is_some()).count(),
         run.started.len(),
         moments.len(),
         failures.len(),
@@ -552,8 +585,8 @@ async fn mutations_are_caught() {
             "every sync of a journal file forgotten",
         ),
         (
-            "late:5000000",
-            "every sync stamped 5 ms late, as if answered before it was durable",
+            "late:50000000",
+            "every sync stamped 50 ms late, as if answered before it was durable",
         ),
     ];
     let mut caught = Vec::new();
