@@ -31,10 +31,11 @@
 //! an acknowledged job lost. A mutation whose files the store does not have (no
 //! `journal/` in the current file store) says so in one line.
 //!
-//! `the_recorder_sees_every_sync` runs the same workload under `strace -f` and holds the
+//! `the_recorder_sees_every_sync` runs a smaller workload under `strace -f` and holds the
 //! record against what the kernel saw: every fsync, fdatasync and syncfs on a descriptor
-//! under the data dir is in the record, and the daemon makes no other durability call
-//! (sync_file_range, sync, msync, io_uring, O_SYNC/O_DSYNC opens are all noted or refused).
+//! under the data dir, and every rename there, is in the record, and the daemon makes none of
+//! the durability calls the recorder does not follow (sync_file_range, sync, msync,
+//! io_uring_setup). Writes through O_SYNC/O_DSYNC descriptors it does follow.
 //!
 //! Without `cc` the tests print one line and pass, except under `CI=true`, where `cc` is
 //! always present and its absence fails them.

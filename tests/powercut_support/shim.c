@@ -190,6 +190,10 @@ static const char *fd_relative(int fd, char *buf, size_t len) {
     if (n <= 0)
         return NULL;
     buf[n] = 0;
+    /* A removed file is in no directory: nothing of it can survive. */
+    static const char deleted[] = " (deleted)";
+    if ((size_t)n >= sizeof deleted - 1 && strcmp(buf + n - (sizeof deleted - 1), deleted) == 0)
+        return NULL;
     return relative(buf);
 }
 
