@@ -173,8 +173,7 @@ async fn a_second_daemon_with_the_same_node_id_exits_75_naming_the_first() {
     assert_eq!(wait_exit_code(&mut refused).await, 75);
     let stderr = refused.stderr();
     assert!(
-        stderr.contains("a live node named")
-            && stderr.contains(&format!("pid {}", daemon.pid())),
+        stderr.contains("a live node named") && stderr.contains(&format!("pid {}", daemon.pid())),
         "{stderr}"
     );
     // The first serves on; once it has stopped, the database is free again.

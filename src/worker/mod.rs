@@ -904,6 +904,9 @@ impl Worker {
         // are tied to the thread that spawns them.
         for (id, adoption) in std::mem::take(&mut self.adopted) {
             if let Some(job) = self.jobs.get(&id) {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.claimed.insert(id, Instant::now());
+                }
                 let execution = self.executor.adopt(job, adoption);
                 self.running.insert(
                     id,

@@ -172,6 +172,8 @@ pub(crate) struct Cluster {
     events: mpsc::Sender<ClusterEvent>,
     /// Whether this process has written its heartbeat yet (the first one sets `started_at`).
     registered: bool,
+    /// When the boot read the rows (the database's clock): the first poll reads from there.
+    replayed_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Cluster {
@@ -182,6 +184,7 @@ impl Cluster {
         shown: String,
         report: watch::Receiver<NodeReport>,
         events: mpsc::Sender<ClusterEvent>,
+        replayed_at: chrono::DateTime<chrono::Utc>,
     ) -> Cluster {
         Cluster {
             pg,
@@ -191,6 +194,7 @@ impl Cluster {
             report,
             events,
             registered: false,
+            replayed_at,
         }
     }
 
@@ -202,7 +206,7 @@ impl Cluster {
         let (notices_tx, mut notices) = mpsc::unbounded_channel::<String>();
         let mut listen_retry_at = tokio::time::Instant::now();
         // Rows changed since this moment (the database's clock) may not have been seen.
-        let mut seen_until: Option<chrono::DateTime<chrono::Utc>> = None;
+        let mut seen_until = Some(self.replayed_at);
         let mut last_poll = tokio::time::Instant::now();
         loop {
             if listener.is_none() && tokio::time::Instant::now() >= listen_retry_at {
@@ -210,9 +214,8 @@ impl Cluster {
                     Ok(connection) => {
                         listener = Some(connection);
                         // What was changed while nobody listened.
-                        if seen_until.is_some() {
-                            self.poll(&mut seen_until).await;
-                        }
+                        self.poll(&mut seen_until).await;
+                        last_poll = tokio::time::Instant::now();
                     }
                     Err(e) => {
                         warn!(database = %self.shown, error = %e, "cannot listen for the other nodes' changes; polling until it can");
@@ -226,7 +229,7 @@ impl Cluster {
                     self.renew().await;
                     self.heartbeat().await;
                     self.expired().await;
-                    if seen_until.is_none() || last_poll.elapsed() >= self.node.lease {
+                    if last_poll.elapsed() >= self.node.lease {
                         last_poll = tokio::time::Instant::now();
                         self.poll(&mut seen_until).await;
                     }
@@ -392,38 +395,23 @@ impl Cluster {
         }
     }
 
-    /// Reads the rows changed since `seen_until` (all unfinished ones the first time):
-    /// whatever notifications were missed.
+    /// Reads the rows changed since `seen_until` (with [`POLL_OVERLAP`] before it): whatever
+    /// notifications were missed. Moves `seen_until` to the database's now.
     async fn poll(&self, seen_until: &mut Option<chrono::DateTime<chrono::Utc>>) {
         let Ok(client) = self.pool.get().await else {
             return;
         };
         let overlap = chrono::Duration::from_std(POLL_OVERLAP).expect("a small duration");
-        let query = match *seen_until {
-            Some(since) => {
-                let since = since - overlap;
-                client
-                    .query(
-                        &format!(
-                            "SELECT {ROW}, now() FROM tw_jobs WHERE updated_at >= $1 \
-                             UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
-                        ),
-                        &[&since],
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .query(
-                        &format!(
-                            "SELECT {ROW}, now() FROM tw_jobs WHERE false \
-                             UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
-                        ),
-                        &[],
-                    )
-                    .await
-            }
-        };
+        let since = seen_until.unwrap_or(self.replayed_at) - overlap;
+        let query = client
+            .query(
+                &format!(
+                    "SELECT {ROW}, now() FROM tw_jobs WHERE updated_at >= $1 \
+                     UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
+                ),
+                &[&since],
+            )
+            .await;
         match query {
             Ok(rows) => {
                 let mut changed = Vec::new();
