@@ -96,13 +96,19 @@ fn server(daemon: &Daemon) -> String {
     format!("http://{address}")
 }
 
-/// A daemon with two GPUs and two slots, running the stub trainer; `extra` is added to its
-/// configuration's top level.
+/// The node's name and address as the daemons here are configured.
+const NODE: &str = "gpu-box-1";
+const ADDRESS: &str = "http://10.0.0.11:8787";
+
+/// A daemon named [`NODE`] with two GPUs and two slots, running the stub trainer; `extra` is
+/// added to its configuration's top level. The shortest lease: with the database, a
+/// heartbeat every second.
 fn sandbox(extra: &str) -> Sandbox {
     let sandbox = Sandbox::new();
     let trainer = serde_json::to_string(STUB_TRAINER).expect("a string serialises");
     sandbox.write_config(&format!(
-        "{extra}shutdown_grace = \"10s\"\n\n[worker]\nmax_concurrent = 2\ngpus = [0, 1]\n\n\
+        "{extra}shutdown_grace = \"10s\"\n\n[cluster]\nnode_id = \"{NODE}\"\n\
+         address = \"{ADDRESS}\"\nlease = \"3s\"\n\n[worker]\nmax_concurrent = 2\ngpus = [0, 1]\n\n\
          [executor]\ncommand = [{trainer}]\nkill_grace = \"2s\"\npass_env = []\n"
     ));
     sandbox
@@ -122,20 +128,34 @@ fn rows(table: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The table `nodes` prints once `ready` holds for its row of this daemon (the second line).
+/// With the database, a node's row is what its last heartbeat wrote (one every third of the
+/// lease): the file store's is read when asked.
+async fn table_once(url: &str, what: &str, ready: impl Fn(&[String]) -> bool) -> Vec<Vec<String>> {
+    wait_until(what, secs(15), async || {
+        let out = nodes(url, &[], &[]).await;
+        let table = rows(&out.assert_ok().stdout);
+        table.get(1).is_some_and(|row| ready(row)).then_some(table)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_shows_this_daemon_live_with_its_running_job_and_free_gpus() {
     let sandbox = sandbox("");
     let daemon = sandbox.start().await;
     let url = server(&daemon);
-    let answer = daemon.get("/v1/nodes").await.json();
-    let id = answer["nodes"][0]["id"]
-        .as_str()
-        .expect("a node id")
-        .to_string();
 
     // Idle: both GPUs free.
-    let out = nodes(&url, &[], &[]).await;
-    let table = rows(&out.assert_ok().stdout);
+    let table = table_once(&url, "the node shows its GPUs", |row| {
+        row.last().is_some_and(|free| free.ends_with("of 2"))
+    })
+    .await;
+    let out = table
+        .iter()
+        .map(|row| row.join("  "))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert_eq!(
         table[0],
         [
@@ -146,18 +166,15 @@ async fn nodes_shows_this_daemon_live_with_its_running_job_and_free_gpus() {
             "RUNNING",
             "FREE GPUS"
         ],
-        "{}",
-        out.stdout
+        "{out}"
     );
-    assert_eq!(table.len(), 2, "one node: {}", out.stdout);
-    assert_eq!(table[1][0], id, "{}", out.stdout);
-    assert_eq!(table[1][2], "live", "{}", out.stdout);
+    assert_eq!(table.len(), 2, "one node: {out}");
+    assert_eq!(table[1][..3], [NODE, ADDRESS, "live"], "{out}");
     assert!(
         table[1][3] == "just now" || table[1][3].ends_with("s ago"),
-        "a heartbeat of seconds ago: {}",
-        out.stdout
+        "a heartbeat of seconds ago: {out}"
     );
-    assert_eq!(table[1][4..], ["0", "0,1 of 2"], "{}", out.stdout);
+    assert_eq!(table[1][4..], ["0", "0,1 of 2"], "{out}");
 
     // A job holding one GPU: one running, the other GPU free.
     let job = uuid::Uuid::new_v4().to_string();
@@ -170,13 +187,11 @@ async fn nodes_shows_this_daemon_live_with_its_running_job_and_free_gpus() {
         .as_u64()
         .expect("the job holds a GPU");
     let free = 1 - gpu;
-    let row = wait_until("the node shows the running job", secs(15), async || {
-        let out = nodes(&url, &[], &[]).await;
-        let table = rows(&out.assert_ok().stdout);
-        (table[1][4] == "1").then(|| table[1].clone())
+    let free_text = format!("{free} of 2");
+    table_once(&url, "the node shows the running job on its GPU", |row| {
+        row[4..] == ["1", free_text.as_str()]
     })
     .await;
-    assert_eq!(row[5], format!("{free} of 2"), "{row:?}");
 
     // --json prints what the API answers.
     let out = nodes(&url, &["--json"], &[]).await;
@@ -187,7 +202,8 @@ async fn nodes_shows_this_daemon_live_with_its_running_job_and_free_gpus() {
         Some(1),
         "{printed}"
     );
-    assert_eq!(node["id"], id.as_str(), "{printed}");
+    assert_eq!(node["id"], NODE, "{printed}");
+    assert_eq!(node["address"], ADDRESS, "{printed}");
     assert_eq!(node["live"], true, "{printed}");
     assert_eq!(node["running"], json!([job]), "{printed}");
     assert_eq!(node["gpus"], json!([0, 1]), "{printed}");
@@ -201,14 +217,21 @@ async fn nodes_shows_this_daemon_live_with_its_running_job_and_free_gpus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_without_gpus_shows_a_dash() {
+async fn nodes_without_gpus_shows_a_dash_and_the_defaults() {
+    // Nothing of [cluster] configured: the node is named after the host, and reached at
+    // the address it listens on.
     let sandbox = Sandbox::new();
     sandbox.configure(&support::Settings::default());
     let daemon = sandbox.start().await;
-    let out = nodes(&server(&daemon), &[], &[]).await;
-    let table = rows(&out.assert_ok().stdout);
-    assert_eq!(table[1][2..3], ["live"], "{}", out.stdout);
-    assert_eq!(table[1][4..], ["0", "-"], "{}", out.stdout);
+    let url = server(&daemon);
+    let table = table_once(&url, "the node is listed", |_| true).await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name");
+    assert_eq!(
+        table[1][..3],
+        [host.trim(), url.as_str(), "live"],
+        "{table:?}"
+    );
+    assert_eq!(table[1][4..], ["0", "-"], "{table:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,12 +254,12 @@ async fn nodes_fails_in_one_line_like_every_command() {
     let daemon = sandbox.start().await;
     let url = server(&daemon);
     nodes(&url, &[], &[]).await.assert_error(1, "401");
-    let out = nodes(
-        &url,
-        &["--json"],
-        &[("TRAINING_WORKER_API_TOKEN", "s3cret")],
-    )
+    wait_until("the node is listed with the token", secs(15), async || {
+        let token = [("TRAINING_WORKER_API_TOKEN", "s3cret")];
+        let out = nodes(&url, &["--json"], &token).await;
+        let printed: Value = serde_json::from_str(&out.assert_ok().stdout).expect("JSON");
+        let node = &printed["nodes"][0];
+        (node["id"] == NODE && node["live"] == true).then_some(())
+    })
     .await;
-    let printed: Value = serde_json::from_str(&out.assert_ok().stdout).expect("JSON");
-    assert_eq!(printed["nodes"][0]["live"], true, "{printed}");
 }

@@ -170,17 +170,20 @@ async fn metric_names_types_and_labels_stay_those_dashboards_read() {
 async fn every_sample_names_the_node_that_counted_it() {
     let sandbox = Sandbox::new();
     sandbox.configure(&Settings::default());
+    sandbox.set_env("TRAINING_WORKER_NODE_ID", "gpu-box-7");
     let daemon = sandbox.start().await;
-    let nodes = daemon.get("/v1/nodes").await.json();
-    let id = nodes["nodes"][0]["id"]
-        .as_str()
-        .expect("a node id")
-        .to_string();
     let reply = daemon.get("/metrics").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let (samples, node) = parse_metrics_of_node(&reply.text);
-    assert_eq!(node, id, "{}", reply.text);
+    assert_eq!(node, "gpu-box-7", "{}", reply.text);
     assert_eq!(samples["training_worker_jobs{status=\"queued\"}"], 0.0);
+    // The same name as the node's in GET /v1/nodes (with the database, once its first
+    // heartbeat has written its row).
+    wait_until("the node is listed", secs(10), async || {
+        let nodes = daemon.get("/v1/nodes").await.json();
+        (nodes["nodes"][0]["id"] == "gpu-box-7").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,6 @@
 mod error;
 pub mod god;
 mod logs;
-mod nodes_shim;
 mod openapi;
 mod probes;
 mod schemas;

@@ -19,11 +19,11 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response};
 use utoipa::{Modify, OpenApi, ToResponse};
 
 use super::ApiError;
-use super::nodes_shim::NodeView;
 use super::probes::Probe;
 use super::schemas::{EXAMPLE_ID, error_example};
 use super::views::{GpuEntry, NodesView, QueueView};
 use crate::job::Job;
+use crate::store::NodeView;
 use crate::worker::{Offer, OfferAnswer};
 
 /// The main API's description.

@@ -8,10 +8,10 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::nodes_shim::NodeView;
 use super::openapi::{Internal, Unauthorized, Unavailable};
 use super::{ApiError, AppState};
 use crate::job::JobId;
+use crate::store::NodeView;
 
 /// One GPU as `GET /v1/gpus` lists it.
 #[derive(Serialize, ToSchema)]
@@ -150,6 +150,6 @@ pub(super) struct NodesView {
     ),
 )]
 pub(super) async fn nodes(State(state): State<AppState>) -> Result<Json<NodesView>, ApiError> {
-    let nodes = super::nodes_shim::nodes(state.worker()?).await?;
+    let nodes = state.worker()?.nodes().await?;
     Ok(Json(NodesView { nodes }))
 }
