@@ -917,6 +917,11 @@ impl Worker {
                 );
             }
         }
+        self.store.report(
+            self.config.gpus.clone(),
+            self.free_gpus(),
+            self.running.len(),
+        );
         self.start_ready_jobs();
         let mut stopping = false;
         loop {

@@ -162,6 +162,23 @@ pub(crate) async fn nodes(pool: &Pool) -> Result<Vec<NodeView>, StoreError> {
         .collect())
 }
 
+/// Writes this node's row as it starts: its address and pid, `started_at` now.
+pub(crate) async fn register(client: &Client, node: &Node) -> Result<(), tokio_postgres::Error> {
+    let pid = std::process::id() as i32;
+    let lease_ms = node.lease.as_millis() as i64;
+    client
+        .execute(
+            "INSERT INTO tw_nodes (id, address, pid, started_at, heartbeat_at, lease_ms) \
+             VALUES ($1, $2, $3, now(), now(), $4) \
+             ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid, \
+                started_at = now(), heartbeat_at = now(), lease_ms = EXCLUDED.lease_ms, \
+                running = 0",
+            &[&node.id, &node.address, &pid, &lease_ms],
+        )
+        .await?;
+    Ok(())
+}
+
 /// The cluster task's state.
 pub(crate) struct Cluster {
     pg: tokio_postgres::Config,
@@ -170,7 +187,7 @@ pub(crate) struct Cluster {
     shown: String,
     report: watch::Receiver<NodeReport>,
     events: mpsc::Sender<ClusterEvent>,
-    /// Whether this process has written its heartbeat yet (the first one sets `started_at`).
+    /// Whether this process has written its heartbeat yet.
     registered: bool,
     /// When the boot read the rows (the database's clock): the first poll reads from there.
     replayed_at: chrono::DateTime<chrono::Utc>,
@@ -200,6 +217,8 @@ impl Cluster {
 
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let turn = self.node.lease / 3;
+        // The first heartbeat carries the GPUs: the worker reports them as it starts.
+        let _ = tokio::time::timeout(turn, self.report.changed()).await;
         let mut ticker = tokio::time::interval(turn);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener: Option<(Client, tokio::sync::oneshot::Receiver<()>)> = None;
@@ -344,7 +363,6 @@ impl Cluster {
                 "INSERT INTO tw_nodes (id, address, pid, started_at, heartbeat_at, lease_ms, gpus, free_gpus, running) \
                  VALUES ($1, $2, $3, now(), now(), $4, $5, $6, $7) \
                  ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid, \
-                    started_at = CASE WHEN $8 THEN tw_nodes.started_at ELSE EXCLUDED.started_at END, \
                     heartbeat_at = now(), lease_ms = EXCLUDED.lease_ms, gpus = EXCLUDED.gpus, \
                     free_gpus = EXCLUDED.free_gpus, running = EXCLUDED.running",
                 &[
@@ -355,7 +373,6 @@ impl Cluster {
                     &gpus,
                     &free,
                     &running,
-                    &self.registered,
                 ],
             )
             .await;

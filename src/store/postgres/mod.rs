@@ -404,6 +404,17 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
         ))
     })?;
 
+    // The node is listed from the moment it is open (its GPUs follow with the worker's
+    // first report, at the cluster task's first turn).
+    if !node.exclusive {
+        cluster::register(&lock.client, &node).await.map_err(|e| {
+            OpenError::Storage(format!(
+                "cannot register this node in the database {shown}: {}",
+                describe(&e)
+            ))
+        })?;
+    }
+
     let manager = Manager::from_config(
         pg.clone(),
         NoTls,
