@@ -12,9 +12,17 @@
 //! Queued jobs missing from `queue.json`, by `created_at`. Since the daemon writes
 //! `queue.json` in exactly that order, the queue rebuilt from the job files alone is the
 //! queue that was lost.
+//!
+//! The journal (`journal/`, see [`super::journal`]) is newer than both: every complete record
+//! in it is applied, in order, over the job files, and a job it names is taken out of
+//! `queue.json`'s lists, which may be older than the record (a retried job listed at its old
+//! place) or newer (a checkpoint cut after `queue.json` was written). Such a job is placed as
+//! the job files alone would place it, which is where it belongs: a record that leaves a job
+//! queued and never started is its arrival (a submission or a retry), later than that of
+//! every job the journal does not name.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,9 +30,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::fsio;
+use super::{fsio, journal};
 use crate::job::{Job, JobId};
-use crate::layout::{JOBS_DIR, QUEUE_FILE};
+use crate::layout::{JOBS_DIR, JOURNAL_DIR, QUEUE_FILE};
 use crate::store::order::requeue_order;
 
 /// `queue.json`: the ids of the running jobs in start order, then the queued ones in the
@@ -58,6 +66,20 @@ pub struct Recovered {
     pub missing: Vec<String>,
     /// `queue.json` as read, when it was present and readable.
     pub queue_file: Option<QueueFile>,
+    /// The jobs whose latest record is in the journal: the boot's checkpoint writes their
+    /// files.
+    pub from_journal: Vec<JobId>,
+    /// The journal's segments in use (path, sequence), in order, but for damaged ones (which
+    /// go to `quarantine/`): retired once the boot's checkpoint is durable.
+    pub journal_segments: Vec<(PathBuf, u64)>,
+    /// Journal records applied.
+    pub journal_records: usize,
+    /// Torn tails of the journal, dropped (a crash cut the last group; never acknowledged).
+    pub journal_torn: Vec<String>,
+    /// The highest sequence number any segment header holds; the next use takes a higher one.
+    pub journal_seq: u64,
+    /// The slot numbers of the segment files that stay (every one but the damaged).
+    pub journal_slots: Vec<u32>,
 }
 
 /// Reads the data dir. An I/O error on the directories themselves is returned; a bad file
@@ -109,8 +131,10 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         }
     }
 
+    let touched = apply_journal(data_dir, &mut jobs, &mut recovered)?;
+
     let queue_path = data_dir.join(QUEUE_FILE);
-    let queue_file = match fs::symlink_metadata(&queue_path).map(|m| m.file_type()) {
+    let mut queue_file = match fs::symlink_metadata(&queue_path).map(|m| m.file_type()) {
         Ok(kind) if !kind.is_file() => {
             recovered.damaged.push(Damaged {
                 path: queue_path,
@@ -120,6 +144,10 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         }
         _ => read_queue_file(&queue_path, &mut recovered),
     };
+    let untouched =
+        |text: &String| !matches!(text.parse::<JobId>(), Ok(id) if touched.contains(&id));
+    queue_file.running.retain(untouched);
+    queue_file.queued.retain(untouched);
     recovered.order = requeue_order(
         &jobs,
         &queue_file.running,
@@ -132,6 +160,81 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
     recovered.temp_files.sort();
     Ok(recovered)
+}
+
+/// Applies every complete journal record over `jobs`, in order; returns the ids they name.
+/// Damaged segments go to [`Recovered::damaged`] (their records before the damage are
+/// applied), torn tails to [`Recovered::journal_torn`].
+fn apply_journal(
+    data_dir: &Path,
+    jobs: &mut HashMap<JobId, Job>,
+    recovered: &mut Recovered,
+) -> io::Result<HashSet<JobId>> {
+    let dir = data_dir.join(JOURNAL_DIR);
+    let read = journal::read(&dir)?;
+    let mut touched = HashSet::new();
+    let mut damaged: Vec<Damaged> = read
+        .damaged
+        .iter()
+        .map(|(path, reason)| Damaged {
+            path: path.clone(),
+            reason: reason.clone(),
+        })
+        .collect();
+    for path in &read.strangers {
+        damaged.push(Damaged {
+            path: path.clone(),
+            reason: "not a journal segment (segment-<n>, a regular file)".into(),
+        });
+    }
+    for segment in &read.segments {
+        for entry in &segment.entries {
+            recovered.journal_records += 1;
+            for change in &entry.changes {
+                let job = serde_json::from_slice::<Value>(&change.job_bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| Job::from_stored(v).map_err(|e| e.to_string()));
+                match job {
+                    Ok(job) => {
+                        touched.insert(job.id);
+                        jobs.insert(job.id, job);
+                    }
+                    Err(e) => {
+                        if !damaged.iter().any(|d| d.path == segment.path) {
+                            damaged.push(Damaged {
+                                path: segment.path.clone(),
+                                reason: format!("a journal record holds an unreadable job: {e}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    recovered.journal_segments = read
+        .segments
+        .iter()
+        .filter(|s| !damaged.iter().any(|d| d.path == s.path))
+        .filter_map(|s| Some((s.path.clone(), s.header.seq()?)))
+        .collect();
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(slot) = journal::slot_of(&name)
+                && !damaged.iter().any(|d| d.path == entry.path())
+            {
+                recovered.journal_slots.push(slot);
+            }
+        }
+    }
+    recovered.journal_slots.sort_unstable();
+    recovered.journal_torn = read.torn;
+    recovered.journal_seq = read.last_seq;
+    recovered.damaged.extend(damaged);
+    let mut from_journal: Vec<JobId> = touched.iter().copied().collect();
+    from_journal.sort();
+    recovered.from_journal = from_journal;
+    Ok(touched)
 }
 
 /// Reports how far a long replay has got, so that an operator watching a slow boot sees it
