@@ -79,16 +79,30 @@ impl App {
             assert!(!body.trim().is_empty(), "no row for job {id}");
             return body.trim_end_matches('\n').to_string();
         }
-        std::fs::read_to_string(self.job_file(id))
-            .unwrap_or_else(|e| panic!("job file of {id} not readable: {e}"))
+        self.stored_files()
+            .remove(id)
+            .unwrap_or_else(|| panic!("no record of job {id} in the job files or the journal"))
+    }
+
+    /// Every job record the data dir holds, as its job file's text: the job files with the
+    /// journal's records applied over them (a change is durable in the journal before its job
+    /// file is written), read by the daemon's own replay.
+    fn stored_files(&self) -> std::collections::BTreeMap<String, String> {
+        let recovered =
+            training_worker::store::files::replay::replay(&self.data).expect("replay the data dir");
+        recovered
+            .jobs
+            .iter()
+            .map(|job| {
+                let text = String::from_utf8(job.to_file_bytes()).expect("a job file is UTF-8");
+                (job.id.to_string(), text)
+            })
+            .collect()
     }
 
     /// Whether the store holds a record of `id`.
     fn has_record(&self, id: &str) -> bool {
-        match &self.database {
-            Some(_) => self.job_files().contains(&format!("{id}.json")),
-            None => self.job_file(id).exists(),
-        }
+        self.job_files().contains(&format!("{id}.json"))
     }
 
     fn read_job_file(&self, id: &str) -> Value {
@@ -103,12 +117,10 @@ impl App {
                 .map(str::to_string)
                 .collect();
         }
-        let mut names: Vec<String> = std::fs::read_dir(self.jobs_dir())
-            .expect("jobs dir readable")
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
+        self.stored_files()
+            .into_keys()
+            .map(|id| format!("{id}.json"))
+            .collect()
     }
 
     /// `queue.json` as `(running, queued)` (the rows' places in the queue, for a database).

@@ -10,10 +10,12 @@
 //! 2. makes them durable: one syncfs(2) of the data dir's filesystem (`sync = "syncfs"`), or
 //!    an fsync per file (`"fsync"`, in parallel for a large checkpoint);
 //! 3. renames them into place, the job files first, and fsyncs `jobs/`, then the data dir;
-//! 4. marks the segments retired (a header write and an fdatasync each).
 //!
-//! A crash anywhere leaves the segments in use, so the next boot applies their records
-//! again: every step before 4 is redone, and redoing it writes the same files. A write the
+//! and reports; the store thread then marks the segments retired (a header write and an
+//! fdatasync each, the journal's calls all on that one thread), before it cuts the next
+//! checkpoint, so that segments are retired in order. A crash anywhere before the retirement
+//! leaves the segments in use, so the next boot applies their records again: the checkpoint
+//! is redone, and redoing it writes the same files. A write the
 //! storage refuses (a full disk, a read-only filesystem) is reported and the cut retried a
 //! second later; a failed flush is fatal, as everywhere in the store.
 
@@ -44,7 +46,8 @@ pub struct Task {
     /// The order to write to `queue.json` (running, queued), when it changed; rendered
     /// here, off the thread that answers requests.
     pub queue: Option<(Vec<JobId>, Vec<JobId>)>,
-    /// The segments whose records the files now hold: (path, sequence).
+    /// The segments whose records the files will hold: (path, sequence). [`run`] leaves
+    /// them; whoever runs it retires them after it succeeded ([`retire`]).
     pub retire: Vec<(PathBuf, u64)>,
 }
 
@@ -102,7 +105,12 @@ pub fn run(target: &Target, task: &Task) -> Result<(), WriteError> {
         publish_all(vec![queue])?;
         fsio::sync_dir(&target.data_dir)?;
     }
-    for (path, seq) in &task.retire {
+    Ok(())
+}
+
+/// Marks the segments a successful checkpoint covered retired, in order.
+pub fn retire(segments: &[(PathBuf, u64)]) -> Result<(), WriteError> {
+    for (path, seq) in segments {
         journal::retire(path, *seq)?;
     }
     Ok(())

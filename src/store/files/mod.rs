@@ -15,7 +15,8 @@
 //! The job files and `queue.json` follow: the thread cuts a checkpoint (the latest bytes of
 //! every job changed since the last cut, the queue order, the segments written up to then)
 //! and hands it to the checkpointer thread ([`checkpoint`]), which writes them with the one
-//! atomic writer ([`fsio`]), makes them durable, and retires those segments. A cut is made
+//! atomic writer ([`fsio`]) and makes them durable; when it reports, this thread retires
+//! those segments (so every journal call is this thread's) before the next cut. A cut is made
 //! at once when no request came for [`IDLE_DELAY`], and under load once the last one has
 //! been done for a while (from [`CHECKPOINT_MIN_INTERVAL`], growing with what a checkpoint
 //! costs, to at most [`CHECKPOINT_MAX_INTERVAL`]), so that the files never lag by more
@@ -254,6 +255,7 @@ impl Store {
             retry_at: None,
             stashed: VecDeque::new(),
             closed: false,
+            refusal: None,
         };
         let thread = thread::Builder::new()
             .name("store".into())
@@ -338,6 +340,7 @@ fn boot_checkpoint(
         retire: recovered.journal_segments.clone(),
     };
     checkpoint::run(target, &task)?;
+    checkpoint::retire(&task.retire)?;
     fsio::sync_dir(&target.jobs_dir)?;
     fsio::sync_dir(&target.data_dir.join(QUARANTINE_DIR))?;
     fsio::sync_dir(&target.data_dir.join(JOURNAL_DIR))?;
@@ -445,6 +448,9 @@ struct Persister {
     stashed: VecDeque<Event>,
     /// Every handle is gone: checkpoint what is left, then stop.
     closed: bool,
+    /// Why the last checkpoint was refused, until one succeeds; changes are refused
+    /// meanwhile.
+    refusal: Option<String>,
 }
 
 impl Persister {
@@ -564,6 +570,15 @@ impl Persister {
                 let _ = request
                     .respond_to
                     .send(Err(StoreError::Fatal(reason.clone())));
+            }
+            return;
+        }
+        if let Some(reason) = &self.refusal {
+            let error = StoreError::Unavailable(format!(
+                "the job files cannot be written ({reason}); nothing new is taken until they can"
+            ));
+            for request in requests {
+                let _ = request.respond_to.send(Err(error.clone()));
             }
             return;
         }
@@ -788,21 +803,47 @@ impl Persister {
         self.last_checkpoint_cost = report.took;
         match report.result {
             Ok(()) => {
+                let retire: Vec<(PathBuf, u64)> = in_flight
+                    .segments
+                    .iter()
+                    .map(|s| (s.path.clone(), s.seq))
+                    .collect();
+                if let Err(e) = checkpoint::retire(&retire) {
+                    // A segment left in use is applied again at the next boot, with every
+                    // later one (none is retired before it is): the same state. Refused, the
+                    // checkpoint is done again; a failed flush stops the store, as any does.
+                    self.take_back(in_flight);
+                    if e.is_refusal() {
+                        self.refused(e);
+                    } else {
+                        let _ = self.fail(e);
+                    }
+                    return;
+                }
+                self.refusal = None;
                 METRICS.checkpoint.observe_duration(report.took);
                 self.free
                     .extend(in_flight.segments.iter().map(|segment| segment.slot));
             }
             Err(e) if e.is_refusal() => {
-                METRICS.store_refusals.inc();
-                warn!(error = %e, "cannot write the job files or queue.json; the journal keeps the changes, retrying");
                 self.take_back(in_flight);
-                self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                self.refused(e);
             }
             Err(e) => {
                 self.take_back(in_flight);
                 let _ = self.fail(e);
             }
         }
+    }
+
+    /// A checkpoint the storage refused: tried again in a while, and until one succeeds new
+    /// changes are refused too. The journal could take them, but it could not be emptied:
+    /// this keeps it bounded, and keeps the promise that a full disk refuses writes.
+    fn refused(&mut self, e: WriteError) {
+        METRICS.store_refusals.inc();
+        warn!(error = %e, "cannot write the job files or queue.json; the journal keeps what was acknowledged; refusing changes until a checkpoint succeeds");
+        self.refusal = Some(e.to_string());
+        self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
     }
 
     /// Applies re-rankings to the jobs the mirror holds as queued.
