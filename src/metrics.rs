@@ -469,7 +469,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 22, "{text}");
+        assert_eq!(families.len(), 23, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

@@ -67,10 +67,6 @@ impl App {
         self.data.join("jobs")
     }
 
-    fn job_file(&self, id: &str) -> PathBuf {
-        self.jobs_dir().join(format!("{id}.json"))
-    }
-
     /// The job's record as text: its job file, or its row's body.
     fn raw_record(&self, id: &str) -> String {
         if let Some(url) = &self.database {

@@ -226,12 +226,13 @@ pub fn spawn(
         .spawn(move || {
             for task in inbox {
                 let started = Instant::now();
-                let result = std::panic::catch_unwind(|| run(&target, &task)).unwrap_or_else(|_| {
-                    Err(WriteError::Sync {
-                        path: target.data_dir.clone(),
-                        source: std::io::Error::other("a checkpoint panicked"),
-                    })
-                });
+                let result =
+                    std::panic::catch_unwind(|| run(&target, &task)).unwrap_or_else(|_| {
+                        Err(WriteError::Sync {
+                            path: target.data_dir.clone(),
+                            source: std::io::Error::other("a checkpoint panicked"),
+                        })
+                    });
                 report(Report {
                     result,
                     took: started.elapsed(),

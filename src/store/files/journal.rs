@@ -127,11 +127,7 @@ pub struct Entry {
 }
 
 /// Appends the payload of an entry to `out` (the record header is the writer's).
-pub fn encode_payload(
-    changes: &[(Placement, &[u8])],
-    ranks: &[(JobId, u64)],
-    out: &mut Vec<u8>,
-) {
+pub fn encode_payload(changes: &[(Placement, &[u8])], ranks: &[(JobId, u64)], out: &mut Vec<u8>) {
     out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
     for (placement, bytes) in changes {
         let (tag, rank) = match placement {
@@ -266,7 +262,10 @@ pub fn read_segment(path: &Path) -> io::Result<SegmentRead> {
             if len == 0 && crc == 0 && rec_seq == 0 {
                 break None;
             }
-            break Some((pos, format!("a record of sequence {rec_seq} in segment {seq}")));
+            break Some((
+                pos,
+                format!("a record of sequence {rec_seq} in segment {seq}"),
+            ));
         }
         let body = pos + RECORD_HEADER;
         if len > MAX_RECORD || body + len > bytes.len() {

@@ -399,6 +399,9 @@ impl QueueMirror {
     }
 }
 
+/// One job record of a request: the job, its place, its file's bytes.
+type Record = (JobId, Placement, Arc<Vec<u8>>);
+
 /// A segment that holds records no finished checkpoint covers yet.
 struct Sealed {
     slot: u32,
@@ -466,7 +469,9 @@ impl Persister {
                     // The storage refused the last checkpoint as the store stops: the journal
                     // keeps everything for the next boot, which must know this stop was not
                     // clean.
-                    error!("stopping with journal records the job files do not hold yet (the storage refused them); the next boot applies them");
+                    error!(
+                        "stopping with journal records the job files do not hold yet (the storage refused them); the next boot applies them"
+                    );
                     self.fatal.cancel();
                     break;
                 }
@@ -585,12 +590,10 @@ impl Persister {
         let arrived = Instant::now();
         // The last record of a job in a request is the one that counts. (An enqueue has
         // one record, and nothing to merge.)
-        let mut group: Vec<(Request, Vec<(JobId, Placement, Arc<Vec<u8>>)>)> =
-            Vec::with_capacity(requests.len());
+        let mut group: Vec<(Request, Vec<Record>)> = Vec::with_capacity(requests.len());
         let mut size = 0;
         for mut request in requests {
-            let mut records: Vec<(JobId, Placement, Arc<Vec<u8>>)> =
-                Vec::with_capacity(request.changes.len());
+            let mut records: Vec<Record> = Vec::with_capacity(request.changes.len());
             let mut index: HashMap<JobId, usize> = HashMap::new();
             for change in request.changes.drain(..) {
                 let record = (

@@ -828,7 +828,11 @@ mod tests {
         let rec = replay(d.path()).unwrap();
         assert_eq!(rec.order, vec![base, id(1)]);
         assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
-        assert!(rec.damaged[0].reason.contains("damaged"), "{:?}", rec.damaged);
+        assert!(
+            rec.damaged[0].reason.contains("damaged"),
+            "{:?}",
+            rec.damaged
+        );
         // It is set aside, not retired.
         assert!(rec.journal_segments.is_empty());
         assert!(rec.journal_slots.is_empty());
@@ -840,7 +844,11 @@ mod tests {
         let a = d.job(1, "Queued", 0, None);
         let path = d.journal(0, 4, &[record(1, "Completed", 0, Some(1))]);
         journal::retire(&path, 4).unwrap();
-        fs::write(d.path().join(JOURNAL_DIR).join("segment-1"), vec![0u8; 8192]).unwrap();
+        fs::write(
+            d.path().join(JOURNAL_DIR).join("segment-1"),
+            vec![0u8; 8192],
+        )
+        .unwrap();
         let rec = replay(d.path()).unwrap();
         assert_eq!(rec.order, vec![a]);
         assert_eq!(rec.journal_records, 0);
