@@ -989,14 +989,26 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
         let Some(id) = IDS.iter().find(|id| answer.args.contains(*id)) else {
             continue;
         };
-        // The journal's record of it: a write to a segment that names the job (the record's
-        // header and the start of the job's JSON are within strace's 400 bytes).
+        // The status the answer shows: the record that makes it durable holds the same one.
+        // (A later record of the job can come before the answer is written: a job submitted
+        // to an idle worker is started, and its Running record written, while the 201 that
+        // says Queued is on its way.)
+        let status = answer
+            .args
+            .split("\\\"status\\\":\\\"")
+            .nth(1)
+            .and_then(|rest| rest.split("\\\"").next())
+            .unwrap_or_else(|| panic!("a 2xx about {id} without a status: {answer:?}"));
+        // The journal's record of it: a write to a segment that names the job with that
+        // status (the record's header and the start of the job's JSON, id and status
+        // included, are within strace's 400 bytes).
         let (written, segment) = calls
             .iter()
             .filter(|c| {
                 c.name == "pwrite64"
                     && c.args.contains(&format!("<{journal}"))
                     && c.args.contains(*id)
+                    && c.args.contains(&format!("\\\"{status}\\\""))
                     && c.end < answer.start
             })
             .map(|c| {
@@ -1005,15 +1017,15 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
             })
             .max()
             .unwrap_or_else(|| {
-                panic!("a 2xx about {id} before any journal record of it: {answer:?}")
+                panic!("a 2xx about {id} ({status}) before any journal record of it: {answer:?}")
             });
         assert!(
             calls.iter().any(|c| c.name == "fdatasync"
                 && on(c, &segment)
                 && c.start > written
                 && c.end < answer.start),
-            "a 2xx about {id} was sent before the fdatasync of {segment} that makes its \
-             record durable: {answer:?}"
+            "a 2xx about {id} ({status}) was sent before the fdatasync of {segment} that \
+             makes its record durable: {answer:?}"
         );
         answers += 1;
     }
