@@ -489,9 +489,10 @@ impl Segment {
     }
 
     /// Writes `bytes` (whole records of this segment's sequence) after the last ones, growing
-    /// the file with zeros first if they do not fit. On a failed write the bytes that may have
-    /// landed are overwritten with zeros, so that nothing of a refused group can be read
-    /// back; if even that fails, the error is fatal.
+    /// the file with zeros first if they do not fit. On a failed write the bytes that landed
+    /// before it (a short write, then the error) are overwritten with zeros, so that nothing
+    /// of a refused group can be read back; if even that fails, the error is fatal. A write
+    /// refused outright left nothing, and needs no clearing.
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         let needed = self.end + bytes.len() as u64;
         if needed > self.len {
@@ -511,8 +512,31 @@ impl Segment {
             }
             self.len = new_len;
         }
-        if let Err(source) = self.file.write_all_at(bytes, self.end) {
-            let zeros = vec![0u8; bytes.len()];
+        let mut landed = 0;
+        let failed = loop {
+            if landed == bytes.len() {
+                break None;
+            }
+            match self
+                .file
+                .write_at(&bytes[landed..], self.end + landed as u64)
+            {
+                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => landed += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        if let Some(source) = failed {
+            // A call that fails writes nothing: when the first one failed, nothing of the
+            // group is in the file, and there is nothing to clear.
+            if landed == 0 {
+                return Err(WriteError::Write {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+            let zeros = vec![0u8; landed];
             if let Err(e) = self.file.write_all_at(&zeros, self.end) {
                 return Err(WriteError::Sync {
                     path: self.path.clone(),
