@@ -77,7 +77,7 @@ pub const CHECKPOINT_MAX_INTERVAL: Duration = Duration::from_millis(500);
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// A segment this full is closed, and a checkpoint cut soon after.
-const SEGMENT_TARGET_BYTES: u64 = 16 << 20;
+pub const SEGMENT_TARGET_BYTES: u64 = 16 << 20;
 
 /// Segment files the journal may have; when every one holds records not yet checkpointed,
 /// the thread waits for the checkpoint. Bounds the journal at about this many times
