@@ -362,9 +362,11 @@ async fn sustained_rates(
     let at_first = done.load(Ordering::Relaxed);
     let last_from = secs - first;
     tokio::time::sleep_until((started + Duration::from_secs(last_from)).into()).await;
-    let at_last_from = (last_from > first)
-        .then(|| done.load(Ordering::Relaxed))
-        .unwrap_or(at_first);
+    let at_last_from = if last_from > first {
+        done.load(Ordering::Relaxed)
+    } else {
+        at_first
+    };
     let last_from_at = Instant::now().max(started + Duration::from_secs(first));
     for t in tasks {
         t.await.expect("client task");
