@@ -356,9 +356,6 @@ pub struct ExecutorConfig {
     pub adopt_running: bool,
     /// The longest a stage may run (a stage may set its own).
     pub timeout: Duration,
-    /// Derived from `[store] kind`: with the records in a database there is no job file,
-    /// so a trainer's `JOB_FILE` is a copy the executor writes to `run/`.
-    pub job_copies: bool,
     /// Between SIGTERM and SIGKILL when a trainer is stopped.
     pub kill_grace: Duration,
     /// Names of daemon environment variables a trainer receives.
@@ -992,7 +989,6 @@ impl Config {
             }
         }
 
-        let job_copies = matches!(store.kind, StoreKind::Postgres(_));
         Ok(Config {
             data_dir: cwd.join(data_dir),
             listen,
@@ -1022,7 +1018,6 @@ impl Config {
                 docker,
                 adopt_running,
                 timeout,
-                job_copies,
                 kill_grace,
                 pass_env,
                 max_log_bytes,

@@ -751,7 +751,7 @@ fn job_vars(
     env_args(&[
         ("JOB_ID", id.to_string()),
         ("JOB_TYPE", job_type.to_string()),
-        ("JOB_FILE", format!("{owner}/jobs/{id}.json")),
+        ("JOB_FILE", format!("{owner}/run/{id}.json")),
         ("MODEL", model.to_string()),
         ("DATASET", text[0].to_string()),
         ("DATASET_TYPE", text[1].to_string()),

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 
 use crate::config::{ExecutorConfig, Stage, StageRun};
 use crate::job::{Job, JobId};
-use crate::layout::{JOBS_DIR, LOGS_DIR, RUN_DIR, SECRETS_DIR};
+use crate::layout::{LOGS_DIR, RUN_DIR, SECRETS_DIR};
 
 /// The variable a job's GitHub token reaches its stages as.
 pub const GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
@@ -261,9 +261,6 @@ struct Context {
     timeout: Duration,
     kill_grace: Duration,
     pass_env: Vec<String>,
-    /// Whether a trainer's `JOB_FILE` is a copy the executor writes to `run/` (the job
-    /// records live in a database) rather than the store's own job file.
-    job_copies: bool,
     /// A job's log is rotated at this size (0: never); see [`supervisor::LogWriter`].
     max_log_bytes: u64,
     /// The program that runs as every trainer's supervisor.
@@ -325,7 +322,6 @@ impl Executor {
                 timeout: config.timeout,
                 kill_grace: config.kill_grace,
                 pass_env: config.pass_env,
-                job_copies: config.job_copies,
                 max_log_bytes: config.max_log_bytes,
                 supervisor: config.supervisor,
                 trainer_nofile: config.trainer_nofile,
@@ -363,7 +359,7 @@ impl Executor {
     /// of its record for `JOB_FILE`), once it has ended. Off the async workers.
     pub fn forget_job(&self, id: JobId) -> impl std::future::Future<Output = ()> + Send + 'static {
         let path = secret_path(&self.context.data_dir, id);
-        let copy = self.context.job_copies.then(|| self.context.job_file(id));
+        let copy = Some(self.context.job_file(id));
         async move {
             let _ = tokio::task::spawn_blocking(move || {
                 for path in std::iter::once(path).chain(copy) {
@@ -490,9 +486,7 @@ impl Context {
         stop: &CancellationToken,
         lease: &Lease,
     ) -> Outcome {
-        if self.job_copies
-            && let Err(e) = self.write_job_copy(job).await
-        {
+        if let Err(e) = self.write_job_copy(job).await {
             return Outcome::SpawnFailed(format!("cannot write the job's copy for JOB_FILE: {e}"));
         }
         match &stage.run {
@@ -570,16 +564,17 @@ impl Context {
         env
     }
 
-    /// The trainer's `JOB_FILE`: the store's job file, or the executor's copy of the record.
+    /// The trainer's `JOB_FILE`: the executor's copy of the job's record in `run/`. Not the
+    /// store's own record: the file store writes its job files at its checkpoints, after
+    /// the journal, and the database store has none.
     fn job_file(&self, id: JobId) -> PathBuf {
-        let dir = if self.job_copies { RUN_DIR } else { JOBS_DIR };
-        self.data_dir.join(dir).join(format!("{id}.json"))
+        self.data_dir.join(RUN_DIR).join(format!("{id}.json"))
     }
 
-    /// Writes the job's record where `JOB_FILE` says, for a trainer that reads it, when the
-    /// records live in a database: replaced whole (a temporary file renamed), before each
-    /// stage, so it says what the stage's start knows. A copy, not a record: nothing reads
-    /// it back, so it needs no flush.
+    /// Writes the job's record where `JOB_FILE` says, for a trainer that reads it: replaced
+    /// whole (a temporary file renamed), before each stage, so it says what the stage's
+    /// start knows (Running, its attempt, the stages done). A copy, not a record: nothing
+    /// reads it back, so it needs no flush.
     async fn write_job_copy(&self, job: &Job) -> io::Result<()> {
         let path = self.job_file(job.id);
         let bytes = job.to_file_bytes();

@@ -89,7 +89,6 @@ pub fn executor_config(command: Vec<String>, timeout: Duration) -> ExecutorConfi
         stages: Vec::new(),
         docker: None,
         adopt_running: false,
-        job_copies: false,
         max_log_bytes: 0,
         // This test binary is not the daemon's: the supervisor is the real one.
         supervisor: env!("CARGO_BIN_EXE_training-worker").into(),
@@ -167,10 +166,6 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
     } = store::open(&config, data, CancellationToken::new())
         .await
         .expect("the store opens");
-    // As the configuration derives it: with the records in a database, a trainer's JOB_FILE
-    // is the executor's copy in run/.
-    let mut assembly = assembly;
-    assembly.executor.job_copies = database.is_some();
     let shutdown = CancellationToken::new();
     let trainers = TaskTracker::new();
     let tracker = trainers.clone();
