@@ -240,6 +240,8 @@ pub struct Supervised {
     reports: tokio::sync::mpsc::UnboundedReceiver<Report>,
     /// The supervisor said its lease ran out: the stop that follows is the lease's.
     pub lease_expired: bool,
+    /// How the trainer's leader ended, once the supervisor said so.
+    end: Option<Report>,
 }
 
 /// Where a supervised trainer's first W&B address goes, as soon as it is printed.
@@ -303,6 +305,7 @@ impl Supervised {
             control,
             reports,
             lease_expired: false,
+            end: None,
         })
     }
 
@@ -318,16 +321,20 @@ impl Supervised {
 
     /// Waits for the trainer's end (its whole tree gone): how its leader ended, or why the
     /// supervisor could not say.
+    /// Cancel-safe: an end already read is kept until a call returns it.
     pub async fn ended(&mut self) -> Result<Report, String> {
         loop {
+            if let Some(end) = self.end.clone() {
+                let _ = self.child.wait().await;
+                return Ok(end);
+            }
             match self.next().await {
                 Some(Report::LeaseExpired) => {
                     warn!("a trainer's lease ran out; its supervisor stops it");
                     self.lease_expired = true;
                 }
                 Some(end @ (Report::Exited(_) | Report::Signalled(_))) => {
-                    let _ = self.child.wait().await;
-                    return Ok(end);
+                    self.end = Some(end);
                 }
                 Some(other) => return Err(format!("the supervisor said {other:?}")),
                 None => return Err(self.died().await),

@@ -65,6 +65,10 @@ pub enum Fence {
     /// The job is no node's, or this node's with its lease still holding: every change of
     /// the node that runs the job, and every change of a job that does not run.
     Owner,
+    /// As `Owner`, for a start: a row another node's transaction holds is skipped (`FOR
+    /// UPDATE SKIP LOCKED`) rather than waited for, so a claim never waits for another
+    /// node's claim of the same job.
+    Claim,
     /// The job is this node's, or its owner's lease has lapsed: a boot putting back what
     /// its crash cut, and a takeover.
     Recover,

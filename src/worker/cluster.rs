@@ -58,6 +58,8 @@ pub(super) struct ClusterState {
     /// When each running job of this node was claimed (its start landed): a renewal asked
     /// before that does not list it.
     pub(super) claimed: HashMap<JobId, Instant>,
+    /// When each claim in flight was sent: its lease holds at least `lease` from then.
+    pub(super) claims_sent: HashMap<JobId, std::time::Instant>,
     /// Rows read again after a refused write that could not say what it met.
     pub(super) reloaded: mpsc::UnboundedReceiver<Vec<Remote>>,
     pub(super) reload_tx: mpsc::UnboundedSender<Vec<Remote>>,
@@ -73,6 +75,7 @@ impl ClusterState {
             elsewhere: boot.elsewhere,
             events: boot.events,
             claimed: HashMap::new(),
+            claims_sent: HashMap::new(),
             reloaded,
             reload_tx,
         }
@@ -99,6 +102,7 @@ impl Worker {
     /// The fence a pending change needs.
     pub(super) fn fence_of(pending: &Pending) -> Fence {
         match pending {
+            Pending::Start { .. } => Fence::Claim,
             Pending::Cancel { .. } => Fence::Any,
             Pending::Recover { .. } => Fence::Recover,
             _ => Fence::Owner,
@@ -161,6 +165,22 @@ impl Worker {
             }
             self.reload_later(id);
         }
+    }
+
+    /// A claim has landed and its trainer starts: the supervisor gets the lease's window
+    /// as the claim set it, so that renewals that never come stop the trainer in time.
+    pub(super) fn first_lease_window(&mut self, id: JobId, execution: &crate::executor::Execution) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(sent) = cluster.claims_sent.remove(&id) else {
+            return;
+        };
+        let grace = self.executor.lease_grace(cluster.lease);
+        let window = (sent + cluster.lease)
+            .saturating_duration_since(std::time::Instant::now())
+            .saturating_sub(grace + LEASE_SLACK);
+        execution.renew(window, grace);
     }
 
     /// Reads a job's row again in a moment and applies it.
@@ -297,6 +317,16 @@ impl Worker {
         if let Some(remote) = current.clone() {
             self.apply_remote(remote);
         }
+        // The row is still this node's running job, at the version this node knows: the
+        // write was refused by a lock, not by another node's change.
+        let still_held = current.as_ref().is_some_and(|row| {
+            self.cluster.as_ref().is_some_and(|cluster| {
+                row.owner.as_deref() == Some(cluster.node_id.as_str())
+                    && matches!(row.placement, Placement::Running(_))
+                    && !row.expired
+                    && cluster.versions.get(&id) == Some(&row.version)
+            })
+        });
         let conflict = || StoreError::Conflict { current: None };
         match pending {
             Pending::Submit {
@@ -313,6 +343,9 @@ impl Worker {
                 let _ = respond_to.send(answer);
             }
             Pending::Start { respond_to, .. } => {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.claims_sent.remove(&id);
+                }
                 info!(job_id = %id, "another node claimed the job first");
                 self.starting -= 1;
                 self.gpus_in_use.remove(&id);
@@ -326,8 +359,14 @@ impl Worker {
                 }
             }
             Pending::Finish { job } => {
-                warn!(job_id = %id, status = %job.status, "the job's end is not recorded: this node no longer holds it (its lease lapsed, or another node changed it)");
-                self.unrecorded.remove(&id);
+                if still_held {
+                    // Refused though the row is as this node left it (a transaction of
+                    // another node held it): tried again, as a refused write is.
+                    self.schedule_retry();
+                } else {
+                    warn!(job_id = %id, status = %job.status, "the job's end is not recorded: this node no longer holds it (its lease lapsed, or another node changed it)");
+                    self.unrecorded.remove(&id);
+                }
             }
             Pending::Cancel { respond_to, .. } => {
                 // Decided again on the record as it is now.

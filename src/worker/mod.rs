@@ -802,6 +802,13 @@ impl Worker {
                     .await?;
             }
             Some(cluster) => {
+                // The leases of the containers adopted below run from no earlier than now.
+                let sent = std::time::Instant::now();
+                for change in &changes {
+                    if matches!(change.placement, Placement::Running(_)) {
+                        cluster.claims_sent.insert(change.job.id, sent);
+                    }
+                }
                 // Each on its own: one another node took over meanwhile leaves the rest.
                 let writes = changes.into_iter().map(|change| {
                     let id = change.job.id;
@@ -908,6 +915,7 @@ impl Worker {
                     cluster.claimed.insert(id, Instant::now());
                 }
                 let execution = self.executor.adopt(job, adoption);
+                self.first_lease_window(id, &execution);
                 self.running.insert(
                     id,
                     Running {
@@ -1270,6 +1278,13 @@ impl Worker {
         };
         self.busy.entry(pending.job_id()).or_default();
         let store = self.store.clone();
+        if let (Some(cluster), Pending::Start { .. }) = (self.cluster.as_mut(), &pending) {
+            // The claim's lease runs from no earlier than this moment (the database sets it
+            // when it runs the write).
+            cluster
+                .claims_sent
+                .insert(pending.job_id(), std::time::Instant::now());
+        }
         let write = self.cluster.as_ref().map(|cluster| Write {
             base: cluster.versions.get(&change.job.id).copied().unwrap_or(0),
             fence: Self::fence_of(&pending),
@@ -1406,6 +1421,9 @@ impl Worker {
                 METRICS.started.inc();
                 METRICS.queue_wait.observe(waited);
                 let execution = self.executor.start(&job);
+                // Its supervisor holds the lease's deadline from the start, not from the
+                // node's next renewal: a node paused right after its claim stops it too.
+                self.first_lease_window(id, &execution);
                 self.put(job);
                 self.running.insert(
                     id,

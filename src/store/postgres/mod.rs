@@ -931,6 +931,7 @@ fn fence_code(fence: Fence) -> i16 {
         Fence::Owner => 0,
         Fence::Recover => 1,
         Fence::Any => 2,
+        Fence::Claim => 3,
     }
 }
 
@@ -941,9 +942,9 @@ pub(crate) const CHANNEL: &str = "tw_jobs";
 /// Payloads must stay under PostgreSQL's 8000 bytes.
 const PAYLOAD_IDS: usize = 200;
 
-/// Writes the rows that hold (each at the version it replaces, under the claim it needs),
-/// skipping rows another transaction holds (`FOR UPDATE SKIP LOCKED`: a claim never waits
-/// for another node's). A request with a row that does not hold is left out whole and the
+/// Writes the rows that hold (each at the version it replaces, under the claim it needs);
+/// a start skips a row another transaction holds (`FOR UPDATE SKIP LOCKED`: a claim never
+/// waits for another node's), every other write waits for it. A request with a row that does not hold is left out whole and the
 /// rest written again, so that every request lands whole or not at all; the refused ones
 /// are answered with the row as it is now. Then the reranks, the notification to the other
 /// nodes, and the commit.
@@ -1022,10 +1023,12 @@ async fn transaction(
                                    AND (j.placement <> 'running' OR j.owner IS DISTINCT FROM $8) THEN 1 ELSE 0 END \
                           FROM u \
                          WHERE j.id = u.id AND u.base > 0 AND j.version = u.base \
-                           AND j.id IN (SELECT id FROM tw_jobs WHERE id = ANY($1::uuid[]) FOR UPDATE SKIP LOCKED) \
                            AND (u.fence = 2 \
                                 OR (u.fence = 0 AND (j.owner IS NULL OR (j.owner = $8 AND j.lease_until > now()))) \
-                                OR (u.fence = 1 AND (j.owner IS NULL OR j.owner = $8 OR j.lease_until <= now()))) \
+                                OR (u.fence = 1 AND (j.owner IS NULL OR j.owner = $8 OR j.lease_until <= now())) \
+                                OR (u.fence = 3 AND (j.owner IS NULL OR (j.owner = $8 AND j.lease_until > now())) \
+                                    AND j.id IN (SELECT id FROM tw_jobs WHERE id = ANY($1::uuid[]) \
+                                                  FOR UPDATE SKIP LOCKED))) \
                         RETURNING j.id), \
                      ins AS ( \
                         INSERT INTO tw_jobs (id, body, status, placement, rank, version, owner, lease_until, generation) \
