@@ -72,6 +72,38 @@ pub struct PostgresConfig {
     pub url: String,
     /// Connections the store keeps open at most.
     pub pool_size: usize,
+    /// `[cluster]`: this daemon as one node of the database's cluster.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: how a daemon shares a PostgreSQL queue with others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's name, unique among the live nodes of a database; default the host name.
+    pub node_id: String,
+    /// How long a claim on a running job holds without renewal; renewed at a third of it.
+    pub lease: Duration,
+    /// Where this node's API is reached, as `training-worker nodes` shows it.
+    pub address: String,
+    /// Not a setting: `migrate` opens a database alone, refusing while any node is live,
+    /// and recovers every running job as a boot of a single daemon would.
+    pub exclusive: bool,
+}
+
+impl ClusterConfig {
+    /// The shortest lease: a renewal every third of it must fit a round trip to the database
+    /// and the trainers' stop (see ARCHITECTURE.md, "Leases and fencing").
+    pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+    /// A node for a one-off tool (`migrate`): exclusive, with a name of its own.
+    pub fn exclusive(name: &str) -> ClusterConfig {
+        ClusterConfig {
+            node_id: name.to_string(),
+            lease: Duration::from_secs(15),
+            address: String::new(),
+            exclusive: true,
+        }
+    }
 }
 
 impl PostgresConfig {
@@ -86,6 +118,7 @@ impl std::fmt::Debug for PostgresConfig {
         f.debug_struct("PostgresConfig")
             .field("url", &self.display_url())
             .field("pool_size", &self.pool_size)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -171,6 +204,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `[store]`: the backend that holds the job records.
     pub store: StoreConfig,
+    /// `[cluster]`: this daemon as a node (with the database store, one of several).
+    pub cluster: ClusterConfig,
     pub api: ApiConfig,
     /// `[god_trainer]`: the G.O.D trainer API's listener.
     pub trainer_api: TrainerApiConfig,
@@ -448,6 +483,8 @@ struct FileConfig {
     #[serde(default)]
     store: FileStore,
     #[serde(default)]
+    cluster: FileCluster,
+    #[serde(default)]
     api: FileApi,
     #[serde(default)]
     worker: FileWorker,
@@ -507,6 +544,14 @@ struct FileStore {
     sync: Option<String>,
     url: Option<String>,
     pool_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    node_id: Option<String>,
+    lease: Option<String>,
+    address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -607,6 +652,9 @@ pub const ENV_KEYS: &[&str] = &[
     "STORE_SYNC",
     "DATABASE_URL",
     "STORE_POOL_SIZE",
+    "NODE_ID",
+    "CLUSTER_LEASE",
+    "CLUSTER_ADDRESS",
     "API_HEADER_READ_TIMEOUT",
     "API_MAX_CONNECTIONS",
     "GOD_TRAINER_LISTEN",
@@ -730,7 +778,8 @@ impl Config {
             ))
         })?;
 
-        let store = store(&var, file.store)?;
+        let cluster = cluster(&var, file.cluster, listen)?;
+        let store = store(&var, file.store, cluster.clone())?;
         let api = api(&var, file.api)?;
         let trainer_api = trainer_api(&var, &file.god_trainer)?;
         let max_concurrent = match var("WORKER_MAX_CONCURRENT") {
@@ -952,6 +1001,7 @@ impl Config {
             shutdown_grace,
             log_format,
             store,
+            cluster,
             api,
             trainer_api,
             worker: WorkerConfig {
@@ -1126,6 +1176,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 fn store(
     var: &impl Fn(&str) -> Option<String>,
     file: FileStore,
+    cluster: ClusterConfig,
 ) -> Result<StoreConfig, ConfigError> {
     let name_of = |key: &str| setting_name(var, key);
     let kind = var("STORE_KIND")
@@ -1188,7 +1239,11 @@ fn store(
                 )));
             }
             Ok(StoreConfig {
-                kind: StoreKind::Postgres(PostgresConfig { url, pool_size }),
+                kind: StoreKind::Postgres(PostgresConfig {
+                    url,
+                    pool_size,
+                    cluster,
+                }),
             })
         }
         other => Err(ConfigError::new(format!(
@@ -1196,6 +1251,78 @@ fn store(
             name_of("store.kind")
         ))),
     }
+}
+
+/// `[cluster]`, with `TRAINING_WORKER_NODE_ID`, `_CLUSTER_LEASE` and `_CLUSTER_ADDRESS` over
+/// the file. Read with either store; only the database store has other nodes.
+fn cluster(
+    var: &impl Fn(&str) -> Option<String>,
+    file: FileCluster,
+    listen: SocketAddr,
+) -> Result<ClusterConfig, ConfigError> {
+    let name_of = |key: &str| setting_name(var, key);
+    let node_id = var("NODE_ID")
+        .or(file.node_id)
+        .map(|id| id.trim().to_string())
+        .unwrap_or_else(|| {
+            crate::store::lock::host_name()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(64)
+                .collect()
+        });
+    let node_name = match var("NODE_ID") {
+        Some(_) => format!("{ENV_PREFIX}NODE_ID"),
+        None => "cluster.node_id".to_string(),
+    };
+    if node_id.is_empty()
+        || node_id.len() > 64
+        || !node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(ConfigError::new(format!(
+            "{node_name}: {node_id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let lease_name = name_of("cluster.lease");
+    let lease = duration(&lease_name, var("CLUSTER_LEASE").or(file.lease), "15s")?;
+    if lease < ClusterConfig::MIN_LEASE {
+        return Err(ConfigError::new(format!(
+            "{lease_name}: {} is shorter than {}, too short for a renewal at a third of it",
+            humantime::format_duration(lease),
+            humantime::format_duration(ClusterConfig::MIN_LEASE)
+        )));
+    }
+    let address = var("CLUSTER_ADDRESS")
+        .or(file.address)
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| {
+            let host = if listen.ip().is_unspecified() {
+                crate::store::lock::host_name()
+            } else {
+                listen.ip().to_string()
+            };
+            match listen.ip() {
+                std::net::IpAddr::V6(_) if !listen.ip().is_unspecified() => {
+                    format!("http://[{host}]:{}", listen.port())
+                }
+                _ => format!("http://{host}:{}", listen.port()),
+            }
+        });
+    Ok(ClusterConfig {
+        node_id,
+        lease,
+        address,
+        exclusive: false,
+    })
 }
 
 fn api(var: &impl Fn(&str) -> Option<String>, file: FileApi) -> Result<ApiConfig, ConfigError> {

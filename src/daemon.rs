@@ -29,7 +29,7 @@ use crate::metrics::METRICS;
 use crate::notify::{self, Notifier};
 use crate::store::lock::{self, LockError};
 use crate::store::{self, OpenError};
-use crate::worker::{Boot, Worker};
+use crate::worker::{Boot, ClusterBoot, Worker};
 
 /// The exit codes a supervisor can branch on (sysexits.h values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,10 +235,18 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
             config.executor.supervisor.clone(),
         )
     });
+    // Jobs other nodes run are not this box's: a container of one here is removed.
+    let here: Vec<crate::job::Job> = opened
+        .recovered
+        .jobs
+        .iter()
+        .filter(|j| !opened.recovered.elsewhere.contains_key(&j.id))
+        .cloned()
+        .collect();
     let (adopted, unsurveyed) = match &docker {
         Some(docker) => match executor::docker::reconcile(
             docker,
-            &opened.recovered.jobs,
+            &here,
             &config.executor.stages,
             config.executor.adopt_running,
         )
@@ -246,28 +254,44 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
         {
             Ok(adopted) => (adopted, Vec::new()),
             Err(e) => {
-                let held = executor::docker::awaiting_survey(
-                    &opened.recovered.jobs,
-                    &config.executor.stages,
-                );
+                let held = executor::docker::awaiting_survey(&here, &config.executor.stages);
                 warn!(error = %e, jobs = held.len(), "cannot list this data dir's containers; the jobs whose container may still run keep their GPUs until docker answers");
                 (std::collections::HashMap::new(), held)
             }
         },
         None => (std::collections::HashMap::new(), Vec::new()),
     };
+    drop(here);
+    let store::Opened {
+        handle: store_handle,
+        recovered,
+        cluster: cluster_events,
+        ended: store_ended,
+    } = opened;
     let boot = Boot {
-        jobs: opened.recovered.jobs,
-        order: opened.recovered.order,
+        jobs: recovered.jobs,
+        order: recovered.order,
         adopted,
         unsurveyed: unsurveyed.clone(),
+        node: (
+            config.cluster.node_id.clone(),
+            config.cluster.address.clone(),
+        ),
+        cluster: cluster_events.map(|events| ClusterBoot {
+            node_id: config.cluster.node_id.clone(),
+            lease: config.cluster.lease,
+            versions: recovered.versions,
+            ranks: recovered.ranks,
+            elsewhere: recovered.elsewhere,
+            events,
+        }),
     };
     let executor_config = config.executor.clone();
     let executor_tracker = tracker.clone();
     let exec_data_dir = data_dir.clone();
     let booted = Worker::boot(
         config.worker.clone(),
-        opened.handle,
+        store_handle,
         move |reports| Executor::new(executor_config, exec_data_dir, reports, executor_tracker),
         boot,
         shutdown.clone(),
@@ -339,7 +363,7 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'st
     }
     // Every store handle is gone with the worker, so the store thread is finishing.
     let left = deadline.saturating_duration_since(Instant::now());
-    let joined = tokio::time::timeout(left, opened.ended.wait()).await;
+    let joined = tokio::time::timeout(left, store_ended.wait()).await;
     if joined != Ok(true) {
         error!("the store did not finish within shutdown_grace");
         return Exit::Unclean;

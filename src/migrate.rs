@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PostgresConfig, StoreConfig, StoreKind, SyncMode, redact_password};
+use crate::config::{
+    ClusterConfig, PostgresConfig, StoreConfig, StoreKind, SyncMode, redact_password,
+};
 use crate::job::{Job, JobId, Status};
 use crate::store::lock::{self, DataDirLock, LockError};
 use crate::store::{self, Change, FIRST_QUEUED_RANK, OpenError, Placement, Recovered};
@@ -59,6 +61,7 @@ impl End {
                 kind: StoreKind::Postgres(PostgresConfig {
                     url: url.clone(),
                     pool_size: 2,
+                    cluster: ClusterConfig::exclusive("training-worker-migrate"),
                 }),
             },
         }
@@ -151,6 +154,7 @@ async fn close(opened: Opened) -> Recovered {
         handle,
         recovered,
         ended,
+        ..
     } = store;
     drop(handle);
     ended.wait().await;

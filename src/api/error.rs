@@ -68,6 +68,10 @@ impl From<WorkerError> for ApiError {
                 error!(error = %detail, "storage failed after a change became visible");
                 ApiError::OutcomeUnknown(None)
             }
+            WorkerError::Store(StoreError::Conflict { .. }) => ApiError::Conflict(
+                "the job changed on another node at the same moment; read it again and retry"
+                    .into(),
+            ),
             WorkerError::Store(StoreError::Closed) | WorkerError::Stopped => {
                 ApiError::Unavailable("the daemon is shutting down")
             }

@@ -302,6 +302,7 @@ impl DockerCli {
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
+        lease: &super::Lease,
         wandb: supervisor::UrlSink,
     ) -> Outcome {
         // A container of an earlier start of this stage (kept by a crash, not adopted) must
@@ -325,7 +326,7 @@ impl DockerCli {
             };
         }
         info!(container = name, "container started");
-        self.follow(name, None, log, timeout, grace, stop, wandb)
+        self.follow(name, None, log, timeout, grace, stop, lease, wandb)
             .await
     }
 
@@ -340,6 +341,7 @@ impl DockerCli {
         timeout: Duration,
         grace: Duration,
         stop: &CancellationToken,
+        lease: &super::Lease,
         wandb: supervisor::UrlSink,
     ) -> Outcome {
         let mut logs_args: Vec<String> = vec!["logs".into(), "-f".into()];
@@ -359,6 +361,12 @@ impl DockerCli {
             max_log_bytes: log.max_bytes,
             grace: Duration::ZERO,
             nofile: None,
+            // The watchdog of the container: `docker logs -f` ends when it is gone.
+            on_lease_expiry: vec![
+                self.program.clone().into_os_string(),
+                "kill".into(),
+                name.into(),
+            ],
             argv,
         };
         let logs = match Supervised::spawn(&self.supervisor, &args, &self.env, Some(wandb)) {
@@ -387,17 +395,30 @@ impl DockerCli {
         let waiter_pid = waiter.id();
         let waited = waiter.wait_with_output();
         tokio::pin!(waited);
-        let outcome = tokio::select! {
-            output = &mut waited => exit_code(output),
-            _ = tokio::time::sleep(timeout) => {
-                warn!(container = name, timeout = %humantime::format_duration(timeout), "container timed out; stopping it");
-                self.stop_container(name, grace).await;
-                Outcome::TimedOut(timeout)
-            }
-            _ = stop.cancelled() => {
-                info!(container = name, "stopping container");
-                self.stop_container(name, grace).await;
-                Outcome::Stopped
+        let mut lease = lease.clone();
+        if let Some(logs) = logs.as_mut() {
+            let window = *lease.borrow_and_update();
+            super::send_lease(logs, window).await;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = loop {
+            tokio::select! {
+                output = &mut waited => break exit_code(output),
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(container = name, timeout = %humantime::format_duration(timeout), "container timed out; stopping it");
+                    self.stop_container(name, grace).await;
+                    break Outcome::TimedOut(timeout);
+                }
+                _ = stop.cancelled() => {
+                    info!(container = name, "stopping container");
+                    self.stop_container(name, grace).await;
+                    break Outcome::Stopped;
+                }
+                window = super::next_lease(&mut lease) => {
+                    if let Some(logs) = logs.as_mut() {
+                        super::send_lease(logs, window).await;
+                    }
+                }
             }
         };
         if matches!(outcome, Outcome::TimedOut(_) | Outcome::Stopped)
@@ -418,6 +439,9 @@ impl DockerCli {
         }
         if let Err(e) = self.remove(name).await {
             warn!(container = name, error = %e, "cannot remove the finished container");
+        }
+        if logs.as_ref().is_some_and(|l| l.lease_expired) {
+            return Outcome::LeaseExpired;
         }
         outcome
     }

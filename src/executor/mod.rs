@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -77,6 +77,9 @@ pub enum Outcome {
     OutOfTime(Duration),
     /// Its container could no longer be followed (the docker CLI failed).
     Lost(String),
+    /// Its supervisor stopped it because this node's lease on the job was not renewed in
+    /// time (the daemon paused, or cut off from the database).
+    LeaseExpired,
 }
 
 /// A trainer has ended.
@@ -151,6 +154,9 @@ impl Event {
                 humantime::format_duration(*after)
             )),
             Outcome::Lost(e) => Some(format!("lost track of the trainer: {e}{said}")),
+            Outcome::LeaseExpired => Some(format!(
+                "stopped: this node could not renew its lease on the job in time{said}"
+            )),
         }
     }
 }
@@ -176,6 +182,7 @@ fn signal_name(sig: i32) -> &'static str {
 #[derive(Debug)]
 pub struct Execution {
     stop: CancellationToken,
+    lease: watch::Sender<Option<LeaseWindow>>,
 }
 
 impl Execution {
@@ -183,6 +190,45 @@ impl Execution {
     /// follows, with [`Outcome::Stopped`] unless it had already ended by itself.
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// The node's lease on the job holds `window` from now: unless renewed again, the
+    /// trainer's supervisor stops it by then (with `grace` between SIGTERM and SIGKILL,
+    /// or `docker kill` for a container) and its end says [`Outcome::LeaseExpired`].
+    pub fn renew(&self, window: Duration, grace: Duration) {
+        self.lease.send_replace(Some(LeaseWindow {
+            until: std::time::Instant::now() + window,
+            grace,
+        }));
+    }
+}
+
+/// Until when a trainer may run without a renewal, and how it is stopped then.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseWindow {
+    pub until: std::time::Instant,
+    pub grace: Duration,
+}
+
+/// The watch a pipeline's stages read their lease from; `None` until the first renewal
+/// (the file store, or a node's first turn): no lease, no watchdog.
+pub type Lease = watch::Receiver<Option<LeaseWindow>>;
+
+/// The next lease window the worker sets; never, once its sender is gone.
+async fn next_lease(lease: &mut Lease) -> Option<LeaseWindow> {
+    if lease.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    *lease.borrow_and_update()
+}
+
+/// Tells a supervisor the lease window, if there is one.
+async fn send_lease(supervised: &mut Supervised, window: Option<LeaseWindow>) {
+    if let Some(window) = window {
+        let ttl = window
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        supervised.renew(ttl, window.grace).await;
     }
 }
 
@@ -367,10 +413,12 @@ impl Executor {
 
     fn launch(&self, job: &Job, adoption: Option<Adoption>) -> Execution {
         let stop = CancellationToken::new();
+        let (lease, lease_rx) = watch::channel(None);
         let run = Run {
             context: self.context.clone(),
             job: job.clone(),
             adoption,
+            lease: lease_rx,
         };
         let token = stop.clone();
         self.tracker.spawn(async move {
@@ -398,7 +446,13 @@ impl Executor {
                 }
             }
         });
-        Execution { stop }
+        Execution { stop, lease }
+    }
+
+    /// Between SIGTERM and SIGKILL when a lease stops a trainer: the configured grace, but
+    /// at most a fifth of the lease, so that the stop fits well inside it.
+    pub fn lease_grace(&self, lease: Duration) -> Duration {
+        self.context.kill_grace.min(lease / 5)
     }
 }
 
@@ -433,6 +487,7 @@ impl Context {
         log: &Log,
         timeout: Duration,
         stop: &CancellationToken,
+        lease: &Lease,
     ) -> Outcome {
         if self.job_copies
             && let Err(e) = self.write_job_copy(job).await
@@ -443,7 +498,7 @@ impl Context {
             StageRun::Process { argv } => {
                 let argv: Vec<String> = argv.iter().map(|t| t.render(values)).collect();
                 let env = self.process_environment(job, stage);
-                run_process(self, job.id, &argv, &env, log, timeout, stop).await
+                run_process(self, job.id, &argv, &env, log, timeout, stop, lease).await
             }
             StageRun::Docker(spec) => {
                 // Config loading resolves the CLI whenever a docker stage exists.
@@ -467,6 +522,7 @@ impl Context {
                         timeout,
                         self.kill_grace,
                         stop,
+                        lease,
                         self.wandb_sink(job.id),
                     )
                     .await
@@ -581,6 +637,8 @@ struct Run {
     /// The job as it was durably recorded when the run began.
     job: Job,
     adoption: Option<Adoption>,
+    /// The node's lease on the job, as the worker renews it.
+    lease: Lease,
 }
 
 impl Run {
@@ -741,13 +799,14 @@ impl Run {
                                 timeout,
                                 context.kill_grace,
                                 &stop,
+                                &self.lease,
                                 context.wandb_sink(job_id),
                             )
                             .await
                     }
                     _ => {
                         context
-                            .run_stage(&self.job, stage, &values, &log, timeout, &stop)
+                            .run_stage(&self.job, stage, &values, &log, timeout, &stop, &self.lease)
                             .await
                     }
                 }
@@ -828,7 +887,7 @@ impl Run {
             let timeout = stage.timeout.unwrap_or(context.timeout);
             let values = Values::new(&job, &stage.name, &context.data_dir.to_string_lossy());
             let outcome = context
-                .run_stage(&job, stage, &values, &log, timeout, stop)
+                .run_stage(&job, stage, &values, &log, timeout, stop, &self.lease)
                 .await;
             log.line(&format!(
                 "==> stage {} ended after {}: {}",
@@ -899,6 +958,7 @@ async fn run_process(
     log: &Log,
     timeout: Duration,
     stop: &CancellationToken,
+    lease: &Lease,
 ) -> Outcome {
     let grace = context.kill_grace;
     let args = supervisor::Args {
@@ -906,6 +966,7 @@ async fn run_process(
         max_log_bytes: log.max_bytes,
         grace,
         nofile: context.trainer_nofile,
+        on_lease_expiry: Vec::new(),
         argv: argv.iter().map(std::ffi::OsString::from).collect(),
     };
     let started = match Supervised::spawn(
@@ -928,15 +989,27 @@ async fn run_process(
     info!(%job_id, pid, "trainer started");
     // Full only if the worker is far behind; then it learns it from the next start.
     let _ = context.reports.started.try_send(job_id);
-    let stopped = tokio::select! {
-        end = trainer.ended() => return from_report(end),
-        _ = tokio::time::sleep(timeout) => {
-            warn!(%job_id, timeout = %humantime::format_duration(timeout), "trainer timed out; stopping it");
-            Outcome::TimedOut(timeout)
-        }
-        _ = stop.cancelled() => {
-            info!(%job_id, "stopping trainer");
-            Outcome::Stopped
+    let mut lease = lease.clone();
+    let window = *lease.borrow_and_update();
+    send_lease(&mut trainer, window).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stopped = loop {
+        tokio::select! {
+            end = trainer.ended() => {
+                if trainer.lease_expired {
+                    return Outcome::LeaseExpired;
+                }
+                return from_report(end);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(%job_id, timeout = %humantime::format_duration(timeout), "trainer timed out; stopping it");
+                break Outcome::TimedOut(timeout);
+            }
+            _ = stop.cancelled() => {
+                info!(%job_id, "stopping trainer");
+                break Outcome::Stopped;
+            }
+            window = next_lease(&mut lease) => send_lease(&mut trainer, window).await,
         }
     };
     if let Err(e) = trainer.stop(grace).await {
@@ -1077,6 +1150,7 @@ fn describe(outcome: &Outcome) -> String {
             humantime::format_duration(*after)
         ),
         Outcome::Lost(e) => format!("lost: {e}"),
+        Outcome::LeaseExpired => "stopped: the node's lease on the job was not renewed".into(),
     }
 }
 

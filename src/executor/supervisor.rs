@@ -26,9 +26,11 @@
 //! Daemon to supervisor (its stdin):
 //! - `stop`: SIGTERM to every process of the tree, SIGKILL to what remains after the grace.
 //! - `kill`: SIGKILL to every process of the tree now.
-//! - `lease MS`: unless another `lease` line arrives within MS milliseconds, stop the
-//!   trainer as for `stop` (and say `lease-expired`). A renewal that stops arriving, because
-//!   the daemon is paused or cut off, then stops the trainer without the daemon's help.
+//! - `lease MS [GRACE_MS]`: unless another `lease` line arrives within MS milliseconds,
+//!   stop the trainer as for `stop`, with GRACE_MS between SIGTERM and SIGKILL when given,
+//!   run the `--on-lease-expiry` command if there is one (`docker kill` of a container),
+//!   and say `lease-expired`. A renewal that stops arriving, because the daemon is paused
+//!   or cut off from the database, then stops the trainer without the daemon's help.
 //! - end of file: the daemon is gone; SIGKILL to the tree now.
 //!
 //! Supervisor to daemon (its stdout):
@@ -70,6 +72,9 @@ pub struct Args {
     pub grace: Duration,
     /// The soft descriptor limit the trainer gets; `None`: the supervisor's own.
     pub nofile: Option<u64>,
+    /// Run when a lease runs out, beside the stop (`docker kill` of the container whose
+    /// output this supervisor follows); empty: nothing.
+    pub on_lease_expiry: Vec<OsString>,
     /// The trainer's argv; its environment is the supervisor's own.
     pub argv: Vec<OsString>,
 }
@@ -89,6 +94,10 @@ impl Args {
             line.push("--nofile".into());
             line.push(nofile.to_string().into());
         }
+        for word in &self.on_lease_expiry {
+            line.push("--on-lease-expiry".into());
+            line.push(word.clone());
+        }
         line.push("--".into());
         line.extend(self.argv.iter().cloned());
         line
@@ -100,6 +109,7 @@ impl Args {
         let mut max_log_bytes = 0;
         let mut grace = Duration::from_secs(10);
         let mut nofile = None;
+        let mut on_lease_expiry = Vec::new();
         loop {
             let Some(flag) = line.next() else {
                 return Err("missing `--` before the trainer's argv".into());
@@ -120,6 +130,7 @@ impl Args {
                 "--max-log-bytes" => max_log_bytes = number()?,
                 "--grace-ms" => grace = Duration::from_millis(number()?),
                 "--nofile" => nofile = Some(number()?),
+                "--on-lease-expiry" => on_lease_expiry.push(value.clone()),
                 _ => return Err(format!("unknown argument {flag}")),
             }
         }
@@ -132,6 +143,7 @@ impl Args {
             max_log_bytes,
             grace,
             nofile,
+            on_lease_expiry,
             argv,
         })
     }
@@ -142,7 +154,8 @@ impl Args {
 pub enum Control {
     Stop,
     Kill,
-    Lease(Duration),
+    /// The lease's length, and the grace of the stop it makes when it runs out.
+    Lease(Duration, Option<Duration>),
 }
 
 impl Control {
@@ -150,20 +163,26 @@ impl Control {
         match self {
             Control::Stop => "stop\n".into(),
             Control::Kill => "kill\n".into(),
-            Control::Lease(ms) => format!("lease {}\n", ms.as_millis()),
+            Control::Lease(ms, None) => format!("lease {}\n", ms.as_millis()),
+            Control::Lease(ms, Some(grace)) => {
+                format!("lease {} {}\n", ms.as_millis(), grace.as_millis())
+            }
         }
     }
 
     fn parse(line: &str) -> Option<Control> {
         let mut words = line.split_whitespace();
-        match (words.next()?, words.next()) {
-            ("stop", None) => Some(Control::Stop),
-            ("kill", None) => Some(Control::Kill),
-            ("lease", Some(ms)) => ms
-                .parse()
-                .ok()
-                .map(Duration::from_millis)
-                .map(Control::Lease),
+        match (words.next()?, words.next(), words.next(), words.next()) {
+            ("stop", None, None, None) => Some(Control::Stop),
+            ("kill", None, None, None) => Some(Control::Kill),
+            ("lease", Some(ms), grace, None) => {
+                let ms = Duration::from_millis(ms.parse().ok()?);
+                let grace = match grace {
+                    Some(g) => Some(Duration::from_millis(g.parse().ok()?)),
+                    None => None,
+                };
+                Some(Control::Lease(ms, grace))
+            }
             _ => None,
         }
     }
@@ -219,6 +238,8 @@ pub struct Supervised {
     /// The supervisor's reports, read as they come by a task of their own, so that a
     /// W&B address reaches its sink while the trainer runs.
     reports: tokio::sync::mpsc::UnboundedReceiver<Report>,
+    /// The supervisor said its lease ran out: the stop that follows is the lease's.
+    pub lease_expired: bool,
 }
 
 /// Where a supervised trainer's first W&B address goes, as soon as it is printed.
@@ -281,6 +302,7 @@ impl Supervised {
             child,
             control,
             reports,
+            lease_expired: false,
         })
     }
 
@@ -301,6 +323,7 @@ impl Supervised {
             match self.next().await {
                 Some(Report::LeaseExpired) => {
                     warn!("a trainer's lease ran out; its supervisor stops it");
+                    self.lease_expired = true;
                 }
                 Some(end @ (Report::Exited(_) | Report::Signalled(_))) => {
                     let _ = self.child.wait().await;
@@ -326,9 +349,10 @@ impl Supervised {
         }
     }
 
-    /// Renews the trainer's lease: it is stopped unless renewed again within `ttl`.
-    pub async fn renew(&mut self, ttl: Duration) {
-        self.send(Control::Lease(ttl)).await;
+    /// Renews the trainer's lease: it is stopped, with `grace` between SIGTERM and
+    /// SIGKILL, unless renewed again within `ttl`.
+    pub async fn renew(&mut self, ttl: Duration, grace: Duration) {
+        self.send(Control::Lease(ttl, Some(grace))).await;
     }
 
     async fn send(&mut self, message: Control) {
@@ -397,6 +421,7 @@ struct Supervisor {
     output: Option<File>,
     log: LogWriter,
     grace: Duration,
+    on_lease_expiry: Vec<OsString>,
     /// Looks for the first W&B address in the output; `None` once it was found.
     wandb: Option<UrlScanner>,
     /// Found and not yet reported.
@@ -468,6 +493,7 @@ impl Supervisor {
             output: Some(read),
             log,
             grace: args.grace,
+            on_lease_expiry: args.on_lease_expiry.clone(),
             wandb: Some(UrlScanner::new(WANDB_PREFIX)),
             found: None,
         })
@@ -478,6 +504,7 @@ impl Supervisor {
         let mut control = Some(ControlReader::stdin());
         let mut kill_at: Option<Instant> = None;
         let mut lease_until: Option<Instant> = None;
+        let mut lease_grace: Option<Duration> = None;
         let mut status = None;
         let stop = |kill_at: &mut Option<Instant>, grace: Duration| {
             if kill_at.is_none() {
@@ -502,7 +529,8 @@ impl Supervisor {
             if lease_until.is_some_and(|at| at <= now) {
                 lease_until = None;
                 report(Report::LeaseExpired);
-                stop(&mut kill_at, self.grace);
+                stop(&mut kill_at, lease_grace.unwrap_or(self.grace));
+                self.run_on_lease_expiry();
             }
             let next = [kill_at, lease_until]
                 .into_iter()
@@ -558,7 +586,10 @@ impl Supervisor {
                                     signal_tree(libc::SIGKILL);
                                     kill_at = Some(Instant::now());
                                 }
-                                Control::Lease(ms) => lease_until = Some(Instant::now() + ms),
+                                Control::Lease(ms, grace) => {
+                                    lease_until = Some(Instant::now() + ms);
+                                    lease_grace = grace;
+                                }
                             }
                         }
                     }
@@ -578,6 +609,34 @@ impl Supervisor {
         } else {
             Report::Exited(-1)
         }
+    }
+
+    /// Runs the `--on-lease-expiry` command and waits for it a while: a container must be
+    /// killed before the lease can lapse.
+    fn run_on_lease_expiry(&self) {
+        let Some((program, args)) = self.on_lease_expiry.split_first() else {
+            return;
+        };
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!("warning: supervise: cannot run the lease-expiry command: {e}");
+                return;
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("warning: supervise: the lease-expiry command did not finish in 10 s");
     }
 
     /// Copies what the trainer wrote into the log; notes the end of its output.
@@ -1014,6 +1073,7 @@ mod tests {
             max_log_bytes: 1024,
             grace: Duration::from_millis(1500),
             nofile: Some(1024),
+            on_lease_expiry: vec!["docker".into(), "kill".into(), "tw-1-train".into()],
             argv: vec!["/bin/sh".into(), "-c".into(), "echo --log".into()],
         };
         let parsed = Args::parse(args.to_command_line().into_iter()).unwrap();
@@ -1021,6 +1081,7 @@ mod tests {
         assert_eq!(parsed.max_log_bytes, 1024);
         assert_eq!(parsed.grace, Duration::from_millis(1500));
         assert_eq!(parsed.nofile, Some(1024));
+        assert_eq!(parsed.on_lease_expiry, args.on_lease_expiry);
         assert_eq!(parsed.argv, args.argv);
         assert!(Args::parse(["--log".into(), "x".into()].into_iter()).is_err());
         assert!(Args::parse(["--log".into(), "x".into(), "--".into()].into_iter()).is_err());
@@ -1031,7 +1092,11 @@ mod tests {
         for control in [
             Control::Stop,
             Control::Kill,
-            Control::Lease(Duration::from_millis(5000)),
+            Control::Lease(Duration::from_millis(5000), None),
+            Control::Lease(
+                Duration::from_millis(5000),
+                Some(Duration::from_millis(300)),
+            ),
         ] {
             assert_eq!(Control::parse(&control.line()), Some(control));
         }

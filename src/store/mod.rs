@@ -48,6 +48,82 @@ pub struct Change {
     pub placement: Placement,
 }
 
+/// A [`Change`] as the worker writes it: on the record it was decided from, and whose claim
+/// on the job it needs. The file store has one writer and ignores both; the database store
+/// refuses the change with [`StoreError::Conflict`] when either does not hold.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub change: Change,
+    /// The version of the record the change was decided from (0: a new job).
+    pub base: u64,
+    pub fence: Fence,
+}
+
+/// Whose claim on a job a write needs, when several nodes share the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// The job is no node's, or this node's with its lease still holding: every change of
+    /// the node that runs the job, and every change of a job that does not run.
+    Owner,
+    /// The job is this node's, or its owner's lease has lapsed: a boot putting back what
+    /// its crash cut, and a takeover.
+    Recover,
+    /// Whoever runs it: a cancel, which the owner learns from the record.
+    Any,
+}
+
+/// A job record as the database holds it, read because another node changed it (or a
+/// write of this node's met it instead of the version it expected).
+#[derive(Clone, Debug)]
+pub struct Remote {
+    pub job: Job,
+    pub placement: Placement,
+    /// The node whose running job it is.
+    pub owner: Option<String>,
+    /// Its owner's lease has lapsed: any node may take it over.
+    pub expired: bool,
+    pub version: u64,
+}
+
+/// What the database store tells the worker about the other nodes and this node's leases.
+#[derive(Debug)]
+pub enum ClusterEvent {
+    /// Records another node changed, or this node must read again.
+    Changed(Vec<Remote>),
+    /// Running jobs whose owner's lease has lapsed: to take over, as a boot recovers what a
+    /// crash cut.
+    Expired(Vec<Remote>),
+    /// This node renewed its leases: the jobs it still holds, and until when, by this
+    /// process's clock, the shortest of the leases surely holds. A running job of this node
+    /// that is not listed has lost its lease.
+    Renewed {
+        held: Vec<JobId>,
+        /// When the renewal was sent: starts that landed after it are not in `held`.
+        asked_at: std::time::Instant,
+        until: std::time::Instant,
+    },
+}
+
+/// A node of the cluster, as `GET /v1/nodes` shows it.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct NodeView {
+    /// The node's name (`cluster.node_id`).
+    pub id: String,
+    /// Where its API is reached (`cluster.address`).
+    pub address: String,
+    /// Whether the node is up now: it holds its lock on the database.
+    pub live: bool,
+    /// When it started, RFC 3339.
+    pub started_at: String,
+    /// Its last heartbeat, RFC 3339.
+    pub heartbeat_at: String,
+    /// The ids of the jobs it runs.
+    pub running: Vec<String>,
+    /// Its GPUs, and those free at its last heartbeat.
+    pub gpus: Vec<u32>,
+    pub free_gpus: Vec<u32>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Nothing was written (disk full, I/O error, read-only dir, the database out of reach);
@@ -66,6 +142,11 @@ pub enum StoreError {
     /// The store has stopped.
     #[error("the store has stopped")]
     Closed,
+    /// Nothing of the commit was stored: the job's record is not the one the change was
+    /// decided from (another node changed it), or the claim the change needs does not hold.
+    /// `current` is the record now, when the database could say.
+    #[error("the job changed on another node")]
+    Conflict { current: Option<Box<Remote>> },
 }
 
 impl StoreError {
@@ -104,6 +185,43 @@ impl StoreHandle {
         }
     }
 
+    /// Makes `writes` durable, each on the record and claim it names (see [`Write`]).
+    pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Files(files) => {
+                files
+                    .commit(writes.into_iter().map(|w| w.change).collect())
+                    .await
+            }
+            Backend::Postgres(pg) => pg.write(writes).await,
+        }
+    }
+
+    /// The nodes sharing the database, or `None` for the file store (a single box).
+    pub async fn nodes(&self) -> Option<Result<Vec<NodeView>, StoreError>> {
+        match &self.backend {
+            Backend::Files(_) => None,
+            Backend::Postgres(pg) => Some(pg.nodes().await),
+        }
+    }
+
+    /// Reads the records of `ids` again, for a worker that cannot tell what another node
+    /// did to them; `None` for the file store, which has no other writer.
+    pub async fn reload(&self, ids: Vec<JobId>) -> Option<Result<Vec<Remote>, StoreError>> {
+        match &self.backend {
+            Backend::Files(_) => None,
+            Backend::Postgres(pg) => Some(pg.reload(ids).await),
+        }
+    }
+
+    /// Tells the cluster task what the node's heartbeat reports: its free GPUs and how
+    /// many jobs it runs. Nothing for the file store.
+    pub fn report(&self, gpus: Vec<u32>, free_gpus: Vec<u32>, running: usize) {
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.report(gpus, free_gpus, running);
+        }
+    }
+
     /// Gives queued jobs new ranks without writing their records: for an order the records
     /// already imply (the deadline order, at boot), so there is nothing new to make
     /// durable. A job that is not queued is left alone, so a finished job never comes back.
@@ -133,6 +251,13 @@ pub struct Recovered {
     /// Records that could not be read and were set aside (files to `quarantine/`, rows to
     /// the quarantine table).
     pub quarantined: usize,
+    /// Each record's version, for [`Write::base`] (empty for the file store).
+    pub versions: std::collections::HashMap<JobId, u64>,
+    /// The ranks of `order` as the database holds them, shared with the other nodes (empty
+    /// for the file store, whose ranks are the replay order's).
+    pub ranks: std::collections::HashMap<JobId, u64>,
+    /// Jobs other nodes run: in `jobs`, not in `order`.
+    pub elsewhere: std::collections::HashMap<JobId, String>,
 }
 
 /// An open store: its handle, what it recovered, and how to wait for its end.
@@ -140,6 +265,8 @@ pub struct Opened {
     pub handle: StoreHandle,
     pub recovered: Recovered,
     pub ended: Ended,
+    /// The database store's news for the worker; `None` for the file store.
+    pub cluster: Option<tokio::sync::mpsc::Receiver<ClusterEvent>>,
 }
 
 /// Waits for a backend's end once every [`StoreHandle`] is dropped: the file store's
@@ -170,7 +297,7 @@ pub enum OpenError {
     /// The database cannot be reached (exit 69).
     #[error("{0}")]
     Unreachable(String),
-    /// Another daemon holds the store (exit 75).
+    /// Another daemon holds the store, or a live node has this node's name (exit 75).
     #[error("{0}")]
     Held(String),
 }
@@ -199,8 +326,10 @@ pub async fn open(
                     quarantined: opened.recovered.damaged.len(),
                     jobs: opened.recovered.jobs,
                     order: opened.recovered.order,
+                    ..Recovered::default()
                 },
                 ended: Ended::Thread(opened.thread),
+                cluster: None,
             })
         }
         crate::config::StoreKind::Postgres(pg) => postgres::open(pg, fatal).await,

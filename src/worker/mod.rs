@@ -13,6 +13,7 @@
 //! changes reach the disk one at a time and in order.
 
 mod clock;
+mod cluster;
 mod offers;
 mod plan;
 mod queue;
@@ -33,8 +34,11 @@ use crate::config::WorkerConfig;
 use crate::executor::{Adoption, Event, Execution, Executor, Outcome, Reports, StageDone};
 use crate::job::{Job, JobId, Status, Timestamp};
 use crate::metrics::METRICS;
-use crate::store::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
+use crate::store::{
+    Change, FIRST_QUEUED_RANK, NodeView, Placement, Remote, StoreError, StoreHandle, Write,
+};
 pub use clock::Clock;
+pub use cluster::ClusterBoot;
 use offers::Reservations;
 pub use offers::{Offer, OfferAnswer};
 pub use plan::Estimate;
@@ -136,6 +140,14 @@ enum Command {
         adopted: HashMap<JobId, Adoption>,
         respond_to: oneshot::Sender<()>,
     },
+    /// From the database store: a job's row as another node left it.
+    Remote(Box<Remote>),
+    /// From the database store: a running job whose owner's lease has lapsed.
+    Takeover(Box<Remote>),
+    /// The nodes sharing the queue (see [`WorkerHandle::nodes`]).
+    Nodes {
+        respond_to: oneshot::Sender<Result<Vec<NodeView>, WorkerError>>,
+    },
 }
 
 impl Command {
@@ -150,6 +162,7 @@ impl Command {
             Command::Interrupted { id, .. } => Some(*id),
             Command::Wandb { id, .. } => Some(*id),
             Command::StartNow { job, .. } => Some(job.id),
+            Command::Remote(row) | Command::Takeover(row) => Some(row.job.id),
             _ => None,
         }
     }
@@ -167,6 +180,7 @@ impl Command {
                 | Command::AwaitingSurvey { .. }
                 | Command::Gpus { .. }
                 | Command::ReadJobs { .. }
+                | Command::Nodes { .. }
         )
     }
 }
@@ -427,6 +441,12 @@ impl WorkerHandle {
     /// trainer that exits: a watcher wakes, then asks for what it shows. A `watch`, so the
     /// actor's cost per change is one store and one wake-up however many watch it, and a
     /// slow watcher sees only the latest value, never a backlog.
+    /// The nodes sharing the queue, sorted by id: every node of the database, or this
+    /// daemon alone with the file store.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, WorkerError> {
+        self.ask(|respond_to| Command::Nodes { respond_to }).await?
+    }
+
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
@@ -448,6 +468,10 @@ pub struct Boot {
     /// Running jobs whose container may still run, but docker could not be asked: they stay
     /// Running on their GPUs until [`WorkerHandle::surveyed`] says what became of them.
     pub unsurveyed: Vec<JobId>,
+    /// This daemon's name and address, as `GET /v1/nodes` shows it.
+    pub node: (String, String),
+    /// With the database store: this node among the others.
+    pub cluster: Option<ClusterBoot>,
 }
 
 /// What boot did, for the summary line.
@@ -512,6 +536,11 @@ enum Pending {
         started: Option<Timestamp>,
         ack: oneshot::Sender<()>,
     },
+    /// A running job whose owner's lease lapsed, taken over: requeued first, or failed.
+    Recover {
+        job: Job,
+        placement: Placement,
+    },
 }
 
 impl Pending {
@@ -524,7 +553,8 @@ impl Pending {
             | Pending::Retry { job, .. }
             | Pending::Requeue { job, .. }
             | Pending::Wandb { job, .. }
-            | Pending::StageDone { job, .. } => job,
+            | Pending::StageDone { job, .. }
+            | Pending::Recover { job, .. } => job,
         }
     }
 
@@ -542,6 +572,7 @@ impl Pending {
             | Pending::StageDone { rank, .. }
             | Pending::Wandb { rank, .. } => Placement::Running(*rank),
             Pending::Finish { .. } | Pending::Cancel { .. } => Placement::Off,
+            Pending::Recover { placement, .. } => *placement,
         }
     }
 }
@@ -565,6 +596,9 @@ struct Running {
 enum StopReason {
     Cancel,
     Shutdown,
+    /// The job is no longer this node's (another node changed it, or its lease was not
+    /// renewed): nothing of the trainer's end is written.
+    Lost,
 }
 
 /// The actor. Private: the rest of the program holds a [`WorkerHandle`].
@@ -630,6 +664,12 @@ pub struct Worker {
     /// Bumped after each landed change and trainer exit; see
     /// [`WorkerHandle::subscribe_changes`].
     changes: watch::Sender<u64>,
+    /// This daemon's name and address.
+    node: (String, String),
+    /// When this daemon started, for `GET /v1/nodes`.
+    started_at: Timestamp,
+    /// With the database store: this node among the others.
+    cluster: Option<cluster::ClusterState>,
 }
 
 impl Worker {
@@ -666,8 +706,13 @@ impl Worker {
         let mut recovered = Vec::new();
         let at = crate::job::format_timestamp(&now);
         for (i, id) in boot.order.into_iter().enumerate() {
-            // The same rank the store gave this job when it placed the replay order.
-            let rank = FIRST_QUEUED_RANK + i as u64;
+            // The same rank the store gave this job when it placed the replay order, or
+            // the one the nodes share.
+            let rank = boot
+                .cluster
+                .as_ref()
+                .and_then(|c| c.ranks.get(&id).copied())
+                .unwrap_or(FIRST_QUEUED_RANK + i as u64);
             let Some(job) = jobs.get_mut(&id) else {
                 continue;
             };
@@ -747,17 +792,50 @@ impl Worker {
         }
         // The store placed every unfinished job by replay order with the same ranks, so only
         // the rewritten records need a write.
-        store.commit(changes).await?;
-        store
-            .rerank(plan::deadline_ranks(&mut queue, &jobs, config.order))
-            .await?;
+        let mut cluster = boot.cluster.map(cluster::ClusterState::new);
+        let mut met = Vec::new();
+        match cluster.as_mut() {
+            None => {
+                store.commit(changes).await?;
+                store
+                    .rerank(plan::deadline_ranks(&mut queue, &jobs, config.order))
+                    .await?;
+            }
+            Some(cluster) => {
+                // Each on its own: one another node took over meanwhile leaves the rest.
+                let writes = changes.into_iter().map(|change| {
+                    let id = change.job.id;
+                    let base = cluster.versions.get(&id).copied().unwrap_or(0);
+                    let store = store.clone();
+                    async move {
+                        let write = Write {
+                            change,
+                            base,
+                            fence: crate::store::Fence::Recover,
+                        };
+                        (id, store.write(vec![write]).await)
+                    }
+                });
+                for (id, result) in futures_util::future::join_all(writes).await {
+                    match result {
+                        Ok(()) => {
+                            *cluster.versions.entry(id).or_insert(0) += 1;
+                        }
+                        Err(StoreError::Conflict { current }) => {
+                            met.extend(current.map(|c| *c));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
         for job in jobs.values() {
             METRICS.job_status_changed(None, job.status);
         }
         METRICS.recovered.inc_by(report.requeued as u64);
         METRICS.failed.inc_by(report.failed_attempts as u64);
 
-        let worker = Worker {
+        let mut worker = Worker {
             executor: executor_for(Reports {
                 events: events_tx,
                 stage_done: stage_done_tx,
@@ -794,7 +872,14 @@ impl Worker {
             unwritten: 0,
             unsurveyed,
             changes: changes_tx,
+            node: boot.node,
+            started_at: now,
+            cluster,
         };
+        // Rows another node changed while this boot wrote its own.
+        for remote in met {
+            worker.apply_remote(remote);
+        }
         let handle = WorkerHandle {
             inbox: inbox_tx,
             storage: worker.store.trouble_watch(),
@@ -858,6 +943,7 @@ impl Worker {
                 Some(id) = self.started.recv() => self.trainer_started(id),
                 Some((id, url)) = self.wandb.recv() => self.handle(Command::Wandb { id, url }),
                 Some((pending, result)) = self.in_flight.next() => self.landed(pending, result),
+                Some(event) = cluster::next_event(&mut self.cluster) => self.on_cluster(event),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.retry_at = None;
                     self.retry_unrecorded();
@@ -872,6 +958,11 @@ impl Worker {
             }
             if changed {
                 self.estimates_cache = None;
+                self.store.report(
+                    self.config.gpus.clone(),
+                    self.free_gpus(),
+                    self.running.len(),
+                );
             }
         }
         info!("worker stopped");
@@ -945,6 +1036,33 @@ impl Worker {
                 let _ = respond_to.send(());
             }
             Command::Wandb { id, url } => self.note_wandb(id, url),
+            Command::Remote(row) => self.apply_remote(*row),
+            Command::Takeover(row) => self.take_over(*row),
+            Command::Nodes { respond_to } => {
+                let store = self.store.clone();
+                let local = NodeView {
+                    id: self.node.0.clone(),
+                    address: self.node.1.clone(),
+                    live: true,
+                    started_at: crate::job::format_timestamp(&self.started_at),
+                    heartbeat_at: crate::job::format_timestamp(&self.clock.now()),
+                    running: self
+                        .queue
+                        .running()
+                        .iter()
+                        .map(|id| id.to_string())
+                        .collect(),
+                    gpus: self.config.gpus.clone(),
+                    free_gpus: self.free_gpus(),
+                };
+                tokio::spawn(async move {
+                    let answer = match store.nodes().await {
+                        Some(nodes) => nodes.map_err(WorkerError::Store),
+                        None => Ok(vec![local]),
+                    };
+                    let _ = respond_to.send(answer);
+                });
+            }
             Command::Interrupted { id, shutdown } => {
                 if let Some(job) = self.jobs.get(&id).filter(|j| j.status == Status::Running) {
                     let job = job.clone();
@@ -1144,8 +1262,16 @@ impl Worker {
         };
         self.busy.entry(pending.job_id()).or_default();
         let store = self.store.clone();
+        let write = self.cluster.as_ref().map(|cluster| Write {
+            base: cluster.versions.get(&change.job.id).copied().unwrap_or(0),
+            fence: Self::fence_of(&pending),
+            change: change.clone(),
+        });
         self.in_flight.push(Box::pin(async move {
-            let result = store.commit(vec![change]).await;
+            let result = match write {
+                Some(write) => store.write(vec![write]).await,
+                None => store.commit(vec![change]).await,
+            };
             if let (Ok(()), Some(then)) = (&result, then) {
                 then.await;
             }
@@ -1184,6 +1310,44 @@ impl Worker {
     fn landed(&mut self, pending: Pending, result: Result<(), StoreError>) {
         self.changed();
         let id = pending.job_id();
+        if let Some(cluster) = self.cluster.as_mut() {
+            match &result {
+                Ok(()) => {
+                    *cluster.versions.entry(id).or_insert(0) += 1;
+                    match pending.placement() {
+                        Placement::Running(_) => {
+                            cluster.elsewhere.remove(&id);
+                            cluster.claimed.entry(id).or_insert_with(Instant::now);
+                        }
+                        _ => {
+                            cluster.claimed.remove(&id);
+                            cluster.elsewhere.remove(&id);
+                        }
+                    }
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    let Err(StoreError::Conflict { current }) = result else {
+                        unreachable!("matched above");
+                    };
+                    // Commands that waited for this write wait for whatever the conflict's
+                    // answer writes, or run now.
+                    let waiting = self.busy.remove(&id);
+                    self.conflicted(pending, current);
+                    if let Some(waiting) = waiting {
+                        match self.busy.get_mut(&id) {
+                            Some(again) => again.extend(waiting),
+                            None => {
+                                for command in waiting {
+                                    self.handle(command);
+                                }
+                            }
+                        }
+                    }
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
         match (pending, result) {
             (
                 Pending::Submit {
@@ -1393,6 +1557,25 @@ impl Worker {
                 self.schedule_retry();
             }
             (Pending::Wandb { job, .. }, Ok(())) => self.put(job),
+            (Pending::Recover { job, placement }, Ok(())) => {
+                match placement {
+                    Placement::Queued(rank) => {
+                        METRICS.recovered.inc();
+                        self.queue
+                            .insert_queued(rank, id, plan::needs(&self.config, &job));
+                    }
+                    _ => {
+                        METRICS.failed.inc();
+                        self.queue.remove(id);
+                        tokio::spawn(self.executor.forget_job(id));
+                    }
+                }
+                self.put(job);
+            }
+            (Pending::Recover { .. }, Err(e)) => {
+                // Another turn of the cluster task finds the lease lapsed again.
+                warn!(job_id = %id, error = %e, "cannot take over the lapsed job now; will retry");
+            }
             (Pending::Wandb { job, .. }, Err(e)) => {
                 // Only an address shown with the task: not worth a retry loop.
                 warn!(job_id = %id, url = job.wandb_url.as_deref().unwrap_or(""), error = %e, "cannot record the W&B address; it is not shown");
@@ -1938,6 +2121,18 @@ impl Worker {
         }
         if job.status != Status::Running {
             // Cancelled while running: the record was final before the trainer stopped.
+            return;
+        }
+        if stop_reason == Some(StopReason::Lost) {
+            // Another node's now, or about to be: nothing of this run is written.
+            info!(job_id = %id, "the trainer of a job this node lost has stopped");
+            return;
+        }
+        if event.outcome == Outcome::LeaseExpired {
+            // The supervisor stopped it: this node could not renew its lease in time. The
+            // start counts, as a crash's would.
+            warn!(job_id = %id, "the trainer was stopped because this node could not renew its lease; requeued first");
+            self.requeue_counted(id);
             return;
         }
         if stop_reason == Some(StopReason::Shutdown) && event.outcome == Outcome::Stopped {

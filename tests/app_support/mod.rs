@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use training_worker::api::{self, AppState};
+use training_worker::config::{ClusterConfig, PostgresConfig, StoreConfig, StoreKind};
 use training_worker::config::{ExecutorConfig, WorkerConfig};
-use training_worker::config::{PostgresConfig, StoreConfig, StoreKind};
 use training_worker::executor::Executor;
 use training_worker::executor::template::Template;
 use training_worker::store::{self, Ended, Opened};
@@ -147,6 +147,7 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
             kind: StoreKind::Postgres(PostgresConfig {
                 url: url.clone(),
                 pool_size: 4,
+                cluster: ClusterConfig::exclusive("router-tests"),
             }),
         },
         None => StoreConfig::default(),
@@ -176,6 +177,8 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
             order: recovered.order,
             adopted: Default::default(),
             unsurveyed: Vec::new(),
+            node: ("router-tests".into(), "http://127.0.0.1:0".into()),
+            cluster: None,
         },
         shutdown.clone(),
     )
