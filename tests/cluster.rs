@@ -91,7 +91,8 @@ async fn a_second_live_node_with_the_same_id_exits_75_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once() {
     const TEST: &str = "two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once";
-    const JOBS: usize = 2_000;
+    // `TW_CLUSTER_JOBS` makes it smaller or larger.
+    let count = reliability::count_from_env("TW_CLUSTER_JOBS", 2_000);
     const CLIENTS: usize = 24;
     let Some(server) = Postgres::shared(TEST) else {
         return;
@@ -106,12 +107,12 @@ async fn two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once() {
 
     // Many clients at once, each on one node, each job with an id of its own.
     let next = AtomicUsize::new(0);
-    let submitted = Mutex::new(Vec::with_capacity(JOBS));
+    let submitted = Mutex::new(Vec::with_capacity(count));
     let http = reliability::http_client(secs(30));
     let clients = (0..CLIENTS).map(|c| {
         let (node, next, submitted, http) = (&nodes[c % nodes.len()], &next, &submitted, &http);
         async move {
-            while next.fetch_add(1, Ordering::SeqCst) < JOBS {
+            while next.fetch_add(1, Ordering::SeqCst) < count {
                 let id = uuid::Uuid::new_v4().to_string();
                 let fate = submit(http, node.base(), &job_with_id(&id, "ok")).await;
                 assert_eq!(fate, Fate::Acked, "submission {id} to node {}", node.id);
@@ -122,26 +123,13 @@ async fn two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once() {
     let began = Instant::now();
     futures_util::future::join_all(clients).await;
     let submitted: HashSet<String> = submitted.into_inner().expect("ids").into_iter().collect();
-    assert_eq!(submitted.len(), JOBS);
-    eprintln!("{JOBS} jobs acknowledged in {:?}", began.elapsed());
+    assert_eq!(submitted.len(), count);
+    eprintln!("{count} jobs acknowledged in {:?}", began.elapsed());
 
     // Every node sees every job end Completed (the queue first: it is cheap to ask for).
     for node in &nodes {
-        wait_until(
-            format_args!("node {}'s queue is empty", node.id),
-            secs(600),
-            async || {
-                let (running, queued) = node.queue().await;
-                (running.is_empty() && queued.is_empty()).then_some(())
-            },
-        )
-        .await;
-        wait_until(
-            format_args!("node {} lists {JOBS} jobs Completed", node.id),
-            secs(60),
-            async || (node.list_ids("Completed").await.len() == JOBS).then_some(()),
-        )
-        .await;
+        cluster.wait_settled(server, node, secs(600)).await;
+        cluster.wait_completed(server, node, count, secs(60)).await;
     }
     eprintln!("all Completed after {:?}", began.elapsed());
 
@@ -168,8 +156,8 @@ async fn two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once() {
     for node in &nodes {
         let jobs = node.jobs().await;
         let listed: HashSet<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(jobs.len(), JOBS, "node {} lists each job once", node.id);
-        assert_eq!(listed.len(), JOBS, "node {} lists each job once", node.id);
+        assert_eq!(jobs.len(), count, "node {} lists each job once", node.id);
+        assert_eq!(listed.len(), count, "node {} lists each job once", node.id);
         for (id, job) in &jobs {
             assert!(submitted.contains(id), "node {} lists {id}", node.id);
             assert_eq!(job["status"], "Completed", "{job}");

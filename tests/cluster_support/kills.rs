@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Cluster, Fate, Node, submit};
 use crate::reliability::{self, Rng};
 use crate::support::pg::Postgres;
-use crate::support::{Settings, secs, text_job, wait_until};
+use crate::support::{Settings, secs, text_job};
 
 const DEFAULT_ROUNDS: usize = 8;
 const NODES: [&str; 3] = ["a", "b", "c"];
@@ -180,13 +180,18 @@ pub async fn run(server: &Postgres) {
         count(|f| *f == Fate::Unknown),
         count(|f| matches!(f, Fate::Refused(_) | Fate::NotSent)),
     );
-    check(&cluster, &nodes, &fates).await;
+    check(server, &cluster, &nodes, &fates).await;
     eprintln!("checked after {:?}", began.elapsed());
 }
 
 /// Every acknowledged job listed once by every node, Completed, its last run ended by
 /// itself; nothing refused or never sent anywhere; no overlapping trainers.
-async fn check(cluster: &Cluster, nodes: &[Node], fates: &HashMap<String, Fate>) {
+async fn check(
+    server: &Postgres,
+    cluster: &Cluster,
+    nodes: &[Node],
+    fates: &HashMap<String, Fate>,
+) {
     // A job whose fate is unknown may exist; if it does, it is like an acknowledged one.
     let mut expected: HashSet<String> = HashSet::new();
     for (id, fate) in fates {
@@ -201,15 +206,7 @@ async fn check(cluster: &Cluster, nodes: &[Node], fates: &HashMap<String, Fate>)
         }
     }
     for node in nodes {
-        wait_until(
-            format_args!("node {} shows every stored job finished", node.id),
-            secs(180),
-            async || {
-                let (running, queued) = node.queue().await;
-                (running.is_empty() && queued.is_empty()).then_some(())
-            },
-        )
-        .await;
+        cluster.wait_settled(server, node, secs(180)).await;
         let jobs = node.jobs().await;
         let mut seen = HashSet::new();
         for (id, job) in &jobs {

@@ -18,7 +18,10 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{Daemon, Record, Sandbox, Settings, pid_alive, wait_until};
+use crate::support::pg::Postgres;
+use crate::support::{
+    Daemon, Record, Sandbox, Settings, pid_alive, wait_until, wait_until_or_timeout,
+};
 
 /// The cluster tests share two cores with everything else; one at a time, so that a short
 /// lease is not missed for want of CPU.
@@ -32,6 +35,7 @@ pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// Nodes sharing one database and one sandbox.
 pub struct Cluster {
     pub sandbox: Sandbox,
+    pub url: String,
     /// `TRAINING_WORKER_CLUSTER_LEASE`, when the test shortens the lease.
     lease: Option<&'static str>,
 }
@@ -104,7 +108,11 @@ impl Cluster {
         sandbox.configure(settings);
         sandbox.set_env("TRAINING_WORKER_STORE_KIND", "postgres");
         sandbox.set_env("TRAINING_WORKER_DATABASE_URL", url.as_str());
-        Cluster { sandbox, lease }
+        Cluster {
+            sandbox,
+            url,
+            lease,
+        }
     }
 
     /// The data dir of the node named `dir` (a node's id, unless a test gives two daemons
@@ -177,6 +185,80 @@ impl Cluster {
         let id = uuid::Uuid::new_v4().to_string();
         self.sandbox.hold(&id);
         id
+    }
+
+    /// Waits until `node` shows no job running or queued; if that does not come, fails with
+    /// what the database holds of the unfinished jobs.
+    pub async fn wait_settled(&self, server: &Postgres, node: &Node, timeout: Duration) {
+        let settled = wait_until_or_timeout(timeout, async || {
+            let (running, queued) = node.queue().await;
+            (running.is_empty() && queued.is_empty()).then_some(())
+        })
+        .await;
+        if settled.is_none() {
+            let (running, queued) = node.queue().await;
+            let rows = server.psql(
+                self.url.rsplit('/').next().expect("a database"),
+                "SELECT id, status, placement, owner, lease_until, now(), generation, version \
+                 FROM tw_jobs WHERE placement <> 'off' ORDER BY placement, rank LIMIT 40",
+            );
+            panic!(
+                "node {} still shows running {running:?} and queued {queued:?} after \
+                 {timeout:?}; the database's unfinished rows (id|status|placement|owner|\
+                 lease_until|now|generation|version):\n{}",
+                node.id,
+                rows.unwrap_or_else(|e| e)
+            );
+        }
+    }
+
+    /// Waits until `node` lists `count` jobs Completed; if that does not come, fails with
+    /// the other jobs as the node and the database show them.
+    pub async fn wait_completed(
+        &self,
+        server: &Postgres,
+        node: &Node,
+        count: usize,
+        timeout: Duration,
+    ) {
+        let done = wait_until_or_timeout(timeout, async || {
+            (node.list_ids("Completed").await.len() == count).then_some(())
+        })
+        .await;
+        if done.is_none() {
+            let others: Vec<(String, Value)> = node
+                .jobs()
+                .await
+                .into_iter()
+                .filter(|(_, job)| job["status"] != "Completed")
+                .collect();
+            let ids: Vec<String> = others.iter().map(|(id, _)| format!("'{id}'")).collect();
+            let rows = server.psql(
+                self.url.rsplit('/').next().expect("a database"),
+                &format!(
+                    "SELECT id, status, placement, owner, lease_until, now(), generation, \
+                     version FROM tw_jobs WHERE id IN ({}) LIMIT 40",
+                    if ids.is_empty() {
+                        "NULL".to_string()
+                    } else {
+                        ids.join(",")
+                    }
+                ),
+            );
+            let shown: Vec<String> = others
+                .iter()
+                .take(40)
+                .map(|(id, job)| format!("{id} {} attempts {}", job["status"], job["attempts"]))
+                .collect();
+            panic!(
+                "node {} lists {} jobs that are not Completed after {timeout:?} (of {count}): \
+                 {shown:#?}\nthe database's rows (id|status|placement|owner|lease_until|now|\
+                 generation|version):\n{}",
+                node.id,
+                others.len(),
+                rows.unwrap_or_else(|e| e)
+            );
+        }
     }
 
     /// Checks that no two trainers of one job ever ran at once: no trainer found the job's
