@@ -2498,4 +2498,75 @@ env = { TRANSFORMERS_CACHE = "/cache/hf_cache" }
         assert!(unknown_variables(["TRAINING_WORKER_GOD_TRAINER_GPU_TYPES".into()]).is_empty());
         assert!(unknown_variables(["TRAINING_WORKER_WORKER_NVIDIA_SMI".into()]).is_empty());
     }
+
+    #[test]
+    fn cluster_settings_name_the_node_and_its_lease() {
+        let dir = setup();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.cluster.lease, Duration::from_secs(15));
+        assert!(!c.cluster.node_id.is_empty());
+        assert!(
+            c.cluster
+                .node_id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')),
+            "the host name made a valid id: {:?}",
+            c.cluster.node_id
+        );
+        assert_eq!(c.cluster.address, "http://127.0.0.1:8787");
+        assert!(!c.cluster.exclusive);
+
+        let file = dir.path().join("config/default.toml");
+        std::fs::write(
+            &file,
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://db/q\"\n\
+             [cluster]\nnode_id = \"gpu-box-1\"\nlease = \"30s\"\naddress = \"https://box1:8787\"\n",
+        )
+        .unwrap();
+        let c = load(dir.path(), &[], Overrides::default()).unwrap();
+        assert_eq!(c.cluster.node_id, "gpu-box-1");
+        assert_eq!(c.cluster.lease, Duration::from_secs(30));
+        assert_eq!(c.cluster.address, "https://box1:8787");
+        let StoreKind::Postgres(pg) = &c.store.kind else {
+            panic!("the database store");
+        };
+        assert_eq!(pg.cluster, c.cluster);
+        let env = [
+            ("TRAINING_WORKER_NODE_ID", "b2"),
+            ("TRAINING_WORKER_CLUSTER_LEASE", "6s"),
+        ];
+        let c = load(dir.path(), &env, Overrides::default()).unwrap();
+        assert_eq!(
+            (c.cluster.node_id.as_str(), c.cluster.lease),
+            ("b2", Duration::from_secs(6))
+        );
+
+        for (text, env, key) in [
+            ("[cluster]\nnode_id = \"a b\"\n", None, "cluster.node_id"),
+            ("[cluster]\nnode_id = \"\"\n", None, "cluster.node_id"),
+            ("[cluster]\nlease = \"1s\"\n", None, "cluster.lease"),
+            ("[cluster]\nlease = \"soon\"\n", None, "cluster.lease"),
+            ("[cluster]\nleases = \"9s\"\n", None, "leases"),
+            (
+                "",
+                Some(("TRAINING_WORKER_NODE_ID", "x/y")),
+                "TRAINING_WORKER_NODE_ID",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let env: Vec<(&str, &str)> = env.into_iter().collect();
+            let err = load(dir.path(), &env, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        assert!(
+            unknown_variables([
+                "TRAINING_WORKER_NODE_ID".into(),
+                "TRAINING_WORKER_CLUSTER_LEASE".into(),
+                "TRAINING_WORKER_CLUSTER_ADDRESS".into()
+            ])
+            .is_empty()
+        );
+    }
 }

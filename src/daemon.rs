@@ -60,6 +60,8 @@ const LEFTOVER_PATIENCE: Duration = Duration::from_secs(10);
 /// Runs the daemon until `stop` (a signal, in production) or a fatal storage error.
 /// Errors are logged here, in one line each; the exit code says what happened.
 pub async fn run(mut config: Config, stop: impl Future<Output = ()> + Send + 'static) -> Exit {
+    // Before anything is served: every scrape carries the node's name.
+    METRICS.set_node(&config.cluster.node_id);
     if let Err(e) = resolve_gpus(&mut config).await {
         error!("bad configuration: {e}");
         return Exit::Config;

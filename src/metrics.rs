@@ -1,18 +1,25 @@
 //! The daemon's metrics, served as Prometheus text at `GET /metrics`.
 //!
-//! One process-wide registry ([`METRICS`]) of `prometheus-client` metrics: the worker, the
+//! One process-wide set ([`METRICS`]) of `prometheus-client` metrics: the worker, the
 //! store and the daemon update it where things happen, and a scrape only reads it. Names
 //! follow Prometheus conventions: `training_worker_` prefix, `_total` for counters (which
 //! `prometheus-client` adds itself, so counters are registered without it), base units
 //! (seconds) in the name. Every label value a family has is created at start, so a scrape
 //! shows each at 0 before it first happens.
 //!
+//! Every sample also carries `node="<cluster.node_id>"`, so that the scrapes of several
+//! daemons sharing one queue stay apart under any scrape config. The node's name is known
+//! only once the configuration is read, and a metric may count before that, so the
+//! registry is built at each scrape from the metrics' registrations, under the label the
+//! daemon set once with [`Metrics::set_node`].
+//!
 //! `prometheus-client` writes OpenMetrics; [`Metrics::render`] serves the same samples in
 //! the Prometheus text format 0.0.4 (`GET /metrics` says `text/plain; version=0.0.4`), which
 //! every scraper reads: see [`to_prometheus_text`].
 
-use std::sync::LazyLock;
+use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode_registry;
@@ -23,7 +30,7 @@ use prometheus_client::registry::Registry;
 
 use crate::job::Status;
 
-/// The registry.
+/// The metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// Upper bounds of a histogram's buckets (the `+Inf` bucket is implied).
@@ -66,10 +73,19 @@ impl Histogram {
     }
 }
 
-/// Everything the daemon counts. The fields are handles onto the metrics in `registry`:
-/// updating one updates what a scrape reads.
+/// Puts one metric (a handle onto it: a clone counts the same) in a registry.
+type Registration = Box<dyn Fn(&mut Registry) + Send + Sync>;
+
+/// The registrations of a [`Metrics`], in the order a scrape lists them.
+type Registrations = Vec<Registration>;
+
+/// Everything the daemon counts. The fields are handles onto the metrics that
+/// `registrations` put in each scrape's registry: updating one updates what a scrape reads.
 pub struct Metrics {
-    registry: Registry,
+    registrations: Registrations,
+    /// The `node` label of every sample: `cluster.node_id`, set once at start. Unset (a
+    /// unit test that never sets it), the samples have no such label.
+    node: OnceLock<String>,
     /// Jobs by status now, kept by the worker as jobs change; in [`Status::ALL`] order.
     jobs: [Gauge; 5],
     pub enqueued: Counter,
@@ -120,23 +136,26 @@ pub struct Metrics {
 
 /// Registers `metric` under `name` with `help`; `prometheus-client` ends the help with a
 /// period itself.
-fn register<M>(registry: &mut Registry, name: &str, help: &str, metric: M)
+fn register<M>(registrations: &mut Registrations, name: &str, help: &str, metric: M)
 where
     M: prometheus_client::registry::Metric + Clone,
 {
-    registry.register(name, help.trim_end_matches('.'), metric);
+    let (name, help) = (name.to_string(), help.trim_end_matches('.').to_string());
+    registrations.push(Box::new(move |registry: &mut Registry| {
+        registry.register(name.as_str(), help.as_str(), metric.clone());
+    }));
 }
 
 /// A counter registered alone under `name` (without `_total`).
-fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+fn counter(registrations: &mut Registrations, name: &str, help: &str) -> Counter {
     let counter = Counter::default();
-    register(registry, name, help, counter.clone());
+    register(registrations, name, help, counter.clone());
     counter
 }
 
 /// A family of counters by `label`, one per value of `values`, registered under `name`.
 fn counters<const N: usize>(
-    registry: &mut Registry,
+    registrations: &mut Registrations,
     name: &str,
     help: &str,
     label: &'static str,
@@ -144,26 +163,31 @@ fn counters<const N: usize>(
 ) -> [Counter; N] {
     let family = Family::<Label, Counter>::default();
     let counters = values.map(|value| family.get_or_create_owned(&[(label, value)]));
-    register(registry, name, help, family);
+    register(registrations, name, help, family);
     counters
 }
 
-fn histogram(registry: &mut Registry, name: &str, help: &str, bounds: &[f64]) -> Histogram {
+fn histogram(
+    registrations: &mut Registrations,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+) -> Histogram {
     let histogram = Histogram::new(bounds);
-    register(registry, name, help, histogram.0.clone());
+    register(registrations, name, help, histogram.0.clone());
     histogram
 }
 
-fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+fn gauge(registrations: &mut Registrations, name: &str, help: &str) -> Gauge {
     let gauge = Gauge::default();
-    register(registry, name, help, gauge.clone());
+    register(registrations, name, help, gauge.clone());
     gauge
 }
 
 impl Metrics {
     /// A registry with every metric at 0, in the order a scrape lists them.
     fn new() -> Metrics {
-        let r = &mut Registry::with_prefix("training_worker");
+        let r = &mut Registrations::new();
         let jobs_family = Family::<Label, Gauge>::default();
         let jobs = Status::ALL.map(|status| {
             let value: &'static str = match status {
@@ -278,7 +302,8 @@ impl Metrics {
             replay_seconds.clone(),
         );
         Metrics {
-            registry: std::mem::take(r),
+            registrations: std::mem::take(r),
+            node: OnceLock::new(),
             jobs,
             enqueued,
             started,
@@ -372,10 +397,25 @@ impl Metrics {
         self.replay_seconds.set(d.as_secs_f64());
     }
 
+    /// Names the node every sample is labelled with, once (a daemon is one node for its
+    /// whole life); a later call changes nothing.
+    pub fn set_node(&self, node: &str) {
+        // Set once by the daemon at start; a second call would be a bug with no effect.
+        let _ = self.node.set(node.to_string());
+    }
+
     /// The Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
+        let labels = self
+            .node
+            .get()
+            .map(|node| (Cow::Borrowed("node"), Cow::Owned(node.clone())));
+        let mut registry = Registry::with_prefix_and_labels("training_worker", labels.into_iter());
+        for registration in &self.registrations {
+            registration(&mut registry);
+        }
         let mut openmetrics = String::with_capacity(8192);
-        encode_registry(&mut openmetrics, &self.registry)
+        encode_registry(&mut openmetrics, &registry)
             .expect("writing the exposition to a String cannot fail");
         to_prometheus_text(&openmetrics)
     }
@@ -436,12 +476,14 @@ mod tests {
 
     #[test]
     fn histograms_render_cumulative_buckets() {
-        let mut registry = Registry::default();
-        let h = histogram(&mut registry, "x", "X.", &SECONDS_BUCKETS);
+        let mut registrations = Registrations::new();
+        let h = histogram(&mut registrations, "x", "X.", &SECONDS_BUCKETS);
         h.observe(0.002);
         h.observe(0.002);
         h.observe(7.0);
         h.observe(1e9);
+        let mut registry = Registry::default();
+        registrations.iter().for_each(|r| r(&mut registry));
         let mut openmetrics = String::new();
         encode_registry(&mut openmetrics, &registry).unwrap();
         let out = to_prometheus_text(&openmetrics);
@@ -471,6 +513,38 @@ mod tests {
         // Help ends with one period, as before.
         assert!(
             text.contains("# HELP training_worker_jobs Jobs by status.\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_sample_carries_the_node_once_it_is_set() {
+        let metrics = Metrics::new();
+        metrics.enqueued.inc();
+        let unset = metrics.render();
+        assert!(!unset.contains("node="), "{unset}");
+        metrics.set_node("gpu-box-1");
+        // A second name changes nothing: a daemon is one node for its whole life.
+        metrics.set_node("gpu-box-2");
+        let text = metrics.render();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples.len(),
+            unset.lines().filter(|l| !l.starts_with('#')).count()
+        );
+        for sample in samples {
+            assert!(sample.contains("{node=\"gpu-box-1\""), "{sample}");
+        }
+        assert!(
+            text.contains("training_worker_jobs_enqueued_total{node=\"gpu-box-1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("training_worker_jobs{node=\"gpu-box-1\",status=\"queued\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("training_worker_run_seconds_bucket{node=\"gpu-box-1\",le=\"30\"} 0\n"),
             "{text}"
         );
     }

@@ -1640,6 +1640,9 @@ async fn before_the_worker_is_set_readyz_and_v1_answer_503() {
     app.get("/v1/queue")
         .await
         .expect_error(StatusCode::SERVICE_UNAVAILABLE, "ready");
+    app.get("/v1/nodes")
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "ready");
     let id = uuid::Uuid::new_v4();
     app.get(&format!("/v1/jobs/{id}"))
         .await
@@ -1784,6 +1787,7 @@ async fn with_a_token_every_v1_call_needs_the_bearer_header() {
         (Method::GET, format!("/v1/jobs/{id}/logs"), vec![]),
         (Method::POST, format!("/v1/jobs/{id}/cancel"), vec![]),
         (Method::GET, "/v1/queue".into(), vec![]),
+        (Method::GET, "/v1/nodes".into(), vec![]),
     ];
     let wrong: [&[(&str, &str)]; 7] = [
         &[],
@@ -2418,4 +2422,66 @@ async fn a_running_job_and_a_cancelled_one_whose_trainer_is_still_stopping_canno
     if let Some(worker) = app.worker_task {
         let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// GET /v1/nodes
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_lists_this_daemon_live_with_its_running_job_and_free_gpus() {
+    // With the database, the in-process app opens it as a node alone on it (exclusive, as
+    // `migrate` does), which registers no node; tests/cli_nodes.rs runs real daemons there.
+    if app_support::postgres_store() {
+        eprintln!(
+            "NOT RUN nodes_lists_this_daemon_live_with_its_running_job_and_free_gpus: the file store's single node"
+        );
+        return;
+    }
+    let app = spawn_app(Options {
+        max_concurrent: 1,
+        gpus: vec![0, 1],
+        command: shell("exec sleep 60"),
+        ..Options::default()
+    })
+    .await;
+    let idle = app.get("/v1/nodes").await;
+    assert_eq!(idle.status, StatusCode::OK, "{}", idle.text());
+    let idle = idle.json();
+    let nodes = idle["nodes"].as_array().expect("a list of nodes");
+    assert_eq!(nodes.len(), 1, "this daemon alone: {idle}");
+    let node = &nodes[0];
+    // As app_support names the app's node.
+    assert_eq!(node["id"], "router-tests", "{idle}");
+    assert_eq!(node["address"], "http://127.0.0.1:0", "{idle}");
+    assert_eq!(node["live"], true, "{idle}");
+    assert_eq!(node["running"], json!([]), "{idle}");
+    assert_eq!(node["gpus"], json!([0, 1]), "{idle}");
+    assert_eq!(node["free_gpus"], json!([0, 1]), "{idle}");
+    let time = |key: &str| {
+        chrono::DateTime::parse_from_rfc3339(node[key].as_str().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("{key} is not RFC 3339 ({e}): {idle}"))
+    };
+    assert!(time("started_at") <= time("heartbeat_at"), "{idle}");
+
+    let id = id_of(&app.submit(&diffusion_job()).await);
+    let running = app
+        .wait_for(&id, "Running", |j| j["status"] == "Running")
+        .await;
+    assert_eq!(running["gpu_ids"], json!([0]), "{running}");
+    // Free GPUs are as of the node's last heartbeat: with a database, up to a renewal ago.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let busy = loop {
+        let view = app.get("/v1/nodes").await.json();
+        if view["nodes"][0]["running"] == json!([id]) || tokio::time::Instant::now() > deadline {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(busy["nodes"][0]["id"], node["id"], "{busy}");
+    assert_eq!(busy["nodes"][0]["running"], json!([id]), "{busy}");
+    assert_eq!(busy["nodes"][0]["free_gpus"], json!([1]), "{busy}");
+
+    let reply = app.post_empty(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }

@@ -109,14 +109,21 @@ async fn connect(address: SocketAddr) -> TcpStream {
     TcpStream::connect(address).await.expect("connect")
 }
 
-/// A sample of `/metrics`, asked on `stream`.
+/// A sample of `/metrics`, asked on `stream`, whatever its labels (every sample has the
+/// node's).
 async fn metric(stream: &mut TcpStream, name: &str) -> f64 {
     let answer = ask(stream, "GET", "/metrics", None).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     answer
         .body
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            match rest.strip_prefix('{') {
+                Some(labelled) => Some(labelled.split_once("} ")?.1),
+                None => rest.strip_prefix(' '),
+            }
+        })
         .unwrap_or_else(|| panic!("no {name} in\n{}", answer.body))
         .parse()
         .expect("a number")

@@ -12,9 +12,29 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{Sandbox, Settings, diffusion_job, secs, text_job, wait_until};
 
+/// A sample's `name{labels}` without its first label, the node's: `(key, node)`.
+fn without_node(key: &str) -> (String, String) {
+    let (name, labels) = key
+        .split_once("{node=\"")
+        .unwrap_or_else(|| panic!("no node label first: {key}"));
+    let (node, rest) = labels.split_once('"').expect("a quoted node");
+    let key = match rest.strip_prefix(',') {
+        Some(rest) => format!("{name}{{{rest}"),
+        None => name.to_string(),
+    };
+    (key, node.to_string())
+}
+
 /// Parses the Prometheus text format into `name{labels}` -> value, and checks that every
-/// sample belongs to a family announced with `# TYPE` (and `# HELP`).
+/// sample belongs to a family announced with `# TYPE` (and `# HELP`), and names the node
+/// first, one node for the whole scrape. The keys leave the node out.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    parse_metrics_of_node(text).0
+}
+
+/// [`parse_metrics`], and the node every sample names.
+fn parse_metrics_of_node(text: &str) -> (HashMap<String, f64>, String) {
+    let mut nodes = std::collections::BTreeSet::new();
     let mut families: Vec<(String, String)> = Vec::new();
     let mut samples = HashMap::new();
     for line in text.lines() {
@@ -53,9 +73,12 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         });
         assert!(known, "sample of an unannounced family: {line}");
         assert!(base.starts_with("training_worker_"), "{line}");
-        samples.insert(key.to_string(), value);
+        let (key, node) = without_node(key);
+        nodes.insert(node);
+        samples.insert(key, value);
     }
-    samples
+    assert_eq!(nodes.len(), 1, "one node names every sample: {nodes:?}");
+    (samples, nodes.pop_first().expect("one node"))
 }
 
 /// The families of an exposition as Prometheus stores them: `name type labels [bounds]` per
@@ -141,6 +164,26 @@ async fn metric_names_types_and_labels_stay_those_dashboards_read() {
     let reply = daemon.get("/metrics").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(families(&reply.text), expected, "{}", reply.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sample_names_the_node_that_counted_it() {
+    let sandbox = Sandbox::new();
+    sandbox.configure(&Settings::default());
+    sandbox.set_env("TRAINING_WORKER_NODE_ID", "gpu-box-7");
+    let daemon = sandbox.start().await;
+    let reply = daemon.get("/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let (samples, node) = parse_metrics_of_node(&reply.text);
+    assert_eq!(node, "gpu-box-7", "{}", reply.text);
+    assert_eq!(samples["training_worker_jobs{status=\"queued\"}"], 0.0);
+    // The same name as the node's in GET /v1/nodes (with the database, once its first
+    // heartbeat has written its row).
+    wait_until("the node is listed", secs(10), async || {
+        let nodes = daemon.get("/v1/nodes").await.json();
+        (nodes["nodes"][0]["id"] == "gpu-box-7").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,11 @@ const DELIBERATE: &[(&str, &str)] = &[
         "GET /healthz/responses/",
         "the probes share one schema, /readyz's new status and reason included",
     ),
+    (
+        "GET /v1/nodes",
+        "a new route: the daemons that share one queue (with the PostgreSQL store), and with \
+         the file store this daemon alone",
+    ),
 ];
 
 /// Keys whose value is a map from names to things, where a key is never a keyword.

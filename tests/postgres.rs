@@ -1,7 +1,7 @@
 //! The PostgreSQL store with the real binary against a throwaway PostgreSQL server of the
 //! test's own (see `e2e_support/pg.rs`): jobs kept and recovered across a SIGKILL, the
-//! database unreachable at start (exit 69), a second daemon on the same database (exit
-//! 75), the database stopped and started again under a running daemon (writes 503 and
+//! database unreachable at start (exit 69), a second daemon of the same node id on the same
+//! database (exit 75), the database stopped and started again under a running daemon (writes 503 and
 //! `/readyz` 503 meanwhile, then back, nothing acknowledged lost), bad settings (exit 78).
 //!
 //! The shared suites run against this store too: CI runs them again with
@@ -159,22 +159,21 @@ async fn an_unreachable_database_at_start_is_exit_69_naming_it_without_its_passw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_daemon_on_the_same_database_exits_75_naming_the_first() {
-    const TEST: &str = "a_second_daemon_on_the_same_database_exits_75_naming_the_first";
+async fn a_second_daemon_with_the_same_node_id_exits_75_naming_the_first() {
+    const TEST: &str = "a_second_daemon_with_the_same_node_id_exits_75_naming_the_first";
     let Some(server) = Postgres::shared(TEST) else {
         return;
     };
     let url = server.database();
     let first = sandbox_on(&url);
     let daemon = first.start().await;
-    // Another data dir, the same database.
+    // Another data dir, the same database, the same node id (both default to the host name).
     let second = sandbox_on(&url);
     let mut refused = second.spawn();
     assert_eq!(wait_exit_code(&mut refused).await, 75);
     let stderr = refused.stderr();
     assert!(
-        stderr.contains("in use by another training-worker")
-            && stderr.contains(&format!("pid {}", daemon.pid())),
+        stderr.contains("a live node named") && stderr.contains(&format!("pid {}", daemon.pid())),
         "{stderr}"
     );
     // The first serves on; once it has stopped, the database is free again.

@@ -126,8 +126,11 @@ async fn a_failed_job_retried_keeps_its_place_through_a_crash_then_runs_again_an
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let metrics = daemon.get("/metrics").await.text;
+    // Labelled with the node's name, as every sample is.
     assert!(
-        metrics.contains("\ntraining_worker_jobs_retried_total 1\n"),
+        metrics.lines().any(
+            |l| l.starts_with("training_worker_jobs_retried_total{node=") && l.ends_with("} 1")
+        ),
         "{metrics}"
     );
     daemon.wait_status(&later, "Completed", secs(15)).await;

@@ -47,9 +47,17 @@ async fn pids(file: &Path, n: usize) -> Vec<i32> {
     .await
 }
 
+/// The sample `name` of a scrape, whatever its labels (every sample has the node's).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
         .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }
 

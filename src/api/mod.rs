@@ -154,6 +154,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("GET", "/v1/jobs/{id}/logs", || get(logs)),
     Route::new("GET", "/v1/queue", || get(views::queue)),
     Route::new("GET", "/v1/gpus", || get(views::gpus)),
+    Route::new("GET", "/v1/nodes", || get(views::nodes)),
     Route::new("POST", "/v1/offers", || post(offer)),
     Route::new("GET", "/healthz", || get(probes::healthz)),
     Route::new("GET", "/readyz", || get(probes::readyz)),

@@ -21,8 +21,9 @@ use utoipa::{Modify, OpenApi, ToResponse};
 use super::ApiError;
 use super::probes::Probe;
 use super::schemas::{EXAMPLE_ID, error_example};
-use super::views::{GpuEntry, QueueView};
+use super::views::{GpuEntry, NodesView, QueueView};
 use crate::job::Job;
+use crate::store::NodeView;
 use crate::worker::{Offer, OfferAnswer};
 
 /// The main API's description.
@@ -36,6 +37,7 @@ use crate::worker::{Offer, OfferAnswer};
     servers((url = "http://127.0.0.1:8787", description = "The default listen address.")),
     tags(
         (name = "jobs", description = "Submit, inspect and cancel training jobs."),
+        (name = "nodes", description = "The daemons that share one queue (with the PostgreSQL store)."),
         (name = "offers", description = "Ask whether a job would be taken and when it would start, before sending it."),
         (name = "operations", description = "Probes, metrics, this document; no token needed."),
     ),
@@ -48,6 +50,7 @@ use crate::worker::{Offer, OfferAnswer};
         super::logs,
         super::views::queue,
         super::views::gpus,
+        super::views::nodes,
         super::offer,
         super::probes::healthz,
         super::probes::readyz,
@@ -55,7 +58,7 @@ use crate::worker::{Offer, OfferAnswer};
         super::probes::openapi,
     ),
     components(
-        schemas(Job, QueueView, GpuEntry, ApiError, Probe, Offer, OfferAnswer),
+        schemas(Job, QueueView, GpuEntry, NodesView, NodeView, ApiError, Probe, Offer, OfferAnswer),
         responses(BadRequest, Unauthorized, JobNotFound, Unavailable, Internal),
     ),
     modifiers(&BearerToken),

@@ -1,5 +1,6 @@
-//! The worker's views that `GET /v1/queue` and `GET /v1/gpus` show: the queue order and why
-//! each queued job waits, and the GPUs with the jobs that hold them.
+//! The worker's views that `GET /v1/queue`, `GET /v1/gpus` and `GET /v1/nodes` show: the
+//! queue order and why each queued job waits, the GPUs with the jobs that hold them, and the
+//! nodes that share the queue.
 
 use axum::Json;
 use axum::extract::State;
@@ -10,6 +11,7 @@ use utoipa::ToSchema;
 use super::openapi::{Internal, Unauthorized, Unavailable};
 use super::{ApiError, AppState};
 use crate::job::JobId;
+use crate::store::NodeView;
 
 /// One GPU as `GET /v1/gpus` lists it.
 #[derive(Serialize, ToSchema)]
@@ -112,4 +114,42 @@ pub(super) async fn queue(State(state): State<AppState>) -> Result<Json<QueueVie
         paused: view.paused,
         waiting,
     }))
+}
+
+/// The nodes as `GET /v1/nodes` lists them.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Nodes)]
+pub(super) struct NodesView {
+    /// Every node, live or gone, sorted by id.
+    nodes: Vec<NodeView>,
+}
+
+/// The daemons that share the queue.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    operation_id = "listNodes",
+    tag = "nodes",
+    summary = "The nodes sharing the queue",
+    description = "Every daemon ([cluster] node_id) the store has known, sorted by id: where its API is reached, whether it is live (up now, holding its place in the database) or gone, when it started and last renewed its leases (its heartbeat), the jobs it runs, and its GPUs with those free at its last heartbeat. With the file store ([store] kind = \"files\"), the only node is this daemon, live.",
+    responses(
+        (status = 200, description = "The nodes.", body = NodesView,
+            example = json!({"nodes": [{
+                "id": "gpu-box-1",
+                "address": "http://10.0.0.11:8787",
+                "live": true,
+                "started_at": "2026-11-28T21:00:00.000000Z",
+                "heartbeat_at": "2026-11-28T21:15:25.000000Z",
+                "running": ["123e4567-e89b-12d3-a456-426614174000"],
+                "gpus": [0, 1, 2, 3],
+                "free_gpus": [1, 3]
+            }]})),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+pub(super) async fn nodes(State(state): State<AppState>) -> Result<Json<NodesView>, ApiError> {
+    let nodes = state.worker()?.nodes().await?;
+    Ok(Json(NodesView { nodes }))
 }

@@ -89,6 +89,7 @@ pub async fn run(api: &Api, style: &Style, command: Command) -> Result<Exit, Cli
             };
             offer(api, body, format.json).await
         }
+        Command::Nodes { format, .. } => nodes(api, style, format.json).await,
         Command::Health { ready, .. } => health(api, ready).await,
     }
 }
@@ -249,6 +250,24 @@ async fn queue(api: &Api, style: &Style, json: bool) -> Result<Exit, ClientError
     // Asked last: the reasons are about the queue as it is now.
     let view = api.queue().await?;
     emit(&render::wait_reasons(&view, WAIT_REASONS_SHOWN))?;
+    Ok(Exit::Success)
+}
+
+async fn nodes(api: &Api, style: &Style, json: bool) -> Result<Exit, ClientError> {
+    let answer = api.nodes().await?;
+    if json {
+        emit_json(&answer)?;
+        return Ok(Exit::Success);
+    }
+    let nodes = answer
+        .get("nodes")
+        .and_then(Value::as_array)
+        .context("the daemon answered a node list without a JSON array of nodes")?;
+    if nodes.is_empty() {
+        emit("no nodes\n")?;
+    } else {
+        emit(&render::node_table(nodes, Utc::now(), style))?;
+    }
     Ok(Exit::Success)
 }
 

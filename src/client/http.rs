@@ -292,6 +292,11 @@ impl Api {
         self.json(Method::GET, "v1/queue", None).await
     }
 
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Value, ClientError> {
+        self.json(Method::GET, "v1/nodes", None).await
+    }
+
     /// `POST /v1/jobs/{id}/cancel`.
     pub async fn cancel(&self, id: JobId) -> Result<Value, ClientError> {
         self.json(Method::POST, &format!("v1/jobs/{id}/cancel"), Some(id))

@@ -1,6 +1,6 @@
 //! The command-line client: `submit`, `status`, `list`, `queue`, `cancel`, `retry`, `logs`,
-//! `wait`, `offer` and `health`, each one or a few HTTP calls to a running daemon, over HTTP
-//! or HTTPS.
+//! `wait`, `offer`, `nodes` and `health`, each one or a few HTTP calls to a running daemon,
+//! over HTTP or HTTPS.
 //!
 //! Output is for people on a terminal (a table, statuses in colour, relative times) and plain
 //! text when piped; `--json` prints what the API answered, for scripts. Every failure is one
@@ -333,6 +333,18 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// List the daemons that share the queue: address, live or gone, last heartbeat, running
+    /// jobs, free GPUs.
+    ///
+    /// With the PostgreSQL store, every node the database has known; with the file store,
+    /// the daemon asked, alone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Nodes {
+        #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Check that the daemon answers: exit 0 if so, 1 otherwise.
     ///
     /// Asks GET /healthz (the process serves), or with --ready GET /readyz (replay is done
@@ -359,6 +371,7 @@ impl Command {
             | Command::Logs { connection, .. }
             | Command::Wait { connection, .. }
             | Command::Offer { connection, .. }
+            | Command::Nodes { connection, .. }
             | Command::Health { connection, .. } => connection,
         }
     }

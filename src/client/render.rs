@@ -505,6 +505,80 @@ pub fn queue_table(
     )
 }
 
+/// `nodes`: one node of `GET /v1/nodes` per row, read leniently like a job: what a node
+/// lacks shows as `-`.
+pub fn node_table(nodes: &[Value], now: DateTime<Utc>, style: &Style) -> String {
+    let rows = nodes
+        .iter()
+        .map(|node| {
+            // A node's id and address come from its own configuration, on another box.
+            let text = |key: &str| node.get(key).and_then(Value::as_str).map(printable);
+            let ids = |key: &str| -> Option<Vec<u64>> {
+                node.get(key)?
+                    .as_array()?
+                    .iter()
+                    .map(Value::as_u64)
+                    .collect()
+            };
+            let state = match node.get("live").and_then(Value::as_bool) {
+                Some(true) => "live",
+                Some(false) => "gone",
+                None => "-",
+            };
+            let heartbeat = text("heartbeat_at")
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map_or("-".into(), |t| ago(t.with_timezone(&Utc), now));
+            let running = node
+                .get("running")
+                .and_then(Value::as_array)
+                .map_or("-".into(), |jobs| jobs.len().to_string());
+            vec![
+                Cell::from(text("id").unwrap_or_else(|| "-".into())),
+                Cell::from(
+                    text("address")
+                        .filter(|a| !a.is_empty())
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                Cell::from(state.to_string()),
+                Cell::from(heartbeat),
+                Cell::from(running),
+                Cell::from(free_gpus(ids("gpus"), ids("free_gpus"))),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NODE",
+            "ADDRESS",
+            "STATE",
+            "HEARTBEAT",
+            "RUNNING",
+            "FREE GPUS",
+        ],
+        rows,
+        style,
+    )
+}
+
+/// A node's free GPUs among all of its: `1,3 of 4`, `none of 4`; `-` without GPUs.
+fn free_gpus(gpus: Option<Vec<u64>>, free: Option<Vec<u64>>) -> String {
+    let (Some(gpus), Some(free)) = (gpus, free) else {
+        return "-".into();
+    };
+    if gpus.is_empty() {
+        return "-".into();
+    }
+    let free = if free.is_empty() {
+        "none".to_string()
+    } else {
+        free.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{free} of {}", gpus.len())
+}
+
 /// Why the queue does not move, from `GET /v1/queue`: the reason starts are paused, or why
 /// each of the first `shown` queued jobs waits. Empty when nothing waits.
 pub fn wait_reasons(view: &serde_json::Value, shown: usize) -> String {
@@ -773,6 +847,43 @@ mod tests {
         assert_eq!(lines[1][column..].split_whitespace().next(), Some("-"));
         assert_eq!(&lines[2][column..column + 6], "in 25m", "{table}");
         assert_eq!(&lines[1][deadline..deadline + 5], "in 2h", "{table}");
+    }
+
+    #[test]
+    fn nodes_show_their_state_heartbeat_running_jobs_and_free_gpus() {
+        let now = at("2025-01-01T10:00:00Z");
+        let nodes = [
+            json!({
+                "id": "box-a", "address": "http://10.0.0.1:8787", "live": true,
+                "started_at": "2025-01-01T09:00:00Z", "heartbeat_at": "2025-01-01T09:59:58Z",
+                "running": ["00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"],
+                "gpus": [0, 1, 2, 3], "free_gpus": [1, 3],
+            }),
+            json!({
+                "id": "box-b", "address": "http://10.0.0.2:8787", "live": false,
+                "started_at": "2025-01-01T08:00:00Z", "heartbeat_at": "2025-01-01T09:55:00Z",
+                "running": [], "gpus": [0, 1], "free_gpus": [],
+            }),
+            json!({
+                "id": "cpu-\u{1b}[2J", "address": "", "live": true,
+                "started_at": "2025-01-01T09:00:00Z", "heartbeat_at": "2025-01-01T10:00:00Z",
+                "running": [], "gpus": [], "free_gpus": [],
+            }),
+        ];
+        assert_eq!(
+            node_table(&nodes, now, &PLAIN),
+            "NODE           ADDRESS               STATE  HEARTBEAT  RUNNING  FREE GPUS\n\
+             box-a          http://10.0.0.1:8787  live   2s ago     2        1,3 of 4\n\
+             box-b          http://10.0.0.2:8787  gone   5m ago     0        none of 2\n\
+             cpu-\\u{1b}[2J  -                     live   just now   0        -\n"
+        );
+        // What a node lacks shows as `-` rather than failing the command.
+        let table = node_table(&[json!({"id": "box-c"})], now, &PLAIN);
+        assert_eq!(
+            table.lines().nth(1),
+            Some("box-c  -        -      -          -        -"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -479,6 +479,7 @@ impl Context {
     }
 
     /// Starts `stage` of `job` afresh, a process or a container, and follows it to its end.
+    #[allow(clippy::too_many_arguments)]
     async fn run_stage(
         &self,
         job: &Job,
@@ -950,6 +951,7 @@ fn describe_stage(staged: bool, name: &str) -> String {
 /// Runs one process stage to its end under a supervisor, which writes its output to the
 /// log and kills its whole tree when it ends, is stopped (SIGTERM, SIGKILL after `grace`)
 /// on timeout or request, or loses its daemon.
+#[allow(clippy::too_many_arguments)]
 async fn run_process(
     context: &Context,
     job_id: JobId,

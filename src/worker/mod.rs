@@ -904,6 +904,9 @@ impl Worker {
         // are tied to the thread that spawns them.
         for (id, adoption) in std::mem::take(&mut self.adopted) {
             if let Some(job) = self.jobs.get(&id) {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.claimed.insert(id, Instant::now());
+                }
                 let execution = self.executor.adopt(job, adoption);
                 self.running.insert(
                     id,
@@ -914,6 +917,11 @@ impl Worker {
                 );
             }
         }
+        self.store.report(
+            self.config.gpus.clone(),
+            self.free_gpus(),
+            self.running.len(),
+        );
         self.start_ready_jobs();
         let mut stopping = false;
         loop {

@@ -156,6 +156,7 @@ pub async fn assemble(data: &Path, assembly: Assembly) -> Parts {
         handle,
         recovered,
         ended,
+        ..
     } = store::open(&config, data, CancellationToken::new())
         .await
         .expect("the store opens");

@@ -51,10 +51,24 @@ impl Proc {
     /// Spawns `training-worker serve --config CONFIG --data-dir DATA --listen 127.0.0.1:0` in
     /// `cwd`, its stderr going to `stderr_path`.
     pub fn spawn(config: &Path, data_dir: &Path, cwd: &Path, stderr_path: PathBuf) -> Proc {
+        Proc::spawn_wrapped(&[BIN.to_string()], config, data_dir, cwd, stderr_path)
+    }
+
+    /// Like [`Proc::spawn`], with the binary run by a command of its own: `program` is that
+    /// command with its arguments, ending with the binary (`["strace", ..., "--", BIN]`).
+    /// The pid is then the wrapper's.
+    pub fn spawn_wrapped(
+        program: &[String],
+        config: &Path,
+        data_dir: &Path,
+        cwd: &Path,
+        stderr_path: PathBuf,
+    ) -> Proc {
         let stderr = fs::File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(&program[0]);
         command
+            .args(&program[1..])
             .arg("serve")
             .arg("--config")
             .arg(config)

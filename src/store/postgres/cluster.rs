@@ -162,6 +162,23 @@ pub(crate) async fn nodes(pool: &Pool) -> Result<Vec<NodeView>, StoreError> {
         .collect())
 }
 
+/// Writes this node's row as it starts: its address and pid, `started_at` now.
+pub(crate) async fn register(client: &Client, node: &Node) -> Result<(), tokio_postgres::Error> {
+    let pid = std::process::id() as i32;
+    let lease_ms = node.lease.as_millis() as i64;
+    client
+        .execute(
+            "INSERT INTO tw_nodes (id, address, pid, started_at, heartbeat_at, lease_ms) \
+             VALUES ($1, $2, $3, now(), now(), $4) \
+             ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid, \
+                started_at = now(), heartbeat_at = now(), lease_ms = EXCLUDED.lease_ms, \
+                running = 0",
+            &[&node.id, &node.address, &pid, &lease_ms],
+        )
+        .await?;
+    Ok(())
+}
+
 /// The cluster task's state.
 pub(crate) struct Cluster {
     pg: tokio_postgres::Config,
@@ -170,8 +187,10 @@ pub(crate) struct Cluster {
     shown: String,
     report: watch::Receiver<NodeReport>,
     events: mpsc::Sender<ClusterEvent>,
-    /// Whether this process has written its heartbeat yet (the first one sets `started_at`).
+    /// Whether this process has written its heartbeat yet.
     registered: bool,
+    /// When the boot read the rows (the database's clock): the first poll reads from there.
+    replayed_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Cluster {
@@ -182,6 +201,7 @@ impl Cluster {
         shown: String,
         report: watch::Receiver<NodeReport>,
         events: mpsc::Sender<ClusterEvent>,
+        replayed_at: chrono::DateTime<chrono::Utc>,
     ) -> Cluster {
         Cluster {
             pg,
@@ -191,18 +211,21 @@ impl Cluster {
             report,
             events,
             registered: false,
+            replayed_at,
         }
     }
 
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let turn = self.node.lease / 3;
+        // The first heartbeat carries the GPUs: the worker reports them as it starts.
+        let _ = tokio::time::timeout(turn, self.report.changed()).await;
         let mut ticker = tokio::time::interval(turn);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener: Option<(Client, tokio::sync::oneshot::Receiver<()>)> = None;
         let (notices_tx, mut notices) = mpsc::unbounded_channel::<String>();
         let mut listen_retry_at = tokio::time::Instant::now();
         // Rows changed since this moment (the database's clock) may not have been seen.
-        let mut seen_until: Option<chrono::DateTime<chrono::Utc>> = None;
+        let mut seen_until = Some(self.replayed_at);
         let mut last_poll = tokio::time::Instant::now();
         loop {
             if listener.is_none() && tokio::time::Instant::now() >= listen_retry_at {
@@ -210,9 +233,8 @@ impl Cluster {
                     Ok(connection) => {
                         listener = Some(connection);
                         // What was changed while nobody listened.
-                        if seen_until.is_some() {
-                            self.poll(&mut seen_until).await;
-                        }
+                        self.poll(&mut seen_until).await;
+                        last_poll = tokio::time::Instant::now();
                     }
                     Err(e) => {
                         warn!(database = %self.shown, error = %e, "cannot listen for the other nodes' changes; polling until it can");
@@ -226,7 +248,7 @@ impl Cluster {
                     self.renew().await;
                     self.heartbeat().await;
                     self.expired().await;
-                    if seen_until.is_none() || last_poll.elapsed() >= self.node.lease {
+                    if last_poll.elapsed() >= self.node.lease {
                         last_poll = tokio::time::Instant::now();
                         self.poll(&mut seen_until).await;
                     }
@@ -341,7 +363,6 @@ impl Cluster {
                 "INSERT INTO tw_nodes (id, address, pid, started_at, heartbeat_at, lease_ms, gpus, free_gpus, running) \
                  VALUES ($1, $2, $3, now(), now(), $4, $5, $6, $7) \
                  ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid, \
-                    started_at = CASE WHEN $8 THEN tw_nodes.started_at ELSE EXCLUDED.started_at END, \
                     heartbeat_at = now(), lease_ms = EXCLUDED.lease_ms, gpus = EXCLUDED.gpus, \
                     free_gpus = EXCLUDED.free_gpus, running = EXCLUDED.running",
                 &[
@@ -352,7 +373,6 @@ impl Cluster {
                     &gpus,
                     &free,
                     &running,
-                    &self.registered,
                 ],
             )
             .await;
@@ -392,38 +412,23 @@ impl Cluster {
         }
     }
 
-    /// Reads the rows changed since `seen_until` (all unfinished ones the first time):
-    /// whatever notifications were missed.
+    /// Reads the rows changed since `seen_until` (with [`POLL_OVERLAP`] before it): whatever
+    /// notifications were missed. Moves `seen_until` to the database's now.
     async fn poll(&self, seen_until: &mut Option<chrono::DateTime<chrono::Utc>>) {
         let Ok(client) = self.pool.get().await else {
             return;
         };
         let overlap = chrono::Duration::from_std(POLL_OVERLAP).expect("a small duration");
-        let query = match *seen_until {
-            Some(since) => {
-                let since = since - overlap;
-                client
-                    .query(
-                        &format!(
-                            "SELECT {ROW}, now() FROM tw_jobs WHERE updated_at >= $1 \
-                             UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
-                        ),
-                        &[&since],
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .query(
-                        &format!(
-                            "SELECT {ROW}, now() FROM tw_jobs WHERE false \
-                             UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
-                        ),
-                        &[],
-                    )
-                    .await
-            }
-        };
+        let since = seen_until.unwrap_or(self.replayed_at) - overlap;
+        let query = client
+            .query(
+                &format!(
+                    "SELECT {ROW}, now() FROM tw_jobs WHERE updated_at >= $1 \
+                     UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()"
+                ),
+                &[&since],
+            )
+            .await;
         match query {
             Ok(rows) => {
                 let mut changed = Vec::new();

@@ -384,12 +384,36 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
         .await
         .map_err(|e| OpenError::Storage(format!("cannot migrate the database {shown}: {e}")))?;
 
+    // Rows changed from here on may be missed by the notifications (nobody listens yet):
+    // the cluster task's first poll reads them.
+    let replayed_at: chrono::DateTime<chrono::Utc> = lock
+        .client
+        .query_one("SELECT now()", &[])
+        .await
+        .map_err(|e| {
+            OpenError::Storage(format!(
+                "cannot read the database {shown}: {}",
+                describe(&e)
+            ))
+        })?
+        .get(0);
     let (recovered, versions) = replay(&mut lock.client, &node).await.map_err(|e| {
         OpenError::Storage(format!(
             "cannot read the database {shown}: {}",
             describe(&e)
         ))
     })?;
+
+    // The node is listed from the moment it is open (its GPUs follow with the worker's
+    // first report, at the cluster task's first turn).
+    if !node.exclusive {
+        cluster::register(&lock.client, &node).await.map_err(|e| {
+            OpenError::Storage(format!(
+                "cannot register this node in the database {shown}: {}",
+                describe(&e)
+            ))
+        })?;
+    }
 
     let manager = Manager::from_config(
         pg.clone(),
@@ -428,9 +452,17 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
     let task = tokio::spawn(persister.run());
     let (events_tx, events) = mpsc::channel(64);
     let stop = CancellationToken::new();
-    let cluster =
-        cluster::Cluster::new(pg, pool.clone(), node.clone(), shown, report_rx, events_tx);
-    let cluster_task = if node.exclusive {
+    let cluster = cluster::Cluster::new(
+        pg,
+        pool.clone(),
+        node.clone(),
+        shown,
+        report_rx,
+        events_tx,
+        replayed_at,
+    );
+    let exclusive = node.exclusive;
+    let cluster_task = if exclusive {
         None
     } else {
         Some(tokio::spawn(cluster.run(stop.clone())))
@@ -454,7 +486,8 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
         ),
         recovered,
         ended: Ended::Task(task),
-        cluster: Some(events),
+        // Alone on the database, the worker has nobody else's changes to hear of.
+        cluster: (!exclusive).then_some(events),
     })
 }
 
@@ -1129,6 +1162,15 @@ fn describe(e: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_lock_keys_are_fixed_by_the_name() {
+        // FNV-1a of the bytes: the same key on every build and box, different for
+        // different names, so the lock of a name is the same across nodes.
+        assert_eq!(node_lock_key(""), 0x811c_9dc5_u32 as i32);
+        assert_eq!(node_lock_key("a"), 0xe40c_292c_u32 as i32);
+        assert_ne!(node_lock_key("gpu-box-1"), node_lock_key("gpu-box-2"));
+    }
 
     #[test]
     fn ranks_keep_their_order_as_bigints() {
