@@ -129,7 +129,7 @@ async fn two_thousand_jobs_through_three_nodes_at_once_each_run_exactly_once() {
     // Every node sees every job end Completed (the queue first: it is cheap to ask for).
     for node in &nodes {
         cluster.wait_settled(server, node, secs(600)).await;
-        cluster.wait_completed(server, node, count, secs(60)).await;
+        cluster.wait_completed(server, node, count, secs(300)).await;
     }
     eprintln!("all Completed after {:?}", began.elapsed());
 
@@ -196,12 +196,24 @@ async fn a_sigkilled_nodes_job_runs_first_on_another_node_within_30s_with_the_de
         victim_node.submit(text_job("ok")).await,
         survivor.submit(text_job("ok")).await,
     ];
-    wait_until(
-        "the survivor's queue shows the two waiting jobs",
-        secs(30),
-        async || (survivor.queue().await.1 == waiting).then_some(()),
-    )
+    let mut last = None;
+    let shown = support::wait_until_or_timeout(secs(30), async || {
+        let queued = survivor.queue().await.1;
+        let done = queued == waiting;
+        last = Some(queued);
+        done.then_some(())
+    })
     .await;
+    if shown.is_none() {
+        panic!(
+            "the survivor's queue never showed the two waiting jobs {waiting:?} in their \
+             order; it last showed {last:?}; the rows (id|placement|rank|owner): {}",
+            server.query(
+                &cluster.url,
+                "SELECT id, placement, rank, owner FROM tw_jobs ORDER BY placement, rank"
+            )
+        );
+    }
 
     // SIGKILL the victim: its trainer goes with it (nothing outlives its daemon), and once
     // its lease has lapsed the job is back at the head of the queue.

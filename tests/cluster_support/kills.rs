@@ -206,7 +206,11 @@ async fn check(
         }
     }
     for node in nodes {
+        // Its own queue first (cheap to ask for), then every job, wherever it runs.
         cluster.wait_settled(server, node, secs(180)).await;
+        cluster
+            .wait_completed(server, node, expected.len(), secs(180))
+            .await;
         let jobs = node.jobs().await;
         let mut seen = HashSet::new();
         for (id, job) in &jobs {

@@ -187,8 +187,9 @@ impl Cluster {
         id
     }
 
-    /// Waits until `node` shows no job running or queued; if that does not come, fails with
-    /// what the database holds of the unfinished jobs.
+    /// Waits until `node` shows no job queued and none running on it (jobs running on other
+    /// nodes are not in its queue); if that does not come, fails with what the database
+    /// holds of the unfinished jobs.
     pub async fn wait_settled(&self, server: &Postgres, node: &Node, timeout: Duration) {
         let settled = wait_until_or_timeout(timeout, async || {
             let (running, queued) = node.queue().await;
