@@ -5,9 +5,10 @@
 //! - renews the leases of its running jobs (`lease_until = now() + lease`, only where the
 //!   lease still holds: a lapsed lease is never revived) and tells the worker which jobs it
 //!   still holds and until when, by this process's clock, the leases surely hold;
-//! - writes its heartbeat in `tw_nodes` (its address, GPUs, free GPUs, running jobs);
-//! - looks for running jobs whose lease has lapsed, anyone's, and hands them to the worker
-//!   to take over as a boot recovers what a crash cut.
+//! - writes its heartbeat in `tw_nodes` (its address, GPUs, free GPUs, running jobs).
+//!
+//! Every second it looks for running jobs whose lease has lapsed, anyone's, and hands them
+//! to the worker to take over as a boot recovers what a crash cut.
 //!
 //! Between those turns it listens on [`CHANNEL`]: every commit of another node names the
 //! jobs it changed, and the worker gets their rows at once. The notifications of a lost
@@ -36,6 +37,9 @@ const ROW: &str = "id, body::text, placement, rank, owner, \
 /// How far back a poll reads, beyond its last read: a transaction's rows appear at its
 /// commit, with the `updated_at` of its start.
 const POLL_OVERLAP: Duration = Duration::from_secs(10);
+
+/// How often a node looks for lapsed leases.
+const EXPIRY_SCAN: Duration = Duration::from_secs(1);
 
 /// Takeovers handed to the worker per turn at most.
 const EXPIRED_BATCH: i64 = 256;
@@ -221,6 +225,11 @@ impl Cluster {
         let _ = tokio::time::timeout(turn, self.report.changed()).await;
         let mut ticker = tokio::time::interval(turn);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Lapsed leases are looked for more often than leases are renewed: a takeover
+        // waits for the lease and at most this much more. The query reads the few running
+        // rows through their index.
+        let mut scan = tokio::time::interval(EXPIRY_SCAN.min(turn));
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener: Option<(Client, tokio::sync::oneshot::Receiver<()>)> = None;
         let (notices_tx, mut notices) = mpsc::unbounded_channel::<String>();
         let mut listen_retry_at = tokio::time::Instant::now();
@@ -247,12 +256,12 @@ impl Cluster {
                 _ = ticker.tick() => {
                     self.renew().await;
                     self.heartbeat().await;
-                    self.expired().await;
                     if last_poll.elapsed() >= self.node.lease {
                         last_poll = tokio::time::Instant::now();
                         self.poll(&mut seen_until).await;
                     }
                 }
+                _ = scan.tick() => self.expired().await,
                 Some(payload) = notices.recv() => {
                     let mut ids = Vec::new();
                     self.note(&payload, &mut ids);
