@@ -285,8 +285,15 @@ impl Sandbox {
     /// Starts a daemon on a free port and waits until `/readyz` says 200. A port taken
     /// between choosing and binding (exit 69) is retried with another.
     pub async fn start(&self) -> Daemon {
+        self.start_node(&self.data_dir(), &[]).await
+    }
+
+    /// Like [`Sandbox::start`], on `data_dir` with `env` on top of the sandbox's: one node
+    /// of several sharing this sandbox. A data dir directly inside the sandbox shares the
+    /// stub trainer's records and hold files with the others.
+    pub async fn start_node(&self, data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
         for _ in 0..5 {
-            let mut daemon = self.spawn();
+            let mut daemon = self.spawn_node(data_dir, env);
             if daemon.wait_ready().await {
                 return daemon;
             }
@@ -296,12 +303,23 @@ impl Sandbox {
 
     /// Runs `training-worker serve` on a free port without waiting for anything.
     pub fn spawn(&self) -> Daemon {
+        self.spawn_node(&self.data_dir(), &[])
+    }
+
+    /// Like [`Sandbox::spawn`], on `data_dir` with `env` set after the sandbox's own.
+    pub fn spawn_node(&self, data_dir: &Path, node_env: &[(&str, &str)]) -> Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("find a free port")
             .port();
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
-        let stderr_path = self.path().join(format!("daemon-{n}.stderr"));
+        let name = match data_dir.file_name() {
+            Some(dir) if data_dir != self.data_dir() => {
+                format!("daemon-{n}-{}.stderr", dir.to_string_lossy())
+            }
+            _ => format!("daemon-{n}.stderr"),
+        };
+        let stderr_path = self.path().join(name);
         let stderr = fs::File::create(&stderr_path).expect("create the stderr file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_training-worker"));
         command
@@ -309,7 +327,7 @@ impl Sandbox {
             .arg("--config")
             .arg(self.config_file())
             .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg(data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .current_dir(self.path())
@@ -343,6 +361,9 @@ impl Sandbox {
                 .env("TRAINING_WORKER_DATABASE_URL", self.database_url());
         }
         for (name, value) in &env.set {
+            command.env(name, value);
+        }
+        for (name, value) in node_env {
             command.env(name, value);
         }
         if let Some((soft, hard)) = env.nofile {
@@ -456,9 +477,10 @@ impl Sandbox {
         }
     }
 
-    /// Live processes that carry this sandbox's trainer mark: trainers and their children.
+    /// Live processes that carry the trainer mark of a data dir in this sandbox: trainers
+    /// and their children.
     pub fn trainer_processes(&self) -> Vec<i32> {
-        let mark = format!("{TRAINER_MARK}={}", self.data_dir().display()).into_bytes();
+        let mark = format!("{TRAINER_MARK}={}/", self.path().display()).into_bytes();
         let Ok(entries) = fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -467,7 +489,7 @@ impl Sandbox {
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .filter(|&pid| {
                 fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == mark))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var.starts_with(&mark)))
             })
             .filter(|&pid| pid_alive(pid))
             .collect()

@@ -13,14 +13,18 @@
 # whatever the model (the seed's job has a real model name, which runs as `ok`).
 #
 # What it did goes to <data dir>/../trainer-records/events, one line per event:
-# "<start|end|term|child> <job id> <attempt> <pid>", where the test reads it.
+# "<start|end|term|child|overlap> <job id> <attempt> <pid>", where the test reads it.
+# While it runs, it holds an exclusive lock on <records>/<job id>.lock; a trainer that finds
+# the lock taken (another trainer of the same job still alive, in any data dir of the
+# sandbox) records `overlap` before its start. The lock goes with the process, however it
+# ends, so this holds after a SIGKILL too; the commands it starts do not inherit it.
 set -u
 
 records="${TW_DATA_DIR}/../trainer-records"
 mkdir -p "$records"
 note() { printf '%s %s %s %s\n' "$1" "$JOB_ID" "$ATTEMPT" "${2:-$$}" >>"$records/events"; }
 # Sleep in the background and wait, so that SIGTERM interrupts the wait at once.
-nap() { sleep "$1" & wait $!; }
+nap() { sleep "$1" 9>&- & wait $!; }
 
 command="$MODEL"
 if [[ $command == once/* ]]; then
@@ -29,6 +33,8 @@ fi
 : >"$records/$JOB_ID.ran"
 
 trap 'note term; echo "got SIGTERM; stopping"; exit 143' TERM
+exec 9>>"$records/$JOB_ID.lock"
+flock -n 9 || note overlap
 note start
 
 echo "hello from $JOB_ID attempt=$ATTEMPT type=$JOB_TYPE model=$MODEL"
@@ -54,7 +60,7 @@ case "$command" in
     nap "${command#hang:}"
     ;;
   spawn:*)
-    sleep 300 &
+    sleep 300 9>&- &
     note child $!
     nap "${command#spawn:}"
     ;;
