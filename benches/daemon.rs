@@ -21,22 +21,14 @@
 //! - the seed's scheme (every change rewrites the job file and the whole `queue.json`, no
 //!   fsync) at 0 and 20,000 queued;
 //! - boot of 100,000 job files in mixed states until `/readyz` answers, against `cat` of the
-//!   same files, with the daemon's peak RSS; and the same jobs with a full journal over them
-//!   (every segment the store may have, in use and full of records that rewrite the queued
-//!   jobs), as a crash under load leaves it, against the boot of the files alone;
-//! - enqueue sustained for 60 s (checkpoints run, segments are reused): the whole run's rate
-//!   and its last ten seconds' against its first ten seconds';
+//!   same files, with the daemon's peak RSS;
 //! - idle RSS, and RSS with 100,000 jobs loaded;
 //! - latency of one client's enqueue and of `GET /v1/jobs/{id}` with 100,000 jobs.
 //!
 //! Settings: TW_BENCH_RUNS (5), TW_BENCH_JOBS (jobs per enqueue measurement, 5000),
 //! TW_BENCH_BOOT_JOBS (100000), TW_BENCH_QUEUED (50000), TW_BENCH_TMPFS (/dev/shm), and
 //! TW_BENCH_ONLY=enqueue, which measures only the empty-queue enqueue and its yardsticks (for
-//! comparing one change with another; BENCHMARKS.md quotes full runs), TW_BENCH_ONLY=journal,
-//! which measures only the journal's targets (SQLite, the empty and the long queue, both
-//! boots, sustained enqueue), TW_BENCH_SUSTAIN_SECS (60) and TW_BENCH_SUSTAIN_FIRST (10) for
-//! the sustained enqueue, TW_BENCH_JOURNAL_SEGMENT_BYTES (the store's 16 MiB, a full
-//! segment) for the journal at boot, and TW_BENCH_KEEP,
+//! comparing one change with another; BENCHMARKS.md quotes full runs), and TW_BENCH_KEEP,
 //! which leaves the runs' files in place when the bench ends, so that a bench started right
 //! after it does not pay for their removal. The daemon is the
 //! release binary, or the one TW_BENCH_DAEMON names (a build of another commit, to compare
@@ -63,10 +55,6 @@ fn setting(name: &str, default: usize) -> usize {
 }
 
 const CLIENTS: usize = 64;
-
-/// How full a journal segment gets before the store closes it: a full journal is every
-/// segment the store may have, this full.
-const JOURNAL_SEGMENT_BYTES: u64 = training_worker::store::files::SEGMENT_TARGET_BYTES;
 
 // ---------------------------------------------------------------------------------------
 // The daemon
@@ -328,95 +316,6 @@ async fn enqueue_rate(http: &reqwest::Client, base: &str, jobs: usize, offset: u
         t.await.expect("client task");
     }
     jobs as f64 / started.elapsed().as_secs_f64()
-}
-
-/// Enqueue from `CLIENTS` concurrent clients without pause for `secs` seconds (so that the
-/// journal fills, checkpoints run and segments are reused): (the rate over the first
-/// `first` seconds, over the whole run, over its last `first` seconds), in jobs/s.
-async fn sustained_rates(
-    http: &reqwest::Client,
-    base: &str,
-    secs: u64,
-    first: u64,
-    offset: usize,
-) -> (f64, f64, f64) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let done = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(offset));
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(secs);
-    let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
-        let (http, base) = (http.clone(), base.to_string());
-        let (done, next) = (done.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                submit(&http, &base, next.fetch_add(1, Ordering::Relaxed)).await;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    let first = first.min(secs);
-    tokio::time::sleep_until((started + Duration::from_secs(first)).into()).await;
-    let at_first = done.load(Ordering::Relaxed);
-    let last_from = secs - first;
-    tokio::time::sleep_until((started + Duration::from_secs(last_from)).into()).await;
-    let at_last_from = if last_from > first {
-        done.load(Ordering::Relaxed)
-    } else {
-        at_first
-    };
-    let last_from_at = Instant::now().max(started + Duration::from_secs(first));
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    let total = done.load(Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    (
-        at_first as f64 / first.max(1) as f64,
-        total as f64 / elapsed,
-        (total - at_last_from) as f64 / (elapsed - (last_from_at - started).as_secs_f64()),
-    )
-}
-
-/// Fills the journal of the data dir `dir` (made by [`make_data_dir`]) as a daemon stopped
-/// by a crash under load would leave it: every segment the store may have, in use, each
-/// holding `segment_bytes` of records ([`JOURNAL_SEGMENT_BYTES`] for a full one). The records rewrite the queued jobs
-/// `queued` (new `updated_at`) in turn, so the boot applies them all and the number of jobs
-/// stays the same. Returns the records written.
-fn fill_journal(dir: &Path, queued: &[JobId], segment_bytes: u64) -> usize {
-    use training_worker::store::Placement;
-    use training_worker::store::files::{MAX_SEGMENTS, journal};
-    let journal_dir = dir.join("journal");
-    fs::create_dir_all(&journal_dir).expect("create journal/");
-    let base = chrono::Utc::now() - chrono::Duration::days(1);
-    let mut records = 0;
-    for slot in 0..MAX_SEGMENTS as u32 {
-        let mut segment = journal::Segment::open(&journal_dir, slot).expect("a segment");
-        segment.activate(slot as u64 + 1).expect("take it into use");
-        let mut bytes = Vec::new();
-        while segment.used() + (bytes.len() as u64) < segment_bytes {
-            let n = records % queued.len();
-            let value: serde_json::Value = serde_json::from_str(&job_body(n)).expect("body");
-            let mut job = Job::from_submission(value, base).expect("valid job");
-            job.id = queued[n];
-            job.updated_at = Some(base + chrono::Duration::milliseconds(records as i64));
-            let file = job.to_file_bytes();
-            let rank = training_worker::store::FIRST_QUEUED_RANK + n as u64;
-            journal::encode_record(slot as u64 + 1, &mut bytes, |out| {
-                journal::encode_payload(&[(Placement::Queued(rank), &file)], &[], out)
-            });
-            records += 1;
-            if bytes.len() >= 1 << 20 {
-                segment.append(&bytes).expect("append");
-                bytes.clear();
-            }
-        }
-        segment.append(&bytes).expect("append");
-        segment.flush().expect("flush");
-    }
-    records
 }
 
 /// p50 and p99 in milliseconds of `count` calls of `call`, one at a time.
@@ -682,12 +581,9 @@ impl Samples {
         }
     }
 
-    /// The median of `name`'s runs; NaN when it was not measured (a `TW_BENCH_ONLY` run).
     fn median(&self, name: &str) -> f64 {
-        self.rows
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(f64::NAN, |(_, values)| median(values))
+        let (_, values) = self.rows.iter().find(|(n, _)| n == name).expect("measured");
+        median(values)
     }
 }
 
@@ -719,16 +615,7 @@ async fn main() {
     let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
     let boot_jobs = setting("TW_BENCH_BOOT_JOBS", 100_000);
     let long_queue = setting("TW_BENCH_QUEUED", 50_000);
-    let only = std::env::var("TW_BENCH_ONLY").unwrap_or_default();
-    let quick = only == "enqueue";
-    // Only the journal's targets: empty against long queue, sustained, boot with a journal.
-    let journal_only = only == "journal";
-    let sustain_secs = setting("TW_BENCH_SUSTAIN_SECS", 60) as u64;
-    let sustain_first = setting("TW_BENCH_SUSTAIN_FIRST", 10) as u64;
-    let segment_bytes = setting(
-        "TW_BENCH_JOURNAL_SEGMENT_BYTES",
-        JOURNAL_SEGMENT_BYTES as usize,
-    ) as u64;
+    let quick = std::env::var("TW_BENCH_ONLY").is_ok_and(|v| v == "enqueue");
     let tmpfs = tmpfs_root();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CLIENTS)
@@ -747,38 +634,35 @@ async fn main() {
         // Yardsticks, each after the writes of the one before have reached the disk.
         settle();
         s.add("sqlite", sqlite_rate(dir.path(), jobs));
-        let (mut loop1, mut loop4) = (0.0, 0.0);
-        if !journal_only {
-            settle();
-            loop1 = measure_loop(&mut s, "disk loop, 1 thread", jobs, || {
-                disk_loop_rate(dir.path(), jobs, 1, Files::OwnDirs)
-            });
-            settle();
-            loop4 = measure_loop(&mut s, "disk loop, 4 threads", jobs, || {
-                disk_loop_rate(dir.path(), jobs, 4, Files::OwnDirs)
-            });
-            s.add("disk loop", loop1.max(loop4));
-            settle();
-            // Not part of the yardstick: the same loop with as many threads as the daemon's
-            // staging pool, for what the disk gives at that concurrency.
-            measure_loop(&mut s, "disk loop, 16 threads", jobs, || {
-                disk_loop_rate(dir.path(), jobs, 16, Files::OwnDirs)
-            });
-            settle();
-            measure_loop(&mut s, "one dir, 16 threads, renamed", jobs, || {
-                disk_loop_rate(dir.path(), jobs, 16, Files::OneDir)
-            });
-            settle();
-            measure_loop(&mut s, "one dir, 16 threads, linked", jobs, || {
-                disk_loop_rate(dir.path(), jobs, 16, Files::OneDirLinked)
-            });
-            settle();
-            measure_loop(&mut s, "syncfs loop", jobs, || {
-                syncfs_loop_rate(dir.path(), jobs)
-            });
-            settle();
-        }
-        if !quick && !journal_only {
+        settle();
+        let loop1 = measure_loop(&mut s, "disk loop, 1 thread", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 1, Files::OwnDirs)
+        });
+        settle();
+        let loop4 = measure_loop(&mut s, "disk loop, 4 threads", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 4, Files::OwnDirs)
+        });
+        s.add("disk loop", loop1.max(loop4));
+        settle();
+        // Not part of the yardstick: the same loop with as many threads as the daemon's
+        // staging pool, for what the disk gives at that concurrency.
+        measure_loop(&mut s, "disk loop, 16 threads", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 16, Files::OwnDirs)
+        });
+        settle();
+        measure_loop(&mut s, "one dir, 16 threads, renamed", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 16, Files::OneDir)
+        });
+        settle();
+        measure_loop(&mut s, "one dir, 16 threads, linked", jobs, || {
+            disk_loop_rate(dir.path(), jobs, 16, Files::OneDirLinked)
+        });
+        settle();
+        measure_loop(&mut s, "syncfs loop", jobs, || {
+            syncfs_loop_rate(dir.path(), jobs)
+        });
+        settle();
+        if !quick {
             s.add(
                 "seed scheme, empty queue",
                 seed_scheme_rate(dir.path(), 2000, 0),
@@ -876,37 +760,6 @@ async fn main() {
             s.add("get p50", p50);
             s.add("get p99", p99);
             daemon.stop();
-
-            // The same 100,000 jobs with a full journal over them, as a crash under load
-            // leaves it: the boot applies every record and checkpoints before /readyz.
-            let data = dir.path().join("boot-journal");
-            let ids = make_data_dir(&data, boot_jobs, boot_jobs / 10);
-            let queued = &ids[ids.len() - (boot_jobs / 10).max(1)..];
-            s.add(
-                "journal records at boot",
-                fill_journal(&data, queued, segment_bytes) as f64,
-            );
-            settle();
-            let started = Instant::now();
-            let daemon = Daemon::spawn(&data);
-            s.add(
-                "boot with a full journal",
-                daemon.ready(&http, started).await.as_secs_f64() * 1000.0,
-            );
-            daemon.stop();
-
-            // Sustained enqueue, long enough for checkpoints to run and segments to be
-            // reused: the whole run and its last part against its first seconds.
-            let data = dir.path().join("sustained");
-            settle();
-            let daemon = Daemon::spawn(&data);
-            daemon.ready(&http, Instant::now()).await;
-            let (first, whole, last_part) =
-                sustained_rates(&http, &daemon.base, sustain_secs, sustain_first, 0).await;
-            s.add("sustained: first seconds", first);
-            s.add("sustained: whole run", whole);
-            s.add("sustained: last seconds", last_part);
-            daemon.stop();
         }
         eprintln!(
             "  enqueue {:.0}/s (syncfs {:.0}/s, tmpfs {:.0}/s, long queue {:.0}/s), sqlite {:.0}/s, disk loop {:.0}/s (1 thread {:.0}, 4 threads {:.0}), boot {:.0} ms vs cat {:.0} ms",
@@ -933,14 +786,7 @@ async fn main() {
     } else {
         drop(kept);
     }
-    print_table(
-        &s,
-        runs,
-        jobs,
-        quick,
-        (boot_jobs, long_queue),
-        (sustain_secs, sustain_first),
-    );
+    print_table(&s, runs, jobs, quick, boot_jobs, long_queue);
 }
 
 fn print_table(
@@ -948,8 +794,8 @@ fn print_table(
     runs: usize,
     jobs: usize,
     quick: bool,
-    (boot_jobs, long_queue): (usize, usize),
-    (sustain_secs, sustain_first): (u64, u64),
+    boot_jobs: usize,
+    long_queue: usize,
 ) {
     eprintln!("\nper run:");
     for (name, values) in &s.rows {
@@ -1078,20 +924,6 @@ fn print_table(
         s.median("boot") / s.median("cat")
     );
     println!("| cat of the same files | {:.0} ms | |", s.median("cat"));
-    println!(
-        "| boot of the same jobs plus a full journal ({:.0} records) | {:.0} ms | journal boot / boot = {:.2} |",
-        s.median("journal records at boot"),
-        s.median("boot with a full journal"),
-        s.median("boot with a full journal") / s.median("boot")
-    );
-    println!(
-        "| enqueue sustained for {sustain_secs} s | {:.0} jobs/s (first {sustain_first} s: {:.0}, last {sustain_first} s: {:.0}) | whole / first = {:.2}; last / first = {:.2} |",
-        s.median("sustained: whole run"),
-        s.median("sustained: first seconds"),
-        s.median("sustained: last seconds"),
-        s.median("sustained: whole run") / s.median("sustained: first seconds"),
-        s.median("sustained: last seconds") / s.median("sustained: first seconds")
-    );
     println!(
         "| peak RSS during that boot | {:.1} MiB | |",
         s.median("peak RSS at boot")

@@ -1,9 +1,7 @@
 //! `training-worker check`: an offline validator of a data dir, in the spirit of SQLite's
 //! `integrity_check`. It reads, never writes, and reports every problem it finds: files the
-//! daemon would quarantine (damaged journal segments included), leftovers of interrupted
-//! writes, a `queue.json` that disagrees with the job files, job records whose fields
-//! contradict their status. The job files with the journal's records applied over them are
-//! the truth it checks against, as replay makes them.
+//! daemon would quarantine, leftovers of interrupted writes, a `queue.json` that disagrees
+//! with the job files, job records whose fields contradict their status.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -13,7 +11,7 @@ use std::path::Path;
 
 use crate::job::{Job, JobId, Status};
 use crate::layout::{
-    JOBS_DIR, JOURNAL_DIR, LOCK_FILE, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE, RUN_DIR, SECRETS_DIR,
+    JOBS_DIR, LOCK_FILE, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE, RUN_DIR, SECRETS_DIR,
 };
 use crate::store::files::replay;
 use crate::store::order::{deadline_order, requeue_order};
@@ -77,7 +75,7 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
     // What `serve` refuses to start on (Store::open creates the three directories, the lock
     // is opened as a file): reported here so that check never passes a dir serve rejects.
     let mut layout_ok = true;
-    for dir in [JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, JOURNAL_DIR] {
+    for dir in [JOBS_DIR, LOGS_DIR, QUARANTINE_DIR] {
         if let Some(what) = kind_other_than(&data_dir.join(dir), Kind::Dir) {
             report.problems.push(format!(
                 "{dir}: {what} where a directory belongs; serve refuses to start"
@@ -101,13 +99,9 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
         ));
         return Ok(report);
     }
-    // Replay cannot read job files from a `jobs` (or records from a `journal`) that is not
-    // a directory; the problem with it is already reported.
-    if !layout_ok
-        && [JOBS_DIR, JOURNAL_DIR]
-            .iter()
-            .any(|dir| kind_other_than(&data_dir.join(dir), Kind::Dir).is_some())
-    {
+    // Replay cannot read job files from a `jobs` that is not a directory; the problem with
+    // it is already reported.
+    if !layout_ok && kind_other_than(&data_dir.join(JOBS_DIR), Kind::Dir).is_some() {
         return Ok(report);
     }
     let recovered = replay::replay(data_dir)?;
@@ -133,20 +127,6 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
         report
             .problems
             .push(format!("{QUEUE_FILE}: names {id}, which has no job file"));
-    }
-    if recovered.journal_records > 0 {
-        report.notes.push(format!(
-            "{JOURNAL_DIR}/ holds {} record(s) of {} job(s) the job files do not show yet \
-             (normal while a daemon runs or after a crash; the next boot applies them)",
-            recovered.journal_records,
-            recovered.from_journal.len()
-        ));
-    }
-    for torn in &recovered.journal_torn {
-        let prefix = format!("{}/", data_dir.display());
-        report
-            .notes
-            .push(torn.strip_prefix(&prefix).unwrap_or(torn).to_string());
     }
 
     for job in &recovered.jobs {
@@ -174,7 +154,6 @@ pub fn check(data_dir: &Path) -> io::Result<Report> {
             SECRETS_DIR,
             RUN_DIR,
             QUARANTINE_DIR,
-            JOURNAL_DIR,
             QUEUE_FILE,
             LOCK_FILE,
             "README.md",
@@ -305,19 +284,11 @@ fn check_queue_file(recovered: &replay::Recovered, report: &mut Report) {
     // could not be rebuilt exactly if queue.json were lost.
     let jobs: HashMap<JobId, Job> = recovered.jobs.iter().map(|j| (j.id, j.clone())).collect();
     let expected = requeue_order(&jobs, &[], &[], &mut Vec::new());
-    // The jobs the journal names are placed by their records whatever queue.json says (it
-    // may be older or newer than them), so the order is compared on the others.
-    let in_journal: HashSet<JobId> = recovered.from_journal.iter().copied().collect();
-    let expected: Vec<JobId> = expected
-        .into_iter()
-        .filter(|id| !in_journal.contains(id))
-        .collect();
     let actual: Vec<JobId> = running
         .iter()
         .chain(&queued)
         .copied()
         .filter(|id| by_id[id].status == Status::Running || by_id[id].status == Status::Queued)
-        .filter(|id| !in_journal.contains(id))
         .collect();
     // Under `[worker] order = "deadline"` the queued jobs stand by deadline instead, which
     // the job files give too.

@@ -7,9 +7,6 @@
 
 /// One JSON file per job, `<job_id>.json`: the file store's records.
 pub const JOBS_DIR: &str = "jobs";
-/// The file store's write-ahead journal: `segment-<n>` files, where a change is durable
-/// before its job file and `queue.json` are written (a checkpoint).
-pub const JOURNAL_DIR: &str = "journal";
 /// The file store's queue order, derived from the job files.
 pub const QUEUE_FILE: &str = "queue.json";
 /// Files the file store could not read, set aside at boot.

@@ -112,8 +112,6 @@ pub struct Metrics {
     pub batch_jobs: Histogram,
     /// From the start of a batch's writes until it is durable.
     pub flush: Histogram,
-    /// How long a checkpoint of the file store's journal took.
-    pub checkpoint: Histogram,
     /// How long the last replay took, in seconds.
     replay_seconds: Gauge<f64, AtomicU64>,
     /// Deadlines missed: jobs failed while queued because their time ran out, and jobs that
@@ -286,12 +284,6 @@ impl Metrics {
             "Time to make a store batch durable.",
             &FLUSH_BUCKETS,
         );
-        let checkpoint = histogram(
-            r,
-            "store_checkpoint_seconds",
-            "Time to write the journal's changes to the job files and retire it.",
-            &SECONDS_BUCKETS,
-        );
         let http_connections_open = gauge(
             r,
             "http_connections_open",
@@ -327,7 +319,6 @@ impl Metrics {
             run_time,
             batch_jobs,
             flush,
-            checkpoint,
             replay_seconds,
             deadline_missed_queued,
             deadline_missed_running,
@@ -511,7 +502,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(families.len(), 23, "{text}");
+        assert_eq!(families.len(), 22, "{text}");
         for family in families {
             assert!(family.starts_with("training_worker_"), "{family}");
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

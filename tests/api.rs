@@ -67,6 +67,10 @@ impl App {
         self.data.join("jobs")
     }
 
+    fn job_file(&self, id: &str) -> PathBuf {
+        self.jobs_dir().join(format!("{id}.json"))
+    }
+
     /// The job's record as text: its job file, or its row's body.
     fn raw_record(&self, id: &str) -> String {
         if let Some(url) = &self.database {
@@ -75,30 +79,16 @@ impl App {
             assert!(!body.trim().is_empty(), "no row for job {id}");
             return body.trim_end_matches('\n').to_string();
         }
-        self.stored_files()
-            .remove(id)
-            .unwrap_or_else(|| panic!("no record of job {id} in the job files or the journal"))
-    }
-
-    /// Every job record the data dir holds, as its job file's text: the job files with the
-    /// journal's records applied over them (a change is durable in the journal before its job
-    /// file is written), read by the daemon's own replay.
-    fn stored_files(&self) -> std::collections::BTreeMap<String, String> {
-        let recovered =
-            training_worker::store::files::replay::replay(&self.data).expect("replay the data dir");
-        recovered
-            .jobs
-            .iter()
-            .map(|job| {
-                let text = String::from_utf8(job.to_file_bytes()).expect("a job file is UTF-8");
-                (job.id.to_string(), text)
-            })
-            .collect()
+        std::fs::read_to_string(self.job_file(id))
+            .unwrap_or_else(|e| panic!("job file of {id} not readable: {e}"))
     }
 
     /// Whether the store holds a record of `id`.
     fn has_record(&self, id: &str) -> bool {
-        self.job_files().contains(&format!("{id}.json"))
+        match &self.database {
+            Some(_) => self.job_files().contains(&format!("{id}.json")),
+            None => self.job_file(id).exists(),
+        }
     }
 
     fn read_job_file(&self, id: &str) -> Value {
@@ -113,10 +103,12 @@ impl App {
                 .map(str::to_string)
                 .collect();
         }
-        self.stored_files()
-            .into_keys()
-            .map(|id| format!("{id}.json"))
-            .collect()
+        let mut names: Vec<String> = std::fs::read_dir(self.jobs_dir())
+            .expect("jobs dir readable")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     /// `queue.json` as `(running, queued)` (the rows' places in the queue, for a database).
@@ -206,61 +198,6 @@ impl App {
             reply.text()
         );
         reply.json()
-    }
-
-    /// With the job files unwritable, a change still reaches the journal (where it is durable
-    /// and acknowledged) until the checkpoint that must write its file is refused; from then
-    /// on every change is refused, until a checkpoint succeeds. Submits new jobs until one is
-    /// refused (503 naming the storage, nothing stored) and returns the ids acknowledged
-    /// before it, which the store keeps.
-    async fn submit_until_refused(&self) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        let mut acknowledged = Vec::new();
-        loop {
-            let probe = uuid::Uuid::new_v4().to_string();
-            let reply = self
-                .post_json(
-                    "/v1/jobs",
-                    &with(diffusion_job(), "job_id", probe.clone().into()),
-                )
-                .await;
-            if reply.status == StatusCode::SERVICE_UNAVAILABLE {
-                reply.expect_error(StatusCode::SERVICE_UNAVAILABLE, "storage");
-                self.get(&format!("/v1/jobs/{probe}"))
-                    .await
-                    .expect_error(StatusCode::NOT_FOUND, &probe);
-                return acknowledged;
-            }
-            assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-            acknowledged.push(probe);
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no change was refused within 15 s of the storage failing"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Once the storage is back, changes are refused until the next checkpoint (tried every
-    /// second) succeeds: posts `body` to `uri` until the answer is not a refusal, and returns
-    /// that answer.
-    async fn post_once_writable(&self, uri: &str, body: Option<&Value>) -> Reply {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let reply = match body {
-                Some(body) => self.post_json(uri, body).await,
-                None => self.post_empty(uri).await,
-            };
-            if reply.status != StatusCode::SERVICE_UNAVAILABLE {
-                return reply;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "POST {uri} still refused 15 s after the storage came back: {}",
-                reply.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Polls the job until `done` holds for it, for at most 15 s.
@@ -1630,26 +1567,22 @@ async fn a_retry_the_storage_refuses_is_503_and_leaves_the_job_finished() {
     let aside = app.data.join("jobs-aside");
     std::fs::rename(&jobs, &aside).unwrap();
     std::fs::write(&jobs, b"not a directory").unwrap();
-    // Changes reach the journal until the checkpoint is refused; then they are refused.
-    let probes = app.submit_until_refused().await;
     app.post_empty(&format!("/v1/jobs/{a}/retry"))
         .await
         .expect_error(StatusCode::SERVICE_UNAVAILABLE, "storage");
     assert_eq!(app.get(&format!("/v1/jobs/{a}")).await.json(), cancelled);
-    let mut queued = vec![b.clone()];
-    queued.extend(probes);
-    assert_eq!(ids(&app.get("/v1/queue").await.json()["queued"]), queued);
+    assert_eq!(
+        ids(&app.get("/v1/queue").await.json()["queued"]),
+        [b.as_str()]
+    );
     std::fs::remove_file(&jobs).unwrap();
     std::fs::rename(&aside, &jobs).unwrap();
     assert_eq!(app.read_job_file(&a), cancelled);
 
     // Once the storage is back, the retry goes through.
-    let reply = app
-        .post_once_writable(&format!("/v1/jobs/{a}/retry"), None)
-        .await;
+    let reply = app.post_empty(&format!("/v1/jobs/{a}/retry")).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    queued.push(a);
-    app.queued_file_becomes(queued).await;
+    app.queued_file_becomes(vec![b, a]).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2127,9 +2060,6 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
     let aside = app.data.join("jobs-aside");
     std::fs::rename(&jobs, &aside).unwrap();
     std::fs::write(&jobs, b"not a directory").unwrap();
-    // Changes reach the journal (durable, acknowledged) until the checkpoint that must write
-    // their files is refused; from then on they are refused.
-    let probes = app.submit_until_refused().await;
 
     let failed = uuid::Uuid::new_v4().to_string();
     let reply = app
@@ -2152,19 +2082,12 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
     app.get(&format!("/v1/jobs/{failed}"))
         .await
         .expect_error(StatusCode::NOT_FOUND, &failed);
-    let mut queued = vec![a.clone()];
-    queued.extend(probes.iter().cloned());
     let view = app.get("/v1/queue").await.json();
     let paused = "starts are paused (worker.max_concurrent = 0)";
-    let waiting: serde_json::Map<String, Value> = queued
-        .iter()
-        .map(|id| (id.clone(), Value::from(paused)))
-        .collect();
     assert_eq!(
         view,
-        json!({"running": [], "queued": queued, "paused": paused, "waiting": waiting})
+        json!({"running": [], "queued": [a], "paused": paused, "waiting": {a.as_str(): paused}})
     );
-    // queue.json cannot follow either.
     app.queue_file_becomes(queue_before).await;
     // A cancel cannot be stored either, and leaves the job queued.
     app.post_empty(&format!("/v1/jobs/{a}/cancel"))
@@ -2178,18 +2101,16 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
     std::fs::remove_file(&jobs).unwrap();
     std::fs::rename(&aside, &jobs).unwrap();
 
-    // Writes are accepted again once a checkpoint succeeds, and the failed job left no trace.
-    let reply = app.post_once_writable("/v1/jobs", Some(&text_job())).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let c = id_of(&reply.json());
+    // Writes are accepted again, and the failed job left no trace.
+    let c = id_of(&app.submit(&text_job()).await);
     app.get(&format!("/v1/jobs/{failed}"))
         .await
         .expect_error(StatusCode::NOT_FOUND, &failed);
-    queued.push(c.clone());
-    let mut expected_files: Vec<String> = queued.iter().map(|id| format!("{id}.json")).collect();
+    let mut expected_files = vec![format!("{a}.json"), format!("{c}.json")];
     expected_files.sort();
     assert_eq!(app.job_files(), expected_files);
-    app.queue_file_becomes((vec![], queued.clone())).await;
+    app.queue_file_becomes((vec![], vec![a.clone(), c.clone()]))
+        .await;
     assert_eq!(app.read_job_file(&a)["status"], "Queued");
     // The client's retry of the failed job now succeeds, as a new job.
     let retried = app
@@ -2199,8 +2120,7 @@ async fn a_storage_failure_is_503_and_stores_nothing() {
         )
         .await;
     assert_eq!(retried.status, StatusCode::CREATED, "{}", retried.text());
-    queued.push(failed);
-    app.queued_file_becomes(queued).await;
+    app.queued_file_becomes(vec![a, c, failed]).await;
 }
 
 // ---------------------------------------------------------------------------------------

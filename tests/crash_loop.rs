@@ -531,9 +531,8 @@ impl Run {
         self.absorb(round, attempts, &mut failures);
         let seen_running: HashSet<String> = seen_running.lock().unwrap().clone();
 
-        // 4. The data dir as the stop left it (the job files with the journal's records over
-        // them, as replay reads it), then a paused restart.
-        let before = self.read_stored_jobs(&mut failures);
+        // 4. The data dir as the stop left it, then a paused restart.
+        let before = self.read_job_files(&mut failures);
         let new_records = self.new_records();
         self.check_trainer_records(&plan, &new_records, &before, &mut failures);
 
@@ -663,42 +662,6 @@ impl Run {
                 }
             }
         }
-    }
-
-    /// Every job the data dir holds after a crash: the job files with the journal's complete
-    /// records applied over them, read by the daemon's own replay (which changes nothing).
-    /// Damage is a failure: writes are atomic, and a crash can only cut the journal's tail.
-    fn read_stored_jobs(&self, failures: &mut Vec<String>) -> HashMap<String, OnDisk> {
-        let data_dir = self.sandbox.data_dir();
-        let recovered = match training_worker::store::files::replay::replay(&data_dir) {
-            Ok(recovered) => recovered,
-            Err(e) => {
-                failures.push(format!("the data dir cannot be replayed: {e}"));
-                return HashMap::new();
-            }
-        };
-        for damaged in &recovered.damaged {
-            failures.push(format!(
-                "{}: {} after the stop",
-                damaged.path.display(),
-                damaged.reason
-            ));
-        }
-        recovered
-            .jobs
-            .iter()
-            .map(|job| {
-                let value = job.to_json();
-                (
-                    job.id.to_string(),
-                    OnDisk {
-                        status: value["status"].as_str().unwrap_or("?").to_string(),
-                        attempts: value["attempts"].as_u64().unwrap_or(0),
-                        started_at: value["started_at"].as_str().map(str::to_string),
-                    },
-                )
-            })
-            .collect()
     }
 
     /// Every job file, parsed; an unreadable one is a failure (writes are atomic).
@@ -1151,15 +1114,6 @@ impl Run {
         let Some((queued, jobs)) = self.last_view.take() else {
             return;
         };
-        // A graceful stop checkpoints everything: the journal holds nothing to apply.
-        match training_worker::store::files::replay::replay(&data_dir) {
-            Ok(recovered) if recovered.journal_records > 0 => failures.push(format!(
-                "after the stop the journal still holds {} record(s)",
-                recovered.journal_records
-            )),
-            Ok(_) => {}
-            Err(e) => failures.push(format!("the data dir cannot be replayed: {e}")),
-        }
         let files = self.read_job_files(failures);
         let mut names: Vec<&String> = files.keys().collect();
         names.sort();

@@ -30,16 +30,10 @@
 //!   K enumerates all of them, in order. Writes on other threads (log lines to stderr, which
 //!   goes to a file, the runtime's eventfd wake-ups, trainer log headers) are crash points
 //!   too, but there "the K-th write" is the K-th of whichever thread gets there first.
-//! - The journal is written with pwrite64 and flushed with fdatasync, both only on the store
-//!   thread (a group's records, a segment's header when it is taken into use or retired);
-//!   the checkpointer writes, fsyncs and renames the job files and queue.json on its own
-//!   thread. syncfs (with `[store] sync = "syncfs"`), renameat, renameat2 and the like are
-//!   not called with the default settings.
+//! - fdatasync, renameat, renameat2, pwrite64 and the like are not called by the daemon.
 //!
 //! The tests (cargo runs two at a time here; each prints its figures past the capture):
 //! - `crash_at_every_fsync`, `crash_at_every_rename`: every point of the workload;
-//! - `crash_at_every_journal_write`, `crash_at_every_journal_flush`: every pwrite64 and
-//!   fdatasync of the journal;
 //! - `crash_at_every_write_of_a_data_file`: every write to a job or queue.json temp file (`-P`);
 //! - `crash_at_every_write_on_any_descriptor`: every K of `write` on any descriptor;
 //! - `crash_before_every_http_answer`: strace attaches before request K and kills at the next
@@ -48,8 +42,7 @@
 //!   of its own writes (see that test);
 //! - `syscall_census`: the calls and threads above, and the durability order that a process
 //!   crash cannot show (the page cache survives it): fsync before rename, fsync of the
-//!   directory after it, and a 2xx about a job only after the fdatasync of the journal
-//!   segment its record went to (see `check_durability_order`).
+//!   directory after it, and that before any 2xx about the job (see `check_durability_order`).
 //!
 //! Every point is swept by default: the whole file takes about 15 s here (a run is a daemon
 //! start, the workload or part of it, a paused restart and two `check`s), so no subset is needed.
@@ -719,19 +712,6 @@ async fn crash_at_every_fsync() {
     sweep_workload("fsync", "fsync", Paths::All, false).await;
 }
 
-/// Every write to the journal (a group's records, a segment's header when it is taken into
-/// use or retired): all on the store thread.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_at_every_journal_write() {
-    sweep_workload("pwrite64 (journal)", "pwrite64", Paths::All, false).await;
-}
-
-/// Every flush of the journal (a group's, a retirement's): all on the store thread.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_at_every_journal_flush() {
-    sweep_workload("fdatasync (journal)", "fdatasync", Paths::All, false).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_at_every_rename() {
     sweep_workload("rename", "rename", Paths::All, false).await;
@@ -787,9 +767,7 @@ async fn crash_during_the_recovery_boot() {
     d.signal(libc::SIGKILL);
     d.wait_exit(secs(10)).await;
     template.assert_no_trainers_left().await;
-    // E's record may still be only in the journal: its file as the checkpoint would write it.
-    let e_record = serde_json::to_vec_pretty(&read_job_file(&data, IDS[E]).expect("E is stored"))
-        .expect("a job is JSON");
+    let e_record = fs::read(data.join("jobs").join(format!("{}.json", IDS[E]))).expect("E");
     fs::write(
         data.join("jobs").join(format!(".{}.json.tmp", IDS[E])),
         &e_record[..e_record.len() / 2],
@@ -936,9 +914,9 @@ fn parse_trace(trace: &str) -> Vec<Call> {
 /// instead: every file is replaced the durable way, and every 2xx about a job is sent only
 /// once its record is durable. For each rename of a temporary file: the last write to it
 /// returned, then an fsync of it returned, before the rename began; after the rename, an
-/// fsync of its directory returned. For each 2xx answer naming a job: the last write of a
-/// journal record naming the job before it was followed by an fdatasync of that segment that
-/// returned before the answer was written. Returns how many renames and answers were checked.
+/// fsync of its directory returned. For each 2xx answer naming a job: the last rename of that
+/// job's file before it was followed by an fsync of `jobs/` that returned before the answer
+/// was written. Returns how many renames and answers were checked.
 fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
     let data_text = data.display().to_string();
     let on = |call: &Call, path: &str| {
@@ -986,7 +964,7 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
         renames += 1;
     }
     let mut answers = 0;
-    let journal = format!("{data_text}/journal/");
+    let jobs_dir = format!("{data_text}/jobs");
     for answer in calls
         .iter()
         .filter(|c| c.name == "writev" && c.args.contains("HTTP/1.1 2"))
@@ -994,43 +972,21 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
         let Some(id) = IDS.iter().find(|id| answer.args.contains(*id)) else {
             continue;
         };
-        // The status the answer shows: the record that makes it durable holds the same one.
-        // (A later record of the job can come before the answer is written: a job submitted
-        // to an idle worker is started, and its Running record written, while the 201 that
-        // says Queued is on its way.)
-        let status = answer
-            .args
-            .split("\\\"status\\\":\\\"")
-            .nth(1)
-            .and_then(|rest| rest.split("\\\"").next())
-            .unwrap_or_else(|| panic!("a 2xx about {id} without a status: {answer:?}"));
-        // The journal's record of it: a write to a segment that names the job with that
-        // status (the record's header and the start of the job's JSON, id and status
-        // included, are within strace's 400 bytes).
-        let (written, segment) = calls
+        let temp = format!("{jobs_dir}/.{id}.json.tmp");
+        let rename = calls
             .iter()
-            .filter(|c| {
-                c.name == "pwrite64"
-                    && c.args.contains(&format!("<{journal}"))
-                    && c.args.contains(*id)
-                    && c.args.contains(&format!("\\\"{status}\\\""))
-                    && c.end < answer.start
-            })
-            .map(|c| {
-                let path = c.args.split('<').nth(1).and_then(|p| p.split('>').next());
-                (c.end, path.unwrap_or_default().to_string())
-            })
+            .filter(|c| c.name == "rename" && c.args.contains(&format!("\"{temp}\"")))
+            .filter(|c| c.end < answer.start)
+            .map(|c| c.end)
             .max()
-            .unwrap_or_else(|| {
-                panic!("a 2xx about {id} ({status}) before any journal record of it: {answer:?}")
-            });
+            .unwrap_or_else(|| panic!("a 2xx about {id} before any record of it: {answer:?}"));
         assert!(
-            calls.iter().any(|c| c.name == "fdatasync"
-                && on(c, &segment)
-                && c.start > written
+            calls.iter().any(|c| c.name == "fsync"
+                && on(c, &jobs_dir)
+                && c.start > rename
                 && c.end < answer.start),
-            "a 2xx about {id} ({status}) was sent before the fdatasync of {segment} that \
-             makes its record durable: {answer:?}"
+            "a 2xx about {id} was sent before the fsync of jobs/ that makes its record durable: \
+             {answer:?}"
         );
         answers += 1;
     }
@@ -1039,7 +995,7 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
 
 /// One run of the workload with strace logging (no injection): which calls the daemon makes,
 /// from which threads, and in which order. Fails if the assumptions of the sweeps stop
-/// holding (a durability call they do not sweep: syncfs, renameat, renameat2, pwritev,
+/// holding (a durability call they do not sweep: fdatasync, renameat, renameat2, pwrite64,
 /// ...; or fsync, rename and job-file writes spread over several threads, so that per-thread
 /// counting would skip points), or if the order of the calls breaks a durability rule that a
 /// process crash cannot reveal (see [`check_durability_order`]).
@@ -1047,11 +1003,13 @@ fn check_durability_order(calls: &[Call], data: &Path) -> (usize, usize) {
 async fn syscall_census() {
     const TRACED: &str = "fsync,fdatasync,sync_file_range,syncfs,rename,renameat,renameat2,\
                           write,pwrite64,writev,pwritev,pwritev2";
-    const UNSWEPT: [&str; 6] = [
+    const UNSWEPT: [&str; 8] = [
+        "fdatasync",
         "sync_file_range",
         "syncfs",
         "renameat",
         "renameat2",
+        "pwrite64",
         "pwritev",
         "pwritev2",
     ];
@@ -1067,7 +1025,7 @@ async fn syscall_census() {
     let filter = vec![
         "-y".to_string(),
         "-s".to_string(),
-        "400".to_string(),
+        "200".to_string(),
         "-e".to_string(),
         format!("trace={TRACED}"),
     ];
@@ -1107,7 +1065,7 @@ async fn syscall_census() {
         let executor_copy = args.contains(&format!("\"{data_text}/run/"));
         let kind = match name {
             "rename" if executor_copy => continue,
-            "fsync" | "rename" | "fdatasync" | "pwrite64" => name,
+            "fsync" | "rename" => name,
             "write" if on_data_file => "write to job and queue temp files",
             _ => continue,
         };
@@ -1156,12 +1114,7 @@ async fn syscall_census() {
         );
     }
     assert!(
-        count("fsync") > 0
-            && count("rename") > 0
-            && data_writes > 0
-            && count("writev") > 0
-            && count("fdatasync") > 0
-            && count("pwrite64") > 0,
+        count("fsync") > 0 && count("rename") > 0 && data_writes > 0 && count("writev") > 0,
         "the census saw too little: {calls:?}"
     );
     for (kind, threads) in &durable_threads {

@@ -48,26 +48,19 @@ pub fn database_of(data: &Path) -> String {
         .clone()
 }
 
-/// A job's record: its job file under `data` with the journal's records applied over it
-/// (a change is durable in the journal before its file is written, at the next
-/// checkpoint), read by the daemon's own replay; or with [`postgres_store`] its row.
+/// A job's record: its job file under `data`, or with [`postgres_store`] its row.
 pub fn record(data: &Path, id: &str) -> serde_json::Value {
-    if !postgres_store() {
-        let recovered =
-            training_worker::store::files::replay::replay(data).expect("replay the data dir");
-        return recovered
-            .jobs
-            .iter()
-            .find(|job| job.id.to_string() == id)
-            .unwrap_or_else(|| panic!("no job file or journal record of {id}"))
-            .to_json();
-    }
-    let body = query(
-        &database_of(data),
-        &format!("SELECT body FROM tw_jobs WHERE id = '{id}'"),
-    );
-    assert!(!body.trim().is_empty(), "no row for job {id}");
-    serde_json::from_str(body.trim()).expect("a job record is JSON")
+    let text = if postgres_store() {
+        let body = query(
+            &database_of(data),
+            &format!("SELECT body FROM tw_jobs WHERE id = '{id}'"),
+        );
+        assert!(!body.trim().is_empty(), "no row for job {id}");
+        body
+    } else {
+        std::fs::read_to_string(data.join(format!("jobs/{id}.json"))).expect("the job file")
+    };
+    serde_json::from_str(text.trim()).expect("a job record is JSON")
 }
 
 /// Runs `sql` in the database `url` names, on the test binary's PostgreSQL server; its

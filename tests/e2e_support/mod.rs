@@ -525,17 +525,9 @@ impl Sandbox {
             assert!(!body.trim().is_empty(), "no row for job {id}");
             return serde_json::from_str(body.trim()).expect("a job row holds JSON");
         }
-        // A change is durable in the journal before its job file is written (at the next
-        // checkpoint): the job file with the journal's records applied over it, read by the
-        // daemon's own replay, which changes nothing.
-        let recovered = training_worker::store::files::replay::replay(&self.data_dir())
-            .unwrap_or_else(|e| panic!("replay {}: {e}", self.data_dir().display()));
-        let job = recovered
-            .jobs
-            .iter()
-            .find(|job| job.id.to_string() == id)
-            .unwrap_or_else(|| panic!("no job file or journal record of {id}"));
-        job.to_json()
+        let path = self.jobs_dir().join(format!("{id}.json"));
+        let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// `queue.json` as (running, queued) (with [`postgres_store`], the same lists from the

@@ -755,24 +755,10 @@ pub fn job_file_names(data_dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A job as the data dir holds it, if it does: its job file with the journal's complete
-/// records applied over it, read by the daemon's own replay (which changes nothing). A change
-/// is durable once it is in the journal; the job file follows at the next checkpoint.
+/// A job file as JSON, if it exists and parses.
 pub fn read_job_file(data_dir: &Path, id: &str) -> Option<Value> {
-    let recovered = training_worker::store::files::replay::replay(data_dir).ok()?;
-    recovered
-        .jobs
-        .iter()
-        .find(|job| job.id.to_string() == id)
-        .map(|job| job.to_json())
-}
-
-/// Journal records the job files do not hold yet (0 once a checkpoint has caught up, as
-/// after every graceful stop).
-pub fn journal_records(data_dir: &Path) -> usize {
-    training_worker::store::files::replay::replay(data_dir)
-        .map(|recovered| recovered.journal_records)
-        .unwrap_or(0)
+    let bytes = fs::read(data_dir.join("jobs").join(format!("{id}.json"))).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// `queue.json` as (running, queued), if it exists and parses.

@@ -131,9 +131,8 @@ pub struct Record {
     pub dir: PathBuf,
     /// In stamp order.
     pub events: Vec<Event>,
-    /// Each file's and directory's durable states: (stamp, snapshot order, state).
-    files: HashMap<String, Vec<(u64, u64, PathBuf)>>,
-    dirs: HashMap<String, Vec<(u64, u64, Vec<DirEntry>)>>,
+    files: HashMap<String, Vec<(u64, PathBuf)>>,
+    dirs: HashMap<String, Vec<(u64, Vec<DirEntry>)>>,
     /// (pid, stamp) of every syncfs, whose snapshots carry the same stamp.
     syncfs_stamps: HashSet<(i32, u64)>,
 }
@@ -180,7 +179,7 @@ impl Record {
                     .files
                     .entry(ident.clone())
                     .or_default()
-                    .push((e.t, e.seq, dir.join("snap").join(snap))),
+                    .push((e.t, dir.join("snap").join(snap))),
                 Kind::Dir { path, snap } => {
                     let listing = fs::read_to_string(dir.join("snap").join(snap))
                         .unwrap_or_else(|e| panic!("read the listing {snap}: {e}"));
@@ -189,7 +188,7 @@ impl Record {
                         .dirs
                         .entry(path.clone())
                         .or_default()
-                        .push((e.t, e.seq, entries));
+                        .push((e.t, entries));
                 }
                 Kind::Syncfs => {
                     record.syncfs_stamps.insert((e.pid, e.t));
@@ -219,22 +218,6 @@ impl Record {
             }
         }
         c
-    }
-
-    /// Whether any event of the record, or any directory listing in it, names a path under
-    /// `prefix` (relative to the data dir, e.g. `journal/`).
-    pub fn has_path_under(&self, prefix: &str) -> bool {
-        let dir = prefix.trim_end_matches('/');
-        let in_events = self.events.iter().any(|e| match &e.kind {
-            Kind::File { path, .. }
-            | Kind::Dir { path, .. }
-            | Kind::Unlink { path }
-            | Kind::Mkdir { path }
-            | Kind::Forgotten { path, .. } => path.starts_with(prefix),
-            Kind::Rename { from, to } => from.starts_with(prefix) || to.starts_with(prefix),
-            Kind::Syncfs => false,
-        });
-        in_events || self.dirs.contains_key(dir)
     }
 
     /// The paths of the durability points the mutation made the record forget.
@@ -293,18 +276,13 @@ impl Record {
     }
 }
 
-/// Of the syncs that returned at or before `cut`, the state of the one whose snapshot was
-/// taken last. Snapshots are taken when a sync begins and stamped when it returns, and two
-/// threads' syncs can overlap (a syncfs of the checkpointer begins, the journal is appended
-/// to and its fdatasync returns, then the syncfs returns): the content that survives is the
-/// newer one, whatever order the calls returned in. The recorder numbers snapshots in the
-/// order they are taken (`seq`, one counter per process; a recorded run has one daemon).
-fn latest<T>(history: Option<&Vec<(u64, u64, T)>>, cut: u64) -> Option<&T> {
+/// The last value stamped at or before `cut`.
+fn latest<T>(history: Option<&Vec<(u64, T)>>, cut: u64) -> Option<&T> {
     history?
         .iter()
-        .filter(|(t, _, _)| *t <= cut)
-        .max_by_key(|(_, seq, _)| *seq)
-        .map(|(_, _, v)| v)
+        .take_while(|(t, _)| *t <= cut)
+        .last()
+        .map(|(_, v)| v)
 }
 
 fn parse_entry(line: &str) -> Option<DirEntry> {

@@ -1,60 +1,57 @@
 //! The file store: the only code that writes the data dir's job state.
 //!
-//! [`Store::open`] replays the data dir (the job files, `queue.json`, then the journal's
-//! records over them), cleans it (damaged files to `quarantine/`, leftover temporary files
-//! removed), checkpoints what the journal held, and starts the persistence thread. The
+//! [`Store::open`] replays the data dir, cleans it (damaged files to `quarantine/`, leftover
+//! temporary files removed, `queue.json` rewritten), and starts the persistence thread. The
 //! worker talks to it through the store's boundary, a [`StoreHandle`], with one call,
 //! [`StoreHandle::commit`]: a set of job records and their places in the queue, answered
 //! once they are durable.
 //!
-//! Write-ahead journal, group commit: whenever the thread has taken everything waiting in
-//! its inbox, it appends one record per request to the journal ([`journal`]) in one write,
-//! flushes it with one fdatasync, and only then answers them all. Under load a group grows,
-//! so the cost per job falls; a flush writes data only, since a segment is reused in place.
+//! Group commit, pipelined: a request's job files are staged as soon as it arrives, each
+//! written to a temporary file and fsynced by one of up to 16 staging threads the store keeps
+//! (the device serves many fsyncs at once). Whenever the thread has taken everything waiting
+//! in its inbox, the requests whose files are all staged, in arrival order up to the first
+//! one still being staged, are committed as one group: the renames, one fsync of the
+//! directory, and only then the answers. So a job never becomes durable before one that
+//! arrived ahead of it, the fsyncs of newer requests go on during a commit, and under load a
+//! group grows, so the cost per job falls. With `sync = "syncfs"` the store thread writes a
+//! group's files itself when it commits them, without fsync, and one syncfs makes them
+//! durable before the renames.
 //!
-//! The job files and `queue.json` follow: the thread cuts a checkpoint (the latest bytes of
-//! every job changed since the last cut, the queue order, the segments written up to then)
-//! and hands it to the checkpointer thread ([`checkpoint`]), which writes them with the one
-//! atomic writer ([`fsio`]) and makes them durable; when it reports, this thread retires
-//! those segments (so every journal call is this thread's) before the next cut. A cut is made
-//! at once when no request came for [`IDLE_DELAY`], and under load once the last one has
-//! been done for a while (from [`CHECKPOINT_MIN_INTERVAL`], growing with what a checkpoint
-//! costs, to at most [`CHECKPOINT_MAX_INTERVAL`]), so that the files never lag by more
-//! than about a second; and when the store stops. At most [`MAX_SEGMENTS`] segments exist:
-//! when all of them wait for a checkpoint, the thread waits for it, which is how a slow
-//! disk pushes back.
+//! `queue.json` is derived from the job files (replay rebuilds the same order from them), so
+//! it is not on the acknowledgement path: it is rewritten after the batches that changed the
+//! order, at most once per [`QUEUE_FILE_MIN_DELAY`] and never taking more than about 1/20 of
+//! the thread's time, so a long queue does not make every enqueue slower. It is also written
+//! at boot and when the store stops.
 //!
-//! Blocking I/O stays off the async runtime: the writes happen on this thread and the
-//! checkpointer's, nowhere else.
+//! Blocking I/O stays off the async runtime: the writes happen on this thread and its staging
+//! threads ([`StagePool`]), nowhere else.
 
-pub mod checkpoint;
 pub mod fsio;
-pub mod journal;
 pub mod replay;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 use super::{Change, FIRST_QUEUED_RANK, Placement, StoreError, StoreHandle};
 use crate::config::SyncMode;
 use crate::job::JobId;
-use crate::layout::{JOBS_DIR, JOURNAL_DIR, LOGS_DIR, QUARANTINE_DIR};
+use crate::layout::{JOBS_DIR, LOGS_DIR, QUARANTINE_DIR, QUEUE_FILE};
 use crate::metrics::METRICS;
-use fsio::WriteError;
+use fsio::{Staged, WriteError};
 pub use replay::{Damaged, QueueFile, Recovered};
 
-/// Events the thread takes before it appends what it has: requests waiting beyond this many
+/// Events the thread takes before it commits what is ready: requests waiting beyond this many
 /// are left for the next turn, which bounds a group's memory and the latency of its first
 /// request.
 const MAX_BATCH: usize = 4096;
@@ -63,26 +60,23 @@ const MAX_BATCH: usize = 4096;
 /// how a slow disk pushes back on clients.
 const INBOX_SLOTS: usize = 4096;
 
-/// A cut is made this long after the last request, when no other came meanwhile.
-pub const IDLE_DELAY: Duration = Duration::from_millis(1);
+/// Threads that stage job files when each is fsynced. fsync waits for the device, not the
+/// CPU, and the device serves many at once, so this is more than the cores.
+const STAGE_THREADS: usize = 16;
 
-/// Under load, the shortest time from the end of one checkpoint to the next cut.
-pub const CHECKPOINT_MIN_INTERVAL: Duration = Duration::from_millis(20);
+/// At most this many files, arriving while nothing else is being written, are staged by the
+/// store thread itself.
+const STAGE_ALONE: usize = 2;
 
-/// Under load, the longest; in between, twice what the last checkpoint took, so that
-/// checkpoints take at most about a third of the checkpointer's time.
-pub const CHECKPOINT_MAX_INTERVAL: Duration = Duration::from_millis(500);
+/// How long to wait before rewriting `queue.json` again after the storage refused it.
+const QUEUE_FILE_RETRY: Duration = Duration::from_secs(1);
 
-/// How long to wait before cutting again after the storage refused a checkpoint.
-const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+/// The shortest time between two rewrites of `queue.json`.
+pub const QUEUE_FILE_MIN_DELAY: Duration = Duration::from_millis(10);
 
-/// A segment this full is closed, and a checkpoint cut soon after.
-pub const SEGMENT_TARGET_BYTES: u64 = 16 << 20;
-
-/// Segment files the journal may have; when every one holds records not yet checkpointed,
-/// the thread waits for the checkpoint. Bounds the journal at about this many times
-/// [`SEGMENT_TARGET_BYTES`].
-pub const MAX_SEGMENTS: usize = 8;
+/// `queue.json` waits at least this many times as long as its last rewrite took, so that
+/// rewriting it costs at most about 1/20 of the store's time however long the queue is.
+const QUEUE_FILE_COST_FACTOR: u32 = 20;
 
 struct Request {
     changes: Vec<Change>,
@@ -96,9 +90,13 @@ struct Request {
 /// What reaches the persistence thread, in one channel so that it waits on one thing.
 enum Event {
     Request(Request),
-    /// The checkpointer finished a checkpoint.
-    Checkpointed(checkpoint::Report),
-    /// The last handle is gone: answer what was sent, checkpoint, then stop.
+    /// A staging thread has written one change of a request.
+    Staged {
+        request: u64,
+        change: usize,
+        result: Result<Staged, WriteError>,
+    },
+    /// The last handle is gone: answer what was sent, then stop.
     Closed,
 }
 
@@ -106,7 +104,7 @@ enum Event {
 /// last one goes, it tells the thread.
 #[derive(Debug)]
 struct Inbox {
-    /// A std channel, so that the thread can wait with a timeout (for a checkpoint); it is
+    /// A std channel, so that the thread can wait with a timeout (for `queue.json`); it is
     /// bounded by `slots`, and sending on it never blocks.
     events: mpsc::Sender<Event>,
     slots: Arc<Semaphore>,
@@ -126,8 +124,8 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    /// Makes `changes` durable. `Ok` means every job record is in the journal, flushed; on
-    /// `Err` none of them is (but see [`StoreError::OutcomeUnknown`]).
+    /// Makes `changes` durable. `Ok` means every job record is on disk and fsynced, and so is
+    /// its directory entry; on `Err` none of them is.
     pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         self.send(changes, Vec::new()).await
     }
@@ -135,8 +133,8 @@ impl Handle {
     /// Gives queued jobs new ranks in `queue.json` without writing their files: for an order
     /// the job files already imply (the deadline order, at boot), so there is nothing new to
     /// make durable. A job that is not queued in `queue.json` is left alone, so a finished job
-    /// never comes back. Answered once the journal has them; `queue.json` follows at the
-    /// next checkpoint.
+    /// never comes back. Answered once the store's copy of the order has them; `queue.json`
+    /// follows as after a commit.
     pub async fn rerank(&self, ranks: Vec<(JobId, u64)>) -> Result<(), StoreError> {
         self.send(Vec::new(), ranks).await
     }
@@ -189,14 +187,14 @@ impl Store {
         Store::open_with(data_dir, fatal, SyncMode::default())
     }
 
-    /// Like [`Store::open`], making checkpoints durable the way `sync` says.
+    /// Like [`Store::open`], making batches durable the way `sync` says.
     pub fn open_with(
         data_dir: &Path,
         fatal: CancellationToken,
         sync: SyncMode,
     ) -> Result<Opened, OpenError> {
         let data_dir = data_dir.to_path_buf();
-        for sub in [JOBS_DIR, QUARANTINE_DIR, LOGS_DIR, JOURNAL_DIR] {
+        for sub in [JOBS_DIR, QUARANTINE_DIR, LOGS_DIR] {
             let dir = data_dir.join(sub);
             fs::create_dir_all(&dir)
                 .map_err(|e| OpenError(format!("cannot create {}: {e}", dir.display())))?;
@@ -207,56 +205,28 @@ impl Store {
         for (rank, id) in recovered.order.iter().enumerate() {
             queue.place(*id, Placement::Queued(FIRST_QUEUED_RANK + rank as u64));
         }
-        let target = checkpoint::Target {
-            jobs_dir: data_dir.join(JOBS_DIR),
-            data_dir: data_dir.clone(),
-            sync,
-        };
-        clean(&data_dir, &recovered);
-        boot_checkpoint(&target, &recovered, &queue).map_err(|e| OpenError(e.to_string()))?;
         let (events, inbox) = mpsc::channel();
-        let reports = events.clone();
-        let checkpoints = checkpoint::spawn(target, move |report| {
-            let _ = reports.send(Event::Checkpointed(report));
-        })
-        .map_err(|e| OpenError(format!("cannot start the checkpoint thread: {e}")))?;
-        let journal_dir = data_dir.join(JOURNAL_DIR);
-        let mut slots = recovered.journal_slots.clone();
-        // Two segments made now, so that a light load never creates one: one in use, one
-        // to take while the checkpoint of the other runs.
-        let mut next_slot = slots.iter().max().map_or(0, |s| s + 1);
-        while slots.len() < 2 {
-            match journal::Segment::open(&journal_dir, next_slot) {
-                Ok(_) => slots.push(next_slot),
-                Err(e) => {
-                    warn!(error = %e, "cannot make a journal segment now; trying again at the first write");
-                    break;
-                }
-            }
-            next_slot += 1;
-        }
-        let thread_state = Persister {
-            journal_dir,
+        let jobs_dir: Arc<Path> = data_dir.join(JOBS_DIR).into();
+        let mut thread_state = Persister {
+            jobs_dir: Arc::clone(&jobs_dir),
+            data_dir,
             queue,
             queue_dirty: false,
+            unlisted_since_write: HashSet::new(),
+            queue_written_at: Instant::now(),
+            queue_cost: Duration::ZERO,
+            sync,
             fatal,
             broken: None,
-            active: None,
-            next_slot,
-            slots: slots.len(),
-            free: slots,
-            next_seq: recovered.journal_seq + 1,
-            sealed: Vec::new(),
-            dirty: HashMap::new(),
-            checkpoints: Some(checkpoints),
-            in_flight: None,
-            last_checkpoint_end: Instant::now(),
-            last_checkpoint_cost: Duration::ZERO,
-            retry_at: None,
-            stashed: VecDeque::new(),
-            closed: false,
-            refusal: None,
+            pending: BTreeMap::new(),
+            next_request: 0,
+            writing: HashSet::new(),
+            deferred: VecDeque::new(),
+            pool: StagePool::new(Arc::clone(&jobs_dir), events.clone()),
         };
+        thread_state
+            .clean(&recovered)
+            .map_err(|e| OpenError(e.to_string()))?;
         let thread = thread::Builder::new()
             .name("store".into())
             .spawn(move || thread_state.run(inbox))
@@ -274,86 +244,6 @@ impl Store {
     }
 }
 
-/// Acts on what replay found: damaged files to `quarantine/`, temporary files removed. A
-/// file that cannot be moved or removed is logged and left; the boot goes on.
-fn clean(data_dir: &Path, recovered: &Recovered) {
-    let quarantine = data_dir.join(QUARANTINE_DIR);
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ").to_string();
-    for damaged in &recovered.damaged {
-        let name = damaged
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "unnamed".into());
-        let target = quarantine.join(format!("{stamp}-{name}"));
-        match fs::rename(&damaged.path, &target) {
-            Ok(()) => warn!(
-                file = %damaged.path.display(),
-                moved_to = %target.display(),
-                reason = %damaged.reason,
-                "unreadable file moved to quarantine"
-            ),
-            Err(e) => warn!(
-                file = %damaged.path.display(),
-                reason = %damaged.reason,
-                error = %e,
-                "unreadable file could not be moved to quarantine; it is ignored"
-            ),
-        }
-    }
-    for temp in &recovered.temp_files {
-        match fs::remove_file(temp) {
-            Ok(()) => {
-                debug!(file = %temp.display(), "removed a temporary file left by an interrupted write")
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(file = %temp.display(), error = %e, "cannot remove a temporary file")
-            }
-        }
-    }
-    for torn in &recovered.journal_torn {
-        info!(detail = %torn, "journal tail dropped");
-    }
-    for id in &recovered.missing {
-        warn!(job_id = %id, "queue.json names a job that has no job file; dropped");
-    }
-}
-
-/// The boot's checkpoint: the files of the jobs the journal changed, a current
-/// `queue.json`, the directories' moves and removals made durable, and then the journal
-/// retired, before anything is acknowledged.
-fn boot_checkpoint(
-    target: &checkpoint::Target,
-    recovered: &Recovered,
-    queue: &QueueMirror,
-) -> Result<(), WriteError> {
-    let by_id: HashMap<JobId, &crate::job::Job> =
-        recovered.jobs.iter().map(|j| (j.id, j)).collect();
-    let task = checkpoint::Task {
-        files: recovered
-            .from_journal
-            .iter()
-            .filter_map(|id| Some((*id, Arc::new(by_id.get(id)?.to_file_bytes()))))
-            .collect(),
-        queue: Some(queue.lists()),
-        retire: recovered.journal_segments.clone(),
-    };
-    checkpoint::run(target, &task)?;
-    checkpoint::retire(&task.retire)?;
-    fsio::sync_dir(&target.jobs_dir)?;
-    fsio::sync_dir(&target.data_dir.join(QUARANTINE_DIR))?;
-    fsio::sync_dir(&target.data_dir.join(JOURNAL_DIR))?;
-    if !task.retire.is_empty() {
-        info!(
-            records = recovered.journal_records,
-            jobs = task.files.len(),
-            "journal applied to the job files"
-        );
-    }
-    Ok(())
-}
-
 /// The store's copy of the queue order, from which `queue.json` is written.
 #[derive(Default)]
 struct QueueMirror {
@@ -363,7 +253,7 @@ struct QueueMirror {
 }
 
 impl QueueMirror {
-    /// Moves a job to `placement` and returns where it was.
+    /// Moves a job to `placement` and returns where it was, for undo.
     fn place(&mut self, id: JobId, placement: Placement) -> Placement {
         let old = self.placed.remove(&id).unwrap_or(Placement::Off);
         match old {
@@ -390,463 +280,488 @@ impl QueueMirror {
         old
     }
 
-    /// The order as ids, to be written elsewhere (the checkpointer renders them).
-    fn lists(&self) -> (Vec<JobId>, Vec<JobId>) {
-        (
-            self.running.iter().map(|(_, id)| *id).collect(),
-            self.queued.iter().map(|(_, id)| *id).collect(),
-        )
+    fn to_bytes(&self) -> Vec<u8> {
+        let file = QueueFile {
+            running: self.running.iter().map(|(_, id)| id.to_string()).collect(),
+            queued: self.queued.iter().map(|(_, id)| id.to_string()).collect(),
+        };
+        let mut bytes =
+            serde_json::to_vec_pretty(&file).expect("a list of strings always serialises");
+        bytes.push(b'\n');
+        bytes
     }
 }
 
-/// One job record of a request: the job, its place, its file's bytes.
-type Record = (JobId, Placement, Arc<Vec<u8>>);
-
-/// A segment that holds records no finished checkpoint covers yet.
-struct Sealed {
-    slot: u32,
-    path: PathBuf,
-    seq: u64,
-}
-
-/// A checkpoint the checkpointer is running: what it covers, to take back if it is refused.
-struct InFlight {
-    files: Vec<(JobId, Arc<Vec<u8>>)>,
-    segments: Vec<Sealed>,
-    queue: bool,
+/// A request whose job files are being staged, or are staged and wait for the next commit.
+struct Pending {
+    /// The request's changes, the last record of each job only.
+    changes: Arc<Vec<Change>>,
+    /// Each change's staged file, as the staging threads report them.
+    staged: Vec<Option<Result<Staged, WriteError>>>,
+    /// Changes not staged yet.
+    outstanding: usize,
+    ranks: Vec<(JobId, u64)>,
+    respond_to: oneshot::Sender<Result<(), StoreError>>,
+    _slot: OwnedSemaphorePermit,
+    arrived: Instant,
 }
 
 /// The persistence thread's state.
 struct Persister {
-    journal_dir: PathBuf,
+    data_dir: PathBuf,
+    jobs_dir: Arc<Path>,
     queue: QueueMirror,
-    /// The mirror changed since the last cut.
+    /// The mirror changed since `queue.json` was last written.
     queue_dirty: bool,
+    /// Jobs taken off the queue (finished) since `queue.json` was last written: the file on
+    /// disk may still list them at the places they had. Before such a job is placed again
+    /// (a retry), `queue.json` is rewritten, so that a crash cannot leave a file that names
+    /// the job queued again at its old place; see [`Persister::unlist_revived`].
+    unlisted_since_write: HashSet<JobId>,
+    queue_written_at: Instant,
+    /// How long the last rewrite of `queue.json` took.
+    queue_cost: Duration,
+    /// How a batch's files are made durable before their renames.
+    sync: SyncMode,
     /// Cancelled on a fatal write error, which makes the daemon exit 74.
     fatal: CancellationToken,
     /// Set after a fatal error: every later request is refused with it.
     broken: Option<String>,
-    /// The segment appended to, once one is in use.
-    active: Option<journal::Segment>,
-    /// Slots of segment files that hold nothing to keep, ready to be taken into use.
-    free: Vec<u32>,
-    /// The number a new segment file gets.
-    next_slot: u32,
-    /// Segment files there are.
-    slots: usize,
-    /// The sequence number the next segment taken into use gets.
-    next_seq: u64,
-    /// Segments closed since the last cut (the active one is closed at each cut).
-    sealed: Vec<Sealed>,
-    /// The latest file of each job changed since the last cut.
-    dirty: HashMap<JobId, Arc<Vec<u8>>>,
-    /// Where cuts go; `None` once the thread stops.
-    checkpoints: Option<mpsc::Sender<checkpoint::Task>>,
-    in_flight: Option<InFlight>,
-    last_checkpoint_end: Instant,
-    last_checkpoint_cost: Duration,
-    /// After a refused checkpoint: not before then.
-    retry_at: Option<Instant>,
-    /// Events taken while waiting for a checkpoint, handled next.
-    stashed: VecDeque<Event>,
-    /// Every handle is gone: checkpoint what is left, then stop.
-    closed: bool,
-    /// Why the last checkpoint was refused, until one succeeds; changes are refused
-    /// meanwhile.
-    refusal: Option<String>,
+    /// Requests being staged or staged, by arrival.
+    pending: BTreeMap<u64, Pending>,
+    next_request: u64,
+    /// The jobs of the pending requests. A request about one of them waits in `deferred`
+    /// until that record is committed, so each job's records reach the disk in order and
+    /// never share a temporary file.
+    writing: HashSet<JobId>,
+    deferred: VecDeque<Request>,
+    /// The threads that stage job files.
+    pool: StagePool,
 }
 
 impl Persister {
-    /// The thread's loop: take what waits, append it as one group, answer; cut a
-    /// checkpoint when it is due.
-    fn run(mut self, inbox: mpsc::Receiver<Event>) {
-        loop {
-            if self.closed && self.in_flight.is_none() {
-                if !self.has_work() || self.broken.is_some() {
-                    break;
-                }
-                if self.retry_at.is_some() {
-                    // The storage refused the last checkpoint as the store stops: the journal
-                    // keeps everything for the next boot, which must know this stop was not
-                    // clean.
-                    error!(
-                        "stopping with journal records the job files do not hold yet (the storage refused them); the next boot applies them"
-                    );
-                    self.fatal.cancel();
-                    break;
-                }
+    /// Acts on what replay found: quarantine damaged files, remove temporary ones, write a
+    /// current `queue.json`, and make all of it durable.
+    fn clean(&mut self, recovered: &Recovered) -> Result<(), WriteError> {
+        let quarantine = self.data_dir.join(QUARANTINE_DIR);
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ").to_string();
+        for damaged in &recovered.damaged {
+            let name = damaged
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "unnamed".into());
+            let target = quarantine.join(format!("{stamp}-{name}"));
+            match fs::rename(&damaged.path, &target) {
+                Ok(()) => warn!(
+                    file = %damaged.path.display(),
+                    moved_to = %target.display(),
+                    reason = %damaged.reason,
+                    "unreadable file moved to quarantine"
+                ),
+                Err(e) => warn!(
+                    file = %damaged.path.display(),
+                    reason = %damaged.reason,
+                    error = %e,
+                    "unreadable file could not be moved to quarantine; it is ignored"
+                ),
             }
-            let first = match self.stashed.pop_front() {
-                Some(event) => event,
-                None => match self.checkpoint_due() {
-                    None => match inbox.recv() {
-                        Ok(event) => event,
-                        Err(_) => break,
-                    },
-                    Some(due) => {
-                        match inbox.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                            Ok(event) => event,
-                            Err(RecvTimeoutError::Timeout) => {
-                                self.cut();
-                                continue;
-                            }
-                            Err(RecvTimeoutError::Disconnected) => break,
-                        }
-                    }
-                },
-            };
-            let mut turn = vec![first];
-            while turn.len() < MAX_BATCH {
-                let next = match self.stashed.pop_front() {
-                    Some(event) => event,
-                    None => match inbox.try_recv() {
-                        Ok(event) => event,
-                        Err(_) => break,
-                    },
-                };
-                turn.push(next);
-            }
-            let mut requests = Vec::new();
-            for event in turn {
-                match event {
-                    Event::Request(request) => requests.push(request),
-                    Event::Checkpointed(report) => self.checkpointed(report),
-                    Event::Closed => {
-                        self.closed = true;
-                        // One more try at once, even after a refusal.
-                        self.retry_at = None;
-                    }
+        }
+        for temp in &recovered.temp_files {
+            match fs::remove_file(temp) {
+                Ok(()) => {
+                    debug!(file = %temp.display(), "removed a temporary file left by an interrupted write")
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(file = %temp.display(), error = %e, "cannot remove a temporary file")
                 }
             }
-            if !requests.is_empty() {
-                self.append(requests, &inbox);
-            }
-            // Under load the inbox never stays empty for IDLE_DELAY: cut once the interval
-            // has passed.
-            if self
-                .checkpoint_due()
-                .is_some_and(|due| due <= Instant::now())
-                || (self.checkpoint_due().is_some()
-                    && self.retry_at.is_none()
-                    && Instant::now() >= self.last_checkpoint_end + self.interval())
-            {
-                self.cut();
-            }
         }
-        self.checkpoints = None;
-        debug!("store stopped: every handle is gone");
-    }
-
-    /// Whether something is written that the job files do not hold yet.
-    fn has_work(&self) -> bool {
-        !self.dirty.is_empty()
-            || self.queue_dirty
-            || !self.sealed.is_empty()
-            || self.active.as_ref().is_some_and(|s| s.used() > 0)
-    }
-
-    /// How long after the end of the last checkpoint the next may be cut under load.
-    fn interval(&self) -> Duration {
-        (self.last_checkpoint_cost * 2).clamp(CHECKPOINT_MIN_INTERVAL, CHECKPOINT_MAX_INTERVAL)
-    }
-
-    /// When the next cut is due, if there is anything to cut and no checkpoint runs.
-    fn checkpoint_due(&self) -> Option<Instant> {
-        if self.in_flight.is_some() || !self.has_work() || self.broken.is_some() {
-            return None;
+        for id in &recovered.missing {
+            warn!(job_id = %id, "queue.json names a job that has no job file; dropped");
         }
-        if let Some(at) = self.retry_at {
-            return Some(at);
-        }
-        let now = Instant::now();
-        if self.closed || self.sealed.len() + 1 >= MAX_SEGMENTS / 2 {
-            return Some(now);
-        }
-        // At once when idle: the timeout runs out only if no request came meanwhile; under
-        // load, once the interval has passed.
-        Some((now + IDLE_DELAY).min(self.last_checkpoint_end + self.interval()))
-    }
-
-    /// Appends a group of requests to the journal as one write and one flush, then answers
-    /// them.
-    fn append(&mut self, requests: Vec<Request>, inbox: &mpsc::Receiver<Event>) {
-        if let Some(reason) = &self.broken {
-            for request in requests {
-                let _ = request
-                    .respond_to
-                    .send(Err(StoreError::Fatal(reason.clone())));
-            }
-            return;
-        }
-        if let Some(reason) = &self.refusal {
-            let error = StoreError::Unavailable(format!(
-                "the job files cannot be written ({reason}); nothing new is taken until they can"
-            ));
-            for request in requests {
-                let _ = request.respond_to.send(Err(error.clone()));
-            }
-            return;
-        }
-        let arrived = Instant::now();
-        // The last record of a job in a request is the one that counts. (An enqueue has
-        // one record, and nothing to merge.)
-        let mut group: Vec<(Request, Vec<Record>)> = Vec::with_capacity(requests.len());
-        let mut size = 0;
-        for mut request in requests {
-            let mut records: Vec<Record> = Vec::with_capacity(request.changes.len());
-            let mut index: HashMap<JobId, usize> = HashMap::new();
-            for change in request.changes.drain(..) {
-                let record = (
-                    change.job.id,
-                    change.placement,
-                    Arc::new(change.job.to_file_bytes()),
-                );
-                size += record.2.len() + 32;
-                match index.get(&change.job.id) {
-                    Some(&i) => records[i] = record,
-                    None => {
-                        index.insert(change.job.id, records.len());
-                        records.push(record);
-                    }
-                }
-            }
-            size += request.ranks.len() * 24 + 32;
-            group.push((request, records));
-        }
-        if let Err(e) = self.make_room(size as u64, inbox) {
-            let error = self.fail(e);
-            for (request, _) in group {
-                let _ = request.respond_to.send(Err(error.clone()));
-            }
-            return;
-        }
-        let segment = self
-            .active
-            .as_mut()
-            .expect("make_room leaves a segment in use");
-        let seq = segment.seq();
-        let mut bytes = Vec::with_capacity(size + 64);
-        for (request, records) in &group {
-            journal::encode_record(seq, &mut bytes, |out| {
-                let changes: Vec<(Placement, &[u8])> = records
-                    .iter()
-                    .map(|(_, placement, bytes)| (*placement, bytes.as_slice()))
-                    .collect();
-                journal::encode_payload(&changes, &request.ranks, out);
-            });
-        }
-        let written = segment.append(&bytes).and_then(|()| segment.flush());
-        if let Err(e) = written {
-            // A failed flush: the records may be in the page cache, which a restart reads.
-            let error = match &e {
-                WriteError::Write { .. } => self.fail(e),
-                _ => self.fail(e).outcome_unknown(),
-            };
-            for (request, _) in group {
-                let _ = request.respond_to.send(Err(error.clone()));
-            }
-            return;
-        }
-        let jobs: usize = group.iter().map(|(_, records)| records.len()).sum();
-        for (request, records) in group {
-            for (id, placement, bytes) in records {
-                let old = self.queue.place(id, placement);
-                self.queue_dirty |= old != placement;
-                self.dirty.insert(id, bytes);
-            }
-            self.rerank(&request.ranks);
-            let _ = request.respond_to.send(Ok(()));
-        }
-        if jobs > 0 {
-            METRICS.batch_jobs.observe(jobs as f64);
-            METRICS.flush.observe_duration(arrived.elapsed());
-        }
-        if self
-            .active
-            .as_ref()
-            .is_some_and(|s| s.used() >= SEGMENT_TARGET_BYTES)
-        {
-            self.seal_active();
-        }
-    }
-
-    /// Makes sure a segment is in use that takes `size` more bytes (growing it if need
-    /// be): takes a free one into use, or makes a new file; when every segment there may
-    /// be waits for a checkpoint, waits for it.
-    fn make_room(&mut self, size: u64, inbox: &mpsc::Receiver<Event>) -> Result<(), WriteError> {
-        if self
-            .active
-            .as_ref()
-            .is_some_and(|s| s.used() > 0 && s.used() + size > SEGMENT_TARGET_BYTES)
-        {
-            self.seal_active();
-        }
-        if self.active.is_some() {
-            return Ok(());
-        }
-        while self.free.is_empty() && self.slots >= MAX_SEGMENTS {
-            if self.in_flight.is_none() {
-                self.cut();
-            }
-            if self.in_flight.is_none() {
-                return Err(WriteError::Write {
-                    path: self.journal_dir.clone(),
-                    source: io::Error::other(
-                        "the journal is full and its records cannot be checkpointed",
-                    ),
-                });
-            }
-            // Wait for the checkpoint, keeping whatever else comes for later.
-            match inbox.recv() {
-                Ok(Event::Checkpointed(report)) => self.checkpointed(report),
-                Ok(other) => self.stashed.push_back(other),
-                Err(_) => {
-                    return Err(WriteError::Write {
-                        path: self.journal_dir.clone(),
-                        source: io::Error::other("the checkpointer is gone"),
-                    });
-                }
-            }
-            if self.broken.is_some() {
-                return Err(WriteError::Write {
-                    path: self.journal_dir.clone(),
-                    source: io::Error::other("the store has stopped"),
-                });
-            }
-        }
-        let mut segment = match self.free.pop() {
-            Some(slot) => journal::Segment::open(&self.journal_dir, slot)?,
-            None => {
-                let segment = journal::Segment::open(&self.journal_dir, self.next_slot)?;
-                self.next_slot += 1;
-                self.slots += 1;
-                segment
-            }
-        };
-        if let Err(e) = segment.activate(self.next_seq) {
-            self.free.push(segment.slot);
-            return Err(e);
-        }
-        self.next_seq += 1;
-        self.active = Some(segment);
+        self.write_queue_file()?;
+        fsio::sync_dir(&self.jobs_dir)?;
+        fsio::sync_dir(&quarantine)?;
         Ok(())
     }
 
-    /// Closes the active segment: records go to a new one from the next group on.
-    fn seal_active(&mut self) {
-        if let Some(segment) = self.active.take() {
-            if segment.used() == 0 {
-                self.active = Some(segment);
+    /// The thread's loop. A request's job files are staged as soon as it arrives (by the
+    /// staging threads, each file fsynced; or, with syncfs, written here); whenever the
+    /// thread has taken everything waiting for it, every request whose files are all staged
+    /// is committed as one group: renamed into place, one fsync of `jobs/`, answered. So the
+    /// fsyncs of new requests go on while a group is committed, and under load a group
+    /// grows, which makes the cost per job fall.
+    fn run(mut self, inbox: mpsc::Receiver<Event>) {
+        let mut closed = false;
+        loop {
+            if closed && self.pending.is_empty() && self.deferred.is_empty() {
+                break;
+            }
+            let first = if self.queue_dirty {
+                let wait = self.queue_due().saturating_duration_since(Instant::now());
+                match inbox.recv_timeout(wait) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.flush_queue_file();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match inbox.recv() {
+                    Ok(event) => event,
+                    Err(_) => break,
+                }
+            };
+            let mut turn = vec![first];
+            while turn.len() < MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(event) => turn.push(event),
+                    Err(_) => break,
+                }
+            }
+            // A few files while nothing else is being written are staged here, as a
+            // sequence of single requests always was: handing them to another thread would
+            // cost more than it overlaps, and it keeps every write of a light load on this
+            // thread (the crash-point tests count system calls per thread).
+            let changes: usize = turn
+                .iter()
+                .map(|e| match e {
+                    Event::Request(r) => r.changes.len(),
+                    _ => 0,
+                })
+                .sum();
+            let alone =
+                changes <= STAGE_ALONE && self.pending.is_empty() && self.pool.in_flight == 0;
+            for event in turn {
+                closed |= self.take(event, alone);
+            }
+            self.commit_ready();
+            if self.queue_dirty && Instant::now() >= self.queue_due() {
+                self.flush_queue_file();
+            }
+        }
+        if self.queue_dirty {
+            self.flush_queue_file();
+        }
+        debug!("store stopped: every handle is gone");
+    }
+
+    /// Takes one event; true when it says that every handle is gone. `alone`: stage a
+    /// request's files on this thread.
+    fn take(&mut self, event: Event, alone: bool) -> bool {
+        match event {
+            Event::Request(request) => self.accept(request, alone),
+            Event::Staged {
+                request,
+                change,
+                result,
+            } => {
+                self.pool.in_flight -= 1;
+                let pending = self
+                    .pending
+                    .get_mut(&request)
+                    .expect("a staged file belongs to a pending request");
+                pending.staged[change] = Some(result);
+                pending.outstanding -= 1;
+            }
+            Event::Closed => return true,
+        }
+        false
+    }
+
+    /// Starts staging a request's files (here when `alone`, else by the staging threads),
+    /// unless the store is broken (refused at once) or a record of one of its jobs is still
+    /// pending (it waits for that one).
+    fn accept(&mut self, mut request: Request, alone: bool) {
+        if let Some(reason) = &self.broken {
+            let _ = request
+                .respond_to
+                .send(Err(StoreError::Fatal(reason.clone())));
+            return;
+        }
+        // The last record of a job in the request is the one that counts. (An enqueue has
+        // one record, and nothing to merge.)
+        if request.changes.len() > 1 {
+            let mut index: HashMap<JobId, usize> = HashMap::new();
+            let mut changes: Vec<Change> = Vec::with_capacity(request.changes.len());
+            for change in request.changes.drain(..) {
+                match index.get(&change.job.id) {
+                    Some(&i) => changes[i] = change,
+                    None => {
+                        index.insert(change.job.id, changes.len());
+                        changes.push(change);
+                    }
+                }
+            }
+            request.changes = changes;
+        }
+        if request
+            .changes
+            .iter()
+            .any(|c| self.writing.contains(&c.job.id))
+        {
+            self.deferred.push_back(request);
+            return;
+        }
+        let number = self.next_request;
+        self.next_request += 1;
+        let count = request.changes.len();
+        self.writing
+            .extend(request.changes.iter().map(|c| c.job.id));
+        let changes = Arc::new(request.changes);
+        let mut staged: Vec<Option<Result<Staged, WriteError>>> =
+            (0..count).map(|_| None).collect();
+        let mut outstanding = count;
+        if alone && self.sync == SyncMode::Fsync {
+            for (slot, change) in staged.iter_mut().zip(changes.iter()) {
+                *slot = Some(stage(&self.jobs_dir, change, self.sync));
+            }
+        }
+        let handed = !alone
+            && self.sync == SyncMode::Fsync
+            && count > 0
+            && self.pool.stage(number, &changes);
+        if !handed {
+            // Without a per-file fsync there is nothing to overlap but CPU work, which the
+            // HTTP side needs too: the store thread writes these files itself, when it
+            // commits them (and any file, should no staging thread start).
+            outstanding = 0;
+        }
+        self.pending.insert(
+            number,
+            Pending {
+                changes,
+                staged,
+                outstanding,
+                ranks: request.ranks,
+                respond_to: request.respond_to,
+                _slot: request._slot,
+                arrived: Instant::now(),
+            },
+        );
+    }
+
+    /// Commits the requests whose files are all staged, in arrival order, as one group, and
+    /// starts the deferred requests that no longer wait; again while that leaves some ready.
+    fn commit_ready(&mut self) {
+        loop {
+            // In arrival order only, up to the first request still being staged: a job must not
+            // become durable (and reach queue.json) before one that arrived ahead of it,
+            // since replay places the queued jobs queue.json does not name after those it
+            // does.
+            let ready: Vec<u64> = self
+                .pending
+                .iter()
+                .take_while(|(_, p)| p.outstanding == 0)
+                .map(|(number, _)| *number)
+                .collect();
+            if ready.is_empty() {
                 return;
             }
-            self.sealed.push(Sealed {
-                slot: segment.slot,
-                path: segment.path.clone(),
-                seq: segment.seq(),
-            });
+
+            let group: Vec<Pending> = ready
+                .iter()
+                .filter_map(|number| self.pending.remove(number))
+                .collect();
+            let done: Vec<JobId> = group
+                .iter()
+                .flat_map(|p| p.changes.iter().map(|c| c.job.id))
+                .collect();
+            self.commit(group);
+            for id in done {
+                self.writing.remove(&id);
+            }
+            for request in std::mem::take(&mut self.deferred) {
+                self.accept(request, false);
+            }
         }
     }
 
-    /// Cuts a checkpoint and hands it to the checkpointer.
-    fn cut(&mut self) {
-        if self.in_flight.is_some() || self.broken.is_some() {
-            return;
-        }
-        self.retry_at = None;
-        self.seal_active();
-        let files: Vec<(JobId, Arc<Vec<u8>>)> = self.dirty.drain().collect();
-        let queue = self.queue_dirty || !files.is_empty();
-        self.queue_dirty = false;
-        let segments = std::mem::take(&mut self.sealed);
-        let task = checkpoint::Task {
-            files: files.clone(),
-            queue: queue.then(|| self.queue.lists()),
-            retire: segments.iter().map(|s| (s.path.clone(), s.seq)).collect(),
-        };
-        if task.is_empty() {
-            return;
-        }
-        let sent = self
-            .checkpoints
-            .as_ref()
-            .is_some_and(|tasks| tasks.send(task).is_ok());
-        let in_flight = InFlight {
-            files,
-            segments,
-            queue,
-        };
-        if !sent {
-            error!("the checkpoint thread is gone; stopping so that a restart replays the journal");
-            self.take_back(in_flight);
-            self.broken = Some("the checkpoint thread is gone".into());
-            self.fatal.cancel();
-            return;
-        }
-        self.in_flight = Some(in_flight);
-    }
-
-    /// Puts a checkpoint that did not happen back, behind whatever changed since.
-    fn take_back(&mut self, in_flight: InFlight) {
-        for (id, bytes) in in_flight.files {
-            self.dirty.entry(id).or_insert(bytes);
-        }
-        let mut segments = in_flight.segments;
-        segments.append(&mut self.sealed);
-        self.sealed = segments;
-        self.queue_dirty |= in_flight.queue;
-    }
-
-    /// The checkpointer's report: the segments it retired are free again; a refusal is
-    /// retried; anything else is fatal.
-    fn checkpointed(&mut self, report: checkpoint::Report) {
-        let Some(in_flight) = self.in_flight.take() else {
-            return;
-        };
-        self.last_checkpoint_end = Instant::now();
-        self.last_checkpoint_cost = report.took;
-        match report.result {
-            Ok(()) => {
-                let retire: Vec<(PathBuf, u64)> = in_flight
-                    .segments
-                    .iter()
-                    .map(|s| (s.path.clone(), s.seq))
-                    .collect();
-                if let Err(e) = checkpoint::retire(&retire) {
-                    // A segment left in use is applied again at the next boot, with every
-                    // later one (none is retired before it is): the same state. Refused, the
-                    // checkpoint is done again; a failed flush stops the store, as any does.
-                    self.take_back(in_flight);
-                    if e.is_refusal() {
-                        self.refused(e);
-                    } else {
-                        let _ = self.fail(e);
+    /// Makes a group of staged requests durable and answers them. A request with a file
+    /// that could not be staged is refused alone (its other files removed); after a fatal
+    /// error every request is refused.
+    fn commit(&mut self, group: Vec<Pending>) {
+        let oldest = group.iter().map(|p| p.arrived).min();
+        let mut ready: Vec<(Pending, Vec<Staged>)> = Vec::with_capacity(group.len());
+        for mut pending in group {
+            for (slot, change) in pending.staged.iter_mut().zip(pending.changes.iter()) {
+                if slot.is_none() && self.broken.is_none() {
+                    *slot = Some(stage(&self.jobs_dir, change, self.sync));
+                }
+            }
+            let mut files = Vec::with_capacity(pending.staged.len());
+            let mut first_error: Option<WriteError> = None;
+            for result in pending.staged.drain(..).flatten() {
+                match result {
+                    Ok(file) => files.push(file),
+                    Err(e) => {
+                        let replace = match &first_error {
+                            None => true,
+                            Some(prev) => e.is_fatal() && !prev.is_fatal(),
+                        };
+                        if replace {
+                            first_error = Some(e);
+                        }
                     }
+                }
+            }
+            match first_error {
+                None => ready.push((pending, files)),
+                Some(e) => {
+                    for file in files {
+                        fsio::discard(file);
+                    }
+                    let error = self.fail(e);
+                    let _ = pending.respond_to.send(Err(error));
+                }
+            }
+        }
+        let answer = |ready: Vec<(Pending, Vec<Staged>)>, result: Result<(), StoreError>| {
+            for (pending, _) in ready {
+                let _ = pending.respond_to.send(result.clone());
+            }
+        };
+        if let Some(reason) = &self.broken {
+            for file in ready.iter_mut().flat_map(|(_, files)| files.drain(..)) {
+                fsio::discard(file);
+            }
+            let error = StoreError::Fatal(reason.clone());
+            answer(ready, Err(error));
+            return;
+        }
+        let mut ready = self.unlist_revived(ready);
+        let jobs: usize = ready.iter().map(|(_, files)| files.len()).sum();
+        if jobs > 0 {
+            if self.sync == SyncMode::Syncfs
+                && let Err(e) = fsio::sync_filesystem(&self.jobs_dir)
+            {
+                for file in ready.iter_mut().flat_map(|(_, files)| files.drain(..)) {
+                    fsio::discard(file);
+                }
+                let error = self.fail(e);
+                answer(ready, Err(error));
+                return;
+            }
+            for (renamed, file) in ready.iter().flat_map(|(_, files)| files).enumerate() {
+                if let Err(e) = fsio::publish(file) {
+                    let error = self.fail(e);
+                    let error = if renamed == 0 {
+                        error
+                    } else {
+                        error.outcome_unknown()
+                    };
+                    answer(ready, Err(error));
                     return;
                 }
-                self.refusal = None;
-                METRICS.checkpoint.observe_duration(report.took);
-                self.free
-                    .extend(in_flight.segments.iter().map(|segment| segment.slot));
             }
-            Err(e) if e.is_refusal() => {
-                self.take_back(in_flight);
-                self.refused(e);
+            if let Err(e) = fsio::sync_dir(&self.jobs_dir) {
+                let error = self.fail(e).outcome_unknown();
+                answer(ready, Err(error));
+                return;
             }
-            Err(e) => {
-                self.take_back(in_flight);
+        }
+        for (pending, _) in &ready {
+            for change in pending.changes.iter() {
+                let old = self.queue.place(change.job.id, change.placement);
+                self.queue_dirty |= old != change.placement;
+                if old != Placement::Off && change.placement == Placement::Off {
+                    self.unlisted_since_write.insert(change.job.id);
+                }
+            }
+            self.rerank(&pending.ranks);
+        }
+        if jobs > 0 {
+            METRICS.batch_jobs.observe(jobs as f64);
+            if let Some(oldest) = oldest {
+                METRICS.flush.observe_duration(oldest.elapsed());
+            }
+            debug!(requests = ready.len(), jobs, "batch durable");
+        }
+        answer(ready, Ok(()));
+    }
+
+    /// When `queue.json` may be rewritten next.
+    fn queue_due(&self) -> Instant {
+        let delay = QUEUE_FILE_MIN_DELAY.max(self.queue_cost * QUEUE_FILE_COST_FACTOR);
+        self.queue_written_at + delay
+    }
+
+    /// Rewrites `queue.json` from the mirror. A refused write is retried at the next due
+    /// time; a failed fsync is fatal like any other.
+    fn flush_queue_file(&mut self) {
+        if self.broken.is_some() {
+            self.queue_dirty = false;
+            return;
+        }
+        if let Err(e) = self.write_queue_file() {
+            if e.is_refusal() {
+                // queue.json is derived and the old one stays in place: a refused rename
+                // (the filesystem went read-only, say) is retried like a refused write.
+                METRICS.store_refusals.inc();
+                warn!(error = %e, "cannot rewrite queue.json; will retry");
+            } else {
                 let _ = self.fail(e);
             }
+            // Refused (a full disk, say): try again in a second, not at the next due time,
+            // which may be milliseconds away.
+            self.queue_written_at = Instant::now() + QUEUE_FILE_RETRY;
         }
     }
 
-    /// A checkpoint the storage refused: tried again in a while, and until one succeeds new
-    /// changes are refused too. The journal could take them, but it could not be emptied:
-    /// this keeps it bounded, and keeps the promise that a full disk refuses writes.
-    fn refused(&mut self, e: WriteError) {
-        METRICS.store_refusals.inc();
-        warn!(error = %e, "cannot write the job files or queue.json; the journal keeps what was acknowledged; refusing changes until a checkpoint succeeds");
-        self.refusal = Some(e.to_string());
-        self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+    /// A job placed in the queue again after it finished (a retry) must not become durable
+    /// while `queue.json` on disk may still list it at its old place: replay takes a queued
+    /// job named there at that place, so a crash would put the retried job back ahead of the
+    /// jobs queued before its retry. So `queue.json` is rewritten first (from the mirror,
+    /// which has the job off the queue), and the job file, renamed after it, is one that
+    /// `queue.json` does not name, which replay places by `created_at`: last. The requests of
+    /// such jobs are refused if that write is; the others of the group go on, unless the
+    /// error was fatal.
+    fn unlist_revived(
+        &mut self,
+        ready: Vec<(Pending, Vec<Staged>)>,
+    ) -> Vec<(Pending, Vec<Staged>)> {
+        let revives = |pending: &Pending, stale: &HashSet<JobId>| {
+            pending
+                .changes
+                .iter()
+                .any(|c| c.placement != Placement::Off && stale.contains(&c.job.id))
+        };
+        if self.broken.is_some()
+            || !ready
+                .iter()
+                .any(|(p, _)| revives(p, &self.unlisted_since_write))
+        {
+            return ready;
+        }
+        let Err(e) = self.write_queue_file() else {
+            return ready;
+        };
+        let error = self.fail(e);
+        // After a fatal error nothing more is written.
+        let fatal = self.broken.is_some();
+        let (refused, kept): (Vec<_>, Vec<_>) = ready
+            .into_iter()
+            .partition(|(p, _)| fatal || revives(p, &self.unlisted_since_write));
+        for (pending, files) in refused {
+            for file in files {
+                fsio::discard(file);
+            }
+            let _ = pending.respond_to.send(Err(error.clone()));
+        }
+        kept
+    }
+
+    fn write_queue_file(&mut self) -> Result<(), WriteError> {
+        let started = Instant::now();
+        fsio::write_atomic(&self.data_dir, QUEUE_FILE, &self.queue.to_bytes())?;
+        self.unlisted_since_write.clear();
+        self.queue_dirty = false;
+        self.queue_written_at = Instant::now();
+        self.queue_cost = started.elapsed();
+        Ok(())
     }
 
     /// Applies re-rankings to the jobs the mirror holds as queued.
@@ -872,11 +787,133 @@ impl Persister {
     }
 }
 
+/// The threads that stage job files with an fsync each, started as the load first needs
+/// them and kept for the store's life (spawning them for every batch was a tenth of the
+/// daemon's CPU time). They take one file at a time from a shared queue and report it on
+/// the store's channel; they end when the pool is dropped.
+struct StagePool {
+    jobs_dir: Arc<Path>,
+    /// Where the threads report, the store thread's own channel.
+    events: mpsc::Sender<Event>,
+    /// The shared queue, made with the first thread; the pool holds both ends, so sending
+    /// on it cannot fail.
+    queue: Option<(mpsc::Sender<StageTask>, SharedTasks)>,
+    threads: usize,
+    /// Files handed out and not reported yet.
+    in_flight: usize,
+}
+
+/// The receiving end of the staging queue, shared by the staging threads.
+type SharedTasks = Arc<Mutex<mpsc::Receiver<StageTask>>>;
+
+/// One change of a request to stage: `changes[change]`.
+struct StageTask {
+    request: u64,
+    change: usize,
+    changes: Arc<Vec<Change>>,
+}
+
+/// Writes a change's job file to its temporary name; fsyncs it unless the batch is made
+/// durable by one syncfs.
+fn stage(jobs_dir: &Path, change: &Change, sync: SyncMode) -> Result<Staged, WriteError> {
+    let name = format!("{}.json", change.job.id);
+    let bytes = change.job.to_file_bytes();
+    match sync {
+        SyncMode::Fsync => fsio::stage(jobs_dir, &name, &bytes),
+        SyncMode::Syncfs => fsio::stage_unsynced(jobs_dir, &name, &bytes),
+    }
+}
+
+impl StagePool {
+    fn new(jobs_dir: Arc<Path>, events: mpsc::Sender<Event>) -> StagePool {
+        StagePool {
+            jobs_dir,
+            events,
+            queue: None,
+            threads: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// Starts threads up to `wanted` (at most [`STAGE_THREADS`]), as far as the system gives
+    /// them; returns how many there are.
+    fn grow(&mut self, wanted: usize) -> usize {
+        let wanted = wanted.min(STAGE_THREADS);
+        while self.threads < wanted {
+            let queue = Arc::clone(
+                &self
+                    .queue
+                    .get_or_insert_with(|| {
+                        let (tasks, queue) = mpsc::channel();
+                        (tasks, Arc::new(Mutex::new(queue)))
+                    })
+                    .1,
+            );
+            let (jobs_dir, events) = (Arc::clone(&self.jobs_dir), self.events.clone());
+            let spawned = thread::Builder::new()
+                .name("store-stage".into())
+                .spawn(move || {
+                    loop {
+                        let task = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(task) = task else { return };
+                        let change = &task.changes[task.change];
+                        let result =
+                            std::panic::catch_unwind(|| stage(&jobs_dir, change, SyncMode::Fsync))
+                                .unwrap_or_else(|_| {
+                                    // Whether its file was written and fsynced is unknown: fatal,
+                                    // like a failed fsync, so the daemon restarts and replays.
+                                    Err(WriteError::Sync {
+                                        path: jobs_dir.to_path_buf(),
+                                        source: io::Error::other("staging a job file panicked"),
+                                    })
+                                });
+                        // The store thread holds the channel open until every report is in.
+                        let _ = events.send(Event::Staged {
+                            request: task.request,
+                            change: task.change,
+                            result,
+                        });
+                    }
+                });
+            match spawned {
+                Ok(_) => self.threads += 1,
+                Err(e) => {
+                    warn!(error = %e, threads = self.threads, "cannot start another staging thread; staging with fewer");
+                    break;
+                }
+            }
+        }
+        self.threads
+    }
+
+    /// Hands every change of request `request` to the staging threads; false (nothing
+    /// handed) when there are none.
+    fn stage(&mut self, request: u64, changes: &Arc<Vec<Change>>) -> bool {
+        if self.grow(self.in_flight + changes.len()) == 0 {
+            return false;
+        }
+        let Some((tasks, _)) = &self.queue else {
+            return false;
+        };
+        for change in 0..changes.len() {
+            let task = StageTask {
+                request,
+                change,
+                changes: Arc::clone(changes),
+            };
+            tasks
+                .send(task)
+                .expect("the pool holds the receiving end of its queue");
+            self.in_flight += 1;
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::{Job, Status};
-    use crate::layout::QUEUE_FILE;
 
     fn job(n: u128) -> Job {
         crate::job::sample_job(n)
@@ -891,23 +928,6 @@ mod tests {
 
     fn queue_file(dir: &Path) -> QueueFile {
         serde_json::from_slice(&fs::read(dir.join(QUEUE_FILE)).unwrap()).unwrap()
-    }
-
-    /// The checkpoint follows a commit at once when nothing else comes; waits until job
-    /// `id`'s file says `status`.
-    fn job_file_becomes(dir: &Path, id: JobId, status: Status) -> Job {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let path = dir.join(JOBS_DIR).join(format!("{id}.json"));
-            if let Ok(bytes) = fs::read(&path) {
-                let job = Job::from_stored(serde_json::from_slice(&bytes).unwrap()).unwrap();
-                if job.status == status {
-                    return job;
-                }
-            }
-            assert!(Instant::now() < deadline, "{id} never became {status}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     /// queue.json follows the commits shortly; waits until it says `running` and `queued`.
@@ -931,7 +951,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commits_are_journalled_and_the_files_and_queue_json_follow() {
+    async fn commits_are_durable_files_and_queue_json_follows() {
         let dir = tempfile::tempdir().unwrap();
         let opened = Store::open(dir.path(), CancellationToken::new()).unwrap();
         let store = opened.handle.clone();
@@ -943,11 +963,14 @@ mod tests {
             ])
             .await
             .unwrap();
-        // Both are in the journal when commit returns: a crash now replays them.
-        assert_eq!(replay::replay(dir.path()).unwrap().order, vec![a.id, b.id]);
-        // The checkpoint writes the files and queue.json.
+        // Both files are durable when commit returns; queue.json follows.
         for id in [a.id, b.id] {
-            job_file_becomes(dir.path(), id, Status::Queued);
+            assert!(
+                dir.path()
+                    .join(JOBS_DIR)
+                    .join(format!("{id}.json"))
+                    .exists()
+            );
         }
         queue_file_becomes(dir.path(), &[], &[a.id, b.id]);
         let mut running = b.clone();
@@ -957,14 +980,15 @@ mod tests {
             .await
             .unwrap();
         queue_file_becomes(dir.path(), &[b.id], &[a.id]);
-        job_file_becomes(dir.path(), b.id, Status::Running);
+        let stored: serde_json::Value = serde_json::from_slice(
+            &fs::read(dir.path().join(JOBS_DIR).join(format!("{}.json", b.id))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(Job::from_stored(stored).unwrap().status, Status::Running);
         drop((store, opened.handle));
         opened.thread.join().unwrap();
         let rec = replay::replay(dir.path()).unwrap();
         assert_eq!(rec.order, vec![b.id, a.id]);
-        // The stop checkpointed everything: the journal holds nothing to apply.
-        assert_eq!(rec.journal_records, 0);
-        assert!(rec.journal_segments.is_empty());
     }
 
     #[tokio::test]
@@ -998,8 +1022,12 @@ mod tests {
             .commit(vec![change(&retried, Placement::Queued(12))])
             .await
             .unwrap();
-        // A crash now, whatever queue.json says yet: the journal names a, so replay places
-        // it by its new arrival, after b.
+        // A crash now: queue.json must not name a at its old place ahead of b, and the job
+        // files with it replay a after b.
+        assert_ne!(
+            queue_file(dir.path()).queued,
+            [a.id.to_string(), b.id.to_string()]
+        );
         assert_eq!(replay::replay(dir.path()).unwrap().order, vec![b.id, a.id]);
         queue_file_becomes(dir.path(), &[], &[b.id, a.id]);
         drop((store, opened.handle));
@@ -1022,7 +1050,11 @@ mod tests {
             ])
             .await
             .unwrap();
-        job_file_becomes(dir.path(), a.id, Status::Running);
+        let stored: serde_json::Value = serde_json::from_slice(
+            &fs::read(dir.path().join(JOBS_DIR).join(format!("{}.json", a.id))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(Job::from_stored(stored).unwrap().status, Status::Running);
         queue_file_becomes(dir.path(), &[a.id], &[b.id]);
         drop((store, opened.handle));
         opened.thread.join().unwrap();
@@ -1054,7 +1086,6 @@ mod tests {
             .await
             .unwrap();
         queue_file_becomes(dir.path(), &[], &[a.id, b.id]);
-        job_file_becomes(dir.path(), a.id, Status::Queued);
         let file_of = |id: JobId| dir.path().join(JOBS_DIR).join(format!("{id}.json"));
         // Every write replaces the file by a rename, so a rewritten file has a new inode.
         use std::os::unix::fs::MetadataExt;
@@ -1111,45 +1142,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_checkpoint_keeps_the_journal_and_catches_up() {
+    async fn a_failed_write_changes_nothing_and_later_writes_succeed() {
         let dir = tempfile::tempdir().unwrap();
         let fatal = CancellationToken::new();
         let opened = Store::open(dir.path(), fatal.clone()).unwrap();
         let store = opened.handle.clone();
         store
-            .commit(vec![change(&job(1), Placement::Queued(0))])
+            .commit(vec![Change {
+                job: job(1),
+                placement: Placement::Queued(0),
+            }])
             .await
             .unwrap();
-        job_file_becomes(dir.path(), job(1).id, Status::Queued);
-        // Make the jobs directory unwritable by replacing it with a file for a moment: the
-        // checkpoint is refused, the commit is not (the journal has it).
+        // Make the jobs directory unwritable by replacing it with a file for a moment.
         let jobs = dir.path().join(JOBS_DIR);
         let aside = dir.path().join("jobs-aside");
         fs::rename(&jobs, &aside).unwrap();
         fs::write(&jobs, b"not a dir").unwrap();
-        store
-            .commit(vec![change(&job(2), Placement::Queued(1))])
+        let err = store
+            .commit(vec![Change {
+                job: job(2),
+                placement: Placement::Queued(1),
+            }])
             .await
-            .unwrap();
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
         assert!(!fatal.is_cancelled());
-        // A crash now would replay it from the journal.
-        let journal = journal::read(&dir.path().join(JOURNAL_DIR)).unwrap();
-        let records: Vec<Job> = journal
-            .segments
-            .iter()
-            .flat_map(|s| &s.entries)
-            .flat_map(|e| &e.changes)
-            .map(|c| Job::from_stored(serde_json::from_slice(&c.job_bytes).unwrap()).unwrap())
-            .collect();
-        assert!(records.iter().any(|j| j.id == job(2).id), "{records:?}");
         fs::remove_file(&jobs).unwrap();
         fs::rename(&aside, &jobs).unwrap();
-        // The retry writes it.
-        job_file_becomes(dir.path(), job(2).id, Status::Queued);
-        queue_file_becomes(dir.path(), &[], &[job(1).id, job(2).id]);
-        drop((store, opened.handle));
-        opened.thread.join().unwrap();
-        assert!(!fatal.is_cancelled());
+        // The failed job left no trace, in the files or in queue.json.
+        queue_file_becomes(dir.path(), &[], &[job(1).id]);
+        assert!(!jobs.join(format!("{}.json", job(2).id)).exists());
+        store
+            .commit(vec![Change {
+                job: job(3),
+                placement: Placement::Queued(2),
+            }])
+            .await
+            .unwrap();
+        queue_file_becomes(dir.path(), &[], &[job(1).id, job(3).id]);
         let names: Vec<String> = fs::read_dir(&jobs)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

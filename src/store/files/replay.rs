@@ -12,17 +12,9 @@
 //! Queued jobs missing from `queue.json`, by `created_at`. Since the daemon writes
 //! `queue.json` in exactly that order, the queue rebuilt from the job files alone is the
 //! queue that was lost.
-//!
-//! The journal (`journal/`, see [`super::journal`]) is newer than both: every complete record
-//! in it is applied, in order, over the job files, and a job it names is taken out of
-//! `queue.json`'s lists, which may be older than the record (a retried job listed at its old
-//! place) or newer (a checkpoint cut after `queue.json` was written). Such a job is placed as
-//! the job files alone would place it, which is where it belongs: a record that leaves a job
-//! queued and never started is its arrival (a submission or a retry), later than that of
-//! every job the journal does not name.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,9 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{fsio, journal};
+use super::fsio;
 use crate::job::{Job, JobId};
-use crate::layout::{JOBS_DIR, JOURNAL_DIR, QUEUE_FILE};
+use crate::layout::{JOBS_DIR, QUEUE_FILE};
 use crate::store::order::requeue_order;
 
 /// `queue.json`: the ids of the running jobs in start order, then the queued ones in the
@@ -66,20 +58,6 @@ pub struct Recovered {
     pub missing: Vec<String>,
     /// `queue.json` as read, when it was present and readable.
     pub queue_file: Option<QueueFile>,
-    /// The jobs whose latest record is in the journal: the boot's checkpoint writes their
-    /// files.
-    pub from_journal: Vec<JobId>,
-    /// The journal's segments in use (path, sequence), in order, but for damaged ones (which
-    /// go to `quarantine/`): retired once the boot's checkpoint is durable.
-    pub journal_segments: Vec<(PathBuf, u64)>,
-    /// Journal records applied.
-    pub journal_records: usize,
-    /// Torn tails of the journal, dropped (a crash cut the last group; never acknowledged).
-    pub journal_torn: Vec<String>,
-    /// The highest sequence number any segment header holds; the next use takes a higher one.
-    pub journal_seq: u64,
-    /// The slot numbers of the segment files that stay (every one but the damaged).
-    pub journal_slots: Vec<u32>,
 }
 
 /// Reads the data dir. An I/O error on the directories themselves is returned; a bad file
@@ -131,10 +109,8 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         }
     }
 
-    let touched = apply_journal(data_dir, &mut jobs, &mut recovered)?;
-
     let queue_path = data_dir.join(QUEUE_FILE);
-    let mut queue_file = match fs::symlink_metadata(&queue_path).map(|m| m.file_type()) {
+    let queue_file = match fs::symlink_metadata(&queue_path).map(|m| m.file_type()) {
         Ok(kind) if !kind.is_file() => {
             recovered.damaged.push(Damaged {
                 path: queue_path,
@@ -144,10 +120,6 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
         }
         _ => read_queue_file(&queue_path, &mut recovered),
     };
-    let untouched =
-        |text: &String| !matches!(text.parse::<JobId>(), Ok(id) if touched.contains(&id));
-    queue_file.running.retain(untouched);
-    queue_file.queued.retain(untouched);
     recovered.order = requeue_order(
         &jobs,
         &queue_file.running,
@@ -160,81 +132,6 @@ pub fn replay(data_dir: &Path) -> io::Result<Recovered> {
     recovered.damaged.sort_by(|a, b| a.path.cmp(&b.path));
     recovered.temp_files.sort();
     Ok(recovered)
-}
-
-/// Applies every complete journal record over `jobs`, in order; returns the ids they name.
-/// Damaged segments go to [`Recovered::damaged`] (their records before the damage are
-/// applied), torn tails to [`Recovered::journal_torn`].
-fn apply_journal(
-    data_dir: &Path,
-    jobs: &mut HashMap<JobId, Job>,
-    recovered: &mut Recovered,
-) -> io::Result<HashSet<JobId>> {
-    let dir = data_dir.join(JOURNAL_DIR);
-    let read = journal::read(&dir)?;
-    let mut touched = HashSet::new();
-    let mut damaged: Vec<Damaged> = read
-        .damaged
-        .iter()
-        .map(|(path, reason)| Damaged {
-            path: path.clone(),
-            reason: reason.clone(),
-        })
-        .collect();
-    for path in &read.strangers {
-        damaged.push(Damaged {
-            path: path.clone(),
-            reason: "not a journal segment (segment-<n>, a regular file)".into(),
-        });
-    }
-    for segment in &read.segments {
-        for entry in &segment.entries {
-            recovered.journal_records += 1;
-            for change in &entry.changes {
-                let job = serde_json::from_slice::<Value>(&change.job_bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| Job::from_stored(v).map_err(|e| e.to_string()));
-                match job {
-                    Ok(job) => {
-                        touched.insert(job.id);
-                        jobs.insert(job.id, job);
-                    }
-                    Err(e) => {
-                        if !damaged.iter().any(|d| d.path == segment.path) {
-                            damaged.push(Damaged {
-                                path: segment.path.clone(),
-                                reason: format!("a journal record holds an unreadable job: {e}"),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-    }
-    recovered.journal_segments = read
-        .segments
-        .iter()
-        .filter(|s| !damaged.iter().any(|d| d.path == s.path))
-        .filter_map(|s| Some((s.path.clone(), s.header.seq()?)))
-        .collect();
-    if let Ok(entries) = fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(slot) = journal::slot_of(&name)
-                && !damaged.iter().any(|d| d.path == entry.path())
-            {
-                recovered.journal_slots.push(slot);
-            }
-        }
-    }
-    recovered.journal_slots.sort_unstable();
-    recovered.journal_torn = read.torn;
-    recovered.journal_seq = read.last_seq;
-    recovered.damaged.extend(damaged);
-    let mut from_journal: Vec<JobId> = touched.iter().copied().collect();
-    from_journal.sort();
-    recovered.from_journal = from_journal;
-    Ok(touched)
 }
 
 /// Reports how far a long replay has got, so that an operator watching a slow boot sees it
@@ -378,7 +275,6 @@ fn by_creation(a: &Job, b: &Job) -> Ordering {
 mod tests {
     use super::*;
     use crate::job::{Status, Timestamp};
-    use crate::store::Placement;
     use crate::store::order::deadline_order;
     use serde_json::json;
 
@@ -400,33 +296,6 @@ mod tests {
         }
 
         fn job(&self, n: u128, status: &str, created: i64, started: Option<i64>) -> JobId {
-            let job = record(n, status, created, started);
-            self.raw(&format!("{}.json", job.id), &job.to_file_bytes());
-            job.id
-        }
-
-        /// A journal segment in slot `slot`, in use under `seq`, holding one record per job
-        /// (queued, whatever the status: replay takes the status from the record).
-        fn journal(&self, slot: u32, seq: u64, jobs: &[Job]) -> PathBuf {
-            let dir = self.path().join(JOURNAL_DIR);
-            fs::create_dir_all(&dir).unwrap();
-            let mut segment = journal::Segment::open(&dir, slot).unwrap();
-            segment.activate(seq).unwrap();
-            let mut bytes = Vec::new();
-            for job in jobs {
-                let file = job.to_file_bytes();
-                journal::encode_record(seq, &mut bytes, |out| {
-                    journal::encode_payload(&[(Placement::Queued(0), &file)], &[], out)
-                });
-            }
-            segment.append(&bytes).unwrap();
-            segment.path.clone()
-        }
-    }
-
-    /// A job record as the daemon writes it.
-    fn record(n: u128, status: &str, created: i64, started: Option<i64>) -> Job {
-        {
             let id = JobId::from_uuid(uuid::Uuid::from_u128(n));
             let at = |s: i64| Timestamp::from_timestamp(1_800_000_000 + s, 0).unwrap();
             let value = json!({
@@ -438,13 +307,11 @@ mod tests {
                 "attempts": if started.is_some() { 1 } else { 0 },
                 "created_at": crate::job::format_timestamp(&at(created)),
                 "started_at": started.map(|s| crate::job::format_timestamp(&at(s))),
-                "finished_at": (status == "Completed").then(|| crate::job::format_timestamp(&at(99))),
             });
-            Job::from_stored(value).unwrap()
+            self.raw(&format!("{id}.json"), &serde_json::to_vec(&value).unwrap());
+            id
         }
-    }
 
-    impl Dir {
         fn raw(&self, name: &str, bytes: &[u8]) {
             fs::write(self.path().join(JOBS_DIR).join(name), bytes).unwrap();
         }
@@ -724,182 +591,6 @@ mod tests {
         let before = snapshot(d.path());
         replay(d.path()).unwrap();
         assert_eq!(snapshot(d.path()), before);
-    }
-
-    fn id(n: u128) -> JobId {
-        JobId::from_uuid(uuid::Uuid::from_u128(n))
-    }
-
-    fn status_of(rec: &Recovered, id: JobId) -> Option<Status> {
-        rec.jobs.iter().find(|j| j.id == id).map(|j| j.status)
-    }
-
-    #[test]
-    fn a_journal_newer_than_the_files_wins_and_its_jobs_leave_queue_json_lists() {
-        let d = Dir::new();
-        let a = d.job(1, "Queued", 0, None);
-        let b = d.job(2, "Queued", 1, None);
-        let c = d.job(3, "Queued", 2, None);
-        d.queue(&[], &[a, b, c]);
-        // a ran and completed; b was retried... here: finished, then queued again with a
-        // new arrival; d arrived. None of it is in the files yet.
-        d.journal(
-            0,
-            7,
-            &[
-                record(1, "Running", 0, Some(5)),
-                record(1, "Completed", 0, Some(5)),
-                record(2, "Completed", 1, None),
-                record(2, "Queued", 10, None),
-                record(4, "Queued", 11, None),
-            ],
-        );
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(status_of(&rec, a), Some(Status::Completed));
-        // b's place in queue.json is older than its retry: it goes behind c, by arrival.
-        assert_eq!(rec.order, vec![c, b, id(4)]);
-        assert_eq!(rec.journal_records, 5);
-        assert_eq!(rec.from_journal, vec![a, b, id(4)]);
-        assert_eq!(rec.journal_segments.len(), 1);
-        assert_eq!(rec.journal_seq, 7);
-        assert!(rec.damaged.is_empty() && rec.journal_torn.is_empty());
-    }
-
-    #[test]
-    fn segments_apply_in_sequence_order_whatever_their_slots() {
-        let d = Dir::new();
-        d.journal(0, 9, &[record(1, "Completed", 0, Some(1))]);
-        d.journal(1, 8, &[record(1, "Running", 0, Some(1))]);
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(status_of(&rec, id(1)), Some(Status::Completed));
-        assert_eq!(rec.journal_slots, vec![0, 1]);
-    }
-
-    /// The journal of three submissions with its last record cut after `keep` bytes.
-    fn journal_with_last_cut(d: &Dir, cut: impl FnOnce(&mut Vec<u8>, usize)) {
-        let path = d.journal(
-            0,
-            1,
-            &[
-                record(1, "Queued", 0, None),
-                record(2, "Queued", 1, None),
-                record(3, "Queued", 2, None),
-            ],
-        );
-        let mut bytes = fs::read(&path).unwrap();
-        let mut one = Vec::new();
-        let file = record(1, "Queued", 0, None).to_file_bytes();
-        journal::encode_record(1, &mut one, |out| {
-            journal::encode_payload(&[(Placement::Queued(0), &file)], &[], out)
-        });
-        let third = journal::RECORDS_START as usize + 2 * one.len();
-        cut(&mut bytes, third);
-        fs::write(&path, bytes).unwrap();
-    }
-
-    #[test]
-    fn a_torn_tail_is_dropped_and_reported_but_not_damage() {
-        let d = Dir::new();
-        journal_with_last_cut(&d, |bytes, third| bytes[third + 40..].fill(0));
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(rec.order, vec![id(1), id(2)]);
-        assert_eq!(rec.journal_torn.len(), 1, "{:?}", rec.journal_torn);
-        assert!(rec.damaged.is_empty(), "{:?}", rec.damaged);
-    }
-
-    #[test]
-    fn a_zeroed_tail_is_the_end_of_the_journal() {
-        let d = Dir::new();
-        journal_with_last_cut(&d, |bytes, third| bytes[third..].fill(0));
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(rec.order, vec![id(1), id(2)]);
-        assert!(rec.journal_torn.is_empty() && rec.damaged.is_empty());
-    }
-
-    #[test]
-    fn a_bad_checksum_mid_file_quarantines_the_segment_and_keeps_what_came_before() {
-        let d = Dir::new();
-        let base = d.job(9, "Queued", -5, None);
-        journal_with_last_cut(&d, |bytes, third| {
-            // A bit flipped in the second record's job: the third still follows.
-            let second = journal::RECORDS_START as usize + (third - 4096) / 2;
-            bytes[second + 60] ^= 0x20;
-        });
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(rec.order, vec![base, id(1)]);
-        assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
-        assert!(
-            rec.damaged[0].reason.contains("damaged"),
-            "{:?}",
-            rec.damaged
-        );
-        // It is set aside, not retired.
-        assert!(rec.journal_segments.is_empty());
-        assert!(rec.journal_slots.is_empty());
-    }
-
-    #[test]
-    fn a_retired_or_free_segment_is_never_applied() {
-        let d = Dir::new();
-        let a = d.job(1, "Queued", 0, None);
-        let path = d.journal(0, 4, &[record(1, "Completed", 0, Some(1))]);
-        journal::retire(&path, 4).unwrap();
-        fs::write(
-            d.path().join(JOURNAL_DIR).join("segment-1"),
-            vec![0u8; 8192],
-        )
-        .unwrap();
-        let rec = replay(d.path()).unwrap();
-        assert_eq!(rec.order, vec![a]);
-        assert_eq!(rec.journal_records, 0);
-        assert_eq!(rec.journal_seq, 4);
-        assert_eq!(rec.journal_slots, vec![0, 1]);
-    }
-
-    #[test]
-    fn a_checkpoint_cut_by_a_crash_at_any_step_replays_the_same() {
-        // Job files at the last checkpoint: 1 and 2 queued. The journal since: 1 started,
-        // 2 completed, 3 arrived. The checkpoint writes the three files (each staged, then
-        // renamed), then queue.json, then retires the segment; a crash may stop it after any
-        // of those steps, with the next step's temporary file left behind.
-        let expected_order = vec![id(1), id(3)];
-        let records = [
-            record(1, "Running", 0, Some(5)),
-            record(2, "Completed", 1, Some(3)),
-            record(3, "Queued", 2, None),
-        ];
-        for done in 0..=5 {
-            let d = Dir::new();
-            d.job(1, "Queued", 0, None);
-            d.job(2, "Queued", 1, None);
-            d.queue(&[], &[id(1), id(2)]);
-            let segment = d.journal(0, 3, &records);
-            let jobs_dir = d.path().join(JOBS_DIR);
-            for (step, job) in records.iter().enumerate() {
-                let name = format!("{}.json", job.id);
-                if step < done {
-                    fsio::write_atomic(&jobs_dir, &name, &job.to_file_bytes()).unwrap();
-                } else if step == done {
-                    let bytes = job.to_file_bytes();
-                    fs::write(jobs_dir.join(fsio::temp_name(&name)), &bytes[..10]).unwrap();
-                }
-            }
-            let queue = super::super::checkpoint::queue_bytes(&[id(1)], &[id(3)]);
-            if done > 3 {
-                fsio::write_atomic(d.path(), QUEUE_FILE, &queue).unwrap();
-            } else if done == 3 {
-                fs::write(d.path().join(fsio::temp_name(QUEUE_FILE)), b"{").unwrap();
-            }
-            if done > 4 {
-                journal::retire(&segment, 3).unwrap();
-            }
-            let rec = replay(d.path()).unwrap();
-            assert_eq!(rec.order, expected_order, "crash after step {done}");
-            assert_eq!(status_of(&rec, id(1)), Some(Status::Running));
-            assert_eq!(status_of(&rec, id(2)), Some(Status::Completed));
-            assert!(rec.damaged.is_empty(), "step {done}: {:?}", rec.damaged);
-            assert_eq!(rec.journal_records, if done > 4 { 0 } else { 3 });
-        }
     }
 
     fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
