@@ -7,93 +7,28 @@
 #[path = "e2e_support/mod.rs"]
 mod support;
 
-use std::process::Stdio;
-use std::time::Duration;
+#[allow(dead_code)]
+#[path = "cli_support/mod.rs"]
+mod cli_support;
 
 use serde_json::{Value, json};
-use tokio::process::Command;
 
-use support::{Daemon, STUB_TRAINER, Sandbox, diffusion_job, secs, wait_until};
+use cli_support::{Output, at, run, server};
+use support::{STUB_TRAINER, Sandbox, diffusion_job, secs, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_training-worker");
-/// How long one client run may take before the test fails instead of hanging.
-const RUN_WITHIN: Duration = Duration::from_secs(60);
-
-/// A finished client run.
-#[derive(Debug)]
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// Exit 0 and nothing on stderr.
-    fn assert_ok(&self) -> &Output {
-        assert_eq!((self.code, self.stderr.as_str()), (0, ""), "{self:?}");
-        self
-    }
-
-    /// Exit `code` with exactly one line `error: ...` on stderr that contains `text`, and
-    /// nothing on stdout.
-    fn assert_error(&self, code: i32, text: &str) {
-        assert_eq!(self.code, code, "{self:?}");
-        assert_eq!(self.stderr.lines().count(), 1, "one line: {self:?}");
-        assert!(self.stderr.starts_with("error: "), "{self:?}");
-        assert!(self.stderr.contains(text), "{text:?} in {self:?}");
-        assert_eq!(self.stdout, "", "{self:?}");
-    }
-}
-
-/// Runs the client with `args` against `server`, in an environment that does not steer it
-/// (no `TRAINING_WORKER_*` of the test's own, no `NO_COLOR`: plain output must come from
-/// the pipe), with `env` added.
+/// Runs `training-worker nodes` with `args` against `server`, with `env` added to an
+/// environment that does not steer it.
 async fn nodes(server: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(BIN);
-    command
-        .arg("nodes")
-        .args(args)
-        .arg("--server")
-        .arg(server)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        let text = name.to_string_lossy();
-        if text.starts_with("TRAINING_WORKER_") || text == "NO_COLOR" {
-            command.env_remove(&name);
-        }
-    }
-    command.envs(env.iter().copied());
-    let output = tokio::time::timeout(RUN_WITHIN, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("the client did not finish within {RUN_WITHIN:?}"))
-        .expect("run the client");
-    let output = Output {
-        code: output.status.code().expect("the client exits, not killed"),
-        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    };
-    for text in [&output.stdout, &output.stderr] {
-        assert!(
-            !text.contains('\x1b'),
-            "no ANSI escapes when piped: {output:?}"
+    let mut command = at(server, &["nodes"]);
+    command.args(args).envs(env.iter().copied());
+    let output = run(command).await;
+    if output.code != 0 {
+        assert_eq!(
+            output.stdout, "",
+            "nothing on stdout after an error: {output:?}"
         );
     }
     output
-}
-
-/// The daemon's URL, from the address its log says it listens on.
-fn server(daemon: &Daemon) -> String {
-    let stderr = daemon.stderr();
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("listening"))
-        .unwrap_or_else(|| panic!("no listening line in the daemon's log:\n{stderr}"));
-    let start = line.find("address=").expect("the address is logged") + "address=".len();
-    let address = line[start..].split_whitespace().next().expect("an address");
-    format!("http://{address}")
 }
 
 /// The node's name and address as the daemons here are configured.

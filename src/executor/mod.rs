@@ -564,9 +564,9 @@ impl Context {
         env
     }
 
-    /// The trainer's `JOB_FILE`: the executor's copy of the job's record in `run/`. Not the
-    /// store's own record: the file store writes its job files at its checkpoints, after
-    /// the journal, and the database store has none.
+    /// The trainer's `JOB_FILE`: the executor's copy of the job's record in `run/`, the same
+    /// with either store (the database store has no job files), and never the store's own
+    /// record, which a trainer could otherwise hold open or change.
     fn job_file(&self, id: JobId) -> PathBuf {
         self.data_dir.join(RUN_DIR).join(format!("{id}.json"))
     }
