@@ -29,7 +29,9 @@ mod bench;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bench::{CLIENTS, Daemon, enqueue_rate, insert_loop_rate, median, setting, start_latency};
+use bench::{
+    CLIENTS, Daemon, enqueue_rate, http_client, insert_loop_rate, median, sizes, start_latency,
+};
 
 /// A node of the database `url` named `id`, its trainer `trainer`.
 fn node(dir: &Path, url: &str, id: &str, max_concurrent: usize, trainer: &str) -> Daemon {
@@ -66,15 +68,11 @@ async fn takeover(http: &reqwest::Client, root: &Path, url: &str, run: usize) ->
         .await
         .expect("connect");
     tokio::spawn(connection);
-    let reply = http
-        .post(format!("{}/v1/jobs", a.base))
-        .header("content-type", "application/json")
-        .body(support::job_body(run))
-        .send()
+    let job: serde_json::Value = bench::submit(http, &a.base, run)
         .await
-        .expect("submit");
-    assert_eq!(reply.status(), 201);
-    let job: serde_json::Value = reply.json().await.expect("the job");
+        .json()
+        .await
+        .expect("the job");
     let id = job["job_id"].as_str().expect("an id").to_string();
     let owner = loop {
         if let Some((Some(owner), status, _)) = row(&client, &id).await
@@ -121,14 +119,8 @@ async fn main() {
         eprintln!("SKIPPED the cluster bench: no PostgreSQL server binaries are installed");
         return;
     };
-    let runs = setting("TW_BENCH_RUNS", 3).max(1);
-    let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
-    let starts = setting("TW_BENCH_STARTS", 200).max(2);
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(CLIENTS)
-        .build()
-        .expect("a client");
+    let (runs, jobs, starts) = sizes();
+    let http = http_client();
     let root = tempfile::Builder::new()
         .prefix("tw-bench-cluster-")
         .tempdir()

@@ -25,7 +25,9 @@ mod support;
 #[path = "support/postgres.rs"]
 mod bench;
 
-use bench::{CLIENTS, Daemon, enqueue_rate, insert_loop_rate, median, setting, start_latency};
+use bench::{
+    CLIENTS, Daemon, enqueue_rate, http_client, insert_loop_rate, median, sizes, start_latency,
+};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -37,14 +39,8 @@ async fn main() {
         eprintln!("SKIPPED the PostgreSQL bench: no PostgreSQL server binaries are installed");
         return;
     };
-    let runs = setting("TW_BENCH_RUNS", 3).max(1);
-    let jobs = setting("TW_BENCH_JOBS", 5000).max(CLIENTS);
-    let starts = setting("TW_BENCH_STARTS", 200).max(2);
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(CLIENTS)
-        .build()
-        .expect("a client");
+    let (runs, jobs, starts) = sizes();
+    let http = http_client();
     let root = tempfile::Builder::new()
         .prefix("tw-bench-pg-")
         .tempdir()

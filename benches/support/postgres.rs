@@ -86,6 +86,39 @@ impl Daemon {
     }
 }
 
+/// The runs, jobs per enqueue measurement and starts for the latency that
+/// `TW_BENCH_RUNS`, `TW_BENCH_JOBS` and `TW_BENCH_STARTS` ask for (3, 5,000, 200).
+pub fn sizes() -> (usize, usize, usize) {
+    (
+        setting("TW_BENCH_RUNS", 3).max(1),
+        setting("TW_BENCH_JOBS", 5000).max(CLIENTS),
+        setting("TW_BENCH_STARTS", 200).max(2),
+    )
+}
+
+/// The bench's HTTP client: no proxy, a connection kept per client.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .expect("a client")
+}
+
+/// Submits the `n`th job to the daemon at `base` and checks its `201`; the answer, unread
+/// (the enqueue rate does not pay for parsing it).
+pub async fn submit(http: &reqwest::Client, base: &str, n: usize) -> reqwest::Response {
+    let reply = http
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "application/json")
+        .body(job_body(n))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(reply.status(), 201, "submission {n}");
+    reply
+}
+
 /// Jobs per second: `jobs` submissions from [`CLIENTS`] clients at once, spread over the
 /// daemons at `bases` (client `i` talks to `bases[i % len]`).
 pub async fn enqueue_rate(http: &reqwest::Client, bases: &[&str], jobs: usize) -> f64 {
@@ -101,14 +134,7 @@ pub async fn enqueue_rate(http: &reqwest::Client, bases: &[&str], jobs: usize) -
                     if n >= jobs {
                         return;
                     }
-                    let reply = http
-                        .post(format!("{base}/v1/jobs"))
-                        .header("content-type", "application/json")
-                        .body(job_body(n))
-                        .send()
-                        .await
-                        .expect("submit");
-                    assert_eq!(reply.status(), 201, "submission {n}");
+                    submit(&http, &base, n).await;
                 }
             })
         })
@@ -176,15 +202,7 @@ pub async fn insert_loop_rate(url: &str, rows: usize) -> f64 {
 pub async fn start_latency(http: &reqwest::Client, base: &str, starts: usize) -> (f64, f64) {
     let mut samples = Vec::with_capacity(starts);
     for n in 0..starts {
-        let reply = http
-            .post(format!("{base}/v1/jobs"))
-            .header("content-type", "application/json")
-            .body(job_body(n))
-            .send()
-            .await
-            .expect("submit");
-        assert_eq!(reply.status(), 201);
-        let job: Value = reply.json().await.expect("the job");
+        let job: Value = submit(http, base, n).await.json().await.expect("the job");
         let id = job["job_id"].as_str().expect("an id").to_string();
         let done = loop {
             let job: Value = http

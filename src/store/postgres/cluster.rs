@@ -78,7 +78,6 @@ fn remote(row: &tokio_postgres::Row) -> Option<Remote> {
 /// The rows of `ids` as they are now, on `client`.
 pub(crate) async fn read_rows_on(
     client: &Client,
-    _node: &Node,
     ids: &[JobId],
 ) -> Result<Vec<Remote>, tokio_postgres::Error> {
     let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
@@ -92,16 +91,12 @@ pub(crate) async fn read_rows_on(
 }
 
 /// The rows of `ids` as they are now.
-pub(crate) async fn read_rows(
-    pool: &Pool,
-    node: &Node,
-    ids: &[JobId],
-) -> Result<Vec<Remote>, StoreError> {
+pub(crate) async fn read_rows(pool: &Pool, ids: &[JobId]) -> Result<Vec<Remote>, StoreError> {
     let client = pool
         .get()
         .await
         .map_err(|e| StoreError::Unavailable(format!("cannot reach the database: {e}")))?;
-    read_rows_on(&client, node, ids)
+    read_rows_on(&client, ids)
         .await
         .map_err(|e| StoreError::Unavailable(describe(&e)))
 }
@@ -309,7 +304,7 @@ impl Cluster {
         if ids.is_empty() {
             return;
         }
-        match read_rows(&self.pool, &self.node, &ids).await {
+        match read_rows(&self.pool, &ids).await {
             Ok(rows) if !rows.is_empty() => {
                 let _ = self.events.send(ClusterEvent::Changed(rows)).await;
             }

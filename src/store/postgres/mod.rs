@@ -126,7 +126,6 @@ pub(crate) struct NodeReport {
 pub(crate) struct Handle {
     inbox: mpsc::Sender<Request>,
     pool: Pool,
-    node: Arc<Node>,
     report: Arc<watch::Sender<NodeReport>>,
 }
 
@@ -164,7 +163,7 @@ impl Handle {
     }
 
     pub async fn reload(&self, ids: Vec<JobId>) -> Result<Vec<Remote>, StoreError> {
-        cluster::read_rows(&self.pool, &self.node, &ids).await
+        cluster::read_rows(&self.pool, &ids).await
     }
 
     pub fn report(&self, gpus: Vec<u32>, free_gpus: Vec<u32>, running: usize) {
@@ -479,7 +478,6 @@ pub async fn open(config: &PostgresConfig, fatal: CancellationToken) -> Result<O
             Handle {
                 inbox: inbox_tx,
                 pool,
-                node,
                 report: Arc::new(report),
             },
             trouble,
@@ -1135,7 +1133,7 @@ async fn transaction(
         let mut answers: HashMap<usize, Option<Box<Remote>>> = HashMap::new();
         if !refused.is_empty() {
             let ids: Vec<JobId> = refused.values().flatten().copied().collect();
-            let now = cluster::read_rows_on(&client, node, &ids)
+            let now = cluster::read_rows_on(&client, &ids)
                 .await
                 .unwrap_or_default();
             for (at, id) in refused {
